@@ -1,0 +1,1 @@
+pub fn run(_o: &crate::cli::CheckOpts) -> anyhow::Result<bool> { anyhow::bail!("not yet") }

@@ -1,0 +1,173 @@
+//! Command line, with CRIU's flags and meanings wherever CRIU has the same option.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cr",
+    version,
+    about = "Checkpoint/restore of Linux processes, with eBPF-assisted incremental dumps",
+    long_about = "cr checkpoints a running process tree into an image directory and restores it \
+                  later, at the same PIDs. Its flags follow CRIU's."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// Options every command takes (CRIU's `-o`, `-v`, `--log-pid`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct Global {
+    /// Write the log to FILE (relative to the images directory unless absolute). "-" is stderr.
+    #[arg(short = 'o', long = "log-file", value_name = "FILE", global = true)]
+    pub log_file: Option<PathBuf>,
+    /// Verbosity: -v raises it one step; -vN sets it (0 errors, 1 warnings, 2 info [default],
+    /// 3 debug, 4 trace), as in CRIU.
+    #[arg(short = 'v', value_name = "N", num_args = 0..=1, default_missing_value = "+", global = true, action = clap::ArgAction::Append)]
+    pub verbosity: Vec<String>,
+    /// On restore, write each task's messages to LOGFILE.PID instead of one log.
+    #[arg(long = "log-pid", global = true)]
+    pub log_pid: bool,
+}
+
+impl Global {
+    /// The effective log level (CRIU scale: 0..=4; default 2).
+    pub fn level(&self) -> u8 {
+        let mut lvl: u8 = 2;
+        for v in &self.verbosity {
+            if v == "+" {
+                lvl = lvl.saturating_add(1);
+            } else if let Ok(n) = v.parse::<u8>() {
+                lvl = n;
+            } else {
+                // -vvv arrives as "vv" for the value of the first -v.
+                lvl = lvl.saturating_add(1 + v.chars().filter(|c| *c == 'v').count() as u8);
+            }
+        }
+        lvl.min(4)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Checkpoint a process tree into an images directory.
+    Dump(DumpOpts),
+    /// Save memory of a running tree without stopping it for long (pages only; tree keeps running).
+    PreDump(DumpOpts),
+    /// Restore a process tree from an images directory.
+    Restore(RestoreOpts),
+    /// Check that this kernel supports everything cr needs.
+    Check(CheckOpts),
+    /// Print an image file, or a whole images directory, as JSON.
+    Show(ShowOpts),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DumpOpts {
+    /// PID of the root of the tree to dump.
+    #[arg(short = 't', long = "tree", value_name = "PID")]
+    pub pid: i32,
+    /// Images directory (created, 0700, if missing; an existing empty one is fine).
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// Leave the tree running after the dump (dump only; pre-dump always does).
+    #[arg(short = 'R', long = "leave-running")]
+    pub leave_running: bool,
+    /// Dump established TCP connections (with TCP_REPAIR).
+    #[arg(long = "tcp-established")]
+    pub tcp_established: bool,
+    /// Allow a tree whose session leader or terminal lies outside it.
+    #[arg(short = 'j', long = "shell-job")]
+    pub shell_job: bool,
+    /// Dump file locks held by the tree.
+    #[arg(short = 'l', long = "file-locks")]
+    pub file_locks: bool,
+    /// The previous image in a chain: pages unchanged since it are stored as references to it
+    /// (relative paths are relative to the images directory, as in CRIU).
+    #[arg(long = "prev-images-dir", value_name = "DIR")]
+    pub prev_images_dir: Option<PathBuf>,
+    /// Track memory changes (eBPF + userfaultfd write-protection) for later incremental dumps.
+    #[arg(long = "track-mem")]
+    pub track_mem: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RestoreOpts {
+    /// Images directory.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// Return once the tree runs, leaving it detached, instead of waiting for it.
+    #[arg(short = 'd', long = "restore-detached")]
+    pub detached: bool,
+    /// Write the PID of the restored root task to FILE.
+    #[arg(long = "pidfile", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Restore established TCP connections.
+    #[arg(long = "tcp-established")]
+    pub tcp_established: bool,
+    /// Restore a shell job: join cr's session and terminal.
+    #[arg(short = 'j', long = "shell-job")]
+    pub shell_job: bool,
+    /// Restore file locks.
+    #[arg(short = 'l', long = "file-locks")]
+    pub file_locks: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckOpts {
+    /// Also probe optional features (nftables, …).
+    #[arg(long = "all")]
+    pub all: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShowOpts {
+    /// An image file, or an images directory (every image in it).
+    #[arg(value_name = "DIR|FILE")]
+    pub path: Option<PathBuf>,
+    /// Same as the positional argument (CRIU's `show -f FILE`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Same as the positional argument, for a directory.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("cr").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn criu_style_dump_flags() {
+        let c = parse(&["dump", "-t", "42", "-D", "/tmp/x", "-R", "--tcp-established", "-j", "-l", "-o", "d.log"]);
+        let Command::Dump(d) = c.cmd else { panic!("not dump") };
+        assert_eq!(d.pid, 42);
+        assert!(d.leave_running && d.tcp_established && d.shell_job && d.file_locks);
+        assert_eq!(c.global.log_file.as_deref(), Some(std::path::Path::new("d.log")));
+    }
+
+    #[test]
+    fn verbosity_levels() {
+        assert_eq!(parse(&["check"]).global.level(), 2);
+        assert_eq!(parse(&["check", "-v"]).global.level(), 3);
+        assert_eq!(parse(&["check", "-v4"]).global.level(), 4);
+        assert_eq!(parse(&["check", "-v0"]).global.level(), 0);
+        assert_eq!(parse(&["-vv", "check"]).global.level(), 4);
+    }
+
+    #[test]
+    fn restore_flags() {
+        let c = parse(&["restore", "-D", "d", "-d", "--pidfile", "p"]);
+        let Command::Restore(r) = c.cmd else { panic!("not restore") };
+        assert!(r.detached);
+        assert_eq!(r.pidfile.as_deref(), Some(std::path::Path::new("p")));
+    }
+}

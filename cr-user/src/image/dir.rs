@@ -1,0 +1,2 @@
+use std::path::Path;
+pub fn create_images_dir(_d: &Path) -> anyhow::Result<()> { todo!() }

@@ -1,0 +1,1 @@
+pub fn run(_o: &crate::cli::ShowOpts) -> anyhow::Result<()> { todo!() }

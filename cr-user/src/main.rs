@@ -1,0 +1,51 @@
+//! The `cr` binary: parses the command line, sets up logging, runs the command, and turns its
+//! outcome into an exit status (0 only on full success).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use cr::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let images_dir = match &cli.cmd {
+        Command::Dump(o) | Command::PreDump(o) => Some(o.images_dir.clone()),
+        Command::Restore(o) => Some(o.images_dir.clone()),
+        _ => None,
+    };
+    // CRIU: a relative -o is relative to the images directory.
+    let log_path: Option<PathBuf> = cli.global.log_file.as_ref().map(|p| match &images_dir {
+        Some(d) if p.is_relative() && p.as_os_str() != "-" => d.join(p),
+        _ => p.clone(),
+    });
+    if let (Some(d), Some(_)) = (&images_dir, &log_path) {
+        if matches!(cli.cmd, Command::Dump(_) | Command::PreDump(_)) {
+            // The log may live in the images dir; create it now (0700) so the log can open.
+            if let Err(e) = cr::image::dir::create_images_dir(d) {
+                eprintln!("Error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Err(e) = cr::logging::init(cli.global.level(), log_path.as_deref(), cli.global.log_pid) {
+        eprintln!("Error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match &cli.cmd {
+        Command::Dump(o) => cr::dump::run(o, false).map(|_| 0),
+        Command::PreDump(o) => cr::dump::run(o, true).map(|_| 0),
+        Command::Restore(o) => cr::restore::run(o, &cli.global),
+        Command::Check(o) => cr::check::run(o).map(|ok| if ok { 0 } else { 1 }),
+        Command::Show(o) => cr::image::show::run(o).map(|_| 0),
+    };
+    log::logger().flush();
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            log::error!("{e:#}");
+            log::logger().flush();
+            ExitCode::FAILURE
+        }
+    }
+}

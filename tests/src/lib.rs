@@ -1,0 +1,1 @@
+//! Shared helpers for cr's integration tests and workloads.

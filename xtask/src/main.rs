@@ -1,0 +1,131 @@
+//! `cargo xtask`: setup, build-ebpf, build, run, test, bench, demo.
+//!
+//! Every command first checks the prerequisites (`setup`) and installs what is missing, so a
+//! fresh machine needs nothing but `cargo xtask <command>`.
+
+mod build;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and run cr")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install every missing prerequisite (LLVM 22, the pinned toolchain with rust-src,
+    /// bpf-linker, protoc) and mount tracefs/bpffs. Idempotent; prints each step.
+    Setup,
+    /// Build the eBPF object (target/bpfel-unknown-none/release/cr-ebpf).
+    BuildEbpf,
+    /// Build the eBPF object, then `cr` (release unless --debug).
+    Build {
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then run `cr ARGS` as root.
+    Run {
+        #[arg(long)]
+        debug: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the unit and integration tests (as root). Extra args go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the benchmarks and print their tables.
+    Bench {
+        /// A criu binary to compare against (default: `criu` on PATH, if any).
+        #[arg(long)]
+        criu: Option<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Start a counter service, dump it, restore it, and show it counting on.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let root = build::workspace_root();
+    std::env::set_current_dir(&root).context("cd to the workspace root")?;
+    setup::ensure(matches!(cli.cmd, Cmd::Setup))?;
+    match cli.cmd {
+        Cmd::Setup => Ok(ExitCode::SUCCESS),
+        Cmd::BuildEbpf => build::ebpf().map(|_| ExitCode::SUCCESS),
+        Cmd::Build { debug } => build::all(!debug).map(|_| ExitCode::SUCCESS),
+        Cmd::Run { debug, args } => {
+            let cr = build::all(!debug)?;
+            status_code(as_root(&cr, &args)?)
+        }
+        Cmd::Test { args } => {
+            let cr = build::all(true)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace"]).args(&args);
+            cmd.env("CR_BIN", &cr);
+            cmd.env("CR_EBPF_OBJECT", build::ebpf_object());
+            println!("xtask: running tests with CR_BIN={}", cr.display());
+            status_code(cmd.status().context("run cargo test")?)
+        }
+        Cmd::Bench { criu, args } => {
+            let cr = build::all(true)?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "-p", "cr-tests", "--bin", "cr-bench", "--"]);
+            if let Some(c) = criu {
+                cmd.args(["--criu", &c]);
+            }
+            cmd.args(&args).env("CR_BIN", &cr);
+            status_code(cmd.status().context("run the benchmark")?)
+        }
+        Cmd::Demo => {
+            let cr = build::all(true)?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "-q", "-p", "cr-tests", "--bin", "cr-demo"]);
+            cmd.env("CR_BIN", &cr);
+            status_code(cmd.status().context("run the demo")?)
+        }
+    }
+}
+
+/// `cargo` from the pinned toolchain (the one running xtask).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("PATH", setup::tool_path());
+    cmd
+}
+
+fn as_root(bin: &std::path::Path, args: &[String]) -> Result<std::process::ExitStatus> {
+    let status = if setup::is_root() {
+        Command::new(bin).args(args).status()
+    } else {
+        println!("xtask: cr needs root; running it with sudo");
+        Command::new("sudo").arg(bin).args(args).status()
+    };
+    status.with_context(|| format!("run {}", bin.display()))
+}
+
+fn status_code(st: std::process::ExitStatus) -> Result<ExitCode> {
+    match st.code() {
+        Some(c) => Ok(ExitCode::from(c.clamp(0, 255) as u8)),
+        None => bail!("killed by a signal: {st}"),
+    }
+}
