@@ -8,6 +8,7 @@
 #![no_main]
 
 mod fault;
+mod probe;
 
 #[cfg(not(test))]
 #[panic_handler]

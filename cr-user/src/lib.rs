@@ -11,6 +11,7 @@ pub mod cli;
 pub mod dump;
 pub mod image;
 pub mod logging;
+pub mod mounts;
 pub mod proc;
 pub mod ptrace;
 pub mod restore;

@@ -1,1 +1,19 @@
-//! (being written)
+//! The tracker: loads cr-ebpf, arms write-protection, harvests dirty sets (DESIGN §5).
+//!
+//! - [`loader`]: the embedded eBPF object, tracepoint layout checks, program attach, aya-log.
+//! - [`tracefs`]: tracepoint record layouts read from tracefs (pure parser + reader).
+//! - [`dirty`]: the write-fault [`Tracker`]: target set, dirty pages per target, counters.
+//! - [`uffd`]: userfaultfd async write-protection (arming).
+//! - [`pagemap_scan`]: PAGEMAP_SCAN, the exact (O(mapped)) dirty scan and present-page scan.
+//!
+//! Still to come (later issues): VMA-change, TCP and lock programs in the same object, and a
+//! tracker process that owns all this across `cr` invocations.
+
+pub mod dirty;
+pub mod loader;
+pub mod pagemap_scan;
+pub mod tracefs;
+pub mod uffd;
+
+pub use dirty::{DirtyPage, Stats, Tracker};
+pub use loader::BpfObject;

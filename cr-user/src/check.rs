@@ -1,1 +1,0 @@
-pub fn run(_o: &crate::cli::CheckOpts) -> anyhow::Result<bool> { anyhow::bail!("not yet") }

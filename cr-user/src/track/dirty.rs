@@ -1,0 +1,227 @@
+//! The write-fault tracker: which pages each tracked process wrote, as seen by cr-ebpf's
+//! exceptions:page_fault_user / page_fault_kernel programs.
+//!
+//! The eBPF side records every write fault of a target (any thread of the tgid) in CR_DIRTY,
+//! keyed by (tgid, page). A page shows up only if the write faulted: the first write to a fresh
+//! page does, and with userfaultfd async write-protection armed ([`super::uffd`]) so does the
+//! first write after each re-arm. Writes that take no fault in the target's context (GUP:
+//! process_vm_writev, /proc/PID/mem, O_DIRECT, io_uring, …) are not seen here; other programs
+//! must cover them (DESIGN §5).
+//!
+//! Completeness contract: the set is exact only while [`Tracker::lost`] is false. A write the
+//! kernel side could not record (map full, unreadable record) bumps a counter; once it moved,
+//! the caller must fall back to the exact scan ([`super::pagemap_scan`] with
+//! PM_SCAN_WP_MATCHING) for that harvest, and for every target of this tracker, since the
+//! counter is shared.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray};
+use cr_common::{names, stat, PageInfo, PageKey, TargetInfo};
+
+use super::loader::BpfObject;
+
+/// Counters of the write-fault programs, summed over CPUs, since this tracker was loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// User-mode write faults recorded.
+    pub write_faults: u64,
+    /// Write faults that could not be recorded: the dirty set is incomplete.
+    pub dirty_lost: u64,
+    /// Read faults of targets (seen, deliberately not recorded).
+    pub read_faults: u64,
+    /// Kernel-mode write faults recorded (copy_to_user on the target's behalf, e.g. read()).
+    pub kernel_write_faults: u64,
+}
+
+/// One dirty page of a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyPage {
+    /// Page number (address >> PAGE_SHIFT).
+    pub page: u64,
+    /// Write faults seen on it since it entered the set (hotness).
+    pub writes: u64,
+    /// Target epoch of the last write seen.
+    pub epoch: u64,
+}
+
+/// The loaded and attached write-fault tracker. Dropping it detaches the programs and frees
+/// the maps.
+pub struct Tracker {
+    targets: HashMap<MapData, u32, TargetInfo>,
+    dirty: HashMap<MapData, PageKey, PageInfo>,
+    stats: PerCpuArray<MapData, u64>,
+    // The programs hold their own references to the maps, so drop order does not matter.
+    obj: BpfObject,
+}
+
+impl Tracker {
+    /// Loads cr's eBPF object and attaches the write-fault programs. Nothing is recorded until
+    /// a target is added.
+    pub fn start() -> Result<Tracker> {
+        let mut obj = BpfObject::load()?;
+        let targets = obj.take_map(names::TARGETS)?;
+        let dirty = obj.take_map(names::DIRTY)?;
+        let stats = obj.take_map(names::STATS)?;
+        obj.attach_fault_tracepoints()?;
+        Ok(Tracker { targets, dirty, stats, obj })
+    }
+
+    /// Starts recording process `tgid` (all its threads) with `flags` (cr_common::TARGET_F_*;
+    /// TARGET_F_TRACK_WRITES to record). Re-adding keeps the epoch and replaces the flags.
+    pub fn add_target(&mut self, tgid: u32, flags: u64) -> Result<()> {
+        let epoch = self.targets.get(&tgid, 0).map(|t| t.epoch).unwrap_or(0);
+        self.targets
+            .insert(&tgid, &TargetInfo { epoch, flags }, 0)
+            .with_context(|| format!("add process {tgid} to the tracked set (at most {} targets)", cr_common::TARGETS_MAX_ENTRIES))
+    }
+
+    /// Stops recording `tgid`. Its dirty pages stay until [`Tracker::clear`].
+    pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
+        match self.targets.remove(&tgid) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("remove process {tgid} from the tracked set")),
+        }
+    }
+
+    /// Starts a new epoch for `tgid` and returns it: pages written from now on carry it, so a
+    /// harvest can tell them from pages it already took.
+    pub fn bump_epoch(&mut self, tgid: u32) -> Result<u64> {
+        let mut t = self.targets.get(&tgid, 0).with_context(|| format!("process {tgid} is not tracked"))?;
+        t.epoch += 1;
+        self.targets.insert(&tgid, &t, 0).with_context(|| format!("set the epoch of process {tgid}"))?;
+        Ok(t.epoch)
+    }
+
+    /// The dirty pages of `tgid` with their write counts, sorted by page. Walks the whole map
+    /// (all targets): O(entries).
+    pub fn dirty(&self, tgid: u32) -> Result<Vec<DirtyPage>> {
+        let mut out = Vec::new();
+        for kv in self.dirty.iter() {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                // Removed between get_next_key and lookup (a concurrent clear): skip it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).context("read the dirty-page map"),
+            };
+            if k.tgid == tgid {
+                out.push(DirtyPage { page: k.page, writes: v.writes, epoch: v.epoch });
+            }
+        }
+        out.sort_unstable_by_key(|p| p.page);
+        Ok(out)
+    }
+
+    /// The dirty page numbers of `tgid`, sorted.
+    pub fn dirty_pages(&self, tgid: u32) -> Result<Vec<u64>> {
+        Ok(self.dirty(tgid)?.into_iter().map(|p| p.page).collect())
+    }
+
+    /// Takes the dirty set of `tgid`: each entry is read and deleted in one step
+    /// (BPF_MAP_LOOKUP_AND_DELETE_ELEM), so a write racing with the harvest either is in the
+    /// result or re-creates its entry for the next harvest; it is never lost.
+    pub fn take_dirty(&mut self, tgid: u32) -> Result<Vec<DirtyPage>> {
+        let keys = self.keys_of(tgid)?;
+        let fd = self.dirty.map().fd().as_fd();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(v) = lookup_and_delete::<PageKey, PageInfo>(fd.as_raw_fd(), &k, "CR_DIRTY")? {
+                out.push(DirtyPage { page: k.page, writes: v.writes, epoch: v.epoch });
+            }
+        }
+        out.sort_unstable_by_key(|p| p.page);
+        Ok(out)
+    }
+
+    /// Forgets the dirty pages of `tgid`. Returns how many were removed.
+    pub fn clear(&mut self, tgid: u32) -> Result<usize> {
+        let keys = self.keys_of(tgid)?;
+        let mut n = 0;
+        for k in keys {
+            match self.dirty.remove(&k) {
+                Ok(()) => n += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("remove an entry of the dirty-page map"),
+            }
+        }
+        Ok(n)
+    }
+
+    fn keys_of(&self, tgid: u32) -> Result<Vec<PageKey>> {
+        let mut keys = Vec::new();
+        for k in self.dirty.keys() {
+            let k = k.context("list the dirty-page map")?;
+            if k.tgid == tgid {
+                keys.push(k);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let get = |i: u32| -> Result<u64> {
+            let v = self.stats.get(&i, 0).with_context(|| format!("read counter {i} of CR_STATS"))?;
+            Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(Stats {
+            write_faults: get(stat::WRITE_FAULTS)?,
+            dirty_lost: get(stat::DIRTY_LOST)?,
+            read_faults: get(stat::READ_FAULTS)?,
+            kernel_write_faults: get(stat::KERNEL_WRITE_FAULTS)?,
+        })
+    }
+
+    /// True once a write fault could not be recorded: the dirty sets of this tracker are then
+    /// incomplete and the caller must harvest with the exact PAGEMAP_SCAN instead (see the
+    /// module docs). The counter is cumulative; it never goes back to zero on its own.
+    pub fn lost(&self) -> Result<bool> {
+        Ok(self.stats()?.dirty_lost > 0)
+    }
+
+    /// Forwards pending eBPF log records (`-v4` with TARGET_F_LOG) to cr's log now.
+    pub fn flush_log(&self) {
+        self.obj.flush_log();
+    }
+
+    /// The loaded object, e.g. to attach further programs that share it.
+    pub fn object_mut(&mut self) -> &mut BpfObject {
+        &mut self.obj
+    }
+}
+
+/// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` for a hash map: the value of `key`, removed, or None
+/// if the key is absent. (aya 0.16 does not expose it.)
+fn lookup_and_delete<K, V: Default>(map_fd: i32, key: &K, map: &str) -> Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = V::default();
+    let attr = ElemAttr {
+        map_fd: map_fd as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        flags: 0,
+    };
+    // SAFETY: the attr is the map-element member of union bpf_attr (map_fd, key, value, flags;
+    // the kernel zero-extends a shorter attr); key and value point to live objects of the
+    // map's key and value types (checked by aya when the map was typed).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(None);
+        }
+        bail!("BPF_MAP_LOOKUP_AND_DELETE_ELEM on {map}: {e}");
+    }
+    Ok(Some(value))
+}
