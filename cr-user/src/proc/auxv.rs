@@ -58,7 +58,20 @@ mod tests {
 
     #[test]
     fn sample() {
-        let b = bytes(&[33, 0x7ffd_6b7f_c000, 16, 0x178bfbff, 6, 4096, 25, 0x7ffd_1234_5678, 0, 0, 0, 0]);
+        let b = bytes(&[
+            33,
+            0x7ffd_6b7f_c000,
+            16,
+            0x178bfbff,
+            6,
+            4096,
+            25,
+            0x7ffd_1234_5678,
+            0,
+            0,
+            0,
+            0,
+        ]);
         let v = parse_auxv(&b).unwrap();
         assert_eq!(v.len(), 4);
         assert_eq!(lookup(&v, libc::AT_SYSINFO_EHDR), Some(0x7ffd_6b7f_c000));
@@ -79,7 +92,12 @@ mod tests {
     fn live_self() {
         let v = read_auxv(std::process::id() as i32).unwrap();
         // SAFETY: getauxval has no preconditions.
-        let (pagesz, ehdr) = unsafe { (libc::getauxval(libc::AT_PAGESZ), libc::getauxval(libc::AT_SYSINFO_EHDR)) };
+        let (pagesz, ehdr) = unsafe {
+            (
+                libc::getauxval(libc::AT_PAGESZ),
+                libc::getauxval(libc::AT_SYSINFO_EHDR),
+            )
+        };
         assert_eq!(lookup(&v, libc::AT_PAGESZ), Some(pagesz));
         assert_eq!(lookup(&v, libc::AT_SYSINFO_EHDR), Some(ehdr));
         let raw = read_auxv_raw(std::process::id() as i32).unwrap();

@@ -23,7 +23,10 @@ pub struct FdRecord {
 
 impl FdRecord {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -60,7 +63,10 @@ pub struct EpollTarget {
 impl FdInfo {
     /// A single-line field by key, e.g. `get("eventfd-count")`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn is_cloexec(&self) -> bool {
@@ -69,7 +75,9 @@ impl FdInfo {
 
     /// The eventfd counter (`eventfd-count:` is printed in hex).
     pub fn eventfd_count(&self) -> Result<Option<u64>> {
-        self.get("eventfd-count").map(|v| parse_hex(v, "eventfd-count")).transpose()
+        self.get("eventfd-count")
+            .map(|v| parse_hex(v, "eventfd-count"))
+            .transpose()
     }
 
     /// The `tfd:` lines of an epoll fd.
@@ -78,7 +86,10 @@ impl FdInfo {
             .iter()
             .filter(|r| r.kind == "tfd")
             .map(|r| {
-                let f = |k: &str| r.get(k).with_context(|| format!("epoll line without {k}: {:?}", r.raw));
+                let f = |k: &str| {
+                    r.get(k)
+                        .with_context(|| format!("epoll line without {k}: {:?}", r.raw))
+                };
                 Ok(EpollTarget {
                     tfd: parse_dec(f("tfd")?, "tfd")?,
                     events: u32::try_from(parse_hex(f("events")?, "events")?)
@@ -127,16 +138,31 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
             continue;
         }
         if line.starts_with("tfd:") {
-            info.records.push(FdRecord { kind: "tfd".into(), fields: pairs(line), raw: line.into() });
+            info.records.push(FdRecord {
+                kind: "tfd".into(),
+                fields: pairs(line),
+                raw: line.into(),
+            });
             continue;
         }
-        if let Some(rest) = line.strip_prefix("inotify ").or_else(|| line.strip_prefix("fanotify ")) {
+        if let Some(rest) = line
+            .strip_prefix("inotify ")
+            .or_else(|| line.strip_prefix("fanotify "))
+        {
             let kind = line.split(' ').next().unwrap_or_default();
-            info.records.push(FdRecord { kind: kind.into(), fields: pairs(rest), raw: line.into() });
+            info.records.push(FdRecord {
+                kind: kind.into(),
+                fields: pairs(rest),
+                raw: line.into(),
+            });
             continue;
         }
         if line.starts_with("lock:") {
-            info.records.push(FdRecord { kind: "lock".into(), fields: Vec::new(), raw: line.into() });
+            info.records.push(FdRecord {
+                kind: "lock".into(),
+                fields: Vec::new(),
+                raw: line.into(),
+            });
             continue;
         }
         let (key, value) = line
@@ -177,7 +203,9 @@ pub fn list_fds(pid: i32) -> Result<Vec<(i32, String)>> {
     for ent in rd {
         let ent = ent.with_context(|| format!("read {}", dir.display()))?;
         let name = ent.file_name();
-        let Some(fd) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(fd) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         let link = ent.path();
         match std::fs::read_link(&link) {
             Ok(t) => out.push((fd, t.to_string_lossy().into_owned())),
@@ -208,7 +236,10 @@ lock:\t2: POSIX  ADVISORY  WRITE 9433 fe:00:10010662 5 14\n";
         let l = i.locks().unwrap();
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].kind, LockKind::Flock);
-        assert_eq!((l[1].kind.clone(), l[1].access.clone(), l[1].start, l[1].end), (LockKind::Posix, LockAccess::Write, 5, Some(14)));
+        assert_eq!(
+            (l[1].kind.clone(), l[1].access.clone(), l[1].start, l[1].end),
+            (LockKind::Posix, LockAccess::Write, 5, Some(14))
+        );
     }
 
     #[test]
@@ -231,8 +262,22 @@ tfd:        3 events: 80000019 data: ffffffffffffffff  pos:12 ino:40e sdev:10\n"
         assert_eq!(
             e,
             vec![
-                EpollTarget { tfd: 5, events: 0x19, data: 5, pos: 0, ino: 0x3e94, sdev: 0xf },
-                EpollTarget { tfd: 3, events: 0x8000_0019, data: u64::MAX, pos: 12, ino: 0x40e, sdev: 0x10 },
+                EpollTarget {
+                    tfd: 5,
+                    events: 0x19,
+                    data: 5,
+                    pos: 0,
+                    ino: 0x3e94,
+                    sdev: 0xf
+                },
+                EpollTarget {
+                    tfd: 3,
+                    events: 0x8000_0019,
+                    data: u64::MAX,
+                    pos: 12,
+                    ino: 0x40e,
+                    sdev: 0x10
+                },
             ]
         );
     }
@@ -255,7 +300,10 @@ it_value: (0, 499999)\nit_interval: (1, 0)\n";
         assert_eq!(i.get("it_value"), Some("(0, 499999)"));
 
         let t = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\nsigmask:\t0000000000000004\n";
-        assert_eq!(parse_fdinfo(t).unwrap().get("sigmask"), Some("0000000000000004"));
+        assert_eq!(
+            parse_fdinfo(t).unwrap().get("sigmask"),
+            Some("0000000000000004")
+        );
 
         let t = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1038\nPid:\t1234\nNSpid:\t1234\n";
         assert_eq!(parse_fdinfo(t).unwrap().get("Pid"), Some("1234"));
@@ -267,7 +315,8 @@ it_value: (0, 499999)\nit_interval: (1, 0)\n";
         assert!(parse_fdinfo("pos:\t0\nflags:\t9\n").is_err());
         assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\t0\nflags:\t0\ngarbage\n").is_err());
-        let i = parse_fdinfo("pos:\t0\nflags:\t0\ntfd: 1 events: zz data: 0 pos:0 ino:0 sdev:0\n").unwrap();
+        let i = parse_fdinfo("pos:\t0\nflags:\t0\ntfd: 1 events: zz data: 0 pos:0 ino:0 sdev:0\n")
+            .unwrap();
         assert!(i.epoll_targets().is_err());
         let i = parse_fdinfo("pos:\t0\nflags:\t0\ntfd: 1\n").unwrap();
         assert!(i.epoll_targets().is_err());
@@ -288,7 +337,10 @@ it_value: (0, 499999)\nit_interval: (1, 0)\n";
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", r.as_raw_fd())).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(target(r.as_raw_fd()), Some(format!("pipe:[{}]", ino.ino())));
-        assert_eq!(target(efd.as_raw_fd()).as_deref(), Some("anon_inode:[eventfd]"));
+        assert_eq!(
+            target(efd.as_raw_fd()).as_deref(),
+            Some("anon_inode:[eventfd]")
+        );
         assert!(fds.windows(2).all(|w| w[0].0 < w[1].0));
 
         let ri = read_fdinfo(me, r.as_raw_fd()).unwrap();

@@ -125,7 +125,19 @@ pub fn parse_lock_line(line: &str) -> Result<FileLock> {
     if t.next().is_some() {
         bail!("{}: trailing fields", bad());
     }
-    Ok(FileLock { id, blocked, kind, mode, access, pid, dev_major, dev_minor, inode, start, end })
+    Ok(FileLock {
+        id,
+        blocked,
+        kind,
+        mode,
+        access,
+        pid,
+        dev_major,
+        dev_minor,
+        inode,
+        start,
+        end,
+    })
 }
 
 /// Parses the whole of `/proc/locks`.
@@ -179,11 +191,17 @@ mod tests {
         assert!(v[1].blocked && v[1].id == 1 && v[1].pid == 12346);
         assert!(v[2].blocked && v[2].access == LockAccess::Read);
         assert_eq!((v[2].start, v[2].end), (10, Some(19)));
-        assert_eq!((v[3].kind.clone(), v[3].pid, v[3].dev_major, v[3].dev_minor), (LockKind::Ofd, -1, 8, 1));
+        assert_eq!(
+            (v[3].kind.clone(), v[3].pid, v[3].dev_major, v[3].dev_minor),
+            (LockKind::Ofd, -1, 8, 1)
+        );
         assert_eq!((v[3].start, v[3].end), (100, Some(199)));
         assert_eq!(v[4].kind, LockKind::Flock);
         assert_eq!((v[4].dev_minor, v[4].inode), (0x1a, Some(77)));
-        assert_eq!((v[5].kind.clone(), v[5].mode.clone(), v[5].access.clone()), (LockKind::Lease, LockMode::Breaking, LockAccess::Unlock));
+        assert_eq!(
+            (v[5].kind.clone(), v[5].mode.clone(), v[5].access.clone()),
+            (LockKind::Lease, LockMode::Breaking, LockAccess::Unlock)
+        );
         assert_eq!(v[5].dev_major, 0x103);
         assert_eq!((v[6].mode.clone(), v[6].inode), (LockMode::NoInode, None));
         assert_eq!(v[7].mode, LockMode::Mandatory);

@@ -462,7 +462,9 @@ fn kb(value: &str, line: &str) -> Result<u64> {
 pub fn parse_smaps(text: &str) -> Result<Vec<Vma>> {
     let mut out: Vec<Vma> = Vec::new();
     for line in text.lines() {
-        let Some((first, rest)) = next_token(line) else { continue };
+        let Some((first, rest)) = next_token(line) else {
+            continue;
+        };
         let Some(key) = first.strip_suffix(':') else {
             out.push(parse_maps_line(line)?);
             continue;
@@ -485,9 +487,7 @@ pub fn parse_smaps(text: &str) -> Result<Vec<Vma>> {
             "AnonHugePages" => vma.anon_huge_pages = kb(value, line)?,
             "Swap" => vma.swap = kb(value, line)?,
             "Locked" => vma.locked = kb(value, line)?,
-            "THPeligible" => {
-                vma.thp_eligible = Some(parse_dec::<u32>(value, "THPeligible")? != 0)
-            }
+            "THPeligible" => vma.thp_eligible = Some(parse_dec::<u32>(value, "THPeligible")? != 0),
             "ProtectionKey" => vma.protection_key = Some(parse_dec(value, "ProtectionKey")?),
             _ => {}
         }
@@ -600,13 +600,20 @@ VmFlags: ex
         assert_eq!(cat.thp_eligible, Some(false));
         assert_eq!(
             cat.vm_flags,
-            VmFlags::READ | VmFlags::MAYREAD | VmFlags::MAYWRITE | VmFlags::MAYEXEC | VmFlags::DENYWRITE
+            VmFlags::READ
+                | VmFlags::MAYREAD
+                | VmFlags::MAYWRITE
+                | VmFlags::MAYEXEC
+                | VmFlags::DENYWRITE
         );
 
         let heap = &v[1];
         assert_eq!(heap.name, VmaName::Heap);
         assert_eq!(heap.path, None);
-        assert_eq!((heap.rss, heap.anonymous, heap.swap), (12 << 10, 12 << 10, 4 << 10));
+        assert_eq!(
+            (heap.rss, heap.anonymous, heap.swap),
+            (12 << 10, 12 << 10, 4 << 10)
+        );
         assert_eq!(heap.private_dirty, 12 << 10);
         assert_eq!(heap.protection_key, Some(0));
         assert_eq!(heap.perms(), "rw-p");
@@ -649,10 +656,14 @@ VmFlags: ex
         assert_eq!(v[9].name, VmaName::Stack);
         assert!(v[9].vm_flags.contains(VmFlags::GROWSDOWN));
         assert_eq!(v[10].name, VmaName::Vvar);
-        assert!(v[10].vm_flags.contains(VmFlags::PFNMAP | VmFlags::IO | VmFlags::DONTDUMP));
+        assert!(v[10]
+            .vm_flags
+            .contains(VmFlags::PFNMAP | VmFlags::IO | VmFlags::DONTDUMP));
         assert_eq!(v[11].name, VmaName::VvarVclock);
         assert_eq!(v[12].name, VmaName::Vdso);
-        assert!(v[12].vm_flags.contains(VmFlags::SEALED | VmFlags::SOFTDIRTY | VmFlags::DONTEXPAND));
+        assert!(v[12]
+            .vm_flags
+            .contains(VmFlags::SEALED | VmFlags::SOFTDIRTY | VmFlags::DONTEXPAND));
         assert_eq!(v[12].prot(), libc::PROT_READ | libc::PROT_EXEC);
         assert_eq!(v[13].name, VmaName::Vsyscall);
         assert_eq!(v[13].start, 0xffffffffff600000);
@@ -669,14 +680,18 @@ VmFlags: ex
         let s = parse_smaps(SMAPS).unwrap();
         assert_eq!(m.len(), s.len());
         for (a, b) in m.iter().zip(&s) {
-            assert_eq!((a.start, a.end, &a.path, &a.name, a.deleted), (b.start, b.end, &b.path, &b.name, b.deleted));
+            assert_eq!(
+                (a.start, a.end, &a.path, &a.name, a.deleted),
+                (b.start, b.end, &b.path, &b.name, b.deleted)
+            );
             assert!(a.vm_flags.is_empty());
         }
     }
 
     #[test]
     fn path_edge_cases() {
-        let v = parse_maps_line("7f00-8f00 r--p 00000000 08:01 5   /a/b\\012c (deleted) (deleted)").unwrap();
+        let v = parse_maps_line("7f00-8f00 r--p 00000000 08:01 5   /a/b\\012c (deleted) (deleted)")
+            .unwrap();
         assert_eq!(v.path.as_deref(), Some("/a/b\nc (deleted)"));
         assert!(v.deleted);
         let v = parse_maps_line("7f00-8f00 r--p 00000000 08:01 5   /trailing space ").unwrap();
@@ -750,12 +765,19 @@ VmFlags: ex
         // SAFETY: unmapping the mapping created above.
         unsafe { libc::munmap(p, len) };
 
-        let v = vmas.iter().find(|v| v.start == addr).expect("mapping in smaps");
+        let v = vmas
+            .iter()
+            .find(|v| v.start == addr)
+            .expect("mapping in smaps");
         assert_eq!(v.end, addr + len as u64);
         assert!(v.read && !v.write && v.exec && !v.shared);
         assert_eq!(v.name, VmaName::Anonymous);
-        assert!(v.vm_flags.contains(VmFlags::READ | VmFlags::EXEC | VmFlags::DONTCOPY));
-        assert!(maps.iter().any(|m| m.start == addr && m.end == addr + len as u64));
+        assert!(v
+            .vm_flags
+            .contains(VmFlags::READ | VmFlags::EXEC | VmFlags::DONTCOPY));
+        assert!(maps
+            .iter()
+            .any(|m| m.start == addr && m.end == addr + len as u64));
         assert!(vmas.iter().any(|v| v.name == VmaName::Stack));
         assert!(vmas.iter().any(|v| v.name == VmaName::Vdso));
     }

@@ -78,6 +78,9 @@ mod tests {
     fn read_error_names_the_file() {
         let err = read_text(&pid_path(i32::MAX, "smaps")).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.starts_with(&format!("read /proc/{}/smaps: ", i32::MAX)), "{msg}");
+        assert!(
+            msg.starts_with(&format!("read /proc/{}/smaps: ", i32::MAX)),
+            "{msg}"
+        );
     }
 }

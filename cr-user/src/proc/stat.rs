@@ -133,8 +133,12 @@ const FIELDS_AFTER_COMM: usize = 50;
 /// Parses the text of a stat file.
 pub fn parse_stat(text: &str) -> Result<Stat> {
     let text = text.trim_end_matches('\n');
-    let open = text.find('(').with_context(|| format!("stat has no '(': {text:?}"))?;
-    let close = text.rfind(')').with_context(|| format!("stat has no ')': {text:?}"))?;
+    let open = text
+        .find('(')
+        .with_context(|| format!("stat has no '(': {text:?}"))?;
+    let close = text
+        .rfind(')')
+        .with_context(|| format!("stat has no ')': {text:?}"))?;
     if close < open {
         bail!("stat has ')' before '(': {text:?}");
     }
@@ -243,7 +247,10 @@ mod tests {
         assert_eq!(s.pid, 8226);
         assert_eq!(s.comm, "cat");
         assert_eq!(s.state, 'R');
-        assert_eq!((s.ppid, s.pgrp, s.session, s.tty_nr, s.tpgid), (8221, 8221, 7206, 0, -1));
+        assert_eq!(
+            (s.ppid, s.pgrp, s.session, s.tty_nr, s.tpgid),
+            (8221, 8221, 7206, 0, -1)
+        );
         assert_eq!(s.flags, 4194304);
         assert!(!s.is_kernel_thread());
         assert_eq!(s.priority, 20);
@@ -255,7 +262,10 @@ mod tests {
         assert_eq!((s.start_code, s.end_code), (93982162276352, 93982162296233));
         assert_eq!(s.start_stack, 140730391331280);
         assert_eq!(s.exit_signal, 17);
-        assert_eq!((s.start_data, s.end_data, s.start_brk), (93982162312240, 93982162313856, 93982823796736));
+        assert_eq!(
+            (s.start_data, s.end_data, s.start_brk),
+            (93982162312240, 93982162313856, 93982823796736)
+        );
         assert_eq!((s.arg_start, s.arg_end), (140730391337697, 140730391337717));
         assert_eq!((s.env_start, s.env_end), (140730391337717, 140730391338987));
         assert_eq!(s.exit_code, 0);

@@ -67,7 +67,10 @@ pub struct Status {
 impl Status {
     /// The raw value of any line, e.g. `get("Cpus_allowed_list")`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -97,7 +100,9 @@ fn ids<T: std::str::FromStr>(v: &str, what: &str) -> Result<Vec<T>>
 where
     T::Err: std::fmt::Display,
 {
-    v.split_ascii_whitespace().map(|x| parse_dec(x, what)).collect()
+    v.split_ascii_whitespace()
+        .map(|x| parse_dec(x, what))
+        .collect()
 }
 
 fn four(v: &str, what: &str) -> Result<[u32; 4]> {

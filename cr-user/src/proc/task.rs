@@ -9,7 +9,9 @@ use super::{parse_dec, parse_hex, pid_path, read_text};
 
 /// Parses a list of whitespace-separated pids (the `children` file format).
 pub fn parse_pid_list(text: &str) -> Result<Vec<i32>> {
-    text.split_ascii_whitespace().map(|s| parse_dec(s, "pid")).collect()
+    text.split_ascii_whitespace()
+        .map(|s| parse_dec(s, "pid"))
+        .collect()
 }
 
 /// Parses `/proc/PID/personality` (hex, e.g. `00400000` for READ_IMPLIES_EXEC).
@@ -41,7 +43,9 @@ pub fn children(pid: i32) -> Result<Vec<i32>> {
     for tid in threads(pid)? {
         let path = pid_path(pid, &format!("task/{tid}/children"));
         match std::fs::read_to_string(&path) {
-            Ok(t) => out.extend(parse_pid_list(&t).with_context(|| format!("parse {}", path.display()))?),
+            Ok(t) => {
+                out.extend(parse_pid_list(&t).with_context(|| format!("parse {}", path.display()))?)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         }
@@ -114,7 +118,9 @@ pub fn timerslack_ns(pid: i32) -> Result<u64> {
 
 /// The running kernel's release (`/proc/sys/kernel/osrelease`), recorded in the inventory.
 pub fn kernel_release() -> Result<String> {
-    Ok(read_text("/proc/sys/kernel/osrelease".as_ref())?.trim_end().to_string())
+    Ok(read_text("/proc/sys/kernel/osrelease".as_ref())?
+        .trim_end()
+        .to_string())
 }
 
 #[cfg(test)]
@@ -148,7 +154,11 @@ mod tests {
         // SAFETY: personality(0xffffffff) only queries.
         let pers = unsafe { libc::personality(0xffff_ffff) } as u32;
         assert_eq!(personality(me).unwrap(), pers);
-        assert!(kernel_release().unwrap().chars().next().is_some_and(|c| c.is_ascii_digit()));
+        assert!(kernel_release()
+            .unwrap()
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit()));
 
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<i32>();
@@ -162,7 +172,10 @@ mod tests {
         assert!(t.contains(&me) && t.contains(&tid), "{t:?}");
         assert_eq!(task_comm(me, me).unwrap(), comm(me).unwrap());
 
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let cpid = child.id() as i32;
         let kids = children(me).unwrap();
         child.kill().ok();
