@@ -39,6 +39,11 @@ impl PageSegment {
         self.nr_pages * PAGE_SIZE as u64
     }
 
+    /// Never true for a segment from [`ImageChain::pages_for`].
+    pub fn is_empty(&self) -> bool {
+        self.nr_pages == 0
+    }
+
     /// The bytes, straight from the read-only mapping of the page file.
     pub fn bytes(&self) -> &[u8] {
         // The range was checked against the file when the segment was made.
@@ -48,7 +53,15 @@ impl PageSegment {
 
 impl std::fmt::Debug for PageSegment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#x}+{}p@{}:{}+{:#x}", self.vaddr, self.nr_pages, self.image, self.file.path().display(), self.offset)
+        write!(
+            f,
+            "{:#x}+{}p@{}:{}+{:#x}",
+            self.vaddr,
+            self.nr_pages,
+            self.image,
+            self.file.path().display(),
+            self.offset
+        )
     }
 }
 
@@ -69,11 +82,12 @@ impl ImageChain {
     /// ("parent image P of D: ...").
     pub fn open(path: &Path) -> Result<ImageChain> {
         let first = ImageDir::open(path)?;
-        let canon = |p: &Path| std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()));
+        let canon = |p: &Path| {
+            std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
+        };
         let mut seen: Vec<PathBuf> = vec![canon(path)?];
         let mut images = vec![first];
-        loop {
-            let Some(child) = images.last() else { break };
+        while let Some(child) = images.last() {
             let rel = child.inventory().parent_path.clone();
             if rel.is_empty() {
                 break;
@@ -82,10 +96,17 @@ impl ImageChain {
             let what = || format!("parent image {rel} of {}", child.path().display());
             let c = canon(&ppath).with_context(what)?;
             if let Some(i) = seen.iter().position(|s| *s == c) {
-                bail!("image chain has a cycle: {} is image {} of the chain again", what(), i);
+                bail!(
+                    "image chain has a cycle: {} is image {} of the chain again",
+                    what(),
+                    i
+                );
             }
             if images.len() >= MAX_CHAIN {
-                bail!("image chain of {} is longer than {MAX_CHAIN} images", path.display());
+                bail!(
+                    "image chain of {} is longer than {MAX_CHAIN} images",
+                    path.display()
+                );
             }
             let parent = ImageDir::open(&ppath).with_context(what)?;
             let want = child.inventory().parent_inventory_crc;
@@ -155,7 +176,12 @@ impl ImageChain {
         Ok(out)
     }
 
-    fn level_map(&self, level: usize, pid: i32, levels: &mut [Option<Rc<LevelMap>>]) -> Result<Rc<LevelMap>> {
+    fn level_map(
+        &self,
+        level: usize,
+        pid: i32,
+        levels: &mut [Option<Rc<LevelMap>>],
+    ) -> Result<Rc<LevelMap>> {
         if let Some(Some(m)) = levels.get(level) {
             return Ok(m.clone());
         }
@@ -167,15 +193,31 @@ impl ImageChain {
         let mut prev_end = 0u64;
         for r in &runs {
             let len = u64::from(r.nr_pages) * PAGE_SIZE as u64;
-            if r.vaddr % PAGE_SIZE as u64 != 0 || r.nr_pages == 0 || r.vaddr.checked_add(len).is_none() {
-                bail!("{}: bad page run at vaddr {:#x} ({} pages)", name.display(), r.vaddr, r.nr_pages);
+            if !r.vaddr.is_multiple_of(PAGE_SIZE as u64)
+                || r.nr_pages == 0
+                || r.vaddr.checked_add(len).is_none()
+            {
+                bail!(
+                    "{}: bad page run at vaddr {:#x} ({} pages)",
+                    name.display(),
+                    r.vaddr,
+                    r.nr_pages
+                );
             }
             if r.vaddr < prev_end {
-                bail!("{}: page runs overlap at vaddr {:#x} (image corrupted)", name.display(), r.vaddr);
+                bail!(
+                    "{}: page runs overlap at vaddr {:#x} (image corrupted)",
+                    name.display(),
+                    r.vaddr
+                );
             }
             prev_end = run_end(r);
         }
-        let file = if runs.iter().any(|r| !r.in_parent) { Some(img.page_file(&pm.pages_file)?) } else { None };
+        let file = if runs.iter().any(|r| !r.in_parent) {
+            Some(img.page_file(&pm.pages_file)?)
+        } else {
+            None
+        };
         let m = Rc::new(LevelMap { runs, file });
         levels[level] = Some(m.clone());
         Ok(m)
@@ -200,7 +242,10 @@ impl ImageChain {
         }
         let parent = self.images[level].path();
         let m = self.level_map(level, pid, levels).with_context(|| {
-            format!("pid {pid}: pages {start:#x}..{end:#x} are in_parent in {}", child.display())
+            format!(
+                "pid {pid}: pages {start:#x}..{end:#x} are in_parent in {}",
+                child.display()
+            )
         })?;
         let mut i = m.runs.partition_point(|r| run_end(r) <= start);
         let mut cur = start;
@@ -230,20 +275,39 @@ impl ImageChain {
 
     /// Adds [from, to) of run `r` (a run with data at `level`), merging with the previous
     /// segment when it continues it in the same file.
-    fn push_segment(&self, out: &mut Vec<PageSegment>, level: usize, m: &LevelMap, r: &pb::PageRun, from: u64, to: u64) -> Result<()> {
+    fn push_segment(
+        &self,
+        out: &mut Vec<PageSegment>,
+        level: usize,
+        m: &LevelMap,
+        r: &pb::PageRun,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
         let Some(file) = &m.file else {
             bail!("internal: no page file for a data run at {:#x}", r.vaddr);
         };
         let offset = r.offset + (from - r.vaddr);
         let nr_pages = (to - from) / PAGE_SIZE as u64;
-        file.bytes(offset, to - from).with_context(|| format!("page run at vaddr {:#x}", r.vaddr))?;
+        file.bytes(offset, to - from)
+            .with_context(|| format!("page run at vaddr {:#x}", r.vaddr))?;
         if let Some(last) = out.last_mut() {
-            if last.image == level && Arc::ptr_eq(&last.file, file) && last.vaddr + last.len() == from && last.offset + last.len() == offset {
+            if last.image == level
+                && Arc::ptr_eq(&last.file, file)
+                && last.vaddr + last.len() == from
+                && last.offset + last.len() == offset
+            {
                 last.nr_pages += nr_pages;
                 return Ok(());
             }
         }
-        out.push(PageSegment { vaddr: from, nr_pages, image: level, file: file.clone(), offset });
+        out.push(PageSegment {
+            vaddr: from,
+            nr_pages,
+            image: level,
+            file: file.clone(),
+            offset,
+        });
         Ok(())
     }
 }
@@ -278,7 +342,8 @@ mod tests {
         for r in runs {
             match *r {
                 R::Data(first, n) => {
-                    let bytes: Vec<u8> = (first..first + n).flat_map(|p| page(tag, p * P)).collect();
+                    let bytes: Vec<u8> =
+                        (first..first + n).flat_map(|p| page(tag, p * P)).collect();
                     pw.write_run(first * P, &bytes).unwrap();
                 }
                 R::Parent(first, n) => pw.add_parent_run(first * P, n).unwrap(),
@@ -286,7 +351,10 @@ mod tests {
         }
         let pm = pw.finish().unwrap();
         w.write_msg(&pagemap_file(PID), Kind::PageMap, &pm).unwrap();
-        let mut inv = pb::Inventory { root_pid: PID, ..Default::default() };
+        let mut inv = pb::Inventory {
+            root_pid: PID,
+            ..Default::default()
+        };
         if let Some((rel, pdir)) = parent {
             inv.parent_path = rel.to_string();
             inv.parent_inventory_crc = ImageDir::open(pdir).unwrap().inventory_crc();
@@ -303,7 +371,11 @@ mod tests {
             for i in 0..s.nr_pages {
                 let pg = &b[(i * P) as usize..((i + 1) * P) as usize];
                 let vaddr = s.vaddr + i * P;
-                assert_eq!(u64::from_le_bytes(pg[..8].try_into().unwrap()), vaddr, "{s:?}");
+                assert_eq!(
+                    u64::from_le_bytes(pg[..8].try_into().unwrap()),
+                    vaddr,
+                    "{s:?}"
+                );
                 tags[(vaddr / P) as usize] = pg[100];
             }
         }
@@ -317,10 +389,32 @@ mod tests {
         // a: pages 0..10 and 20..24.
         write_image(&a, 1, &[R::Data(0, 10), R::Data(20, 4)], None);
         // b: 0..3 from a, 3..5 new, 5..12 from a... but a lacks 10..12: keep b valid: 5..10.
-        write_image(&b, 2, &[R::Parent(0, 3), R::Data(3, 2), R::Parent(5, 5), R::Data(12, 2), R::Parent(20, 4)], Some(("../a", &a)));
+        write_image(
+            &b,
+            2,
+            &[
+                R::Parent(0, 3),
+                R::Data(3, 2),
+                R::Parent(5, 5),
+                R::Data(12, 2),
+                R::Parent(20, 4),
+            ],
+            Some(("../a", &a)),
+        );
         // c: one parent run 1..14 spanning b's parent run, b's data, b's parent run (split in a),
         // a gap-free stretch... 10..12 is missing in b, so stop at 10; then 12..14 from b.
-        write_image(&c, 3, &[R::Data(0, 1), R::Parent(1, 9), R::Data(10, 2), R::Parent(12, 2), R::Parent(21, 2)], Some(("../b", &b)));
+        write_image(
+            &c,
+            3,
+            &[
+                R::Data(0, 1),
+                R::Parent(1, 9),
+                R::Data(10, 2),
+                R::Parent(12, 2),
+                R::Parent(21, 2),
+            ],
+            Some(("../b", &b)),
+        );
         let chain = ImageChain::open(&c).unwrap();
         assert_eq!(chain.images().len(), 3);
         chain.validate().unwrap();
@@ -330,8 +424,22 @@ mod tests {
         assert_eq!(tags, want);
         // Segments merge where they continue each other in one file: a's pages 5..10 are one.
         let segs = chain.pages_for(PID).unwrap();
-        let shape: Vec<_> = segs.iter().map(|s| (s.vaddr / P, s.nr_pages, s.image)).collect();
-        assert_eq!(shape, [(0, 1, 0), (1, 2, 2), (3, 2, 1), (5, 5, 2), (10, 2, 0), (12, 2, 1), (21, 2, 2)]);
+        let shape: Vec<_> = segs
+            .iter()
+            .map(|s| (s.vaddr / P, s.nr_pages, s.image))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, 1, 0),
+                (1, 2, 2),
+                (3, 2, 1),
+                (5, 5, 2),
+                (10, 2, 0),
+                (12, 2, 1),
+                (21, 2, 2)
+            ]
+        );
         // A relative path is relative to the child's directory, not to the cwd.
         assert!(chain.images()[1].path().ends_with("../b"));
     }
@@ -344,13 +452,20 @@ mod tests {
         write_image(&b, 2, &[R::Parent(2, 5)], Some(("../a", &a)));
         let chain = ImageChain::open(&b).unwrap();
         let e = format!("{:#}", chain.pages_for(PID).unwrap_err());
-        assert!(e.contains("pages 0x4000..0x6000 are marked in_parent") && e.contains("does not have them"), "{e}");
+        assert!(
+            e.contains("pages 0x4000..0x6000 are marked in_parent")
+                && e.contains("does not have them"),
+            "{e}"
+        );
         assert!(chain.validate().is_err());
 
         // in_parent with no parent at all.
         let c = t.path().join("c");
         write_image(&c, 3, &[R::Parent(0, 1)], None);
-        let e = format!("{:#}", ImageChain::open(&c).unwrap().pages_for(PID).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ImageChain::open(&c).unwrap().pages_for(PID).unwrap_err()
+        );
         assert!(e.contains("which has no parent image"), "{e}");
     }
 
@@ -366,12 +481,18 @@ mod tests {
         std::fs::remove_dir_all(&a).unwrap();
         write_image(&a, 9, &[R::Data(0, 1)], None);
         let e = format!("{:#}", ImageChain::open(&b).err().unwrap());
-        assert!(e.contains("parent image ../a of") && e.contains("the parent was replaced"), "{e}");
+        assert!(
+            e.contains("parent image ../a of") && e.contains("the parent was replaced"),
+            "{e}"
+        );
 
         // Parent incomplete (no inventory).
         std::fs::remove_file(a.join("inventory.img")).unwrap();
         let e = format!("{:#}", ImageChain::open(&b).err().unwrap());
-        assert!(e.contains("parent image ../a of") && e.contains("is not a complete cr image"), "{e}");
+        assert!(
+            e.contains("parent image ../a of") && e.contains("is not a complete cr image"),
+            "{e}"
+        );
 
         // Parent gone.
         std::fs::remove_dir_all(&a).unwrap();
@@ -387,7 +508,11 @@ mod tests {
         // cycle check must come first).
         write_image(&a, 1, &[R::Data(0, 1)], None);
         let w = ImageWriter::create_overwriting(&a).unwrap();
-        w.commit(pb::Inventory { parent_path: ".".into(), ..Default::default() }).unwrap();
+        w.commit(pb::Inventory {
+            parent_path: ".".into(),
+            ..Default::default()
+        })
+        .unwrap();
         let e = format!("{:#}", ImageChain::open(&a).err().unwrap());
         assert!(e.contains("cycle"), "{e}");
     }
@@ -404,7 +529,10 @@ mod tests {
         std::fs::write(&p, &bytes).unwrap();
         let chain = ImageChain::open(&b).unwrap();
         let e = format!("{:#}", chain.validate_pages().unwrap_err());
-        assert!(e.contains("a/pages-77.img: page run at vaddr 0x0") && e.contains("checksum mismatch"), "{e}");
+        assert!(
+            e.contains("a/pages-77.img: page run at vaddr 0x0") && e.contains("checksum mismatch"),
+            "{e}"
+        );
         assert!(chain.validate().is_err());
     }
 }

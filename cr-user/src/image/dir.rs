@@ -51,7 +51,10 @@ pub fn fds_file(pid: i32) -> String {
 
 /// The PID in a `pagemap-PID.img` name.
 pub(crate) fn pagemap_pid(name: &str) -> Option<i32> {
-    name.strip_prefix("pagemap-")?.strip_suffix(".img")?.parse().ok()
+    name.strip_prefix("pagemap-")?
+        .strip_suffix(".img")?
+        .parse()
+        .ok()
 }
 
 /// Prepares `path` as an images directory for a dump: creates it (mode 0700) if missing. An
@@ -64,7 +67,10 @@ pub fn create_images_dir(path: &Path) -> Result<()> {
 /// (its `inventory.img` removed) so the new dump replaces it.
 pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
     match std::fs::metadata(path) {
-        Ok(m) if !m.is_dir() => bail!("images dir {} exists and is not a directory", path.display()),
+        Ok(m) if !m.is_dir() => bail!(
+            "images dir {} exists and is not a directory",
+            path.display()
+        ),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
@@ -73,12 +79,23 @@ pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
                 .create(path)
                 .with_context(|| format!("cannot create images dir {}", path.display()))?;
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot use images dir {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot use images dir {}", path.display()))
+        }
     }
     // access(2) rather than trying a write: it also catches a read-only filesystem without
     // leaving anything behind.
-    nix::unistd::access(path, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
-        .map_err(|e| anyhow!("images dir {} is not writable: {}", path.display(), e.desc()))?;
+    nix::unistd::access(
+        path,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|e| {
+        anyhow!(
+            "images dir {} is not writable: {}",
+            path.display(),
+            e.desc()
+        )
+    })?;
     let inv = path.join(INVENTORY);
     if inv.exists() {
         if !overwrite {
@@ -87,7 +104,8 @@ pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
                 path.display()
             );
         }
-        std::fs::remove_file(&inv).with_context(|| format!("cannot remove the old {}", inv.display()))?;
+        std::fs::remove_file(&inv)
+            .with_context(|| format!("cannot remove the old {}", inv.display()))?;
         fsync_dir(path)?;
     }
     Ok(())
@@ -110,10 +128,17 @@ pub(crate) fn temp_name(name: &str) -> String {
 /// our PID is removed first).
 pub(crate) fn create_temp(dir: &Path, name: &str) -> Result<(File, PathBuf)> {
     let tmp = dir.join(temp_name(name));
-    let open = || OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp);
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+    };
     let f = match open() {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+            std::fs::remove_file(&tmp)
+                .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
             open()
         }
         r => r,
@@ -136,14 +161,20 @@ pub(crate) struct Written(Mutex<Vec<pb::ImageFile>>);
 
 impl Written {
     pub(crate) fn reserve(&self, name: &str) -> Result<()> {
-        let list = self.0.lock().map_err(|_| anyhow!("image file list poisoned"))?;
+        let list = self
+            .0
+            .lock()
+            .map_err(|_| anyhow!("image file list poisoned"))?;
         if list.iter().any(|f| f.name == name) {
             bail!("{name} written twice in one dump");
         }
         Ok(())
     }
     pub(crate) fn add(&self, f: pb::ImageFile) -> Result<()> {
-        let mut list = self.0.lock().map_err(|_| anyhow!("image file list poisoned"))?;
+        let mut list = self
+            .0
+            .lock()
+            .map_err(|_| anyhow!("image file list poisoned"))?;
         if list.iter().any(|e| e.name == f.name) {
             bail!("{} written twice in one dump", f.name);
         }
@@ -174,7 +205,10 @@ impl ImageWriter {
 
     fn create_with(path: &Path, overwrite: bool) -> Result<ImageWriter> {
         prepare_images_dir(path, overwrite)?;
-        Ok(ImageWriter { path: path.to_path_buf(), written: Arc::new(Written::default()) })
+        Ok(ImageWriter {
+            path: path.to_path_buf(),
+            written: Arc::new(Written::default()),
+        })
     }
 
     /// The images directory.
@@ -186,7 +220,10 @@ impl ImageWriter {
     /// O_EXCL), fsync, rename. Records its size and CRC for the inventory.
     pub fn write_msg<M: Message>(&self, name: &str, kind: Kind, msg: &M) -> Result<()> {
         if kind == Kind::Pages || kind == Kind::Inventory {
-            bail!("{name}: {} files are not written with write_msg", kind.name());
+            bail!(
+                "{name}: {} files are not written with write_msg",
+                kind.name()
+            );
         }
         self.write_framed(name, kind, &msg.encode_to_vec())
     }
@@ -204,14 +241,23 @@ impl ImageWriter {
         self.written.reserve(name)?;
         let bytes = file::frame(kind, payload);
         write_atomically(&self.path, name, &bytes)?;
-        self.written.add(pb::ImageFile { name: name.to_string(), size: bytes.len() as u64, crc32c: crc32c::crc32c(&bytes) })
+        self.written.add(pb::ImageFile {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            crc32c: crc32c::crc32c(&bytes),
+        })
     }
 
     /// Completes the image: fsyncs the directory, then writes `inventory.img` listing every
     /// file written (its `files` and, if 0, `format_version` are filled in here). Returns the
     /// inventory as written.
     pub fn commit(self, mut inventory: pb::Inventory) -> Result<pb::Inventory> {
-        let mut files = self.written.0.lock().map_err(|_| anyhow!("image file list poisoned"))?.clone();
+        let mut files = self
+            .written
+            .0
+            .lock()
+            .map_err(|_| anyhow!("image file list poisoned"))?
+            .clone();
         files.sort_by(|a, b| a.name.cmp(&b.name));
         inventory.files = files;
         if inventory.format_version == 0 {
@@ -220,7 +266,11 @@ impl ImageWriter {
         // Every file was fsynced before its rename; this makes the renames durable before the
         // inventory can exist.
         fsync_dir(&self.path)?;
-        write_atomically(&self.path, INVENTORY, &file::frame(Kind::Inventory, &inventory.encode_to_vec()))?;
+        write_atomically(
+            &self.path,
+            INVENTORY,
+            &file::frame(Kind::Inventory, &inventory.encode_to_vec()),
+        )?;
         fsync_dir(&self.path)?;
         Ok(inventory)
     }
@@ -267,7 +317,10 @@ impl ImageDir {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !path.is_dir() {
-                    bail!("{} is not an images directory (no such directory)", path.display());
+                    bail!(
+                        "{} is not an images directory (no such directory)",
+                        path.display()
+                    );
                 }
                 bail!(
                     "{} is not a complete cr image (no {INVENTORY}): the dump did not finish or this is not an images dir",
@@ -276,7 +329,8 @@ impl ImageDir {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", inv_path.display())),
         };
-        let (_, payload) = file::unframe(&bytes, Some(Kind::Inventory)).map_err(|why| anyhow!("{}: {why}", inv_path.display()))?;
+        let (_, payload) = file::unframe(&bytes, Some(Kind::Inventory))
+            .map_err(|why| anyhow!("{}: {why}", inv_path.display()))?;
         let inventory: pb::Inventory = file::decode_msg(payload, Kind::Inventory, &inv_path)?;
         if inventory.format_version != file::FORMAT_VERSION {
             bail!(
@@ -288,7 +342,8 @@ impl ImageDir {
         }
         let mut listed = BTreeMap::new();
         for f in &inventory.files {
-            check_name(&f.name).with_context(|| format!("{}: lists a bad file name", inv_path.display()))?;
+            check_name(&f.name)
+                .with_context(|| format!("{}: lists a bad file name", inv_path.display()))?;
             if listed.insert(f.name.clone(), f.clone()).is_some() {
                 bail!("{}: lists {} twice", inv_path.display(), f.name);
             }
@@ -333,9 +388,12 @@ impl ImageDir {
     }
 
     fn listing(&self, name: &str) -> Result<&pb::ImageFile> {
-        self.listed
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: not part of the image (not listed in {INVENTORY})", self.path.join(name).display()))
+        self.listed.get(name).ok_or_else(|| {
+            anyhow!(
+                "{}: not part of the image (not listed in {INVENTORY})",
+                self.path.join(name).display()
+            )
+        })
     }
 
     /// Reads a listed file whole and checks it against the inventory (size, CRC).
@@ -345,9 +403,14 @@ impl ImageDir {
         let bytes = match std::fs::read(&p) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                bail!("{}: listed in {INVENTORY} but missing (the image is incomplete)", p.display())
+                bail!(
+                    "{}: listed in {INVENTORY} but missing (the image is incomplete)",
+                    p.display()
+                )
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot read image file {}", p.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read image file {}", p.display()))
+            }
         };
         check_size(&p, bytes.len() as u64, l.size)?;
         if crc32c::crc32c(&bytes) != l.crc32c {
@@ -355,7 +418,10 @@ impl ImageDir {
             if let Err(why) = file::unframe(&bytes, None) {
                 bail!("{}: {why}", p.display());
             }
-            bail!("{}: checksum differs from {INVENTORY} (file corrupted or replaced)", p.display());
+            bail!(
+                "{}: checksum differs from {INVENTORY} (file corrupted or replaced)",
+                p.display()
+            );
         }
         Ok(bytes)
     }
@@ -365,7 +431,8 @@ impl ImageDir {
     pub fn read_msg<M: Message + Default>(&self, name: &str, kind: Kind) -> Result<M> {
         let bytes = self.read_listed(name)?;
         let p = self.path.join(name);
-        let (_, payload) = file::unframe(&bytes, Some(kind)).map_err(|why| anyhow!("{}: {why}", p.display()))?;
+        let (_, payload) =
+            file::unframe(&bytes, Some(kind)).map_err(|why| anyhow!("{}: {why}", p.display()))?;
         file::decode_msg(payload, kind, &p)
     }
 
@@ -373,7 +440,9 @@ impl ImageDir {
     pub(crate) fn read_frame(&self, name: &str) -> Result<(file::Header, Vec<u8>)> {
         let mut bytes = self.read_listed(name)?;
         let p = self.path.join(name);
-        let h = file::unframe(&bytes, None).map_err(|why| anyhow!("{}: {why}", p.display()))?.0;
+        let h = file::unframe(&bytes, None)
+            .map_err(|why| anyhow!("{}: {why}", p.display()))?
+            .0;
         bytes.drain(..file::HEADER_LEN);
         Ok((h, bytes))
     }
@@ -395,7 +464,10 @@ impl ImageDir {
     /// A page file of this image, mapped read-only (once; later calls share the mapping). Its
     /// header and size are checked; its content is checked by [`ImageDir::validate`].
     pub fn page_file(&self, name: &str) -> Result<Arc<PageFile>> {
-        let mut cache = self.page_files.lock().map_err(|_| anyhow!("page file cache poisoned"))?;
+        let mut cache = self
+            .page_files
+            .lock()
+            .map_err(|_| anyhow!("page file cache poisoned"))?;
         if let Some(pf) = cache.get(name) {
             return Ok(pf.clone());
         }
@@ -424,8 +496,12 @@ impl ImageDir {
         for pid in self.pagemap_pids() {
             let pm = self.page_map(pid)?;
             if pm.runs.iter().any(|r| !r.in_parent) || self.has(&pm.pages_file) {
-                self.listing(&pm.pages_file).with_context(|| format!("{} names a page file", pagemap_file(pid)))?;
-                page_runs.entry(pm.pages_file.clone()).or_default().extend(pm.runs.into_iter().filter(|r| !r.in_parent));
+                self.listing(&pm.pages_file)
+                    .with_context(|| format!("{} names a page file", pagemap_file(pid)))?;
+                page_runs
+                    .entry(pm.pages_file.clone())
+                    .or_default()
+                    .extend(pm.runs.into_iter().filter(|r| !r.in_parent));
             }
         }
         for (name, l) in &self.listed {
@@ -437,9 +513,15 @@ impl ImageDir {
             let meta = match std::fs::metadata(&p) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    bail!("{}: listed in {INVENTORY} but missing (the image is incomplete)", p.display())
+                    bail!(
+                        "{}: listed in {INVENTORY} but missing (the image is incomplete)",
+                        p.display()
+                    )
                 }
-                Err(e) => return Err(e).with_context(|| format!("cannot stat image file {}", p.display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot stat image file {}", p.display()))
+                }
             };
             check_size(&p, meta.size(), l.size)?;
             if is_pages {
@@ -447,7 +529,10 @@ impl ImageDir {
                 let runs = page_runs.get(name).map(Vec::as_slice).unwrap_or(&[]);
                 let crc = pf.verify_runs(runs)?;
                 if crc != l.crc32c {
-                    bail!("{}: checksum differs from {INVENTORY} (file corrupted or replaced)", p.display());
+                    bail!(
+                        "{}: checksum differs from {INVENTORY} (file corrupted or replaced)",
+                        p.display()
+                    );
                 }
             } else {
                 let bytes = self.read_listed(name)?;
@@ -460,10 +545,16 @@ impl ImageDir {
 
 fn check_size(p: &Path, have: u64, listed: u64) -> Result<()> {
     if have < listed {
-        bail!("{}: truncated: {INVENTORY} says {listed} bytes, file has {have}", p.display());
+        bail!(
+            "{}: truncated: {INVENTORY} says {listed} bytes, file has {have}",
+            p.display()
+        );
     }
     if have != listed {
-        bail!("{}: {have} bytes, {INVENTORY} says {listed} (file corrupted or replaced)", p.display());
+        bail!(
+            "{}: {have} bytes, {INVENTORY} says {listed} (file corrupted or replaced)",
+            p.display()
+        );
     }
     Ok(())
 }
@@ -480,11 +571,44 @@ mod tests {
 
     fn small_image(dir: &Path) -> pb::Inventory {
         let w = ImageWriter::create(dir).unwrap();
-        w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree { tasks: vec![pb::PsTreeEntry { pid: 5, ppid: 1, threads: vec![5, 6], ..Default::default() }] }).unwrap();
-        w.write_msg(&core_file(5), Kind::Core, &pb::Core { tid: 5, comm: "w".into(), ..Default::default() }).unwrap();
-        w.write_msg(&core_file(6), Kind::Core, &pb::Core { tid: 6, ..Default::default() }).unwrap();
+        w.write_msg(
+            PSTREE,
+            Kind::PsTree,
+            &pb::PsTree {
+                tasks: vec![pb::PsTreeEntry {
+                    pid: 5,
+                    ppid: 1,
+                    threads: vec![5, 6],
+                    ..Default::default()
+                }],
+            },
+        )
+        .unwrap();
+        w.write_msg(
+            &core_file(5),
+            Kind::Core,
+            &pb::Core {
+                tid: 5,
+                comm: "w".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        w.write_msg(
+            &core_file(6),
+            Kind::Core,
+            &pb::Core {
+                tid: 6,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         w.write_blob("blob-1.img", b"hello").unwrap();
-        w.commit(pb::Inventory { root_pid: 5, ..Default::default() }).unwrap()
+        w.commit(pb::Inventory {
+            root_pid: 5,
+            ..Default::default()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -492,7 +616,13 @@ mod tests {
         let t = TempDir::new("dir-rt");
         let d = t.path().join("img");
         let inv = small_image(&d);
-        assert_eq!(inv.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["blob-1.img", "core-5.img", "core-6.img", "pstree.img"]);
+        assert_eq!(
+            inv.files
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            ["blob-1.img", "core-5.img", "core-6.img", "pstree.img"]
+        );
         assert_eq!(inv.format_version, file::FORMAT_VERSION);
 
         let img = ImageDir::open(&d).unwrap();
@@ -500,15 +630,30 @@ mod tests {
         img.validate().unwrap();
         let ps: pb::PsTree = img.read_msg(PSTREE, Kind::PsTree).unwrap();
         assert_eq!(ps.tasks[0].threads, [5, 6]);
-        assert_eq!(img.read_msg::<pb::Core>(&core_file(5), Kind::Core).unwrap().comm, "w");
+        assert_eq!(
+            img.read_msg::<pb::Core>(&core_file(5), Kind::Core)
+                .unwrap()
+                .comm,
+            "w"
+        );
         assert_eq!(img.read_blob("blob-1.img").unwrap(), b"hello");
         assert!(img.has(&core_file(6)) && !img.has(&core_file(7)));
-        let e = format!("{:#}", img.read_msg::<pb::Core>(&core_file(7), Kind::Core).unwrap_err());
+        let e = format!(
+            "{:#}",
+            img.read_msg::<pb::Core>(&core_file(7), Kind::Core)
+                .unwrap_err()
+        );
         assert!(e.contains("core-7.img: not part of the image"), "{e}");
         // No temp files are left behind.
-        let names: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
-        assert_eq!(crc32c::crc32c(&std::fs::read(d.join(INVENTORY)).unwrap()), img.inventory_crc());
+        assert_eq!(
+            crc32c::crc32c(&std::fs::read(d.join(INVENTORY)).unwrap()),
+            img.inventory_crc()
+        );
     }
 
     #[test]
@@ -546,10 +691,20 @@ mod tests {
         assert!(format!("{:#}", create_images_dir(&f).unwrap_err()).contains("not a directory"));
         // Writing a name twice, or a bad name.
         let w = ImageWriter::create(&t.path().join("img2")).unwrap();
-        w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree::default()).unwrap();
-        assert!(format!("{:#}", w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree::default()).unwrap_err()).contains("twice"));
-        assert!(w.write_msg("../x.img", Kind::PsTree, &pb::PsTree::default()).is_err());
-        assert!(w.write_msg(INVENTORY, Kind::PsTree, &pb::PsTree::default()).is_err());
+        w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree::default())
+            .unwrap();
+        assert!(format!(
+            "{:#}",
+            w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree::default())
+                .unwrap_err()
+        )
+        .contains("twice"));
+        assert!(w
+            .write_msg("../x.img", Kind::PsTree, &pb::PsTree::default())
+            .is_err());
+        assert!(w
+            .write_msg(INVENTORY, Kind::PsTree, &pb::PsTree::default())
+            .is_err());
     }
 
     #[test]
@@ -564,11 +719,18 @@ mod tests {
     fn incomplete_dir_is_refused() {
         let t = TempDir::new("dir-noinv");
         let w = ImageWriter::create(t.path()).unwrap();
-        w.write_msg(&core_file(1), Kind::Core, &pb::Core::default()).unwrap();
+        w.write_msg(&core_file(1), Kind::Core, &pb::Core::default())
+            .unwrap();
         drop(w); // the dump failed before commit
         let e = format!("{:#}", ImageDir::open(t.path()).err().unwrap());
-        assert!(e.contains("is not a complete cr image (no inventory.img): the dump did not finish"), "{e}");
-        let e = format!("{:#}", ImageDir::open(&t.path().join("nope")).err().unwrap());
+        assert!(
+            e.contains("is not a complete cr image (no inventory.img): the dump did not finish"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            ImageDir::open(&t.path().join("nope")).err().unwrap()
+        );
         assert!(e.contains("no such directory"), "{e}");
     }
 
@@ -585,7 +747,10 @@ mod tests {
         bad[last] ^= 1;
         std::fs::write(&p, &bad).unwrap();
         let e = format!("{:#}", ImageDir::open(&d).unwrap().validate().unwrap_err());
-        assert!(e.contains("core-6.img: checksum mismatch (file corrupted)"), "{e}");
+        assert!(
+            e.contains("core-6.img: checksum mismatch (file corrupted)"),
+            "{e}"
+        );
 
         std::fs::write(&p, &good[..good.len() - 1]).unwrap();
         let e = format!("{:#}", ImageDir::open(&d).unwrap().validate().unwrap_err());
@@ -593,10 +758,24 @@ mod tests {
 
         std::fs::remove_file(&p).unwrap();
         let e = format!("{:#}", ImageDir::open(&d).unwrap().validate().unwrap_err());
-        assert!(e.contains("core-6.img: listed in inventory.img but missing"), "{e}");
+        assert!(
+            e.contains("core-6.img: listed in inventory.img but missing"),
+            "{e}"
+        );
 
         // A valid frame that is not the file the inventory lists (replaced).
-        std::fs::write(&p, file::frame(Kind::Core, &pb::Core { tid: 9, ..Default::default() }.encode_to_vec())).unwrap();
+        std::fs::write(
+            &p,
+            file::frame(
+                Kind::Core,
+                &pb::Core {
+                    tid: 9,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+        )
+        .unwrap();
         let img = ImageDir::open(&d).unwrap();
         assert!(img.validate().is_err());
         assert!(img.read_msg::<pb::Core>(&core_file(6), Kind::Core).is_err());

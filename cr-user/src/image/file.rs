@@ -107,7 +107,12 @@ pub struct Header {
 impl Header {
     /// A header for `payload` of `kind`, at the current format version.
     pub fn for_payload(kind: Kind, payload: &[u8]) -> Header {
-        Header { kind, version: FORMAT_VERSION, payload_len: payload.len() as u64, payload_crc: crc32c::crc32c(payload) }
+        Header {
+            kind,
+            version: FORMAT_VERSION,
+            payload_len: payload.len() as u64,
+            payload_crc: crc32c::crc32c(payload),
+        }
     }
 
     /// The 32 header bytes, header CRC included.
@@ -128,26 +133,41 @@ impl Header {
     pub fn decode(bytes: &[u8]) -> std::result::Result<Header, String> {
         if bytes.len() < MAGIC.len() || bytes[0..8] != MAGIC {
             if bytes.len() < HEADER_LEN && MAGIC.starts_with(bytes) {
-                return Err(format!("truncated: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()));
+                return Err(format!(
+                    "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
+                    bytes.len()
+                ));
             }
             return Err("not a cr image file (bad magic)".to_string());
         }
         let Some(h) = bytes.get(0..HEADER_LEN) else {
-            return Err(format!("truncated: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()));
+            return Err(format!(
+                "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            ));
         };
-        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(h[r].try_into().unwrap_or([0; 4]));
+        let le32 =
+            |r: std::ops::Range<usize>| u32::from_le_bytes(h[r].try_into().unwrap_or([0; 4]));
         let stored_crc = le32(28..32);
         if crc32c::crc32c(&h[0..28]) != stored_crc {
             return Err("header checksum mismatch (file corrupted)".to_string());
         }
         let version = le32(12..16);
         if version != FORMAT_VERSION {
-            return Err(format!("format version {version}, this cr reads version {FORMAT_VERSION}"));
+            return Err(format!(
+                "format version {version}, this cr reads version {FORMAT_VERSION}"
+            ));
         }
         let code = le32(8..12);
-        let kind = Kind::from_code(code).ok_or_else(|| format!("unknown image kind {code} (written by a newer cr?)"))?;
+        let kind = Kind::from_code(code)
+            .ok_or_else(|| format!("unknown image kind {code} (written by a newer cr?)"))?;
         let payload_len = u64::from_le_bytes(h[16..24].try_into().unwrap_or([0; 8]));
-        Ok(Header { kind, version, payload_len, payload_crc: le32(24..28) })
+        Ok(Header {
+            kind,
+            version,
+            payload_len,
+            payload_crc: le32(24..28),
+        })
     }
 }
 
@@ -161,11 +181,18 @@ pub fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
 
 /// Checks a whole framed file held in memory and returns its header and payload. `expected`
 /// (if given) is the kind the caller wants. The error is the bare reason.
-pub fn unframe(bytes: &[u8], expected: Option<Kind>) -> std::result::Result<(Header, &[u8]), String> {
+pub fn unframe(
+    bytes: &[u8],
+    expected: Option<Kind>,
+) -> std::result::Result<(Header, &[u8]), String> {
     let h = Header::decode(bytes)?;
     if let Some(want) = expected {
         if h.kind != want {
-            return Err(format!("holds a {} image, expected {}", h.kind.name(), want.name()));
+            return Err(format!(
+                "holds a {} image, expected {}",
+                h.kind.name(),
+                want.name()
+            ));
         }
     }
     if h.kind == Kind::Pages {
@@ -194,13 +221,22 @@ pub fn unframe(bytes: &[u8], expected: Option<Kind>) -> std::result::Result<(Hea
 
 /// Decodes a prost message from a checked payload; `what` names the file in the error.
 pub fn decode_msg<M: Message + Default>(payload: &[u8], kind: Kind, what: &Path) -> Result<M> {
-    M::decode(payload).map_err(|e| anyhow!("{}: cannot decode the {} message: {e}", what.display(), kind.name()))
+    M::decode(payload).map_err(|e| {
+        anyhow!(
+            "{}: cannot decode the {} message: {e}",
+            what.display(),
+            kind.name()
+        )
+    })
 }
 
 /// Reads a whole framed file, checks it, and returns header and payload.
 pub fn read_frame(path: &Path, expected: Option<Kind>) -> Result<(Header, Vec<u8>)> {
-    let mut bytes = std::fs::read(path).with_context(|| format!("cannot read image file {}", path.display()))?;
-    let h = unframe(&bytes, expected).map_err(|why| anyhow!("{}: {why}", path.display()))?.0;
+    let mut bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read image file {}", path.display()))?;
+    let h = unframe(&bytes, expected)
+        .map_err(|why| anyhow!("{}: {why}", path.display()))?
+        .0;
     bytes.drain(..HEADER_LEN);
     Ok((h, bytes))
 }
@@ -221,7 +257,11 @@ mod tests {
     fn sample_core() -> pb::Core {
         pb::Core {
             tid: 42,
-            regs: Some(pb::GpRegs { rip: 0x401000, rsp: 0x7ffd_0000_1000, ..Default::default() }),
+            regs: Some(pb::GpRegs {
+                rip: 0x401000,
+                rsp: 0x7ffd_0000_1000,
+                ..Default::default()
+            }),
             xsave: vec![7u8; 1000],
             comm: "sleepy".into(),
             ..Default::default()
@@ -236,7 +276,12 @@ mod tests {
         let back: pb::Core = read_msg(&p, Kind::Core).unwrap();
         assert_eq!(back, sample_core());
 
-        let inv = pb::Inventory { format_version: 1, root_pid: 7, parent_path: "../p".into(), ..Default::default() };
+        let inv = pb::Inventory {
+            format_version: 1,
+            root_pid: 7,
+            parent_path: "../p".into(),
+            ..Default::default()
+        };
         let p = t.path().join("inventory.img");
         std::fs::write(&p, frame(Kind::Inventory, &inv.encode_to_vec())).unwrap();
         assert_eq!(read_msg::<pb::Inventory>(&p, Kind::Inventory).unwrap(), inv);
@@ -244,7 +289,10 @@ mod tests {
         // An empty message has an empty payload: still a valid frame.
         let p = t.path().join("fds-1.img");
         std::fs::write(&p, frame(Kind::Fds, &pb::Fds::default().encode_to_vec())).unwrap();
-        assert_eq!(read_msg::<pb::Fds>(&p, Kind::Fds).unwrap(), pb::Fds::default());
+        assert_eq!(
+            read_msg::<pb::Fds>(&p, Kind::Fds).unwrap(),
+            pb::Fds::default()
+        );
 
         for k in Kind::ALL {
             assert_eq!(Kind::from_code(k as u32), Some(k));
@@ -265,39 +313,74 @@ mod tests {
         b[HEADER_LEN + 10] ^= 0x40; // payload byte
         std::fs::write(&p, &b).unwrap();
         let e = err_of(&p);
-        assert!(e.contains("core-42.img: checksum mismatch (file corrupted)"), "{e}");
+        assert!(
+            e.contains("core-42.img: checksum mismatch (file corrupted)"),
+            "{e}"
+        );
 
         let mut b = good.clone();
         b[17] ^= 1; // payload length in the header
         std::fs::write(&p, &b).unwrap();
-        assert!(err_of(&p).contains("core-42.img: header checksum mismatch"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("core-42.img: header checksum mismatch"),
+            "{}",
+            err_of(&p)
+        );
 
         std::fs::write(&p, &good[..good.len() - 5]).unwrap();
         let e = err_of(&p);
-        let want = format!("truncated: header says {} bytes, file has {}", good.len() - HEADER_LEN, good.len() - HEADER_LEN - 5);
+        let want = format!(
+            "truncated: header says {} bytes, file has {}",
+            good.len() - HEADER_LEN,
+            good.len() - HEADER_LEN - 5
+        );
         assert!(e.contains(&want), "{e}");
 
         std::fs::write(&p, &good[..20]).unwrap();
-        assert!(err_of(&p).contains("shorter than the 32-byte header"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("shorter than the 32-byte header"),
+            "{}",
+            err_of(&p)
+        );
 
         let mut b = good.clone();
         b.push(0);
         std::fs::write(&p, &b).unwrap();
-        assert!(err_of(&p).contains("unexpected bytes after"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("unexpected bytes after"),
+            "{}",
+            err_of(&p)
+        );
 
         std::fs::write(&p, b"{\"json\": true}, not an image at all").unwrap();
-        assert!(err_of(&p).contains("not a cr image file (bad magic)"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("not a cr image file (bad magic)"),
+            "{}",
+            err_of(&p)
+        );
 
         std::fs::write(&p, frame(Kind::Mm, &[])).unwrap();
-        assert!(err_of(&p).contains("holds a mm image, expected core"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("holds a mm image, expected core"),
+            "{}",
+            err_of(&p)
+        );
 
         let mut h = Header::for_payload(Kind::Core, &[]);
         h.version = 9;
         std::fs::write(&p, h.encode()).unwrap();
-        assert!(err_of(&p).contains("format version 9, this cr reads version 1"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("format version 9, this cr reads version 1"),
+            "{}",
+            err_of(&p)
+        );
 
         let missing = t.path().join("core-1.img");
-        assert!(err_of(&missing).contains("core-1.img"), "{}", err_of(&missing));
+        assert!(
+            err_of(&missing).contains("core-1.img"),
+            "{}",
+            err_of(&missing)
+        );
     }
 
     #[test]
@@ -305,6 +388,10 @@ mod tests {
         let t = TempDir::new("frame-dec");
         let p = t.path().join("core-3.img");
         std::fs::write(&p, frame(Kind::Core, &[0xff, 0xff, 0xff])).unwrap();
-        assert!(err_of(&p).contains("cannot decode the core message"), "{}", err_of(&p));
+        assert!(
+            err_of(&p).contains("cannot decode the core message"),
+            "{}",
+            err_of(&p)
+        );
     }
 }

@@ -74,7 +74,8 @@ impl PageWriter {
         dir.written.reserve(&name)?;
         let (mut file, tmp) = create_temp(dir.path(), &name)?;
         // Placeholder header page; the real header (with the data CRC) is written by finish().
-        file.write_all(&[0u8; PAGE_SIZE]).with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.write_all(&[0u8; PAGE_SIZE])
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         let first = (total_pages_hint.clamp(1, WINDOW_PAGES as u64) as usize) * PAGE_SIZE;
         Ok(PageWriter {
             dir: dir.path().to_path_buf(),
@@ -110,7 +111,11 @@ impl PageWriter {
     /// (page aligned, above every run added before).
     pub fn finish_run(&mut self, vaddr: u64, nr_pages: u64) -> Result<()> {
         if nr_pages > self.window_pages as u64 {
-            bail!("{}: finish_run of {nr_pages} pages, but the window holds {}", self.name, self.window_pages);
+            bail!(
+                "{}: finish_run of {nr_pages} pages, but the window holds {}",
+                self.name,
+                self.window_pages
+            );
         }
         self.window_pages = 0;
         let buf = std::mem::take(&mut self.buf);
@@ -122,8 +127,12 @@ impl PageWriter {
     /// Appends `data` (whole pages) as the memory at `vaddr`; a copy-free alternative to the
     /// window when the bytes are already in memory.
     pub fn write_run(&mut self, vaddr: u64, data: &[u8]) -> Result<()> {
-        if data.len() % PAGE_SIZE != 0 {
-            bail!("{}: run at {vaddr:#x} is {} bytes, not whole pages", self.name, data.len());
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            bail!(
+                "{}: run at {vaddr:#x} is {} bytes, not whole pages",
+                self.name,
+                data.len()
+            );
         }
         self.append(vaddr, data)
     }
@@ -136,17 +145,32 @@ impl PageWriter {
         }
         let end = self.check_range(vaddr, nr_pages)?;
         match self.runs.last_mut() {
-            Some(last) if last.in_parent && run_end(last) == vaddr && u64::from(last.nr_pages) + nr_pages <= u64::from(u32::MAX) => {
+            Some(last)
+                if last.in_parent
+                    && run_end(last) == vaddr
+                    && u64::from(last.nr_pages) + nr_pages <= u64::from(u32::MAX) =>
+            {
                 last.nr_pages += nr_pages as u32;
             }
-            _ => self.push_runs(vaddr, nr_pages, |vaddr, n| pb::PageRun { vaddr, nr_pages: n, in_parent: true, offset: 0, crc32c: 0 }),
+            _ => self.push_runs(vaddr, nr_pages, |vaddr, n| pb::PageRun {
+                vaddr,
+                nr_pages: n,
+                in_parent: true,
+                offset: 0,
+                crc32c: 0,
+            }),
         }
         self.end_vaddr = end;
         Ok(())
     }
 
     /// Pushes runs of at most u32::MAX pages each (the field is 32 bits).
-    fn push_runs(&mut self, mut vaddr: u64, mut nr_pages: u64, mk: impl Fn(u64, u32) -> pb::PageRun) {
+    fn push_runs(
+        &mut self,
+        mut vaddr: u64,
+        mut nr_pages: u64,
+        mk: impl Fn(u64, u32) -> pb::PageRun,
+    ) {
         while nr_pages > 0 {
             let n = nr_pages.min(u64::from(u32::MAX)) as u32;
             self.runs.push(mk(vaddr, n));
@@ -157,13 +181,18 @@ impl PageWriter {
 
     /// Checks alignment and ordering of a new run; returns its end address.
     fn check_range(&self, vaddr: u64, nr_pages: u64) -> Result<u64> {
-        if vaddr % PAGE_SIZE as u64 != 0 {
+        if !vaddr.is_multiple_of(PAGE_SIZE as u64) {
             bail!("{}: run address {vaddr:#x} is not page aligned", self.name);
         }
         let end = nr_pages
             .checked_mul(PAGE_SIZE as u64)
             .and_then(|l| vaddr.checked_add(l))
-            .ok_or_else(|| anyhow!("{}: run at {vaddr:#x} of {nr_pages} pages overflows the address space", self.name))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: run at {vaddr:#x} of {nr_pages} pages overflows the address space",
+                    self.name
+                )
+            })?;
         if vaddr < self.end_vaddr {
             bail!(
                 "{}: run at {vaddr:#x} overlaps or precedes the previous run (ending at {:#x}); runs must be added in ascending address order",
@@ -181,7 +210,9 @@ impl PageWriter {
         let nr_pages = (data.len() / PAGE_SIZE) as u64;
         let end = self.check_range(vaddr, nr_pages)?;
         let crc = crc32c::crc32c(data);
-        self.file.write_all(data).with_context(|| format!("cannot write pages to {}", self.tmp.display()))?;
+        self.file
+            .write_all(data)
+            .with_context(|| format!("cannot write pages to {}", self.tmp.display()))?;
         let offset = HEADER_PAGE + self.data_len;
         let len = data.len() as u64;
         self.data_len += len;
@@ -196,15 +227,26 @@ impl PageWriter {
                 last.nr_pages += nr_pages as u32;
                 last.crc32c = combine(last.crc32c, crc, len);
             }
-            _ if nr_pages <= u64::from(u32::MAX) => {
-                self.runs.push(pb::PageRun { vaddr, nr_pages: nr_pages as u32, in_parent: false, offset, crc32c: crc })
-            }
-            _ => bail!("{}: run at {vaddr:#x} has more than 2^32 pages; write it in pieces", self.name),
+            _ if nr_pages <= u64::from(u32::MAX) => self.runs.push(pb::PageRun {
+                vaddr,
+                nr_pages: nr_pages as u32,
+                in_parent: false,
+                offset,
+                crc32c: crc,
+            }),
+            _ => bail!(
+                "{}: run at {vaddr:#x} has more than 2^32 pages; write it in pieces",
+                self.name
+            ),
         }
         self.end_vaddr = end;
         let written_to = HEADER_PAGE + self.data_len;
         if written_to - self.writeback_from >= WRITEBACK_CHUNK {
-            start_writeback(&self.file, self.writeback_from, written_to - self.writeback_from);
+            start_writeback(
+                &self.file,
+                self.writeback_from,
+                written_to - self.writeback_from,
+            );
             self.writeback_from = written_to;
         }
         Ok(())
@@ -215,16 +257,33 @@ impl PageWriter {
     /// [`ImageWriter::write_msg`] and [`Kind::PageMap`]).
     pub fn finish(mut self) -> Result<pb::PageMap> {
         let mut page = [0u8; PAGE_SIZE];
-        let h = Header { kind: Kind::Pages, version: FORMAT_VERSION, payload_len: self.data_len, payload_crc: self.data_crc };
+        let h = Header {
+            kind: Kind::Pages,
+            version: FORMAT_VERSION,
+            payload_len: self.data_len,
+            payload_crc: self.data_crc,
+        };
         page[..HEADER_LEN].copy_from_slice(&h.encode());
-        self.file.write_all_at(&page, 0).with_context(|| format!("cannot write {}", self.tmp.display()))?;
-        self.file.sync_all().with_context(|| format!("cannot fsync {}", self.tmp.display()))?;
+        self.file
+            .write_all_at(&page, 0)
+            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        self.file
+            .sync_all()
+            .with_context(|| format!("cannot fsync {}", self.tmp.display()))?;
         let final_path = self.dir.join(&self.name);
-        std::fs::rename(&self.tmp, &final_path).with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.name))?;
+        std::fs::rename(&self.tmp, &final_path)
+            .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.name))?;
         self.done = true;
         let crc = combine(crc32c::crc32c(&page), self.data_crc, self.data_len);
-        self.written.add(pb::ImageFile { name: self.name.clone(), size: HEADER_PAGE + self.data_len, crc32c: crc })?;
-        Ok(pb::PageMap { pages_file: self.name.clone(), runs: std::mem::take(&mut self.runs) })
+        self.written.add(pb::ImageFile {
+            name: self.name.clone(),
+            size: HEADER_PAGE + self.data_len,
+            crc32c: crc,
+        })?;
+        Ok(pb::PageMap {
+            pages_file: self.name.clone(),
+            runs: std::mem::take(&mut self.runs),
+        })
     }
 }
 
@@ -238,7 +297,8 @@ impl Drop for PageWriter {
 
 /// End address of a run (saturating: runs from a file may be nonsense).
 pub(crate) fn run_end(r: &pb::PageRun) -> u64 {
-    r.vaddr.saturating_add(u64::from(r.nr_pages) * PAGE_SIZE as u64)
+    r.vaddr
+        .saturating_add(u64::from(r.nr_pages) * PAGE_SIZE as u64)
 }
 
 /// Asks the kernel to start writing `len` bytes at `off` back to disk, without waiting. Only a
@@ -246,7 +306,12 @@ pub(crate) fn run_end(r: &pb::PageRun) -> u64 {
 fn start_writeback(f: &File, off: u64, len: u64) {
     // SAFETY: sync_file_range only reads its integer arguments; the fd is owned by `f`.
     unsafe {
-        libc::sync_file_range(f.as_raw_fd(), off as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -265,7 +330,16 @@ impl Mapping {
     fn map_readonly(f: &File, len: usize) -> std::io::Result<Mapping> {
         // SAFETY: a fresh PROT_READ mapping chosen by the kernel (addr NULL) of an fd we hold;
         // it aliases no Rust memory. len > 0 is checked by the caller.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -300,22 +374,50 @@ impl PageFile {
     /// Maps `path` and checks its header page (magic, kind, version, header CRC) and that the
     /// file is exactly as long as the header says.
     pub fn open(path: &Path) -> Result<PageFile> {
-        let f = File::open(path).with_context(|| format!("cannot open page file {}", path.display()))?;
-        let size = f.metadata().with_context(|| format!("cannot stat page file {}", path.display()))?.len();
+        let f = File::open(path)
+            .with_context(|| format!("cannot open page file {}", path.display()))?;
+        let size = f
+            .metadata()
+            .with_context(|| format!("cannot stat page file {}", path.display()))?
+            .len();
         let mut head = [0u8; HEADER_LEN];
-        let n = f.read_at(&mut head, 0).with_context(|| format!("cannot read page file {}", path.display()))?;
-        let header = Header::decode(&head[..n]).map_err(|why| anyhow!("{}: {why}", path.display()))?;
+        let n = f
+            .read_at(&mut head, 0)
+            .with_context(|| format!("cannot read page file {}", path.display()))?;
+        let header =
+            Header::decode(&head[..n]).map_err(|why| anyhow!("{}: {why}", path.display()))?;
         if header.kind != Kind::Pages {
-            bail!("{}: holds a {} image, expected pages", path.display(), header.kind.name());
+            bail!(
+                "{}: holds a {} image, expected pages",
+                path.display(),
+                header.kind.name()
+            );
         }
-        let want = HEADER_PAGE.checked_add(header.payload_len).ok_or_else(|| anyhow!("{}: header size overflows", path.display()))?;
+        let want = HEADER_PAGE
+            .checked_add(header.payload_len)
+            .ok_or_else(|| anyhow!("{}: header size overflows", path.display()))?;
         if size != want {
-            let what = if size < want { "truncated" } else { "too long (file corrupted)" };
-            bail!("{}: {what}: header says {} bytes of pages, file has {}", path.display(), header.payload_len, size.saturating_sub(HEADER_PAGE));
+            let what = if size < want {
+                "truncated"
+            } else {
+                "too long (file corrupted)"
+            };
+            bail!(
+                "{}: {what}: header says {} bytes of pages, file has {}",
+                path.display(),
+                header.payload_len,
+                size.saturating_sub(HEADER_PAGE)
+            );
         }
-        let len = usize::try_from(size).map_err(|_| anyhow!("{}: too large to map", path.display()))?;
-        let map = Mapping::map_readonly(&f, len).with_context(|| format!("cannot map page file {}", path.display()))?;
-        Ok(PageFile { path: path.to_path_buf(), map, header })
+        let len =
+            usize::try_from(size).map_err(|_| anyhow!("{}: too large to map", path.display()))?;
+        let map = Mapping::map_readonly(&f, len)
+            .with_context(|| format!("cannot map page file {}", path.display()))?;
+        Ok(PageFile {
+            path: path.to_path_buf(),
+            map,
+            header,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -339,7 +441,9 @@ impl PageFile {
 
     /// `len` bytes at file offset `offset`, or an error if that lies outside the page data.
     pub fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
-        let end = offset.checked_add(len).filter(|e| offset >= HEADER_PAGE && *e <= self.size());
+        let end = offset
+            .checked_add(len)
+            .filter(|e| offset >= HEADER_PAGE && *e <= self.size());
         match end {
             Some(end) => Ok(&self.map.as_slice()[offset as usize..end as usize]),
             None => bail!(
@@ -366,9 +470,16 @@ impl PageFile {
         for r in order {
             let len = u64::from(r.nr_pages) * PAGE_SIZE as u64;
             if r.offset < cursor {
-                bail!("{}: page run at vaddr {:#x} (offset {:#x}) overlaps another run or the header", self.path.display(), r.vaddr, r.offset);
+                bail!(
+                    "{}: page run at vaddr {:#x} (offset {:#x}) overlaps another run or the header",
+                    self.path.display(),
+                    r.vaddr,
+                    r.offset
+                );
             }
-            let bytes = self.bytes(r.offset, len).with_context(|| format!("page run at vaddr {:#x}", r.vaddr))?;
+            let bytes = self
+                .bytes(r.offset, len)
+                .with_context(|| format!("page run at vaddr {:#x}", r.vaddr))?;
             gap(cursor, r.offset, &mut data_crc);
             let c = crc32c::crc32c(bytes);
             if c != r.crc32c {
@@ -385,7 +496,10 @@ impl PageFile {
         }
         gap(cursor, self.size(), &mut data_crc);
         if data_crc != self.header.payload_crc {
-            bail!("{}: page data checksum mismatch outside the listed runs (file corrupted)", self.path.display());
+            bail!(
+                "{}: page data checksum mismatch outside the listed runs (file corrupted)",
+                self.path.display()
+            );
         }
         let head = crc32c::crc32c(&all[..PAGE_SIZE]);
         Ok(combine(head, data_crc, self.size() - HEADER_PAGE))
@@ -424,13 +538,33 @@ mod tests {
         let mut one = vec![0u8; PAGE_SIZE];
         fill(&mut one, 3);
         pw.write_run(0x20000, &one).unwrap();
-        assert!(pw.write_run(0x1f000, &one).is_err(), "descending run accepted");
-        assert!(pw.write_run(0x30001, &one).is_err(), "unaligned run accepted");
-        assert!(pw.finish_run(0x40000, 1).is_err(), "finish_run without a window accepted");
+        assert!(
+            pw.write_run(0x1f000, &one).is_err(),
+            "descending run accepted"
+        );
+        assert!(
+            pw.write_run(0x30001, &one).is_err(),
+            "unaligned run accepted"
+        );
+        assert!(
+            pw.finish_run(0x40000, 1).is_err(),
+            "finish_run without a window accepted"
+        );
         let pm = pw.finish().unwrap();
         assert_eq!(pm.pages_file, "pages-9.img");
-        let summary: Vec<_> = pm.runs.iter().map(|r| (r.vaddr, r.nr_pages, r.in_parent, r.offset)).collect();
-        assert_eq!(summary, [(0x10000, 3, false, P), (0x13000, 5, true, 0), (0x20000, 1, false, 4 * P)]);
+        let summary: Vec<_> = pm
+            .runs
+            .iter()
+            .map(|r| (r.vaddr, r.nr_pages, r.in_parent, r.offset))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0x10000, 3, false, P),
+                (0x13000, 5, true, 0),
+                (0x20000, 1, false, 4 * P)
+            ]
+        );
         w.write_msg(&pagemap_file(9), Kind::PageMap, &pm).unwrap();
         w.commit(pb::Inventory::default()).unwrap();
 
@@ -462,23 +596,39 @@ mod tests {
         let mut b = std::fs::read(&p).unwrap();
         b[HEADER_PAGE as usize + 3 * PAGE_SIZE + 100] ^= 0x01; // in the second run
         std::fs::write(&p, &b).unwrap();
-        let e = format!("{:#}", ImageDir::open(t.path()).unwrap().validate().unwrap_err());
-        assert!(e.contains("pages-4.img: page run at vaddr 0x7f0000010000") && e.contains("checksum mismatch"), "{e}");
+        let e = format!(
+            "{:#}",
+            ImageDir::open(t.path()).unwrap().validate().unwrap_err()
+        );
+        assert!(
+            e.contains("pages-4.img: page run at vaddr 0x7f0000010000")
+                && e.contains("checksum mismatch"),
+            "{e}"
+        );
 
         // A flipped byte in the header page (outside the 32-byte header) is caught by the file CRC.
         b[HEADER_PAGE as usize + 3 * PAGE_SIZE + 100] ^= 0x01;
         b[200] = 1;
         std::fs::write(&p, &b).unwrap();
-        let e = format!("{:#}", ImageDir::open(t.path()).unwrap().validate().unwrap_err());
+        let e = format!(
+            "{:#}",
+            ImageDir::open(t.path()).unwrap().validate().unwrap_err()
+        );
         assert!(e.contains("pages-4.img: checksum differs"), "{e}");
 
         // Truncated page file.
         b[200] = 0;
         std::fs::write(&p, &b[..b.len() - PAGE_SIZE]).unwrap();
-        let e = format!("{:#}", ImageDir::open(t.path()).unwrap().validate().unwrap_err());
+        let e = format!(
+            "{:#}",
+            ImageDir::open(t.path()).unwrap().validate().unwrap_err()
+        );
         assert!(e.contains("pages-4.img: truncated"), "{e}");
         let e = format!("{:#}", PageFile::open(&p).err().unwrap());
-        assert!(e.contains("pages-4.img: truncated: header says 16384 bytes of pages, file has 12288"), "{e}");
+        assert!(
+            e.contains("pages-4.img: truncated: header says 16384 bytes of pages, file has 12288"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -489,7 +639,10 @@ mod tests {
         pw.write_run(0, &[0u8; PAGE_SIZE]).unwrap();
         drop(pw);
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
-        assert!(PageWriter::create(&w, 1, 0).is_ok(), "cannot start again after an aborted writer");
+        assert!(
+            PageWriter::create(&w, 1, 0).is_ok(),
+            "cannot start again after an aborted writer"
+        );
     }
 
     /// Throughput of the dump path: fill a window (stands in for process_vm_readv), CRC, write;

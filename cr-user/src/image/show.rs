@@ -20,7 +20,10 @@ use super::pb;
 
 /// Entry point of `cr show`.
 pub fn run(o: &crate::cli::ShowOpts) -> Result<()> {
-    let given: Vec<&std::path::PathBuf> = [&o.path, &o.file, &o.images_dir].into_iter().flatten().collect();
+    let given: Vec<&std::path::PathBuf> = [&o.path, &o.file, &o.images_dir]
+        .into_iter()
+        .flatten()
+        .collect();
     let path = match given.as_slice() {
         [p] => p,
         [] => bail!("cr show: name an image file or an images directory (cr show DIR|FILE, -f FILE or -D DIR)"),
@@ -90,12 +93,21 @@ fn pages_summary(pf: &PageFile) -> Result<String> {
         pages: u64,
         data_crc32c: u32,
     }
-    pretty(&Summary { kind: Kind::Pages.name(), size: pf.size(), pages: pf.nr_pages(), data_crc32c: pf.data_crc() })
+    pretty(&Summary {
+        kind: Kind::Pages.name(),
+        size: pf.size(),
+        pages: pf.nr_pages(),
+        data_crc32c: pf.data_crc(),
+    })
 }
 
 /// Decodes a checked payload of `kind` and renders it.
 fn message_json(kind: Kind, payload: &[u8], path: &Path) -> Result<String> {
-    fn msg<M: Message + Default + Serialize>(payload: &[u8], kind: Kind, path: &Path) -> Result<String> {
+    fn msg<M: Message + Default + Serialize>(
+        payload: &[u8],
+        kind: Kind,
+        path: &Path,
+    ) -> Result<String> {
         pretty(&file::decode_msg::<M>(payload, kind, path)?)
     }
     match kind {
@@ -106,7 +118,9 @@ fn message_json(kind: Kind, payload: &[u8], path: &Path) -> Result<String> {
         Kind::PageMap => msg::<pb::PageMap>(payload, kind, path),
         Kind::Fds => msg::<pb::Fds>(payload, kind, path),
         Kind::Files => msg::<pb::Files>(payload, kind, path),
-        Kind::Blob => Ok(serde_json::to_string_pretty(&serde_json::json!({ "blob": bytes_summary(payload) }))?),
+        Kind::Blob => Ok(serde_json::to_string_pretty(
+            &serde_json::json!({ "blob": bytes_summary(payload) }),
+        )?),
         Kind::Tcp | Kind::Locks => Ok(serde_json::to_string_pretty(&serde_json::json!({
             "kind": kind.name(),
             "payload_bytes": payload.len(),
@@ -136,7 +150,12 @@ fn bytes_summary(b: &[u8]) -> String {
     if b.len() <= SHOW_WHOLE {
         hex(b)
     } else {
-        format!("<{} bytes, crc32c {:#010x}> {}…", b.len(), crc32c::crc32c(b), hex(&b[..32]))
+        format!(
+            "<{} bytes, crc32c {:#010x}> {}…",
+            b.len(),
+            crc32c::crc32c(b),
+            hex(&b[..32])
+        )
     }
 }
 
@@ -155,7 +174,11 @@ struct BytesFormatter {
 }
 
 impl Formatter for BytesFormatter {
-    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         self.in_key = true;
         self.key.clear();
         self.inner.begin_object_key(w, first)
@@ -164,7 +187,11 @@ impl Formatter for BytesFormatter {
         self.in_key = false;
         self.inner.end_object_key(w)
     }
-    fn write_string_fragment<W: ?Sized + Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
         if self.in_key {
             self.key.push_str(fragment);
         }
@@ -185,7 +212,11 @@ impl Formatter for BytesFormatter {
         self.inner.end_object(w)
     }
     fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        if self.value_key.take().is_some_and(|k| BYTES_FIELDS.contains(&k.as_str())) {
+        if self
+            .value_key
+            .take()
+            .is_some_and(|k| BYTES_FIELDS.contains(&k.as_str()))
+        {
             self.bytes = Some(Vec::new());
             return Ok(());
         }
@@ -197,7 +228,11 @@ impl Formatter for BytesFormatter {
             None => self.inner.end_array(w),
         }
     }
-    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if self.bytes.is_some() {
             return Ok(());
         }
@@ -227,19 +262,41 @@ mod tests {
 
     fn write_sample(d: &Path) {
         let w = ImageWriter::create(d).unwrap();
-        w.write_msg(PSTREE, Kind::PsTree, &pb::PsTree { tasks: vec![pb::PsTreeEntry { pid: 3, threads: vec![3, 4], ..Default::default() }] }).unwrap();
+        w.write_msg(
+            PSTREE,
+            Kind::PsTree,
+            &pb::PsTree {
+                tasks: vec![pb::PsTreeEntry {
+                    pid: 3,
+                    threads: vec![3, 4],
+                    ..Default::default()
+                }],
+            },
+        )
+        .unwrap();
         let core = pb::Core {
             tid: 3,
-            regs: Some(pb::GpRegs { rip: 0x401000, ..Default::default() }),
+            regs: Some(pb::GpRegs {
+                rip: 0x401000,
+                ..Default::default()
+            }),
             xsave: vec![0xab; 2696],
-            pending: vec![pb::PendingSignal { signo: 10, siginfo: vec![1, 2, 0xff], shared: false }],
+            pending: vec![pb::PendingSignal {
+                signo: 10,
+                siginfo: vec![1, 2, 0xff],
+                shared: false,
+            }],
             ..Default::default()
         };
         w.write_msg(&core_file(3), Kind::Core, &core).unwrap();
         let files = pb::Files {
             files: vec![pb::FileEntry {
                 id: 1,
-                kind: Some(pb::file_entry::Kind::Pipe(pb::PipeFile { pipe_id: 9, data: b"hi".to_vec(), capacity: 65536 })),
+                kind: Some(pb::file_entry::Kind::Pipe(pb::PipeFile {
+                    pipe_id: 9,
+                    data: b"hi".to_vec(),
+                    capacity: 65536,
+                })),
                 ..Default::default()
             }],
         };
@@ -248,7 +305,11 @@ mod tests {
         pw.write_run(0x1000, &vec![5u8; 2 * PAGE_SIZE]).unwrap();
         let pm = pw.finish().unwrap();
         w.write_msg(&pagemap_file(3), Kind::PageMap, &pm).unwrap();
-        w.commit(pb::Inventory { root_pid: 3, ..Default::default() }).unwrap();
+        w.commit(pb::Inventory {
+            root_pid: 3,
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     #[test]
@@ -257,28 +318,46 @@ mod tests {
         write_sample(t.path());
         let text = render(t.path()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert!(text.trim_start().starts_with("{\n  \"inventory.img\": {"), "{text}");
+        assert!(
+            text.trim_start().starts_with("{\n  \"inventory.img\": {"),
+            "{text}"
+        );
         assert_eq!(v["inventory.img"]["root_pid"], 3);
-        assert_eq!(v["pstree.img"]["tasks"][0]["threads"], serde_json::json!([3, 4]));
+        assert_eq!(
+            v["pstree.img"]["tasks"][0]["threads"],
+            serde_json::json!([3, 4])
+        );
         let core = &v["core-3.img"];
         assert_eq!(core["regs"]["rip"], 0x401000);
-        assert!(core["xsave"].as_str().unwrap().starts_with("<2696 bytes, crc32c "), "{}", core["xsave"]);
+        assert!(
+            core["xsave"]
+                .as_str()
+                .unwrap()
+                .starts_with("<2696 bytes, crc32c "),
+            "{}",
+            core["xsave"]
+        );
         assert_eq!(core["pending"][0]["siginfo"], "0102ff");
         assert_eq!(v["files.img"]["files"][0]["kind"]["Pipe"]["data"], "6869");
         assert_eq!(v["pages-3.img"]["pages"], 2);
         assert_eq!(v["pagemap-3.img"]["runs"][0]["vaddr"], 0x1000);
         // Field order follows cr.proto (tid before regs before xsave).
         let c = text.find("\"tid\"").unwrap();
-        assert!(c < text.find("\"regs\"").unwrap() && text.find("\"regs\"").unwrap() < text.find("\"xsave\"").unwrap());
+        assert!(
+            c < text.find("\"regs\"").unwrap()
+                && text.find("\"regs\"").unwrap() < text.find("\"xsave\"").unwrap()
+        );
     }
 
     #[test]
     fn single_files_and_errors() {
         let t = TempDir::new("show-file");
         write_sample(t.path());
-        let v: serde_json::Value = serde_json::from_str(&render(&t.path().join("core-3.img")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&render(&t.path().join("core-3.img")).unwrap()).unwrap();
         assert_eq!(v["tid"], 3);
-        let v: serde_json::Value = serde_json::from_str(&render(&t.path().join("pages-3.img")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&render(&t.path().join("pages-3.img")).unwrap()).unwrap();
         assert_eq!(v["size"], 3 * PAGE_SIZE);
 
         let junk = t.path().join("junk.img");
