@@ -1,1 +1,227 @@
-//! Shared helpers for cr's integration tests and workloads.
+//! Shared helpers for cr's integration tests (the harness side) and workloads (the process side).
+//!
+//! The protocol between them, for every dump/restore test:
+//! 1. The harness starts a workload with a "ready" pipe as fd 3 and a result file path.
+//! 2. The workload sets up its state (memory, files, signals, …), calls `setsid()` so it owns its
+//!    session, writes `READY` on fd 3 and closes it, then waits for SIGUSR1.
+//! 3. The harness dumps it (`cr dump`), reaps it, restores it (`cr restore -d`), and sends
+//!    SIGUSR1 to the restored process.
+//! 4. The workload checks its own state and writes `PASS` or `FAIL: why` to the result file, then
+//!    exits 0 (pass) or 1 (fail). The harness reads both (it is the subreaper of restored tasks).
+
+pub mod workload;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The `cr` binary under test: $CR_BIN (set by `cargo xtask test`) or target/release/cr.
+pub fn cr_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CR_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    root.join("target/release/cr")
+}
+
+/// Runs `cr ARGS`, capturing its output.
+pub fn cr(args: &[&str]) -> Output {
+    let out = Command::new(cr_bin()).args(args).output().expect("run cr");
+    eprintln!(
+        "$ cr {}\n-> {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cr ARGS` and asserts it succeeded.
+pub fn cr_ok(args: &[&str]) -> Output {
+    let out = cr(args);
+    assert!(out.status.success(), "cr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Makes this process the subreaper of everything it starts, so restored tasks (whose parent,
+/// `cr restore -d`, exits) become our children and we can collect their exit status.
+pub fn become_subreaper() {
+    // SAFETY: plain prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// A scratch directory under /tmp/cr-tests, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir()
+            .join("cr-tests")
+            .join(format!("{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+    pub fn s(&self, sub: &str) -> String {
+        self.0.join(sub).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running workload started by the harness.
+pub struct Workload {
+    pub child: Option<Child>,
+    pub pid: i32,
+    pub result: PathBuf,
+    /// What the workload wrote after READY on its ready pipe (e.g. addresses it wants to share).
+    pub info: String,
+}
+
+/// Path of a workload binary of this crate.
+pub fn workload_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-hash → target/<profile>/<name>
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(p.exists(), "workload {} not built (run through `cargo xtask test`)", p.display());
+    p
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid out-array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned two fresh fds we now own.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+impl Workload {
+    /// Starts workload `name` with `args`; returns once it said READY.
+    pub fn start(name: &str, args: &[&str], dir: &TempDir) -> Workload {
+        let result = dir.join(&format!("{name}.result"));
+        let (r, w) = pipe();
+        let wfd = w.as_raw_fd();
+        let mut cmd = Command::new(workload_bin(name));
+        cmd.args(args).env("CR_RESULT", &result).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(wfd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start workload");
+        drop(w);
+        let pid = child.id() as i32;
+        let mut out = String::new();
+        let mut f = std::fs::File::from(r);
+        f.read_to_string(&mut out).expect("read the ready pipe");
+        assert!(out.starts_with("READY"), "workload {name} did not get ready: {out:?}");
+        let info = out.trim_start_matches("READY").trim().to_string();
+        Workload { child: Some(child), pid, result, info }
+    }
+
+    /// After a dump killed it: reap the original process so its PID is free for restore.
+    pub fn reap_killed(&mut self) {
+        let mut c = self.child.take().expect("the original child");
+        let st = c.wait().unwrap();
+        assert!(!st.success(), "the dumped workload exited normally ({st}); expected it killed");
+    }
+
+    /// Sends SIGUSR1 ("check yourself") and waits for the verdict; returns (exit status, result).
+    pub fn verify(&mut self) -> (i32, String) {
+        // SAFETY: plain kill(2).
+        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGUSR1) }, 0, "signal workload {}", self.pid);
+        let status = wait_exit(self.pid);
+        let res = std::fs::read_to_string(&self.result).unwrap_or_else(|e| format!("no result file: {e}"));
+        self.child = None;
+        (status, res)
+    }
+
+    /// Sends SIGUSR1 and asserts the workload reports PASS and exits 0.
+    pub fn assert_pass(&mut self) {
+        let (st, res) = self.verify();
+        assert!(res.starts_with("PASS"), "workload {} reported: {res}", self.pid);
+        assert_eq!(st, 0, "workload {} exit status", self.pid);
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        // Never leave a workload behind, whatever the test did.
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        } else {
+            let mut st = 0;
+            // SAFETY: waitpid on a pid we may be the (sub)reaper of; failure is fine.
+            unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
+        }
+    }
+}
+
+/// Waits for `pid` (our child or, as subreaper, an adopted task) to exit; returns its exit code
+/// (128+signal when killed).
+pub fn wait_exit(pid: i32) -> i32 {
+    let mut st = 0;
+    loop {
+        // SAFETY: valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "waitpid({pid}): {e}");
+    }
+    if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else {
+        128 + libc::WTERMSIG(st)
+    }
+}
+
+/// Whether a process with this pid exists (zombies included).
+pub fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// dump → reap → restore -d → return. The workload is then the restored process.
+pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], restore_extra: &[&str]) {
+    become_subreaper();
+    let img = dir.s("img");
+    let pid = w.pid.to_string();
+    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
+    args.extend_from_slice(dump_extra);
+    cr_ok(&args);
+    w.reap_killed();
+    let pidfile = dir.s("restore.pid");
+    let mut args = vec!["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"];
+    args.extend_from_slice(restore_extra);
+    let out = cr(&args);
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dir.join("img/restore.log")).unwrap_or_default();
+        panic!("restore failed: {}\n--- restore.log ---\n{log}", String::from_utf8_lossy(&out.stderr));
+    }
+    let got: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert_eq!(got, w.pid, "restored at another pid");
+}

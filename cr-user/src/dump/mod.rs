@@ -1,1 +1,184 @@
-pub fn run(_o: &crate::cli::DumpOpts, _pre: bool) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! `cr dump`: freeze → collect → write → commit → kill (or let run with -R).
+//!
+//! The target is held with ptrace from seize to the end. On any error after seizing, every
+//! change is undone on the way out (registers put back by `Remote`, scratch memory unmapped,
+//! the task detached by `Tracee`'s drop), so a failed dump leaves the target running as before,
+//! and the image directory has no inventory (never mistaken for a complete image).
+
+pub mod files;
+pub mod interrupt;
+pub mod memory;
+pub mod task;
+pub mod target;
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::DumpOpts;
+use crate::image::dir::{self as imgdir, ImageWriter};
+use crate::image::file::Kind;
+use crate::image::pages::PageWriter;
+use crate::image::pb;
+use crate::proc;
+use crate::proc::maps::VmaName;
+use crate::ptrace::{self, Remote, Tracee};
+
+/// Inventory flag bits.
+pub const DUMP_F_PRE_DUMP: u64 = 1;
+pub const DUMP_F_TCP: u64 = 2;
+pub const DUMP_F_SHELL_JOB: u64 = 4;
+pub const DUMP_F_FILE_LOCKS: u64 = 8;
+
+pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
+    if pre_dump || o.track_mem || o.prev_images_dir.is_some() {
+        bail!("incremental dumps (pre-dump, --track-mem, --prev-images-dir) are not supported yet");
+    }
+    let t_start = Instant::now();
+    interrupt::install();
+    let target = target::check(o.pid, o.shell_job)?;
+    let pid = target.pid;
+    let writer = ImageWriter::create(&o.images_dir)?;
+    log::info!("dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
+    interrupt::check()?;
+
+    let mut tracee = Tracee::seize(pid, pid).with_context(|| format!("freezing PID {pid}"))?;
+    let t_frozen = Instant::now();
+    let stats = match dump_frozen(&mut tracee, &writer, o) {
+        Ok(s) => s,
+        Err(e) => {
+            // Dropping the tracee detaches it; the Remote (already dropped) restored registers.
+            drop(tracee);
+            return Err(e);
+        }
+    };
+    let mut stats = stats;
+    stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
+    stats.total_us = t_start.elapsed().as_micros() as u64;
+    let mut flags = 0;
+    if o.tcp_established {
+        flags |= DUMP_F_TCP;
+    }
+    if o.shell_job {
+        flags |= DUMP_F_SHELL_JOB;
+    }
+    if o.file_locks {
+        flags |= DUMP_F_FILE_LOCKS;
+    }
+    let inventory = pb::Inventory {
+        kernel_release: proc::task::kernel_release().unwrap_or_default(),
+        root_pid: pid,
+        flags,
+        stats: Some(stats),
+        cr_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        ..Default::default()
+    };
+    // Commit before the target goes away: a dump that cannot be committed must not kill it.
+    if let Err(e) = interrupt::check().and_then(|_| writer.commit(inventory).map(drop)) {
+        drop(tracee);
+        return Err(e);
+    }
+    let frozen = t_frozen.elapsed();
+    if o.leave_running {
+        tracee.detach()?;
+        log::info!("dump of PID {pid} complete; it runs on (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
+    } else {
+        tracee.kill()?;
+        log::info!("dump of PID {pid} complete; the process was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
+    }
+    Ok(())
+}
+
+/// Everything done while the target is frozen, up to (not including) the commit.
+fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<pb::DumpStats> {
+    let pid = t.tgid;
+    let stat = proc::stat::read_stat(pid)?;
+    let status = proc::status::read_status(pid)?;
+    let vmas = proc::maps::read_smaps(pid)?;
+    let regs = t.regs()?;
+    if let Some(r) = task::describe_restart(&regs) {
+        log::debug!("PID {pid} is inside syscall {} ({r})", regs.orig_rax as i64);
+    }
+    let mut core = task::thread_core(t, &regs)?;
+    interrupt::check()?;
+
+    let vdso = vmas
+        .iter()
+        .find(|v| v.name == VmaName::Vdso)
+        .with_context(|| format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls"))?;
+    let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
+    let mut remote = Remote::new(t, ip)?;
+    let (state, altstack, brk) = task::task_state(pid, &mut remote, &status)?;
+    remote.finish()?;
+    core.task = Some(state);
+    core.sigaltstack = Some(altstack);
+    interrupt::check()?;
+
+    let mut next_id = 1;
+    let fdt = files::collect(pid, &mut next_id, o.shell_job)?;
+    let mut mm = memory::mm_fields(pid, &stat, brk)?;
+    let (vma_entries, runs, scanned) = memory::plan(pid, &vmas)?;
+    mm.vmas = vma_entries;
+    interrupt::check()?;
+
+    let t_mem = Instant::now();
+    let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
+    let mut pages = PageWriter::create(w, pid, total_pages)?;
+    copy_pages(pid, &runs, &mut pages)?;
+    let pagemap = pages.finish()?;
+    let memdump_us = t_mem.elapsed().as_micros() as u64;
+    log::info!("PID {pid}: {} VMAs, {total_pages} pages written of {scanned} scanned", mm.vmas.len());
+
+    let pstree = pb::PsTree {
+        tasks: vec![pb::PsTreeEntry {
+            pid,
+            ppid: stat.ppid,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            threads: vec![pid],
+            zombie: false,
+            exit_status: 0,
+        }],
+    };
+    w.write_msg(&imgdir::core_file(pid), Kind::Core, &core)?;
+    w.write_msg(&imgdir::mm_file(pid), Kind::Mm, &mm)?;
+    w.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
+    w.write_msg(&imgdir::fds_file(pid), Kind::Fds, &fdt.fds)?;
+    for (name, bytes) in &fdt.contents {
+        w.write_blob(name, bytes)?;
+    }
+    w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: fdt.files })?;
+    w.write_msg(imgdir::PSTREE, Kind::PsTree, &pstree)?;
+    Ok(pb::DumpStats {
+        memdump_us,
+        pages_scanned: scanned,
+        pages_written: total_pages,
+        harvest: "full".into(),
+        vmas: mm.vmas.len() as u64,
+        ..Default::default()
+    })
+}
+
+/// Copies the runs into the page file: process_vm_readv for readable memory (large batches),
+/// /proc/PID/mem for the rest (it may read PROT_NONE pages).
+fn copy_pages(pid: i32, runs: &[memory::Run], pages: &mut PageWriter) -> Result<()> {
+    for run in runs {
+        let mut addr = run.start;
+        while addr < run.end {
+            interrupt::check()?;
+            let want = (run.end - addr) / 4096;
+            let win = pages.window(want);
+            let n = (win.len() / 4096) as u64;
+            if run.readable {
+                let len = win.len();
+                crate::sys::vm::process_vm_readv_ranges(pid, &[(addr, len)], win)?;
+            } else {
+                ptrace::inject::read_mem(pid, addr, win)?;
+            }
+            pages.finish_run(addr, n)?;
+            addr += n * 4096;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The workload side of the test protocol (see the crate docs): get ready, wait to be told to
+//! check, check, report.
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Collects failed checks; `report` turns them into the verdict.
+#[derive(Default)]
+pub struct Checker {
+    failures: Vec<String>,
+}
+
+impl Checker {
+    pub fn new() -> Checker {
+        Checker::default()
+    }
+
+    pub fn check(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            self.failures.push(what.into());
+        }
+    }
+
+    pub fn eq<T: PartialEq + std::fmt::Debug>(&mut self, got: T, want: T, what: &str) {
+        if got != want {
+            self.failures.push(format!("{what}: got {got:?}, want {want:?}"));
+        }
+    }
+
+    /// Writes PASS / FAIL to $CR_RESULT and exits 0 / 1.
+    pub fn report(self) -> ! {
+        let path = std::env::var_os("CR_RESULT").expect("CR_RESULT");
+        let text = if self.failures.is_empty() { "PASS\n".to_string() } else { format!("FAIL: {}\n", self.failures.join("; ")) };
+        std::fs::write(path, &text).expect("write the result file");
+        std::process::exit(if self.failures.is_empty() { 0 } else { 1 })
+    }
+}
+
+/// Leaves the caller's session (a dump refuses a task whose session leader is outside the tree),
+/// then writes `READY info` on fd 3 and closes it.
+pub fn ready(info: &str) {
+    // SAFETY: setsid has no preconditions; failure (already a leader) is fine.
+    unsafe { libc::setsid() };
+    // SAFETY: fd 3 is the ready pipe the harness gave us; we own it from here.
+    let mut f = unsafe { std::fs::File::from_raw_fd(3) };
+    f.write_all(format!("READY {info}\n").as_bytes()).expect("write the ready pipe");
+}
+
+/// Blocks until SIGUSR1 arrives, in sigwaitinfo (the task is dumped while inside that syscall).
+pub fn wait_for_check() {
+    // SAFETY: plain signal-mask manipulation on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        loop {
+            let r = libc::sigwaitinfo(&set, std::ptr::null_mut());
+            if r == libc::SIGUSR1 {
+                break;
+            }
+        }
+    }
+}
+
+static CHECK_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    CHECK_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// For busy workloads: SIGUSR1 sets a flag that [`check_requested`] reads.
+pub fn install_check_flag() {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_usr1 as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+}
+
+pub fn check_requested() -> bool {
+    CHECK_REQUESTED.load(Ordering::SeqCst)
+}
