@@ -80,9 +80,8 @@ impl Tracker {
     /// Stops recording `tgid`. Its dirty pages stay until [`Tracker::clear`].
     pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
         match self.targets.remove(&tgid) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("remove process {tgid} from the tracked set")),
+            Err(e) if !is_not_found(&e) => Err(e).with_context(|| format!("remove process {tgid} from the tracked set")),
+            _ => Ok(()),
         }
     }
 
@@ -103,7 +102,7 @@ impl Tracker {
             let (k, v) = match kv {
                 Ok(kv) => kv,
                 // Removed between get_next_key and lookup (a concurrent clear): skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(e).context("read the dirty-page map"),
             };
             if k.tgid == tgid {
@@ -142,7 +141,7 @@ impl Tracker {
         for k in keys {
             match self.dirty.remove(&k) {
                 Ok(()) => n += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e).context("remove an entry of the dirty-page map"),
             }
         }
@@ -189,6 +188,15 @@ impl Tracker {
     /// The loaded object, e.g. to attach further programs that share it.
     pub fn object_mut(&mut self) -> &mut BpfObject {
         &mut self.obj
+    }
+}
+
+/// The key was not in the map (aya reports it as KeyNotFound or as ENOENT from the syscall).
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
