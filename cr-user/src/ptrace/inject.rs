@@ -75,6 +75,7 @@ impl<'t> Remote<'t> {
         // Clear the trap flag and direction flag the tracee may have had.
         r.eflags &= !(0x100 | 0x400);
         self.t.set_regs(&r)?;
+        let mut last_sig = 0;
         for _ in 0..16 {
             match self.t.step()? {
                 None => {
@@ -90,6 +91,8 @@ impl<'t> Remote<'t> {
                     return Ok(after.rax as i64);
                 }
                 Some(sig) => {
+                    last_sig = sig;
+                    log::debug!("task {}: signal {sig} arrived during remote syscall {nr} (rip {:#x})", self.t.tid, self.t.regs().map(|r| r.rip).unwrap_or(0));
                     // A signal arrived before the instruction ran: hold it back (it is sent
                     // again on detach) and retry from the same registers.
                     self.t.stashed.push(sig);
@@ -97,7 +100,7 @@ impl<'t> Remote<'t> {
                 }
             }
         }
-        bail!("remote syscall {nr} in task {}: signals kept arriving", self.t.tid)
+        bail!("remote syscall {nr} in task {}: signal {last_sig} kept arriving", self.t.tid)
     }
 
     /// Like [`Remote::raw_syscall`], but a negative result is an error naming the call.

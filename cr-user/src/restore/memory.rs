@@ -54,6 +54,17 @@ pub fn put_str(r: &Remote, scratch: u64, off: u64, s: &str) -> Result<u64> {
 /// every inherited fd.
 pub fn clear_inherited(r: &mut Remote, pid: i32) -> Result<()> {
     r.syscall("close_range(0, ~0)", libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
+    // The child inherited cr's rseq registration (it lives in the TLS of cr's thread). Once
+    // that memory is gone, every return to user mode would fault updating it: unregister first.
+    let rs = r.t.rseq()?;
+    if rs.rseq_abi_pointer != 0 {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        r.syscall(
+            "rseq(unregister cr's)",
+            libc::SYS_rseq,
+            &[rs.rseq_abi_pointer, rs.rseq_abi_size as u64, RSEQ_FLAG_UNREGISTER, rs.signature as u64],
+        )?;
+    }
     let current = read_maps(pid)?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for v in &current {
@@ -66,6 +77,7 @@ pub fn clear_inherited(r: &mut Remote, pid: i32) -> Result<()> {
         }
     }
     for (s, e) in ranges {
+        log::trace!("unmapping inherited {s:#x}-{e:#x}");
         r.syscall("munmap(inherited)", libc::SYS_munmap, &[s, e - s])?;
     }
     Ok(())
