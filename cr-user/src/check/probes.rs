@@ -18,7 +18,8 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::child::{raw, read_byte, write_byte_raw, Child, TIMEOUT};
-use crate::track::pagemap_scan::{self, category, Query, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
+use crate::sys::pagemap::{PagemapScanner, ScanQuery, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+use crate::sys::pidfd::{pidfd_getfd, pidfd_open};
 use crate::track::uffd::{Userfaultfd, CR_FEATURES};
 
 const PAGE: usize = cr_common::PAGE_SIZE as usize;
@@ -114,37 +115,12 @@ pub fn process_vm_readv() -> Result<String> {
     drop(w);
     read_byte(&r, TIMEOUT)?;
     let mut got = vec![0u8; PAGE];
-    let n = nix::sys::uio::process_vm_readv(
-        child.pid(),
-        &mut [std::io::IoSliceMut::new(&mut got)],
-        &[nix::sys::uio::RemoteIoVec { base: addr, len: PAGE }],
-    )
-    .with_context(|| format!("process_vm_readv of child {}", child.pid()))?;
+    let n = crate::sys::vm::process_vm_readv(child.pid().as_raw(), &mut got, addr as u64)?;
     if n != PAGE || got.iter().any(|b| *b != CHILDS) {
         bail!("process_vm_readv returned {n} bytes that are not the child's memory");
     }
     drop(buf);
     Ok(format!("read {n} bytes of child {}", child.pid()))
-}
-
-fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open({pid})"));
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-}
-
-fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_getfd(2) duplicates the target's fd into ours, or returns -1.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_getfd(fd {fd})"));
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 /// pidfd_open of a child, then pidfd_getfd of an fd only the child still has.
@@ -154,7 +130,7 @@ pub fn pidfd_getfd_probe() -> Result<String> {
     let child = idle_child()?;
     let their_fd = theirs.as_raw_fd();
     drop(theirs);
-    let pidfd = pidfd_open(child.pid())?;
+    let pidfd = pidfd_open(child.pid().as_raw())?;
     let got = pidfd_getfd(&pidfd, their_fd)?;
     let st2 = nix::sys::stat::fstat(&got).context("fstat the fd taken from the child")?;
     if (st.st_dev, st.st_ino) != (st2.st_dev, st2.st_ino) {
@@ -361,21 +337,22 @@ pub fn userfaultfd_wp_async() -> Result<String> {
     Ok(format!("armed {} pages at {:#x}", m.len / PAGE, m.addr()))
 }
 
-fn scan_pages(pagemap: &std::fs::File, m: &Mapping, q: &Query) -> Result<Vec<u64>> {
-    let regions = pagemap_scan::scan(pagemap, m.addr(), m.addr() + m.len as u64, q)?;
-    let base = m.addr() >> cr_common::PAGE_SHIFT;
-    Ok(pagemap_scan::pages_of(&regions).into_iter().map(|p| p - base).collect())
+/// Region-relative indices of the pages of `m` that match `q`.
+fn scan_pages(scanner: &mut PagemapScanner, m: &Mapping, q: &ScanQuery) -> Result<Vec<u64>> {
+    let regions = scanner.scan(m.addr(), m.addr() + m.len as u64, q)?;
+    let base = m.addr() / PAGE as u64;
+    Ok(regions.iter().flat_map(|r| (r.start / PAGE as u64 - base)..(r.end / PAGE as u64 - base)).collect())
 }
 
 /// PAGEMAP_SCAN: present pages of a fresh region, then (with uffd) the written pages of an
 /// armed region with PM_SCAN_WP_MATCHING, which must re-arm them.
 pub fn pagemap_scan_probe() -> Result<String> {
-    let pagemap = pagemap_scan::open_pagemap(0)?;
+    let mut pagemap = PagemapScanner::open(std::process::id() as i32)?;
     let m = Mapping::anon(6)?;
     m.write(0, 1);
     m.write(3, 1);
-    let present = Query { mask: category::PRESENT, report: category::PRESENT, ..Default::default() };
-    let got = scan_pages(&pagemap, &m, &present)?;
+    let present = ScanQuery { category_mask: PAGE_IS_PRESENT, return_mask: PAGE_IS_PRESENT, ..Default::default() };
+    let got = scan_pages(&mut pagemap, &m, &present)?;
     if got != [0, 3] {
         bail!("PAGEMAP_SCAN for present pages reported pages {got:?} of a region where 0 and 3 were written");
     }
@@ -386,25 +363,26 @@ pub fn pagemap_scan_probe() -> Result<String> {
             return Ok("present-page scan works (no userfaultfd WP_ASYNC: WP matching not tried)".into());
         }
     };
-    let wp = Query {
-        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        mask: category::WRITTEN,
-        report: category::WRITTEN,
+    let wp = ScanQuery {
+        category_mask: PAGE_IS_WRITTEN,
+        return_mask: PAGE_IS_WRITTEN,
+        wp_matching: true,
+        check_wpasync: true,
         ..Default::default()
     };
     a.write(1, 1);
     let _ = a.read(2);
     a.write(4, 1);
-    let got = scan_pages(&pagemap, &a, &wp)?;
+    let got = scan_pages(&mut pagemap, &a, &wp)?;
     if got != [1, 4] {
         bail!("PAGEMAP_SCAN (WP matching) reported written pages {got:?}, expected [1, 4]");
     }
-    let got = scan_pages(&pagemap, &a, &wp)?;
+    let got = scan_pages(&mut pagemap, &a, &wp)?;
     if !got.is_empty() {
         bail!("PAGEMAP_SCAN (WP matching) did not re-arm: second scan reported {got:?}");
     }
     a.write(4, 2);
-    let got = scan_pages(&pagemap, &a, &wp)?;
+    let got = scan_pages(&mut pagemap, &a, &wp)?;
     if got != [4] {
         bail!("after re-arming, a write to page 4 was reported as {got:?}");
     }

@@ -10,7 +10,7 @@
 //!
 //! Completeness contract: the set is exact only while [`Tracker::lost`] is false. A write the
 //! kernel side could not record (map full, unreadable record) bumps a counter; once it moved,
-//! the caller must fall back to the exact scan ([`super::pagemap_scan`] with
+//! the caller must fall back to the exact scan ([`crate::sys::pagemap`] with
 //! PM_SCAN_WP_MATCHING) for that harvest, and for every target of this tracker, since the
 //! counter is shared.
 

@@ -4,14 +4,15 @@
 //! - [`tracefs`]: tracepoint record layouts read from tracefs (pure parser + reader).
 //! - [`dirty`]: the write-fault [`Tracker`]: target set, dirty pages per target, counters.
 //! - [`uffd`]: userfaultfd async write-protection (arming).
-//! - [`pagemap_scan`]: PAGEMAP_SCAN, the exact (O(mapped)) dirty scan and present-page scan.
+//!
+//! The exact (O(mapped)) dirty scan, PAGEMAP_SCAN with PM_SCAN_WP_MATCHING, is
+//! [`crate::sys::pagemap`].
 //!
 //! Still to come (later issues): VMA-change, TCP and lock programs in the same object, and a
 //! tracker process that owns all this across `cr` invocations.
 
 pub mod dirty;
 pub mod loader;
-pub mod pagemap_scan;
 pub mod tracefs;
 pub mod uffd;
 

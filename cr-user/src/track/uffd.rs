@@ -1,5 +1,5 @@
 //! userfaultfd in asynchronous write-protect mode: how cr makes every first write to a page
-//! after a harvest take a fault (which cr-ebpf sees) and leave a mark that PAGEMAP_SCAN reports
+//! after a harvest take a fault (which cr-ebpf sees) and leave a mark that PAGEMAP_SCAN ([`crate::sys::pagemap`]) reports
 //! (PAGE_IS_WRITTEN), without ever stopping the writer.
 //!
 //! With UFFD_FEATURE_WP_ASYNC the kernel resolves write-protect faults itself (no handler
