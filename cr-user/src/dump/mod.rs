@@ -44,6 +44,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
 
     let mut tracee = Tracee::seize(pid, pid).with_context(|| format!("freezing PID {pid}"))?;
     let t_frozen = Instant::now();
+    log::info!("PID {pid} frozen");
     let stats = match dump_frozen(&mut tracee, &writer, o) {
         Ok(s) => s,
         Err(e) => {

@@ -1,7 +1,8 @@
 //! Workload: every kind of memory a process has, each filled with a known pattern, checked by
 //! the process itself after restore. Also compares its own /proc/self/maps before and after.
 //!
-//! Usage: wl_memory DIR   (DIR: a scratch directory for the file-backed mappings)
+//! Usage: wl_memory DIR [--big]   (DIR: a scratch directory for the file-backed mappings;
+//! --big adds 512 MiB of touched anonymous memory, so a dump takes a while)
 
 use std::ffi::CString;
 use std::io::Read;
@@ -96,7 +97,8 @@ fn smaps_flags(addr: usize) -> String {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: wl_memory DIR");
+    let dir = std::env::args().nth(1).expect("usage: wl_memory DIR [--big]");
+    let big_pages = if std::env::args().any(|a| a == "--big") { 512 * 256 } else { 0 };
     let mut c = Checker::new();
     let mut maps_before = Vec::with_capacity(1 << 20);
     let mut maps_after = Vec::with_capacity(1 << 20);
@@ -157,6 +159,13 @@ fn main() {
         libc::madvise(huge.cast(), 4 << 20, libc::MADV_HUGEPAGE);
         fill(huge, 16, 11, |pg| pg % 5 == 0);
         let flags_before: Vec<String> = [dontfork, wipe, huge].iter().map(|p| smaps_flags(*p as usize)).collect();
+        let big = if big_pages > 0 {
+            let p = mmap(big_pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+            fill(p, big_pages, 13, |_| true);
+            p
+        } else {
+            std::ptr::null_mut()
+        };
         // Stack data.
         let mut stack = [0u64; 2048];
         for (i, v) in stack.iter_mut().enumerate() {
@@ -204,6 +213,9 @@ fn main() {
         verify(&mut c, "read-only", ro, 4, 9, |_| true);
         verify(&mut c, "named anon", named, 4, 10, |_| true);
         verify(&mut c, "THP region", huge, 16, 11, |pg| pg % 5 == 0);
+        if big_pages > 0 {
+            verify(&mut c, "big region", big, big_pages, 13, |_| true);
+        }
         c.check(stack.iter().enumerate().all(|(i, v)| *v == pattern(12, 0, i)), "stack array");
         let flags_after: Vec<String> = [dontfork, wipe, huge].iter().map(|p| smaps_flags(*p as usize)).collect();
         c.eq(flags_after, flags_before, "VmFlags of madvise'd regions");
