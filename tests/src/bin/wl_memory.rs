@@ -220,10 +220,14 @@ fn main() {
         let flags_after: Vec<String> = [dontfork, wipe, huge].iter().map(|p| smaps_flags(*p as usize)).collect();
         c.eq(flags_after, flags_before, "VmFlags of madvise'd regions");
         // The shared file mapping still writes through to the file.
+        let saved = *fshared;
         *fshared = 0xAB;
         libc::msync(fshared.cast(), PAGE, libc::MS_SYNC);
         let disk = std::fs::read(&spath).unwrap();
         c.eq(disk[0], 0xAB, "shared file write-through after restore");
+        // Put it back: an image taken earlier (dump -R) may be restored against this file.
+        *fshared = saved;
+        libc::msync(fshared.cast(), PAGE, libc::MS_SYNC);
         // brk must keep growing after restore: lots of small allocations come from brk.
         let mut many: Vec<Vec<u8>> = Vec::new();
         for i in 0..100_000usize {
