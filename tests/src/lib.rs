@@ -97,8 +97,11 @@ pub struct Workload {
 /// Path of a workload binary of this crate.
 pub fn workload_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test>-hash → target/<profile>/<name>
-    let dir = exe.parent().unwrap().parent().unwrap();
+    // Tests run from target/<profile>/deps/, binaries (demo, bench) from target/<profile>/.
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
     let p = dir.join(name);
     assert!(p.exists(), "workload {} not built (run through `cargo xtask test`)", p.display());
     p

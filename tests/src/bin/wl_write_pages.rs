@@ -35,15 +35,28 @@ fn run() -> Result<(), String> {
     let len = npages * PAGE;
     // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if base == libc::MAP_FAILED {
-        return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "mmap {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: advice on our own mapping. Without it a (multi-size) THP could map several pages
     // on one fault and the test's expectations of one fault per page would not hold.
     if unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) } != 0 {
-        return Err(format!("madvise(MADV_NOHUGEPAGE): {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "madvise(MADV_NOHUGEPAGE): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let base = base as *mut u8;
     let mut fds = [0i32; 2];
@@ -65,7 +78,9 @@ fn run() -> Result<(), String> {
         let answer = match f.as_slice() {
             ["q"] => return Ok(()),
             [op, a, b, c] => match (a.parse::<usize>(), b.parse::<usize>(), c.parse::<usize>()) {
-                (Ok(first), Ok(count), Ok(step)) if first + count.saturating_sub(1) * step < npages => {
+                (Ok(first), Ok(count), Ok(step))
+                    if first + count.saturating_sub(1) * step < npages =>
+                {
                     let mut sum = 0u64;
                     let mut err = None;
                     for i in (0..count).map(|k| first + k * step) {
@@ -83,7 +98,10 @@ fn run() -> Result<(), String> {
                                         && libc::read(pr, p as *mut libc::c_void, 1) == 1
                                 };
                                 if !ok {
-                                    err = Some(format!("pipe into page {i}: {}", std::io::Error::last_os_error()));
+                                    err = Some(format!(
+                                        "pipe into page {i}: {}",
+                                        std::io::Error::last_os_error()
+                                    ));
                                     break;
                                 }
                             }
