@@ -31,8 +31,13 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -45,19 +50,26 @@ fn unescape_mount_path(s: &str) -> String {
 
 /// True if a filesystem of type `fstype` is mounted at `target` in this mount namespace.
 pub fn is_mounted(target: &str, fstype: &str) -> Result<bool> {
-    let text = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts to see what is mounted")?;
+    let text = std::fs::read_to_string("/proc/self/mounts")
+        .context("read /proc/self/mounts to see what is mounted")?;
     Ok(is_mounted_in(&text, target, fstype))
 }
 
 /// True if this kernel knows filesystem type `fstype` (/proc/filesystems).
 pub fn kernel_has_fs(fstype: &str) -> Result<bool> {
     let text = std::fs::read_to_string("/proc/filesystems").context("read /proc/filesystems")?;
-    Ok(text.lines().any(|l| l.split_whitespace().last() == Some(fstype)))
+    Ok(text
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some(fstype)))
 }
 
 /// Mounts tracefs at /sys/kernel/tracing unless it is there. Returns true if it mounted it.
 pub fn ensure_tracefs() -> Result<bool> {
-    ensure(TRACEFS, "tracefs", "tracepoint ids and record layouts for its eBPF trackers")
+    ensure(
+        TRACEFS,
+        "tracefs",
+        "tracepoint ids and record layouts for its eBPF trackers",
+    )
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there. Returns true if it mounted it.
@@ -71,7 +83,8 @@ fn ensure(target: &str, fstype: &str, why: &str) -> Result<bool> {
     }
     // The mount point is normally provided by sysfs; create it only if it is really absent.
     if !Path::new(target).is_dir() {
-        std::fs::create_dir_all(target).with_context(|| format!("create mount point {target} for {fstype}"))?;
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("create mount point {target} for {fstype}"))?;
     }
     mount_fs(fstype, Path::new(target))?;
     let name = if fstype == "bpf" { "bpffs" } else { fstype };
@@ -88,7 +101,12 @@ pub fn mount_fs(fstype: &str, target: &Path) -> Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .with_context(|| format!("mount {fstype} at {} (needs CAP_SYS_ADMIN)", target.display()))
+    .with_context(|| {
+        format!(
+            "mount {fstype} at {} (needs CAP_SYS_ADMIN)",
+            target.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -108,7 +126,11 @@ debugfs /sys/kernel/debug debugfs rw 0 0
         assert!(is_mounted_in(SAMPLE, "/sys/kernel/tracing", "tracefs"));
         assert!(is_mounted_in(SAMPLE, "/sys/fs/bpf", "bpf"));
         assert!(!is_mounted_in(SAMPLE, "/sys/fs/bpf", "tmpfs"));
-        assert!(!is_mounted_in(SAMPLE, "/sys/kernel/debug/tracing", "tracefs"));
+        assert!(!is_mounted_in(
+            SAMPLE,
+            "/sys/kernel/debug/tracing",
+            "tracefs"
+        ));
         assert!(!is_mounted_in("", "/sys/fs/bpf", "bpf"));
     }
 

@@ -33,12 +33,23 @@ impl Workload {
         let stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the workload's ready line");
+        stdout
+            .read_line(&mut line)
+            .expect("read the workload's ready line");
         let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(f.len() == 3 && f[0] == "ready", "unexpected first line from the workload: {line:?}");
+        assert!(
+            f.len() == 3 && f[0] == "ready",
+            "unexpected first line from the workload: {line:?}"
+        );
         let addr = u64::from_str_radix(f[1].trim_start_matches("0x"), 16).expect("region address");
         assert_eq!(addr % 4096, 0, "region not page aligned");
-        Workload { child, stdin, stdout, first_page: addr >> PAGE_SHIFT, npages }
+        Workload {
+            child,
+            stdin,
+            stdout,
+            first_page: addr >> PAGE_SHIFT,
+            npages,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -50,7 +61,9 @@ impl Workload {
         writeln!(self.stdin, "{cmd}").expect("send a command to the workload");
         self.stdin.flush().expect("flush the command");
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("read the workload's answer");
+        self.stdout
+            .read_line(&mut line)
+            .expect("read the workload's answer");
         assert_eq!(line.trim(), "ok", "workload answered {line:?} to {cmd:?}");
     }
 
@@ -77,7 +90,10 @@ fn every(first: u64, count: u64, step: u64) -> Vec<u64> {
 }
 
 fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "this test loads eBPF programs: run it as root (cargo xtask test does)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads eBPF programs: run it as root (cargo xtask test does)"
+    );
 }
 
 #[test]
@@ -92,14 +108,21 @@ fn records_exactly_the_pages_the_target_writes_not_those_it_reads() {
 
     let dirty = t.dirty(w.pid()).unwrap();
     let pages: Vec<u64> = dirty.iter().map(|d| d.page).collect();
-    assert_eq!(w.in_region(&pages), every(0, 16, 3), "dirty set within the region");
+    assert_eq!(
+        w.in_region(&pages),
+        every(0, 16, 3),
+        "dirty set within the region"
+    );
     for d in dirty.iter().filter(|d| w.in_region(&[d.page]).len() == 1) {
         assert!(d.writes >= 1, "page {:#x} recorded with no write", d.page);
         assert_eq!(d.epoch, 0);
     }
     let s = t.stats().unwrap();
     assert!(s.write_faults >= 16, "user write faults counted: {s:?}");
-    assert!(s.read_faults >= 16, "the 16 read faults were seen (and not recorded): {s:?}");
+    assert!(
+        s.read_faults >= 16,
+        "the 16 read faults were seen (and not recorded): {s:?}"
+    );
     assert_eq!(s.dirty_lost, 0);
     assert!(!t.lost().unwrap());
 }
@@ -120,7 +143,10 @@ fn records_pages_the_kernel_writes_for_the_target() {
     want.extend(every(40, 6, 4));
     assert_eq!(w.in_region(&pages), want, "dirty set within the region");
     let s = t.stats().unwrap();
-    assert!(s.kernel_write_faults - before >= 6, "kernel-mode write faults counted: {s:?}");
+    assert!(
+        s.kernel_write_faults - before >= 6,
+        "kernel-mode write faults counted: {s:?}"
+    );
 }
 
 #[test]
@@ -135,8 +161,15 @@ fn ignores_processes_that_are_not_targets() {
     other.run("k 0 8 1");
     target.run("w 5 3 2");
 
-    assert_eq!(t.dirty_pages(other.pid()).unwrap(), Vec::<u64>::new(), "pages of a process that is not a target");
-    assert_eq!(target.in_region(&t.dirty_pages(target.pid()).unwrap()), vec![5, 7, 9]);
+    assert_eq!(
+        t.dirty_pages(other.pid()).unwrap(),
+        Vec::<u64>::new(),
+        "pages of a process that is not a target"
+    );
+    assert_eq!(
+        target.in_region(&t.dirty_pages(target.pid()).unwrap()),
+        vec![5, 7, 9]
+    );
     // Nothing of the other process's region under any tgid.
     let all_other: Vec<u64> = every(other.first_page, 32, 1);
     let target_pages = t.dirty_pages(target.pid()).unwrap();
@@ -155,13 +188,26 @@ fn epochs_take_remove_and_clear() {
     assert_eq!(t.bump_epoch(pid).unwrap(), 1);
     w.run("w 10 2 1");
     let taken = t.take_dirty(pid).unwrap();
-    let taken: Vec<(u64, u64)> = taken.iter().filter(|d| w.in_region(&[d.page]).len() == 1).map(|d| (d.page - w.first_page, d.epoch)).collect();
-    assert_eq!(taken, vec![(0, 0), (1, 0), (2, 0), (3, 0), (10, 1), (11, 1)]);
-    assert!(w.in_region(&t.dirty_pages(pid).unwrap()).is_empty(), "take_dirty removed what it returned");
+    let taken: Vec<(u64, u64)> = taken
+        .iter()
+        .filter(|d| w.in_region(&[d.page]).len() == 1)
+        .map(|d| (d.page - w.first_page, d.epoch))
+        .collect();
+    assert_eq!(
+        taken,
+        vec![(0, 0), (1, 0), (2, 0), (3, 0), (10, 1), (11, 1)]
+    );
+    assert!(
+        w.in_region(&t.dirty_pages(pid).unwrap()).is_empty(),
+        "take_dirty removed what it returned"
+    );
 
     t.remove_target(pid).unwrap();
     w.run("w 20 2 1");
-    assert!(w.in_region(&t.dirty_pages(pid).unwrap()).is_empty(), "writes after remove_target are not recorded");
+    assert!(
+        w.in_region(&t.dirty_pages(pid).unwrap()).is_empty(),
+        "writes after remove_target are not recorded"
+    );
     t.remove_target(pid).unwrap(); // removing twice is fine
 
     t.add_target(pid, TARGET_F_TRACK_WRITES).unwrap();
@@ -183,21 +229,44 @@ fn cr_bin() -> PathBuf {
 fn cr_check_reports_every_feature_ok() {
     require_root();
     let bin = cr_bin();
-    let out = Command::new(&bin).arg("check").output().unwrap_or_else(|e| panic!("run {} check: {e}", bin.display()));
+    let out = Command::new(&bin)
+        .arg("check")
+        .output()
+        .unwrap_or_else(|e| panic!("run {} check: {e}", bin.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("$ cr check\n{stdout}{stderr}");
     assert!(out.status.success(), "cr check exited with {}", out.status);
     let mut lines = stdout.lines();
     let header = lines.next().unwrap_or_default();
-    assert!(header.starts_with("FEATURE") && header.contains("STATUS") && header.contains("NEEDED BY"), "header: {header:?}");
+    assert!(
+        header.starts_with("FEATURE") && header.contains("STATUS") && header.contains("NEEDED BY"),
+        "header: {header:?}"
+    );
     let rows: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
     let status_col = header.find("STATUS").unwrap();
-    for name in ["ptrace", "process_vm_readv", "pidfd_getfd", "clone3 set_tid", "PR_SET_MM_MAP", "userfaultfd", "PAGEMAP_SCAN", "tracepoints", "TCP_REPAIR", "tc BPF", "bpffs"] {
-        assert!(rows.iter().any(|r| r.contains(name)), "no line for {name} in:\n{stdout}");
+    for name in [
+        "ptrace",
+        "process_vm_readv",
+        "pidfd_getfd",
+        "clone3 set_tid",
+        "PR_SET_MM_MAP",
+        "userfaultfd",
+        "PAGEMAP_SCAN",
+        "tracepoints",
+        "TCP_REPAIR",
+        "tc BPF",
+        "bpffs",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.contains(name)),
+            "no line for {name} in:\n{stdout}"
+        );
     }
     for r in &rows {
-        let status = r.get(status_col..).and_then(|s| s.split_whitespace().next());
+        let status = r
+            .get(status_col..)
+            .and_then(|s| s.split_whitespace().next());
         assert_eq!(status, Some("ok"), "feature line not ok: {r:?}");
     }
     assert_eq!(lines.next(), Some("Looks good."), "verdict line");

@@ -39,7 +39,10 @@ impl Child {
                     libc::_exit(body());
                 }
             }
-            ForkResult::Parent { child } => Ok(Child { pid: child, reaped: false }),
+            ForkResult::Parent { child } => Ok(Child {
+                pid: child,
+                reaped: false,
+            }),
         }
     }
 
@@ -67,7 +70,11 @@ impl Child {
                 other => return Ok(other),
             }
             if Instant::now() >= deadline {
-                bail!("child {} did not change state within {:?}", self.pid, timeout);
+                bail!(
+                    "child {} did not change state within {:?}",
+                    self.pid,
+                    timeout
+                );
             }
             // Bounded polling: waitpid has no timeout and a pidfd does not report stops.
             std::thread::sleep(Duration::from_millis(1));
@@ -93,14 +100,18 @@ impl Drop for Child {
         let deadline = Instant::now() + TIMEOUT;
         while Instant::now() < deadline {
             match waitpid(self.pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::StillAlive) | Ok(WaitStatus::Stopped(..)) | Ok(WaitStatus::PtraceEvent(..)) => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
+                Ok(WaitStatus::StillAlive)
+                | Ok(WaitStatus::Stopped(..))
+                | Ok(WaitStatus::PtraceEvent(..)) => std::thread::sleep(Duration::from_millis(1)),
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => return,
                 Ok(_) => std::thread::sleep(Duration::from_millis(1)),
             }
         }
-        log::warn!("probe child {} did not die within {:?} of SIGKILL", self.pid, TIMEOUT);
+        log::warn!(
+            "probe child {} did not die within {:?} of SIGKILL",
+            self.pid,
+            TIMEOUT
+        );
     }
 }
 

@@ -36,12 +36,21 @@ impl Mapping {
         let len = pages * PAGE;
         let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-        let ptr = unsafe { mmap_anonymous(None, nz, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE) }
-            .context("mmap an anonymous probe region")?;
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }
+        .context("mmap an anonymous probe region")?;
         let m = Mapping { ptr, len };
         // SAFETY: advice on our own fresh mapping.
-        unsafe { nix::sys::mman::madvise(m.ptr, m.len, nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE) }
-            .context("madvise(MADV_NOHUGEPAGE) on the probe region")?;
+        unsafe {
+            nix::sys::mman::madvise(m.ptr, m.len, nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE)
+        }
+        .context("madvise(MADV_NOHUGEPAGE) on the probe region")?;
         Ok(m)
     }
 
@@ -85,14 +94,19 @@ fn idle_child() -> Result<Child> {
 pub fn ptrace_seize() -> Result<String> {
     let mut child = idle_child()?;
     let pid = child.pid();
-    ptrace::seize(pid, ptrace::Options::PTRACE_O_EXITKILL).with_context(|| format!("PTRACE_SEIZE of child {pid}"))?;
+    ptrace::seize(pid, ptrace::Options::PTRACE_O_EXITKILL)
+        .with_context(|| format!("PTRACE_SEIZE of child {pid}"))?;
     ptrace::interrupt(pid).with_context(|| format!("PTRACE_INTERRUPT of child {pid}"))?;
     match child.wait(TIMEOUT)? {
         WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {}
         other => bail!("expected PTRACE_EVENT_STOP after PTRACE_INTERRUPT, got {other:?}"),
     }
-    let regs = ptrace::getregs(pid).with_context(|| format!("PTRACE_GETREGS of stopped child {pid}"))?;
-    Ok(format!("child {pid} stopped, in syscall {}", regs.orig_rax as i64))
+    let regs =
+        ptrace::getregs(pid).with_context(|| format!("PTRACE_GETREGS of stopped child {pid}"))?;
+    Ok(format!(
+        "child {pid} stopped, in syscall {}",
+        regs.orig_rax as i64
+    ))
 }
 
 /// process_vm_readv of a buffer the child changed after fork.
@@ -183,7 +197,13 @@ pub fn clone3_set_tid() -> Result<String> {
         };
         // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of our memory and
         // immediately _exit()s (async-signal-safe) without touching anything else.
-        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
         if r == 0 {
             // SAFETY: in the child; _exit is async-signal-safe.
             unsafe { libc::_exit(0) };
@@ -206,7 +226,9 @@ pub fn clone3_set_tid() -> Result<String> {
         }
         return Ok(format!("child created at PID {want}"));
     }
-    Err(anyhow!("no free PID found to test clone3 set_tid (last error: {last_err:?})"))
+    Err(anyhow!(
+        "no free PID found to test clone3 set_tid (last error: {last_err:?})"
+    ))
 }
 
 /// Fields of /proc/self/stat that PR_SET_MM_MAP takes (man 5 proc numbering).
@@ -224,7 +246,10 @@ struct MmFields {
 }
 
 fn parse_stat_mm(stat: &str) -> Result<MmFields> {
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("no ')' in /proc/self/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("no ')' in /proc/self/stat"))?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state).
     let get = |n: usize| -> Result<u64> {
@@ -269,12 +294,25 @@ struct PrctlMmMap {
 pub fn prctl_mm_map() -> Result<String> {
     let mut size: u32 = 0;
     // SAFETY: PR_SET_MM_MAP_SIZE writes one u32 at the pointer.
-    let r = unsafe { libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_MAP_SIZE, &mut size as *mut u32, 0, 0) };
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_MM,
+            libc::PR_SET_MM_MAP_SIZE,
+            &mut size as *mut u32,
+            0,
+            0,
+        )
+    };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) (kernel without CONFIG_CHECKPOINT_RESTORE?)");
+        return Err(std::io::Error::last_os_error()).context(
+            "prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) (kernel without CONFIG_CHECKPOINT_RESTORE?)",
+        );
     }
     if size as usize != std::mem::size_of::<PrctlMmMap>() {
-        bail!("the kernel's struct prctl_mm_map is {size} bytes, cr's is {}", std::mem::size_of::<PrctlMmMap>());
+        bail!(
+            "the kernel's struct prctl_mm_map is {size} bytes, cr's is {}",
+            std::mem::size_of::<PrctlMmMap>()
+        );
     }
     let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
     let m = parse_stat_mm(&stat)?;
@@ -300,7 +338,13 @@ pub fn prctl_mm_map() -> Result<String> {
         // SAFETY: PR_SET_MM_MAP reads a prctl_mm_map of the given size (checked above) and
         // sets this child's own mm fields to the values they already have.
         let r = unsafe {
-            libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_MAP, &map as *const PrctlMmMap, std::mem::size_of::<PrctlMmMap>(), 0)
+            libc::prctl(
+                libc::PR_SET_MM,
+                libc::PR_SET_MM_MAP,
+                &map as *const PrctlMmMap,
+                std::mem::size_of::<PrctlMmMap>(),
+                0,
+            )
         };
         if r == 0 {
             0
@@ -341,7 +385,10 @@ pub fn userfaultfd_wp_async() -> Result<String> {
 fn scan_pages(scanner: &mut PagemapScanner, m: &Mapping, q: &ScanQuery) -> Result<Vec<u64>> {
     let regions = scanner.scan(m.addr(), m.addr() + m.len as u64, q)?;
     let base = m.addr() / PAGE as u64;
-    Ok(regions.iter().flat_map(|r| (r.start / PAGE as u64 - base)..(r.end / PAGE as u64 - base)).collect())
+    Ok(regions
+        .iter()
+        .flat_map(|r| (r.start / PAGE as u64 - base)..(r.end / PAGE as u64 - base))
+        .collect())
 }
 
 /// PAGEMAP_SCAN: present pages of a fresh region, then (with uffd) the written pages of an
@@ -351,7 +398,11 @@ pub fn pagemap_scan_probe() -> Result<String> {
     let m = Mapping::anon(6)?;
     m.write(0, 1);
     m.write(3, 1);
-    let present = ScanQuery { category_mask: PAGE_IS_PRESENT, return_mask: PAGE_IS_PRESENT, ..Default::default() };
+    let present = ScanQuery {
+        category_mask: PAGE_IS_PRESENT,
+        return_mask: PAGE_IS_PRESENT,
+        ..Default::default()
+    };
     let got = scan_pages(&mut pagemap, &m, &present)?;
     if got != [0, 3] {
         bail!("PAGEMAP_SCAN for present pages reported pages {got:?} of a region where 0 and 3 were written");
@@ -360,7 +411,9 @@ pub fn pagemap_scan_probe() -> Result<String> {
         Ok(x) => x,
         Err(e) => {
             log::debug!("PAGEMAP_SCAN write-protect matching not tried: {e:#}");
-            return Ok("present-page scan works (no userfaultfd WP_ASYNC: WP matching not tried)".into());
+            return Ok(
+                "present-page scan works (no userfaultfd WP_ASYNC: WP matching not tried)".into(),
+            );
         }
     };
     let wp = ScanQuery {
@@ -396,7 +449,12 @@ pub fn tracepoints() -> Result<String> {
     let mut t = crate::track::Tracker::start()?;
     let me = std::process::id();
     let m = Mapping::anon(2)?;
-    let flags = TARGET_F_TRACK_WRITES | if log::log_enabled!(log::Level::Debug) { TARGET_F_LOG } else { 0 };
+    let flags = TARGET_F_TRACK_WRITES
+        | if log::log_enabled!(log::Level::Debug) {
+            TARGET_F_LOG
+        } else {
+            0
+        };
     t.add_target(me, flags)?;
     m.write(0, 1);
     let _ = m.read(1);
@@ -404,9 +462,15 @@ pub fn tracepoints() -> Result<String> {
     let pages = t.dirty_pages(me)?;
     let stats = t.stats()?;
     t.flush_log();
-    let (w, r) = (m.page_addr(0) >> cr_common::PAGE_SHIFT, m.page_addr(1) >> cr_common::PAGE_SHIFT);
+    let (w, r) = (
+        m.page_addr(0) >> cr_common::PAGE_SHIFT,
+        m.page_addr(1) >> cr_common::PAGE_SHIFT,
+    );
     if !pages.contains(&w) {
-        bail!("the write fault on page {w:#x} was not recorded (recorded {} pages, stats {stats:?})", pages.len());
+        bail!(
+            "the write fault on page {w:#x} was not recorded (recorded {} pages, stats {stats:?})",
+            pages.len()
+        );
     }
     if pages.contains(&r) {
         bail!("a read fault on page {r:#x} was recorded as a write");
@@ -414,14 +478,26 @@ pub fn tracepoints() -> Result<String> {
     if stats.read_faults == 0 {
         bail!("no read fault was counted (stats {stats:?})");
     }
-    Ok(format!("saw the write to {:#x}; stats {stats:?}", m.page_addr(0)))
+    Ok(format!(
+        "saw the write to {:#x}; stats {stats:?}",
+        m.page_addr(0)
+    ))
 }
 
 fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
     // SAFETY: an int option, passed by pointer with its size.
-    let r = unsafe { libc::setsockopt(fd, level, opt, &v as *const i32 as *const c_void, std::mem::size_of::<i32>() as u32) };
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const i32 as *const c_void,
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt {what}={v}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setsockopt {what}={v}"));
     }
     Ok(())
 }
@@ -430,7 +506,8 @@ fn getsockopt_u32(fd: i32, level: i32, opt: i32, what: &str) -> Result<u32> {
     let mut v: u32 = 0;
     let mut len = std::mem::size_of::<u32>() as u32;
     // SAFETY: a u32 option, buffer and length valid for the call.
-    let r = unsafe { libc::getsockopt(fd, level, opt, &mut v as *mut u32 as *mut c_void, &mut len) };
+    let r =
+        unsafe { libc::getsockopt(fd, level, opt, &mut v as *mut u32 as *mut c_void, &mut len) };
     if r != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
     }
@@ -444,13 +521,20 @@ pub fn tcp_repair() -> Result<String> {
     const TCP_SEND_QUEUE: i32 = 2;
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a loopback TCP listener")?;
     let addr = l.local_addr().context("listener address")?;
-    let c = std::net::TcpStream::connect_timeout(&addr, TIMEOUT).context("connect over loopback")?;
+    let c =
+        std::net::TcpStream::connect_timeout(&addr, TIMEOUT).context("connect over loopback")?;
     let (_s, _) = l.accept().context("accept the loopback connection")?;
     let fd = c.as_raw_fd();
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1, "TCP_REPAIR")
         .context("TCP_REPAIR needs CAP_NET_ADMIN")?;
-    let seq = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")
-        .and_then(|_| getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ"));
+    let seq = setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_QUEUE,
+        TCP_SEND_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )
+    .and_then(|_| getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ"));
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0, "TCP_REPAIR")?;
     Ok(format!("send queue seq {}", seq?))
 }
@@ -480,7 +564,8 @@ pub fn tc_bpf() -> Result<String> {
             }
         })
         .context("start the tc probe thread")?;
-    h.join().map_err(|_| anyhow!("the tc probe thread panicked"))?
+    h.join()
+        .map_err(|_| anyhow!("the tc probe thread panicked"))?
 }
 
 /// Brings `lo` up in the current thread's network namespace.
@@ -499,11 +584,21 @@ fn set_lo_up() -> Result<()> {
     }
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read/write an ifreq, which `ifr` is.
     unsafe {
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr as *mut libc::ifreq) != 0 {
+        if libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCGIFFLAGS,
+            &mut ifr as *mut libc::ifreq,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS on lo");
         }
         ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr as *mut libc::ifreq) != 0 {
+        if libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            &mut ifr as *mut libc::ifreq,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS (up) on lo");
         }
     }
@@ -525,24 +620,42 @@ fn tc_roundtrip(netlink: bool) -> Result<u64> {
         .ok_or_else(|| anyhow!("the eBPF object has no program {PROBE_TC_PROG} (stale build? run cargo xtask build)"))?
         .try_into()
         .context("cr_probe_tc is not a classifier")?;
-    prog.load().context("load the tc probe classifier (verifier)")?;
+    prog.load()
+        .context("load the tc probe classifier (verifier)")?;
     if netlink {
         tc::qdisc_add_clsact(c"lo").context("add a clsact qdisc to lo")?;
-        prog.attach(c"lo", TcAttach::Netlink { parent: TcAttachType::Ingress.into(), options: NlOptions::default() })
-            .context("attach the classifier at lo ingress (netlink)")?;
+        prog.attach(
+            c"lo",
+            TcAttach::Netlink {
+                parent: TcAttachType::Ingress.into(),
+                options: NlOptions::default(),
+            },
+        )
+        .context("attach the classifier at lo ingress (netlink)")?;
     } else {
-        prog.attach(c"lo", TcAttach::Tcx { attach_type: TcAttachType::Ingress, order: LinkOrder::default() })
-            .context("attach the classifier at lo ingress (TCX)")?;
+        prog.attach(
+            c"lo",
+            TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: LinkOrder::default(),
+            },
+        )
+        .context("attach the classifier at lo ingress (TCX)")?;
     }
     let rx = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a loopback UDP socket")?;
-    rx.set_read_timeout(Some(TIMEOUT)).context("set a receive timeout")?;
+    rx.set_read_timeout(Some(TIMEOUT))
+        .context("set a receive timeout")?;
     let to = rx.local_addr().context("UDP socket address")?;
     let tx = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a loopback UDP socket")?;
-    tx.send_to(b"cr check", to).context("send a datagram over loopback")?;
+    tx.send_to(b"cr check", to)
+        .context("send a datagram over loopback")?;
     let mut buf = [0u8; 16];
     // Once received, it has passed lo's ingress hook.
-    rx.recv_from(&mut buf).context("receive the datagram sent over loopback")?;
-    let n = count.get(&0, 0).context("read the probe classifier's counter")?;
+    rx.recv_from(&mut buf)
+        .context("receive the datagram sent over loopback")?;
+    let n = count
+        .get(&0, 0)
+        .context("read the probe classifier's counter")?;
     if n == 0 {
         bail!("the datagram crossed lo but the classifier did not run");
     }
@@ -573,16 +686,23 @@ pub fn bpffs() -> Result<String> {
     use aya::maps::{Array, Map, MapData};
     let at_sys = crate::mounts::is_mounted(crate::mounts::BPFFS, "bpf")?;
     let guard = if at_sys {
-        let dir = std::path::Path::new(crate::mounts::BPFFS).join(format!("cr-check-{}", std::process::id()));
+        let dir = std::path::Path::new(crate::mounts::BPFFS)
+            .join(format!("cr-check-{}", std::process::id()));
         std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        PinDir { dir, mounted: false }
+        PinDir {
+            dir,
+            mounted: false,
+        }
     } else {
         if !crate::mounts::kernel_has_fs("bpf")? {
             bail!("this kernel has no bpf filesystem");
         }
         let dir = std::env::temp_dir().join(format!("cr-check-bpffs-{}", std::process::id()));
         std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let mut g = PinDir { dir, mounted: false };
+        let mut g = PinDir {
+            dir,
+            mounted: false,
+        };
         crate::mounts::mount_fs("bpf", &g.dir)?;
         g.mounted = true;
         g
@@ -590,9 +710,12 @@ pub fn bpffs() -> Result<String> {
     let pin = guard.dir.join("probe");
     let mut a: Array<MapData, u64> = Array::create(1, 0).context("create a BPF array map")?;
     a.set(0, &0xC0FFEE, 0).context("write the BPF array map")?;
-    a.pin(&pin).with_context(|| format!("pin a map at {}", pin.display()))?;
-    let back = MapData::from_pin(&pin).with_context(|| format!("open the pin {}", pin.display()))?;
-    let back: Array<MapData, u64> = Array::try_from(Map::Array(back)).context("the pinned map's type")?;
+    a.pin(&pin)
+        .with_context(|| format!("pin a map at {}", pin.display()))?;
+    let back =
+        MapData::from_pin(&pin).with_context(|| format!("open the pin {}", pin.display()))?;
+    let back: Array<MapData, u64> =
+        Array::try_from(Map::Array(back)).context("the pinned map's type")?;
     if back.get(&0, 0).context("read the pinned map")? != 0xC0FFEE {
         bail!("the map reopened from its pin does not hold what was written");
     }

@@ -65,7 +65,12 @@ impl Tracker {
         let dirty = obj.take_map(names::DIRTY)?;
         let stats = obj.take_map(names::STATS)?;
         obj.attach_fault_tracepoints()?;
-        Ok(Tracker { targets, dirty, stats, obj })
+        Ok(Tracker {
+            targets,
+            dirty,
+            stats,
+            obj,
+        })
     }
 
     /// Starts recording process `tgid` (all its threads) with `flags` (cr_common::TARGET_F_*;
@@ -74,13 +79,20 @@ impl Tracker {
         let epoch = self.targets.get(&tgid, 0).map(|t| t.epoch).unwrap_or(0);
         self.targets
             .insert(&tgid, &TargetInfo { epoch, flags }, 0)
-            .with_context(|| format!("add process {tgid} to the tracked set (at most {} targets)", cr_common::TARGETS_MAX_ENTRIES))
+            .with_context(|| {
+                format!(
+                    "add process {tgid} to the tracked set (at most {} targets)",
+                    cr_common::TARGETS_MAX_ENTRIES
+                )
+            })
     }
 
     /// Stops recording `tgid`. Its dirty pages stay until [`Tracker::clear`].
     pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
         match self.targets.remove(&tgid) {
-            Err(e) if !is_not_found(&e) => Err(e).with_context(|| format!("remove process {tgid} from the tracked set")),
+            Err(e) if !is_not_found(&e) => {
+                Err(e).with_context(|| format!("remove process {tgid} from the tracked set"))
+            }
             _ => Ok(()),
         }
     }
@@ -88,9 +100,14 @@ impl Tracker {
     /// Starts a new epoch for `tgid` and returns it: pages written from now on carry it, so a
     /// harvest can tell them from pages it already took.
     pub fn bump_epoch(&mut self, tgid: u32) -> Result<u64> {
-        let mut t = self.targets.get(&tgid, 0).with_context(|| format!("process {tgid} is not tracked"))?;
+        let mut t = self
+            .targets
+            .get(&tgid, 0)
+            .with_context(|| format!("process {tgid} is not tracked"))?;
         t.epoch += 1;
-        self.targets.insert(&tgid, &t, 0).with_context(|| format!("set the epoch of process {tgid}"))?;
+        self.targets
+            .insert(&tgid, &t, 0)
+            .with_context(|| format!("set the epoch of process {tgid}"))?;
         Ok(t.epoch)
     }
 
@@ -106,7 +123,11 @@ impl Tracker {
                 Err(e) => return Err(e).context("read the dirty-page map"),
             };
             if k.tgid == tgid {
-                out.push(DirtyPage { page: k.page, writes: v.writes, epoch: v.epoch });
+                out.push(DirtyPage {
+                    page: k.page,
+                    writes: v.writes,
+                    epoch: v.epoch,
+                });
             }
         }
         out.sort_unstable_by_key(|p| p.page);
@@ -126,8 +147,13 @@ impl Tracker {
         let fd = self.dirty.map().fd().as_fd();
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            if let Some(v) = lookup_and_delete::<PageKey, PageInfo>(fd.as_raw_fd(), &k, "CR_DIRTY")? {
-                out.push(DirtyPage { page: k.page, writes: v.writes, epoch: v.epoch });
+            if let Some(v) = lookup_and_delete::<PageKey, PageInfo>(fd.as_raw_fd(), &k, "CR_DIRTY")?
+            {
+                out.push(DirtyPage {
+                    page: k.page,
+                    writes: v.writes,
+                    epoch: v.epoch,
+                });
             }
         }
         out.sort_unstable_by_key(|p| p.page);
@@ -162,7 +188,10 @@ impl Tracker {
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
         let get = |i: u32| -> Result<u64> {
-            let v = self.stats.get(&i, 0).with_context(|| format!("read counter {i} of CR_STATS"))?;
+            let v = self
+                .stats
+                .get(&i, 0)
+                .with_context(|| format!("read counter {i} of CR_STATS"))?;
             Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
         };
         Ok(Stats {
@@ -223,7 +252,14 @@ fn lookup_and_delete<K, V: Default>(map_fd: i32, key: &K, map: &str) -> Result<O
     // SAFETY: the attr is the map-element member of union bpf_attr (map_fd, key, value, flags;
     // the kernel zero-extends a shorter attr); key and value point to live objects of the
     // map's key and value types (checked by aya when the map was typed).
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENOENT) {

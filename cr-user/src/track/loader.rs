@@ -30,7 +30,9 @@ const GLOBAL_FAULT_ERR_OFF: &str = "FAULT_ERR_OFF";
 /// The embedded eBPF object, or a clear error if this cr was built without one.
 pub fn embedded_object() -> Result<&'static [u8]> {
     if EBPF_OBJECT.is_empty() {
-        return Err(anyhow!("this cr was built without its eBPF object; build with cargo xtask build"));
+        return Err(anyhow!(
+            "this cr was built without its eBPF object; build with cargo xtask build"
+        ));
     }
     Ok(EBPF_OBJECT)
 }
@@ -58,14 +60,20 @@ impl BpfObject {
         let fault_layout = tracefs::read_fault_layout().map_err(|e| format!("{e:#}"));
         let mut loader = EbpfLoader::new();
         if let Ok(l) = &fault_layout {
-            log::debug!("page-fault tracepoint layout: address at {}, error_code at {}", l.address, l.error_code);
+            log::debug!(
+                "page-fault tracepoint layout: address at {}, error_code at {}",
+                l.address,
+                l.error_code
+            );
             loader.override_global(GLOBAL_FAULT_ADDR_OFF, &l.address, true);
             loader.override_global(GLOBAL_FAULT_ERR_OFF, &l.error_code, true);
         }
         // eBPF-side log statements below cr's level are skipped in the kernel.
         let level = log::max_level() as u8;
         loader.override_global(aya_log::LEVEL, &level, false);
-        let mut ebpf = loader.load(data).context("load cr's eBPF object (maps and relocations)")?;
+        let mut ebpf = loader
+            .load(data)
+            .context("load cr's eBPF object (maps and relocations)")?;
         let log = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => match LogPump::start(logger) {
                 Ok(p) => Some(p),
@@ -79,7 +87,11 @@ impl BpfObject {
                 None
             }
         };
-        Ok(BpfObject { log, ebpf, fault_layout })
+        Ok(BpfObject {
+            log,
+            ebpf,
+            fault_layout,
+        })
     }
 
     /// The page-fault layout this object was patched with, or why there is none.
@@ -90,13 +102,16 @@ impl BpfObject {
     /// Loads program `prog` and attaches it to tracepoint `category:name`. The link lives as
     /// long as this object.
     pub fn attach_tracepoint(&mut self, prog: &str, category: &str, name: &str) -> Result<()> {
-        let p = self
-            .ebpf
-            .program_mut(prog)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {prog} (stale build? run cargo xtask build)"))?;
-        let tp: &mut TracePoint = p.try_into().with_context(|| format!("program {prog} is not a tracepoint program"))?;
-        tp.load().with_context(|| format!("load eBPF program {prog} into the kernel (verifier)"))?;
-        tp.attach(category, name).with_context(|| format!("attach {prog} to tracepoint {category}:{name}"))?;
+        let p = self.ebpf.program_mut(prog).ok_or_else(|| {
+            anyhow!("the eBPF object has no program {prog} (stale build? run cargo xtask build)")
+        })?;
+        let tp: &mut TracePoint = p
+            .try_into()
+            .with_context(|| format!("program {prog} is not a tracepoint program"))?;
+        tp.load()
+            .with_context(|| format!("load eBPF program {prog} into the kernel (verifier)"))?;
+        tp.attach(category, name)
+            .with_context(|| format!("attach {prog} to tracepoint {category}:{name}"))?;
         log::debug!("attached {prog} to {category}:{name}");
         Ok(())
     }
@@ -116,10 +131,9 @@ impl BpfObject {
     where
         T: TryFrom<Map, Error = aya::maps::MapError>,
     {
-        let map = self
-            .ebpf
-            .take_map(name)
-            .ok_or_else(|| anyhow!("the eBPF object has no map {name} (or it was taken already)"))?;
+        let map = self.ebpf.take_map(name).ok_or_else(|| {
+            anyhow!("the eBPF object has no map {name} (or it was taken already)")
+        })?;
         T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
     }
 
@@ -161,14 +175,20 @@ struct LogPump {
 
 impl LogPump {
     fn start(logger: Logger) -> Result<LogPump> {
-        let ring = logger.as_fd().try_clone_to_owned().context("dup the aya-log ring buffer fd")?;
+        let ring = logger
+            .as_fd()
+            .try_clone_to_owned()
+            .context("dup the aya-log ring buffer fd")?;
         let (stop_r, stop_w) = nix::unistd::pipe().context("pipe for the eBPF log pump")?;
         let logger = Arc::new(Mutex::new(logger));
         let l = logger.clone();
         let thread = std::thread::Builder::new()
             .name("cr-ebpf-log".into())
             .spawn(move || loop {
-                let mut fds = [PollFd::new(ring.as_fd(), PollFlags::POLLIN), PollFd::new(stop_r.as_fd(), PollFlags::POLLIN)];
+                let mut fds = [
+                    PollFd::new(ring.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(stop_r.as_fd(), PollFlags::POLLIN),
+                ];
                 let stopped = match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) => fds[1].revents().is_some_and(|r| !r.is_empty()),
                     Err(nix::errno::Errno::EINTR) => false,
@@ -180,11 +200,18 @@ impl LogPump {
                 }
             })
             .context("start the eBPF log pump thread")?;
-        Ok(LogPump { logger, stop: Some(stop_w), thread: Some(thread) })
+        Ok(LogPump {
+            logger,
+            stop: Some(stop_w),
+            thread: Some(thread),
+        })
     }
 
     fn flush(&self) {
-        self.logger.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.logger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 }
 

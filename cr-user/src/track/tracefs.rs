@@ -43,7 +43,12 @@ fn parse_field_line(line: &str) -> Option<Field> {
             signed = v.trim() == "1";
         }
     }
-    Some(Field { name, offset: offset?, size: size?, signed })
+    Some(Field {
+        name,
+        offset: offset?,
+        size: size?,
+        signed,
+    })
 }
 
 /// Offsets of the fields cr-ebpf's fault tracker reads.
@@ -62,11 +67,17 @@ pub fn fault_layout(event: &str, text: &str) -> Result<FaultLayout> {
             bail!("tracepoint {event} has no field `{name}` in its tracefs format: cr-ebpf cannot read this kernel's page-fault records");
         };
         if f.size != 8 {
-            bail!("tracepoint {event}: field `{name}` is {} bytes, cr-ebpf reads 8", f.size);
+            bail!(
+                "tracepoint {event}: field `{name}` is {} bytes, cr-ebpf reads 8",
+                f.size
+            );
         }
         Ok(f.offset)
     };
-    Ok(FaultLayout { address: get("address")?, error_code: get("error_code")? })
+    Ok(FaultLayout {
+        address: get("address")?,
+        error_code: get("error_code")?,
+    })
 }
 
 /// Reads a tracepoint's format file from tracefs.
@@ -80,8 +91,14 @@ pub fn read_format(category: &str, name: &str) -> Result<String> {
 /// The layout of exceptions:page_fault_user and page_fault_kernel, which must agree: one pair
 /// of offsets serves both programs.
 pub fn read_fault_layout() -> Result<FaultLayout> {
-    let user = fault_layout("exceptions:page_fault_user", &read_format("exceptions", "page_fault_user")?)?;
-    let kernel = fault_layout("exceptions:page_fault_kernel", &read_format("exceptions", "page_fault_kernel")?)?;
+    let user = fault_layout(
+        "exceptions:page_fault_user",
+        &read_format("exceptions", "page_fault_user")?,
+    )?;
+    let kernel = fault_layout(
+        "exceptions:page_fault_kernel",
+        &read_format("exceptions", "page_fault_kernel")?,
+    )?;
     if user != kernel {
         bail!("exceptions:page_fault_user ({user:?}) and page_fault_kernel ({kernel:?}) disagree on their layout; cr-ebpf needs them equal");
     }
@@ -111,8 +128,24 @@ print fmt: \"address=%ps ip=%ps error_code=0x%lx\", (void *)REC->address, (void 
     fn parses_fields() {
         let f = parse_format(PF_USER);
         assert_eq!(f.len(), 7);
-        assert_eq!(f[3], Field { name: "common_pid".into(), offset: 4, size: 4, signed: true });
-        assert_eq!(f[6], Field { name: "error_code".into(), offset: 24, size: 8, signed: false });
+        assert_eq!(
+            f[3],
+            Field {
+                name: "common_pid".into(),
+                offset: 4,
+                size: 4,
+                signed: true
+            }
+        );
+        assert_eq!(
+            f[6],
+            Field {
+                name: "error_code".into(),
+                offset: 24,
+                size: 8,
+                signed: false
+            }
+        );
     }
 
     #[test]
@@ -126,7 +159,13 @@ print fmt: \"address=%ps ip=%ps error_code=0x%lx\", (void *)REC->address, (void 
     #[test]
     fn finds_the_fault_layout() {
         let l = fault_layout("x", PF_USER).unwrap();
-        assert_eq!(l, FaultLayout { address: 8, error_code: 24 });
+        assert_eq!(
+            l,
+            FaultLayout {
+                address: 8,
+                error_code: 24
+            }
+        );
         // A kernel with another layout is followed, not refused.
         let moved = PF_USER.replace("error_code;\toffset:24", "error_code;\toffset:32");
         assert_eq!(fault_layout("x", &moved).unwrap().error_code, 32);
@@ -135,7 +174,9 @@ print fmt: \"address=%ps ip=%ps error_code=0x%lx\", (void *)REC->address, (void 
     #[test]
     fn refuses_missing_or_narrow_fields() {
         let missing = PF_USER.replace("error_code;", "err;");
-        let e = fault_layout("exceptions:page_fault_user", &missing).unwrap_err().to_string();
+        let e = fault_layout("exceptions:page_fault_user", &missing)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no field `error_code`"), "{e}");
         let narrow = PF_USER.replace("address;\toffset:8;\tsize:8", "address;\toffset:8;\tsize:4");
         let e = fault_layout("x", &narrow).unwrap_err().to_string();

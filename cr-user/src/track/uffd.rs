@@ -56,11 +56,15 @@ struct UffdioWriteprotect {
 }
 
 const UFFDIO: u8 = 0xAA;
-const UFFDIO_API: nix::sys::ioctl::ioctl_num_type = nix::request_code_readwrite!(UFFDIO, 0x3F, std::mem::size_of::<UffdioApi>());
+const UFFDIO_API: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_readwrite!(UFFDIO, 0x3F, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_readwrite!(UFFDIO, 0x00, std::mem::size_of::<UffdioRegister>());
-const UFFDIO_WRITEPROTECT: nix::sys::ioctl::ioctl_num_type =
-    nix::request_code_readwrite!(UFFDIO, UFFDIO_WRITEPROTECT_NR, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_WRITEPROTECT: nix::sys::ioctl::ioctl_num_type = nix::request_code_readwrite!(
+    UFFDIO,
+    UFFDIO_WRITEPROTECT_NR,
+    std::mem::size_of::<UffdioWriteprotect>()
+);
 
 /// One userfaultfd.
 #[derive(Debug)]
@@ -72,7 +76,11 @@ pub struct Userfaultfd {
 ///
 /// SAFETY (of the callers' use): every request passed here is paired with the `#[repr(C)]`
 /// struct of the size encoded in the request number, and `arg` points to a live instance.
-fn uffd_ioctl<T>(fd: &OwnedFd, req: nix::sys::ioctl::ioctl_num_type, arg: &mut T) -> nix::Result<()> {
+fn uffd_ioctl<T>(
+    fd: &OwnedFd,
+    req: nix::sys::ioctl::ioctl_num_type,
+    arg: &mut T,
+) -> nix::Result<()> {
     // SAFETY: see above; the kernel reads and writes at most size_of::<T>() bytes at `arg`.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
     nix::errno::Errno::result(r).map(drop)
@@ -88,7 +96,9 @@ impl Userfaultfd {
             bail!("userfaultfd(): {e} (kernel without CONFIG_USERFAULTFD, or vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE)");
         }
         // SAFETY: the syscall just returned this fd and nothing else owns it.
-        Ok(Userfaultfd { fd: unsafe { OwnedFd::from_raw_fd(r as i32) } })
+        Ok(Userfaultfd {
+            fd: unsafe { OwnedFd::from_raw_fd(r as i32) },
+        })
     }
 
     /// Wraps a userfaultfd obtained elsewhere (e.g. with pidfd_getfd from a target).
@@ -99,18 +109,31 @@ impl Userfaultfd {
     /// The UFFDIO_API handshake, enabling `features`. Returns every feature the kernel
     /// supports. Fails if one of `features` is not supported.
     pub fn handshake(&self, features: u64) -> Result<u64> {
-        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
-        uffd_ioctl(&self.fd, UFFDIO_API, &mut api)
-            .with_context(|| format!("UFFDIO_API with features {features:#x} (this kernel lacks one of them)"))?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        uffd_ioctl(&self.fd, UFFDIO_API, &mut api).with_context(|| {
+            format!("UFFDIO_API with features {features:#x} (this kernel lacks one of them)")
+        })?;
         if api.features & features != features {
-            bail!("UFFDIO_API: kernel accepted but reports features {:#x}, missing {:#x}", api.features, features & !api.features);
+            bail!(
+                "UFFDIO_API: kernel accepted but reports features {:#x}, missing {:#x}",
+                api.features,
+                features & !api.features
+            );
         }
         Ok(api.features)
     }
 
     /// Registers `[start, start+len)` for write-protect tracking.
     pub fn register_wp(&self, start: u64, len: u64) -> Result<()> {
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
         uffd_ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
             .with_context(|| format!("UFFDIO_REGISTER (write-protect) of {start:#x}+{len:#x}"))?;
         if reg.ioctls & (1 << UFFDIO_WRITEPROTECT_NR) == 0 {
@@ -121,8 +144,15 @@ impl Userfaultfd {
 
     /// Write-protects (`protect`) or unprotects `[start, start+len)`.
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<()> {
-        let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
-        let mut wp = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode,
+        };
         uffd_ioctl(&self.fd, UFFDIO_WRITEPROTECT, &mut wp)
             .with_context(|| format!("UFFDIO_WRITEPROTECT({protect}) of {start:#x}+{len:#x}"))
     }
@@ -141,8 +171,8 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         // From <linux/userfaultfd.h> on x86_64.
-        assert_eq!(UFFDIO_API as u64, 0xc018aa3f);
-        assert_eq!(UFFDIO_REGISTER as u64, 0xc020aa00);
-        assert_eq!(UFFDIO_WRITEPROTECT as u64, 0xc018aa06);
+        assert_eq!(UFFDIO_API, 0xc018aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
     }
 }
