@@ -8,6 +8,7 @@
 pub mod files;
 pub mod interrupt;
 pub mod memory;
+pub mod pages;
 pub mod task;
 pub mod target;
 
@@ -45,54 +46,79 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let mut tracee = Tracee::seize(pid, pid).with_context(|| format!("freezing PID {pid}"))?;
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
-    let stats = match dump_frozen(&mut tracee, &writer, o) {
-        Ok(s) => s,
+    let collected = match dump_frozen(&mut tracee, &writer, o) {
+        Ok(c) => c,
         Err(e) => {
             // Dropping the tracee detaches it; the Remote (already dropped) restored registers.
             drop(tracee);
             return Err(e);
         }
     };
-    let mut stats = stats;
-    stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
-    stats.total_us = t_start.elapsed().as_micros() as u64;
-    let mut flags = 0;
-    if o.tcp_established {
-        flags |= DUMP_F_TCP;
-    }
-    if o.shell_job {
-        flags |= DUMP_F_SHELL_JOB;
-    }
-    if o.file_locks {
-        flags |= DUMP_F_FILE_LOCKS;
-    }
-    let inventory = pb::Inventory {
-        kernel_release: proc::task::kernel_release().unwrap_or_default(),
-        root_pid: pid,
-        flags,
-        stats: Some(stats),
-        cr_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-        ..Default::default()
+    // With -R the target needs nothing more from us: everything is read. Let it run while the
+    // page writer finishes.
+    let mut frozen_us = 0;
+    let tracee = if o.leave_running {
+        tracee.detach()?;
+        frozen_us = t_frozen.elapsed().as_micros() as u64;
+        log::info!("PID {pid} runs on (frozen {:.1} ms); finishing the image", frozen_us as f64 / 1e3);
+        None
+    } else {
+        Some(tracee)
     };
-    // Commit before the target goes away: a dump that cannot be committed must not kill it.
-    if let Err(e) = interrupt::check().and_then(|_| writer.commit(inventory).map(drop)) {
+    let result = write_images(&writer, collected).and_then(|mut stats| {
+        interrupt::check()?;
+        stats.frozen_us = if frozen_us != 0 { frozen_us } else { t_frozen.elapsed().as_micros() as u64 };
+        stats.total_us = t_start.elapsed().as_micros() as u64;
+        let mut flags = 0;
+        if o.tcp_established {
+            flags |= DUMP_F_TCP;
+        }
+        if o.shell_job {
+            flags |= DUMP_F_SHELL_JOB;
+        }
+        if o.file_locks {
+            flags |= DUMP_F_FILE_LOCKS;
+        }
+        let inventory = pb::Inventory {
+            kernel_release: proc::task::kernel_release().unwrap_or_default(),
+            root_pid: pid,
+            flags,
+            stats: Some(stats),
+            cr_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            ..Default::default()
+        };
+        // Commit before the target goes away: a dump that cannot be committed must not kill it.
+        writer.commit(inventory).map(drop)
+    });
+    let Some(tracee) = tracee else {
+        result?;
+        log::info!("dump of PID {pid} complete in {:.1} ms", t_start.elapsed().as_secs_f64() * 1e3);
+        return Ok(());
+    };
+    if let Err(e) = result {
         drop(tracee);
         return Err(e);
     }
     let frozen = t_frozen.elapsed();
-    if o.leave_running {
-        tracee.detach()?;
-        log::info!("dump of PID {pid} complete; it runs on (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
-    } else {
-        tracee.kill()?;
-        log::info!("dump of PID {pid} complete; the process was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
-    }
+    tracee.kill()?;
+    log::info!("dump of PID {pid} complete; the process was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
     Ok(())
 }
 
-/// Everything done while the target is frozen, up to (not including) the commit.
-fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<pb::DumpStats> {
+/// What was collected while the target was frozen; pages may still be on their way to disk.
+struct Collected {
+    pid: i32,
+    core: pb::Core,
+    mm: pb::Mm,
+    fdt: files::FdTable,
+    pstree: pb::PsTree,
+    pages: pages::PendingPages,
+    stats: pb::DumpStats,
+}
+
+/// Everything that needs the target frozen: its state, and a copy of its memory.
+fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<Collected> {
     let pid = t.tgid;
     let stat = proc::stat::read_stat(pid)?;
     let status = proc::status::read_status(pid)?;
@@ -125,11 +151,10 @@ fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<pb::Dump
 
     let t_mem = Instant::now();
     let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
-    let mut pages = PageWriter::create(w, pid, total_pages)?;
-    copy_pages(pid, &runs, &mut pages)?;
-    let pagemap = pages.finish()?;
+    let writer = PageWriter::create(w, pid, total_pages)?;
+    let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * 4096))?;
     let memdump_us = t_mem.elapsed().as_micros() as u64;
-    log::info!("PID {pid}: {} VMAs, {total_pages} pages written of {scanned} scanned", mm.vmas.len());
+    log::info!("PID {pid}: {} VMAs, {total_pages} pages copied of {scanned} scanned in {:.1} ms", mm.vmas.len(), memdump_us as f64 / 1e3);
 
     let pstree = pb::PsTree {
         tasks: vec![pb::PsTreeEntry {
@@ -142,44 +167,29 @@ fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<pb::Dump
             exit_status: 0,
         }],
     };
-    w.write_msg(&imgdir::core_file(pid), Kind::Core, &core)?;
-    w.write_msg(&imgdir::mm_file(pid), Kind::Mm, &mm)?;
-    w.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
-    w.write_msg(&imgdir::fds_file(pid), Kind::Fds, &fdt.fds)?;
-    for (name, bytes) in &fdt.contents {
-        w.write_blob(name, bytes)?;
-    }
-    w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: fdt.files })?;
-    w.write_msg(imgdir::PSTREE, Kind::PsTree, &pstree)?;
-    Ok(pb::DumpStats {
+    let stats = pb::DumpStats {
         memdump_us,
         pages_scanned: scanned,
         pages_written: total_pages,
         harvest: "full".into(),
         vmas: mm.vmas.len() as u64,
         ..Default::default()
-    })
+    };
+    Ok(Collected { pid, core, mm, fdt, pstree, pages: pending, stats })
 }
 
-/// Copies the runs into the page file: process_vm_readv for readable memory (large batches),
-/// /proc/PID/mem for the rest (it may read PROT_NONE pages).
-fn copy_pages(pid: i32, runs: &[memory::Run], pages: &mut PageWriter) -> Result<()> {
-    for run in runs {
-        let mut addr = run.start;
-        while addr < run.end {
-            interrupt::check()?;
-            let want = (run.end - addr) / 4096;
-            let win = pages.window(want);
-            let n = (win.len() / 4096) as u64;
-            if run.readable {
-                let len = win.len();
-                crate::sys::vm::process_vm_readv_ranges(pid, &[(addr, len)], win)?;
-            } else {
-                ptrace::inject::read_mem(pid, addr, win)?;
-            }
-            pages.finish_run(addr, n)?;
-            addr += n * 4096;
-        }
+/// Writes every descriptor once the pages are on disk. Returns the statistics.
+fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
+    let pid = c.pid;
+    let pagemap = c.pages.finish()?;
+    w.write_msg(&imgdir::core_file(pid), Kind::Core, &c.core)?;
+    w.write_msg(&imgdir::mm_file(pid), Kind::Mm, &c.mm)?;
+    w.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
+    w.write_msg(&imgdir::fds_file(pid), Kind::Fds, &c.fdt.fds)?;
+    for (name, bytes) in &c.fdt.contents {
+        w.write_blob(name, bytes)?;
     }
-    Ok(())
+    w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: c.fdt.files })?;
+    w.write_msg(imgdir::PSTREE, Kind::PsTree, &c.pstree)?;
+    Ok(c.stats)
 }
