@@ -4,12 +4,23 @@
 //! Descriptions are first opened at temporary numbers above every fd of the image, then moved
 //! into place with dup3, so an fd number the kernel hands out can never clobber one already
 //! restored.
+//!
+//! - Regular files and directories are opened by path, never with O_TRUNC or O_CREAT: restore
+//!   does not change file contents.
+//! - An unlinked file is recreated from the image under a temporary name (its old name when
+//!   that is free, so /proc shows the same "path (deleted)" as before), opened by the task for
+//!   every description that had it, and unlinked again before this module returns, on success
+//!   and on error alike ([`GhostLink`]).
+//! - A pipe is made by the task (pipe2); cr refills it through a write end of its own opened via
+//!   /proc, non-blocking, after growing it to the dumped capacity.
+//! - A FIFO is held open read-write by cr while the task opens its ends (so no open blocks and
+//!   the refilled data stays in the buffer); the caller drops that [`Keepalive`] afterwards.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -20,6 +31,10 @@ use crate::ptrace::Remote;
 
 use super::memory::put_str;
 
+/// The bit that, with O_DIRECTORY, makes O_TMPFILE. It stays in f_flags of a file opened with
+/// O_TMPFILE but must not be passed when reopening it.
+const O_TMPFILE_BIT: u32 = 0o20000000;
+
 /// Checks, before anything is created, that every file the image refers to is still there as it
 /// was: a vanished file or one whose size changed is an error naming it.
 pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
@@ -27,6 +42,13 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
         match &f.kind {
             Some(Kind::Reg(r)) if !r.unlinked => {
                 let meta = std::fs::metadata(&r.path).with_context(|| format!("file {} (open at dump time) is gone", r.path))?;
+                let was = r.mode & libc::S_IFMT;
+                if was == libc::S_IFREG && !meta.is_file() {
+                    bail!("{} was a regular file at dump time and is not one now", r.path);
+                }
+                if was == libc::S_IFDIR && !meta.is_dir() {
+                    bail!("{} was a directory at dump time and is not one now", r.path);
+                }
                 if meta.is_file() && meta.size() != r.size {
                     bail!("file {} changed size since the dump ({} bytes then, {} now)", r.path, r.size, meta.size());
                 }
@@ -44,7 +66,10 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
                 }
             }
             Some(Kind::Chr(c)) => {
-                std::fs::metadata(&c.path).with_context(|| format!("device {} is gone", c.path))?;
+                let meta = std::fs::metadata(&c.path).with_context(|| format!("device {} is gone", c.path))?;
+                if !meta.file_type().is_char_device() || (c.rdev != 0 && meta.rdev() as u32 != c.rdev) {
+                    bail!("{} is no longer the character device it was at dump time", c.path);
+                }
             }
             Some(Kind::Pipe(_)) => {}
             None => bail!("files.img: entry {} has no kind (image from a newer cr?)", f.id),
@@ -62,143 +87,346 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
     Ok(())
 }
 
-/// State kept until the fd table is complete (FIFO writers that keep data alive).
+/// State kept until the fd table is complete (FIFO copies that keep data alive).
 #[derive(Default)]
 pub struct Keepalive(Vec<std::fs::File>);
 
-fn fcntl_setfl(r: &mut Remote, fd: u64, flags: u32) -> Result<()> {
-    // Only these can be changed with F_SETFL; access mode and creation flags cannot.
-    let settable = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME) as u32;
-    r.syscall("fcntl(F_SETFL)", libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, (flags & settable) as u64])?;
-    Ok(())
+/// A recreated unlinked file's temporary name, removed when dropped.
+struct GhostLink {
+    path: PathBuf,
+}
+
+impl Drop for GhostLink {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("removing the temporary link {} of an unlinked file: {e}", self.path.display());
+        }
+    }
+}
+
+/// One pipe being rebuilt: the task's two ends at temporary fds, and whether each has been
+/// handed to a description already.
+struct PipeEnds {
+    rd: u64,
+    wr: u64,
+    rd_used: bool,
+    wr_used: bool,
+}
+
+/// The saved (data, capacity) of each pipe or FIFO, from whichever entry carries them.
+fn pipe_contents(files: &pb::Files) -> HashMap<(bool, u64), (&[u8], u32)> {
+    let mut out: HashMap<(bool, u64), (&[u8], u32)> = HashMap::new();
+    for f in &files.files {
+        let (key, data, cap) = match &f.kind {
+            Some(Kind::Pipe(p)) => ((false, p.pipe_id), p.data.as_slice(), p.capacity),
+            Some(Kind::Fifo(p)) => ((true, p.pipe_id), p.data.as_slice(), p.capacity),
+            _ => continue,
+        };
+        let e = out.entry(key).or_insert((&[], 0));
+        if !data.is_empty() {
+            e.0 = data;
+        }
+        if cap != 0 {
+            e.1 = cap;
+        }
+    }
+    out
+}
+
+/// Rebuilds the fd table in the task `pid`.
+struct FdBuilder<'a, 'r, 't> {
+    r: &'r mut Remote<'t>,
+    scratch: u64,
+    pid: i32,
+    dir: &'a ImageDir,
+    /// First temporary fd number: above every fd of the image.
+    base: u64,
+    contents: HashMap<(bool, u64), (&'a [u8], u32)>,
+    pipes: HashMap<u64, PipeEnds>,
+    fifos_filled: HashSet<u64>,
+    ghosts: HashMap<(u64, u64), GhostLink>,
+    keep: Keepalive,
+    /// Every temporary fd, closed once the table is in place.
+    temps: Vec<u64>,
+}
+
+impl FdBuilder<'_, '_, '_> {
+    /// Moves a fresh fd of the task above `base` (close-on-exec, closed at the end).
+    fn to_high(&mut self, fd: u64) -> Result<u64> {
+        let hi = self.r.syscall("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, self.base])?;
+        self.r.syscall("close", libc::SYS_close, &[fd])?;
+        self.temps.push(hi);
+        Ok(hi)
+    }
+
+    /// Remote openat(AT_FDCWD, path, flags) → a temporary fd.
+    fn open(&mut self, path: &str, flags: u32, what: &str) -> Result<u64> {
+        let p = put_str(self.r, self.scratch, 0, path)?;
+        let fd = self
+            .r
+            .syscall("openat", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags as u64, 0])
+            .with_context(|| format!("open {what}"))?;
+        self.to_high(fd)
+    }
+
+    fn seek(&mut self, fd: u64, pos: u64, what: &str) -> Result<()> {
+        if pos != 0 {
+            let got = self
+                .r
+                .syscall("lseek", libc::SYS_lseek, &[fd, pos, libc::SEEK_SET as u64])
+                .with_context(|| format!("seek {what} to {pos}"))?;
+            if got != pos {
+                bail!("seek {what} to {pos} landed at {got}");
+            }
+        }
+        Ok(())
+    }
+
+    /// F_SETFL with the flags that can be changed after open.
+    fn setfl(&mut self, fd: u64, flags: u32) -> Result<()> {
+        let settable = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME) as u32;
+        self.r.syscall("fcntl(F_SETFL)", libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, (flags & settable) as u64])?;
+        Ok(())
+    }
+
+    /// Opens one description at a temporary fd, `fd_no` being the first fd that uses it (for
+    /// messages).
+    fn open_description(&mut self, f: &pb::FileEntry, fd_no: i32) -> Result<u64> {
+        let flags = f.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
+        match &f.kind {
+            Some(Kind::Reg(reg)) => {
+                let mut flags = flags & !O_TMPFILE_BIT;
+                if reg.mode & libc::S_IFMT == libc::S_IFREG {
+                    flags &= !(libc::O_DIRECTORY as u32);
+                }
+                let path = if reg.unlinked { self.ghost(reg, f.id)? } else { reg.path.clone() };
+                let what = format!("{}{} for fd {fd_no}", reg.path, if reg.unlinked { " (unlinked)" } else { "" });
+                let t = self.open(&path, flags, &what)?;
+                self.seek(t, f.pos, &what)?;
+                Ok(t)
+            }
+            Some(Kind::Chr(c)) => {
+                let what = format!("{} for fd {fd_no}", c.path);
+                let t = self.open(&c.path, flags, &what)?;
+                self.seek(t, f.pos, &what)?;
+                Ok(t)
+            }
+            Some(Kind::Fifo(fifo)) => {
+                self.fill_fifo(fifo)?;
+                self.open(&fifo.path, flags, &format!("FIFO {} for fd {fd_no}", fifo.path))
+            }
+            Some(Kind::Pipe(pipe)) => self.pipe_end(pipe.pipe_id, flags, fd_no),
+            None => bail!("file {} (fd {fd_no}) has no kind", f.id),
+        }
+    }
+
+    /// Recreates an unlinked file (once per inode); returns the temporary path to open it by.
+    fn ghost(&mut self, reg: &pb::RegFile, id: u32) -> Result<String> {
+        let key = (reg.dev, reg.inode);
+        if let Some(g) = self.ghosts.get(&key) {
+            return path_str(&g.path);
+        }
+        let content = self.dir.read_blob(&reg.content).with_context(|| format!("content of the unlinked file {}", reg.path))?;
+        let (path, mut file) = create_ghost(&reg.path, id)?;
+        let link = GhostLink { path };
+        let shown = link.path.display().to_string();
+        file.write_all(&content).with_context(|| format!("write {shown}"))?;
+        std::os::unix::fs::fchown(&file, Some(reg.uid), Some(reg.gid)).with_context(|| format!("chown {shown} to {}:{}", reg.uid, reg.gid))?;
+        // After chown, which clears set-id bits.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(reg.mode & 0o7777))
+            .with_context(|| format!("chmod {shown} to {:o}", reg.mode & 0o7777))?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(reg.mtime_ns.max(0) as u64);
+        if let Err(e) = file.set_modified(mtime) {
+            log::debug!("set the mtime of {shown}: {e}");
+        }
+        let p = path_str(&link.path)?;
+        log::debug!("unlinked file {} recreated at {p} ({} bytes)", reg.path, content.len());
+        self.ghosts.insert(key, link);
+        Ok(p)
+    }
+
+    /// Puts the saved data (and capacity) of a FIFO back, through an fd of cr's own that stays
+    /// open until the whole table is built.
+    fn fill_fifo(&mut self, fifo: &pb::FifoFile) -> Result<()> {
+        if !self.fifos_filled.insert(fifo.pipe_id) {
+            return Ok(());
+        }
+        let mine = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo.path)
+            .with_context(|| format!("open FIFO {}", fifo.path))?;
+        let (data, cap) = self.contents.get(&(true, fifo.pipe_id)).copied().unwrap_or((&[], 0));
+        let fd = OwnedFd::from(mine);
+        let queued = bytes_in_pipe(&fd)?;
+        if queued != 0 {
+            log::warn!("FIFO {} already holds {queued} bytes from someone else; the saved data goes after them", fifo.path);
+        }
+        refill(&fd, data, cap, &format!("FIFO {}", fifo.path))?;
+        self.keep.0.push(fd.into());
+        Ok(())
+    }
+
+    /// The task's end of pipe `pipe_id` for a description with `flags`: the first description
+    /// of each end gets the end pipe2 made, later ones a reopen of it through /proc.
+    fn pipe_end(&mut self, pipe_id: u64, flags: u32, fd_no: i32) -> Result<u64> {
+        if !self.pipes.contains_key(&pipe_id) {
+            let ends = self.make_pipe(pipe_id)?;
+            self.pipes.insert(pipe_id, ends);
+        }
+        let acc = flags & libc::O_ACCMODE as u32;
+        let Some(ends) = self.pipes.get_mut(&pipe_id) else { bail!("pipe {pipe_id} vanished from the table") };
+        // Only a reopen through /proc gives a read-write pipe description: always reopened.
+        let (end, first) = if acc == libc::O_RDONLY as u32 {
+            (ends.rd, !std::mem::replace(&mut ends.rd_used, true))
+        } else if acc == libc::O_WRONLY as u32 {
+            (ends.wr, !std::mem::replace(&mut ends.wr_used, true))
+        } else {
+            (ends.rd, false)
+        };
+        if first {
+            self.setfl(end, flags)?;
+            return Ok(end);
+        }
+        // Another description of the same end (reopened through /proc at dump time): do the same.
+        self.open(&format!("/proc/self/fd/{end}"), flags, &format!("another description of pipe:[{pipe_id}] for fd {fd_no}"))
+    }
+
+    /// pipe2 in the task, both ends moved above `base`, then refilled from cr.
+    fn make_pipe(&mut self, pipe_id: u64) -> Result<PipeEnds> {
+        self.r.syscall("pipe2", libc::SYS_pipe2, &[self.scratch, libc::O_CLOEXEC as u64])?;
+        let mut b = [0u8; 8];
+        self.r.read_mem(self.scratch, &mut b)?;
+        let rd = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as u64;
+        let wr = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]) as u64;
+        let rd = self.to_high(rd)?;
+        let wr = self.to_high(wr)?;
+        let (data, cap) = self.contents.get(&(false, pipe_id)).copied().unwrap_or((&[], 0));
+        if !data.is_empty() || cap != 0 {
+            // A write end of cr's own: a new, non-blocking description of the task's pipe.
+            let path = format!("/proc/{}/fd/{wr}", self.pid);
+            let mine = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .with_context(|| format!("open {path} to refill pipe:[{pipe_id}]"))?;
+            refill(&OwnedFd::from(mine), data, cap, &format!("pipe:[{pipe_id}]"))?;
+        }
+        Ok(PipeEnds { rd, wr, rd_used: false, wr_used: false })
+    }
+
+    /// Raises the task's RLIMIT_NOFILE (soft, and hard if cr may) when the fd numbers of the
+    /// image plus the temporaries would not fit; the dumped limits are set later.
+    fn make_room(&self, descriptions: usize) -> Result<()> {
+        let need = self.base + 2 * descriptions as u64 + 16;
+        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit64 reading into a valid struct.
+        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("read RLIMIT_NOFILE of the new task");
+        }
+        if old.rlim_cur >= need {
+            return Ok(());
+        }
+        let new = libc::rlimit64 { rlim_cur: need, rlim_max: old.rlim_max.max(need) };
+        // SAFETY: prlimit64 with a valid input struct and no output.
+        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("raise RLIMIT_NOFILE of the new task to {need} for fd {} (raising the hard limit {} needs CAP_SYS_RESOURCE)", self.base - 1, old.rlim_max)
+            });
+        }
+        Ok(())
+    }
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_string).with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// Creates the file that stands in for an unlinked one: at its old name when that is free,
+/// else next to it under a name of cr's.
+fn create_ghost(path: &str, id: u32) -> Result<(PathBuf, std::fs::File)> {
+    let create = |p: &Path| std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(p);
+    let first = PathBuf::from(path);
+    match create(&first) {
+        Ok(f) => return Ok((first, f)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("recreate the unlinked file {path}")),
+    }
+    let alt = PathBuf::from(format!("{path}.cr-ghost-{id}"));
+    let f = create(&alt).with_context(|| format!("recreate the unlinked file {path} at {}", alt.display()))?;
+    Ok((alt, f))
+}
+
+/// FIONREAD: bytes waiting in a pipe.
+fn bytes_in_pipe(fd: &OwnedFd) -> Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the valid pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("FIONREAD");
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// Sets a pipe's capacity and writes `data` into it through `fd` (non-blocking: data that does
+/// not fit is an error, never a hang).
+fn refill(fd: &OwnedFd, data: &[u8], capacity: u32, what: &str) -> Result<()> {
+    if capacity != 0 {
+        // SAFETY: fcntl with integer arguments on an fd we own.
+        let cur = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        // SAFETY: as above.
+        if cur != capacity as i32 && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as i32) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(e).with_context(|| {
+                format!("set the capacity of {what} to {capacity} bytes (above /proc/sys/fs/pipe-max-size needs CAP_SYS_RESOURCE)")
+            });
+        }
+    }
+    let mut f = std::fs::File::from(fd.try_clone().with_context(|| format!("dup an fd of {what}"))?);
+    f.write_all(data).with_context(|| format!("put the {} saved bytes back into {what}", data.len()))
 }
 
 /// Rebuilds the fd table of `pid`.
 pub fn restore_fds(r: &mut Remote, scratch: u64, pid: i32, dir: &ImageDir, fds: &pb::Fds, files: &pb::Files) -> Result<Keepalive> {
     let by_id: HashMap<u32, &pb::FileEntry> = files.files.iter().map(|f| (f.id, f)).collect();
-    let base = fds.fds.iter().map(|f| f.fd).max().unwrap_or(0) as u64 + 1;
-    let pidfd = crate::sys::pidfd::pidfd_open(pid)?;
-    let mut keep = Keepalive::default();
-    // Temporary fd of each description, and the spare pipe ends nobody claimed.
-    let mut temp: HashMap<u32, u64> = HashMap::new();
-    let mut pipes: HashMap<u64, (Option<u64>, Option<u64>)> = HashMap::new();
-    let mut to_close: Vec<u64> = Vec::new();
-    let to_high = |r: &mut Remote, fd: u64| -> Result<u64> {
-        let hi = r.syscall("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, base])?;
-        r.syscall("close", libc::SYS_close, &[fd])?;
-        Ok(hi)
+    let max_fd = fds.fds.iter().map(|f| f.fd).max().unwrap_or(0);
+    if max_fd < 0 {
+        bail!("fds image holds a negative fd {max_fd}");
+    }
+    let descriptions: HashSet<u32> = fds.fds.iter().map(|f| f.file_id).collect();
+    let mut b = FdBuilder {
+        r,
+        scratch,
+        pid,
+        dir,
+        base: max_fd as u64 + 1,
+        contents: pipe_contents(files),
+        pipes: HashMap::new(),
+        fifos_filled: HashSet::new(),
+        ghosts: HashMap::new(),
+        keep: Keepalive::default(),
+        temps: Vec::new(),
     };
+    b.make_room(descriptions.len())?;
+    let mut temp: HashMap<u32, u64> = HashMap::new();
     for fd in &fds.fds {
         if temp.contains_key(&fd.file_id) {
             continue;
         }
         let f = by_id.get(&fd.file_id).with_context(|| format!("fd {} refers to file {} missing from files.img", fd.fd, fd.file_id))?;
-        let open_flags = f.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32);
-        let tfd = match &f.kind {
-            Some(Kind::Reg(reg)) => {
-                let path = if reg.unlinked { recreate_unlinked(dir, reg, f.id)? } else { reg.path.clone() };
-                let p = put_str(r, scratch, 0, &path)?;
-                let res = r.syscall("openat", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, open_flags as u64, 0]);
-                if reg.unlinked {
-                    let _ = std::fs::remove_file(&path);
-                }
-                let t = res.with_context(|| format!("open {} for fd {}", reg.path, fd.fd))?;
-                if f.pos != 0 {
-                    r.syscall("lseek", libc::SYS_lseek, &[t, f.pos, libc::SEEK_SET as u64])
-                        .with_context(|| format!("seek {} to {} for fd {}", reg.path, f.pos, fd.fd))?;
-                }
-                to_high(r, t)?
-            }
-            Some(Kind::Chr(c)) => {
-                let p = put_str(r, scratch, 0, &c.path)?;
-                let t = r
-                    .syscall("openat", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, open_flags as u64, 0])
-                    .with_context(|| format!("open {} for fd {}", c.path, fd.fd))?;
-                to_high(r, t)?
-            }
-            Some(Kind::Fifo(fifo)) => {
-                // cr holds the FIFO open read-write while the task opens its end, so the open
-                // does not block and the saved data stays in the buffer.
-                let mut mine = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(&fifo.path)
-                    .with_context(|| format!("open FIFO {}", fifo.path))?;
-                if !fifo.data.is_empty() {
-                    mine.write_all(&fifo.data).with_context(|| format!("refill FIFO {}", fifo.path))?;
-                }
-                keep.0.push(mine);
-                let p = put_str(r, scratch, 0, &fifo.path)?;
-                let t = r
-                    .syscall("openat(fifo)", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, open_flags as u64, 0])
-                    .with_context(|| format!("open FIFO {} for fd {}", fifo.path, fd.fd))?;
-                to_high(r, t)?
-            }
-            Some(Kind::Pipe(pipe)) => {
-                let ends = match pipes.get(&pipe.pipe_id) {
-                    Some(e) => *e,
-                    None => {
-                        r.syscall("pipe2", libc::SYS_pipe2, &[scratch, libc::O_CLOEXEC as u64])?;
-                        let mut b = [0u8; 8];
-                        r.read_mem(scratch, &mut b)?;
-                        let rd = i32::from_ne_bytes(b[0..4].try_into().expect("4")) as u64;
-                        let wr = i32::from_ne_bytes(b[4..8].try_into().expect("4")) as u64;
-                        let (rd, wr) = (to_high(r, rd)?, to_high(r, wr)?);
-                        // Refill the buffer through a copy of the write end taken into cr.
-                        let mine = crate::sys::pidfd::pidfd_getfd(&pidfd, wr as i32)?;
-                        if pipe.capacity != 0 {
-                            // SAFETY: fcntl on our own fd (a copy of the task's pipe end).
-                            if unsafe { libc::fcntl(mine.as_raw_fd(), libc::F_SETPIPE_SZ, pipe.capacity as i32) } < 0 {
-                                return Err(std::io::Error::last_os_error()).with_context(|| format!("set pipe capacity {}", pipe.capacity));
-                            }
-                        }
-                        if !pipe.data.is_empty() {
-                            let mut w = std::fs::File::from(mine);
-                            w.write_all(&pipe.data).context("refill a pipe")?;
-                        }
-                        (Some(rd), Some(wr))
-                    }
-                };
-                let reading = (f.flags & libc::O_ACCMODE as u32) == libc::O_RDONLY as u32;
-                let (rd, wr) = ends;
-                let t = if reading { rd } else { wr };
-                let Some(t) = t else {
-                    bail!("pipe {} has two descriptions of one end (fd {}): not supported", pipe.pipe_id, fd.fd);
-                };
-                pipes.insert(pipe.pipe_id, if reading { (None, wr) } else { (rd, None) });
-                fcntl_setfl(r, t, f.flags)?;
-                t
-            }
-            None => bail!("file {} has no kind", f.id),
-        };
-        temp.insert(fd.file_id, tfd);
-    }
-    for (rd, wr) in pipes.values() {
-        to_close.extend(rd.iter().chain(wr.iter()));
+        let t = b.open_description(f, fd.fd)?;
+        temp.insert(fd.file_id, t);
     }
     for fd in &fds.fds {
         let t = temp[&fd.file_id];
         let flags = if fd.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-        r.syscall("dup3", libc::SYS_dup3, &[t, fd.fd as u64, flags]).with_context(|| format!("install fd {}", fd.fd))?;
+        b.r.syscall("dup3", libc::SYS_dup3, &[t, fd.fd as u64, flags]).with_context(|| format!("install fd {}", fd.fd))?;
     }
-    for t in temp.values().chain(to_close.iter()) {
-        r.syscall("close(temp)", libc::SYS_close, &[*t])?;
+    for t in std::mem::take(&mut b.temps) {
+        b.r.syscall("close(temp)", libc::SYS_close, &[t])?;
     }
-    Ok(keep)
-}
-
-/// Recreates an unlinked file's content next to its old path; returns the temporary path
-/// (removed again once the task has it open).
-fn recreate_unlinked(dir: &ImageDir, reg: &pb::RegFile, id: u32) -> Result<String> {
-    let content = dir.read_blob(&reg.content)?;
-    let path = format!("{}.cr-unlinked-{id}", reg.path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(reg.mode & 0o7777)
-        .open(&path)
-        .with_context(|| format!("recreate the unlinked file {} at {path}", reg.path))?;
-    f.write_all(&content).with_context(|| format!("write {path}"))?;
-    Ok(path)
+    // Unlinked files: every description is open, the temporary names go (GhostLink's drop).
+    b.ghosts.clear();
+    log::debug!("PID {pid}: {} fds over {} descriptions restored", fds.fds.len(), descriptions.len());
+    Ok(b.keep)
 }

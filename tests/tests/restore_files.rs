@@ -1,0 +1,196 @@
+//! Dump and restore of a process's open files (see tests/src/bin/wl_files.rs for what the
+//! workload holds and checks), and the failure cases: files changed or gone before restore,
+//! fds cr cannot dump.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::process::Output;
+
+use cr_tests::{become_subreaper, cr, dump_and_restore, pid_exists, TempDir, Workload};
+
+/// Starts wl_files on a fresh `files` directory under `d`.
+fn start(d: &TempDir, mode: &str) -> Workload {
+    std::fs::create_dir(d.join("files")).unwrap();
+    Workload::start("wl_files", &[&d.s("files"), mode], d)
+}
+
+/// Every entry under `dir`: relative path → (kind, size, content hash). Files above 16 MiB
+/// (the sparse one) are compared by size only.
+fn tree(dir: &Path) -> BTreeMap<String, (char, u64, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, u64, u64)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if m.is_dir() {
+                out.insert(rel, ('d', 0, 0));
+                walk(root, &p, out);
+            } else if m.file_type().is_fifo() {
+                out.insert(rel, ('p', 0, 0));
+            } else {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                if m.len() <= 16 << 20 {
+                    std::fs::read(&p).unwrap().hash(&mut h);
+                }
+                out.insert(rel, ('f', m.len(), h.finish()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn log_of(d: &TempDir, name: &str) -> String {
+    std::fs::read_to_string(d.join(&format!("img/{name}"))).unwrap_or_default()
+}
+
+/// `cr dump` of the workload with the usual log options plus `extra`.
+fn dump(w: &Workload, d: &TempDir, extra: &[&str]) -> Output {
+    let img = d.s("img");
+    let pid = w.pid.to_string();
+    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
+    args.extend_from_slice(extra);
+    cr(&args)
+}
+
+fn restore(d: &TempDir) -> Output {
+    let img = d.s("img");
+    let pidfile = d.s("restore.pid");
+    cr(&["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"])
+}
+
+/// Is `pid` alive and not a zombie?
+fn running(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    matches!(state, Some(s) if s != 'Z' && s != 'X')
+}
+
+#[test]
+fn files_workload_passes_undisturbed() {
+    let d = TempDir::new("files-control");
+    let mut w = start(&d, "all");
+    w.assert_pass();
+}
+
+/// The full set survives; the files on disk are exactly as before (contents untouched, no
+/// temporary link of the unlinked file left behind).
+#[test]
+fn files_survive_dump_and_restore() {
+    let d = TempDir::new("files");
+    let mut w = start(&d, "all");
+    let before = tree(&d.join("files"));
+    assert!(!before.contains_key("gone.txt"), "the workload did not unlink gone.txt");
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let after = tree(&d.join("files"));
+    assert_eq!(after, before, "the files directory changed across dump and restore");
+    w.assert_pass();
+}
+
+/// A dump with --leave-running changes nothing: the original goes on, its pipes and FIFO still
+/// hold their data (tee, not read), and it passes its own check.
+#[test]
+fn leave_running_dump_leaves_everything_in_place() {
+    let d = TempDir::new("files-R");
+    let mut w = start(&d, "all");
+    let before = tree(&d.join("files"));
+    let out = dump(&w, &d, &["-R"]);
+    assert!(out.status.success(), "dump -R failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    assert!(running(w.pid), "the workload is not running after dump -R");
+    assert!(d.join("img/inventory.img").exists());
+    assert_eq!(tree(&d.join("files")), before);
+    w.assert_pass();
+}
+
+/// The image of a --leave-running dump is complete: kill the original, restore, check.
+#[test]
+fn leave_running_image_restores() {
+    become_subreaper();
+    let d = TempDir::new("files-R-restore");
+    let mut w = start(&d, "all");
+    let out = dump(&w, &d, &["-R"]);
+    assert!(out.status.success(), "dump -R failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    // SAFETY: plain kill(2) of our child.
+    assert_eq!(unsafe { libc::kill(w.pid, libc::SIGKILL) }, 0);
+    w.reap_killed();
+    let out = restore(&d);
+    assert!(out.status.success(), "restore failed: {}\n{}", stderr_of(&out), log_of(&d, "restore.log"));
+    w.assert_pass();
+}
+
+/// Dumps (killing the workload), applies `change` to the files, and expects restore to fail
+/// naming `culprit`, with no process left at the PID.
+fn restore_must_fail_after(name: &str, change: impl FnOnce(&Path), culprit: &str) {
+    become_subreaper();
+    let d = TempDir::new(name);
+    let mut w = start(&d, "all");
+    let out = dump(&w, &d, &[]);
+    assert!(out.status.success(), "dump failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    w.reap_killed();
+    change(&d.join("files"));
+    let out = restore(&d);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "restore succeeded although {culprit} changed");
+    let path = d.join("files").join(culprit).to_string_lossy().into_owned();
+    assert!(err.contains(&path), "the error does not name {path}: {err}");
+    assert!(!pid_exists(w.pid), "a process was left at PID {} after the failed restore", w.pid);
+    assert!(!d.join("files/gone.txt").exists(), "the failed restore left the unlinked file's link");
+}
+
+#[test]
+fn restore_fails_when_a_file_changed_size() {
+    restore_must_fail_after(
+        "files-grown",
+        |dir| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("data.bin")).unwrap();
+            f.write_all(b"one more line\n").unwrap();
+        },
+        "data.bin",
+    );
+}
+
+#[test]
+fn restore_fails_when_a_file_vanished() {
+    restore_must_fail_after("files-vanished", |dir| std::fs::remove_file(dir.join("log.txt")).unwrap(), "log.txt");
+}
+
+/// `cr dump` of a workload holding an fd of kind `mode` fails naming the fd and `kind`; the
+/// workload runs on and passes its own check (the pipes it holds still have their data).
+fn dump_must_refuse(mode: &str, kind: &str) -> String {
+    let d = TempDir::new(&format!("files-refuse-{mode}"));
+    let mut w = start(&d, mode);
+    assert_eq!(w.info, "fd=50");
+    let out = dump(&w, &d, &[]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "dump of a process with {kind} succeeded");
+    assert!(err.contains("fd 50") && err.contains(kind), "the error does not name fd 50 and {kind}: {err}");
+    assert!(!d.join("img/inventory.img").exists(), "a failed dump left a complete image");
+    assert!(running(w.pid), "the workload is not running after the failed dump");
+    w.assert_pass();
+    err
+}
+
+#[test]
+fn dump_refuses_an_eventfd() {
+    dump_must_refuse("eventfd", "eventfd");
+}
+
+#[test]
+fn dump_refuses_a_socket() {
+    dump_must_refuse("socket", "socket");
+}
+
+#[test]
+fn dump_refuses_a_terminal_without_shell_job() {
+    let err = dump_must_refuse("tty", "terminal");
+    assert!(err.contains("--shell-job"), "the error does not point at --shell-job: {err}");
+}
