@@ -135,9 +135,13 @@ fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<Collecte
         .find(|v| v.name == VmaName::Vdso)
         .with_context(|| format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls"))?;
     let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
+    // Signals stay queued (not stopping remote calls) until the mask is put back.
+    let held = task::SignalsHeld::hold(t, core.sigmask)?;
     let mut remote = Remote::new(t, ip)?;
     let (state, altstack, brk) = task::task_state(pid, &mut remote, &status)?;
     remote.finish()?;
+    core.pending = task::pending_signals(t)?;
+    held.release()?;
     core.task = Some(state);
     core.sigaltstack = Some(altstack);
     interrupt::check()?;

