@@ -122,11 +122,19 @@ impl Workload {
         let (r, w) = pipe();
         let wfd = w.as_raw_fd();
         let mut cmd = Command::new(workload_bin(name));
-        cmd.args(args).env("CR_RESULT", &result).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        // The workload's stderr goes to a file of its own: a file that others append to (the
+        // test runner's output) would change size between dump and restore.
+        let errlog = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(&format!("{name}.stderr"))).unwrap();
+        cmd.args(args).env("CR_RESULT", &result).stdin(Stdio::null()).stdout(Stdio::null()).stderr(errlog);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(wfd, 3) < 0 {
+                if wfd == 3 {
+                    // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(wfd, 3) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -140,6 +148,15 @@ impl Workload {
         f.read_to_string(&mut out).expect("read the ready pipe");
         assert!(out.starts_with("READY"), "workload {name} did not get ready: {out:?}");
         let info = out.trim_start_matches("READY").trim().to_string();
+        // For the record (shown when a test fails): what the workload holds open.
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| format!("{}->{}", e.file_name().to_string_lossy(), std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!("workload {name} ({pid}) ready; fds: {}", fds.join(" "));
         Workload { child: Some(child), pid, result, info }
     }
 
@@ -163,7 +180,9 @@ impl Workload {
     /// Sends SIGUSR1 and asserts the workload reports PASS and exits 0.
     pub fn assert_pass(&mut self) {
         let (st, res) = self.verify();
-        assert!(res.starts_with("PASS"), "workload {} reported: {res}", self.pid);
+        let errlog = self.result.with_extension("stderr");
+        let stderr = std::fs::read_to_string(&errlog).unwrap_or_default();
+        assert!(res.starts_with("PASS"), "workload {} reported: {res} (exit status {st}); its stderr:\n{stderr}", self.pid);
         assert_eq!(st, 0, "workload {} exit status", self.pid);
     }
 }

@@ -92,8 +92,14 @@ fn read_all(pid: i32, runs: &[Run], tx: &SyncSender<(u64, Vec<u8>)>, back: &Rece
         while addr < run.end {
             interrupt::check()?;
             let len = (run.end - addr).min(CHUNK) as usize;
-            let mut buf = back.try_recv().unwrap_or_default();
-            buf.resize(len, 0);
+            // A recycled buffer, or a fresh zeroed one (calloc: fresh pages, no memset).
+            let mut buf = match back.try_recv() {
+                Ok(mut b) => {
+                    b.resize(len, 0);
+                    b
+                }
+                Err(_) => vec![0u8; len],
+            };
             if run.readable {
                 crate::sys::vm::process_vm_readv_ranges(pid, &[(addr, len)], &mut buf)?;
             } else {
