@@ -279,3 +279,62 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A process whose session leader is outside the dump is refused, pointing at --shell-job, and
+/// left running untouched.
+#[test]
+fn dump_refuses_a_foreign_session_without_shell_job() {
+    let d = TempDir::new("foreign-session");
+    // `sleep` stays in the test runner's session, whose leader is not dumped.
+    let mut child = Command::new("sleep").arg("1000").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    let pid = child.id() as i32;
+    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
+    assert_fails_with(&o, "--shell-job");
+    assert_eq!(tracer_of(pid), 0);
+    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A process with a controlling terminal is refused, pointing at --shell-job.
+#[test]
+fn dump_refuses_a_controlling_terminal_without_shell_job() {
+    use std::os::unix::process::CommandExt;
+    let d = TempDir::new("ctty");
+    // SAFETY: posix_openpt/grantpt/unlockpt/ptsname on a fresh master fd we own.
+    let (master, slave) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(m >= 0);
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(m)).to_owned();
+        (m, name)
+    };
+    let mut cmd = Command::new("sleep");
+    cmd.arg("1000");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
+            if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
+    assert_fails_with(&o, "--shell-job");
+    assert_fails_with(&o, "terminal");
+    assert_eq!(tracer_of(pid), 0);
+    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // SAFETY: closing the master fd we opened.
+    unsafe { libc::close(master) };
+}
