@@ -15,6 +15,9 @@ pub mod names {
     pub const STATS: &str = "CR_STATS";
     pub const PROG_FAULT_USER: &str = "cr_fault_user";
     pub const PROG_FAULT_KERNEL: &str = "cr_fault_kernel";
+    /// `cr check`'s tc probe and its packet counter.
+    pub const PROG_PROBE_TC: &str = "cr_probe_tc";
+    pub const PROBE_TC: &str = "CR_PROBE_TC";
 }
 
 /// Capacity of the dirty-page map. A full map is detected (STAT_DIRTY_LOST) and makes the

@@ -95,6 +95,11 @@ impl Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
+        // aya's own debug output (relocations, map creation) drowns cr's: show it only at -v4.
+        let t = r.target();
+        if r.level() == Level::Debug && (t.starts_with("aya::") || t.starts_with("aya_obj")) && self.level < LevelFilter::Trace {
+            return;
+        }
         let t = self.start.elapsed();
         let lvl = match r.level() {
             Level::Error => "Error",

@@ -540,8 +540,8 @@ pub fn tcp_repair() -> Result<String> {
 }
 
 /// Map and program of cr-ebpf/src/probe.rs.
-const PROBE_TC_PROG: &str = "cr_probe_tc";
-const PROBE_TC_MAP: &str = "CR_PROBE_TC";
+const PROBE_TC_PROG: &str = cr_common::names::PROG_PROBE_TC;
+const PROBE_TC_MAP: &str = cr_common::names::PROBE_TC;
 
 /// tc BPF: in a private network namespace (so nothing on the host is touched and everything
 /// vanishes with the thread), add a clsact qdisc to `lo`, attach cr's probe classifier at
