@@ -96,6 +96,10 @@ impl Tool for Criu {
         "criu".into()
     }
     fn dump(&self, pid: i32, dir: &Path, leave_running: bool) -> bool {
+        // criu wants the images directory to exist (cr creates it).
+        if std::fs::create_dir_all(dir).is_err() {
+            return false;
+        }
         let mut c = Command::new(&self.0);
         c.args(["dump", "-t", &pid.to_string(), "-D"]).arg(dir).args(["-o", "dump.log"]);
         if leave_running {
