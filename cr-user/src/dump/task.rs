@@ -226,6 +226,10 @@ fn read_u64(r: &Remote, addr: u64) -> Result<u64> {
     Ok(u64::from_ne_bytes(b))
 }
 
+/// arch_prctl codes for dynamically enabled XSAVE features (asm/prctl.h).
+pub const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
+pub const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+
 /// RLIMIT_NLIMITS on Linux (libc deprecates its constant as unstable across OSes).
 pub const RLIMIT_NLIMITS: u32 = 16;
 
@@ -273,6 +277,15 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
     let personality = r.syscall("personality(query)", libc::SYS_personality, &[0xffff_ffff])? as u32;
     let timer_slack_ns = r.syscall("prctl(PR_GET_TIMERSLACK)", libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64])?;
     let no_new_privs = r.syscall("prctl(PR_GET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_GET_NO_NEW_PRIVS as u64])? != 0;
+    // XSAVE components the task may use (AMX tile data must be requested before use).
+    r.write_mem(scratch, &[0u8; 8])?;
+    let xcomp_perm = match r.raw_syscall(libc::SYS_arch_prctl, &[ARCH_GET_XCOMP_PERM, scratch])? {
+        0 => read_u64(r, scratch)?,
+        e => {
+            log::debug!("arch_prctl(ARCH_GET_XCOMP_PERM) in {pid}: {e}");
+            0
+        }
+    };
 
     let mut rlimits = Vec::new();
     for res in 0..RLIMIT_NLIMITS {
@@ -319,6 +332,7 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
         no_new_privs,
         timer_slack_ns,
         child_subreaper,
+        xcomp_perm,
     };
     Ok((st, altstack, brk))
 }

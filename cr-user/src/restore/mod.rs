@@ -109,16 +109,7 @@ fn build(t: &mut Tracee, img: &ProcImage, files: &pb::Files, dir: &imgdir::Image
     memory::fill_pages(pid, &img.mm.vmas, segments)?;
     memory::set_mm(&mut r, scratch, &img.mm)?;
     let keep = files::restore_fds(&mut r, scratch, pid, dir, &img.fds, files)?;
-    task::restore_state(&mut r, scratch, pid, &img.core, &img.entry)?;
-    let st = img.core.task.as_ref().context("core image has no task state")?;
-    task::restore_rlimits(pid, st)?;
-    task::queue_pending(&mut r, scratch, pid, pid, &img.core)?;
-    if let Some(c) = &st.creds {
-        task::restore_creds(&mut r, scratch, pid, c)?;
-    }
-    if st.no_new_privs {
-        r.syscall("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
-    }
+    task::restore_task(&mut r, scratch, pid, &img.core, &img.entry)?;
     r.release_scratch()?;
     r.done_without_restoring_regs();
     drop(keep);
