@@ -125,6 +125,83 @@ fn rseq_critical_section_is_aborted_by_leave_running_dump() {
     w.assert_pass();
 }
 
+// ---- syscalls interrupted by the checkpoint ----------------------------------------------------
+
+/// Runs `wl_syscall MODE` three times, each dumped while blocked in syscall `nr`: undisturbed
+/// (control), dumped and restored (the image must record `nr` returning -`code`), and dumped
+/// with -R. `restored_eintr`: how many EINTRs the sleep modes see after a restore.
+fn syscall_case(mode: &str, nr: i64, code: i64, restored_eintr: u32) {
+    let d = TempDir::new(&format!("sys-{mode}-control"));
+    let mut w = Workload::start("wl_syscall", &[mode, "0"], &d);
+    wait_in_syscall(w.pid, nr);
+    w.assert_pass();
+
+    let d = TempDir::new(&format!("sys-{mode}"));
+    let mut w = Workload::start("wl_syscall", &[mode, &restored_eintr.to_string()], &d);
+    wait_in_syscall(w.pid, nr);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let core = read_core(&d.join("img"), w.pid);
+    let restart = core.restart.expect("restart state in the core image");
+    assert_eq!((restart.nr, restart.ret), (nr, -code), "{mode}: the dump caught the task in syscall {nr} returning -{code}");
+    w.assert_pass();
+
+    let d = TempDir::new(&format!("sys-{mode}-R"));
+    let mut w = Workload::start("wl_syscall", &[mode, "0"], &d);
+    wait_in_syscall(w.pid, nr);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// nanosleep stops with -ERESTART_RESTARTBLOCK: restored, it returns EINTR once; with -R it
+/// continues through restart_syscall.
+#[test]
+fn syscall_nanosleep() {
+    syscall_case("nanosleep", libc::SYS_nanosleep, ERESTART_RESTARTBLOCK, 1);
+}
+
+#[test]
+fn syscall_clock_nanosleep_relative() {
+    syscall_case("clock-rel", libc::SYS_clock_nanosleep, ERESTART_RESTARTBLOCK, 1);
+}
+
+/// An absolute clock_nanosleep is re-executed (-ERESTARTNOHAND): never an EINTR.
+#[test]
+fn syscall_clock_nanosleep_absolute() {
+    syscall_case("clock-abs", libc::SYS_clock_nanosleep, ERESTARTNOHAND, 0);
+}
+
+/// read() on an empty pipe (-ERESTARTSYS) is restarted after an SA_RESTART handler.
+#[test]
+fn syscall_read_restarts() {
+    syscall_case("read-restart", libc::SYS_read, ERESTARTSYS, 0);
+}
+
+/// ... and fails with EINTR after a handler without SA_RESTART.
+#[test]
+fn syscall_read_eintr() {
+    syscall_case("read-eintr", libc::SYS_read, ERESTARTSYS, 0);
+}
+
+#[test]
+fn syscall_pause() {
+    syscall_case("pause", libc::SYS_pause, ERESTARTNOHAND, 0);
+}
+
+/// sigsuspend's temporary mask is the kernel's business: the image holds the task's real mask.
+#[test]
+fn syscall_sigsuspend() {
+    syscall_case("sigsuspend", libc::SYS_rt_sigsuspend, ERESTARTNOHAND, 0);
+}
+
+#[test]
+fn syscall_futex_wait() {
+    syscall_case("futex", libc::SYS_futex, ERESTARTSYS, 0);
+}
+
 #[allow(dead_code)]
 fn subreaper() {
     become_subreaper();
