@@ -49,6 +49,12 @@ fn wait_in_syscall(pid: i32, nr: i64) {
     }
 }
 
+/// TracerPid of `pid` (0 when nobody traces it).
+fn tracer_of(pid: i32) -> i32 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    st.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// `cr dump -R`: the target must run on unchanged.
 fn dump_leave_running(w: &Workload, dir: &TempDir) {
     let img = dir.s("img");
@@ -200,6 +206,73 @@ fn syscall_sigsuspend() {
 #[test]
 fn syscall_futex_wait() {
     syscall_case("futex", libc::SYS_futex, ERESTARTSYS, 0);
+}
+
+// ---- signals ---------------------------------------------------------------------------------
+
+#[test]
+fn signals_workload_passes_undisturbed() {
+    let d = TempDir::new("sig-control");
+    let mut w = Workload::start("wl_signals", &[], &d);
+    w.assert_pass();
+}
+
+/// Dispositions, altstack, blocked mask, pending standard and queued real-time signals.
+#[test]
+fn signals_survive_dump_and_restore() {
+    let d = TempDir::new("sig");
+    let mut w = Workload::start("wl_signals", &[], &d);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let core = read_core(&d.join("img"), w.pid);
+    assert_eq!(core.pending.len(), 10, "pending signals in the image: {:?}", core.pending.iter().map(|p| p.signo).collect::<Vec<_>>());
+    w.assert_pass();
+}
+
+#[test]
+fn signals_survive_leave_running_dump() {
+    let d = TempDir::new("sig-R");
+    let mut w = Workload::start("wl_signals", &[], &d);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
+/// Real-time signals queued to the task while it is being dumped keep their siginfo: they stay
+/// queued (every signal is blocked during the dump's remote syscalls) and are dumped as pending,
+/// rather than stopping a remote call and being held back without their value.
+#[test]
+fn signals_sent_during_dump_keep_their_values() {
+    let d = TempDir::new("sig-during");
+    let w = Workload::start("wl_signals", &[], &d);
+    let pid = w.pid;
+    let sig = libc::SIGRTMIN() + 3; // handled by the workload, never blocked
+    // As soon as cr has seized the task, queue a burst: it lands while the task is frozen.
+    let sender = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tracer_of(pid) == 0 {
+            assert!(Instant::now() < deadline, "cr never attached");
+            std::thread::yield_now();
+        }
+        for n in 0..200usize {
+            // SAFETY: sigqueue with value 1000+n.
+            unsafe { libc::sigqueue(pid, sig, libc::sigval { sival_ptr: (1000 + n) as *mut libc::c_void }) };
+        }
+    });
+    dump_leave_running(&w, &d);
+    sender.join().expect("sender thread");
+    let core = read_core(&d.join("img"), w.pid);
+    let queued: Vec<(i32, i64)> = core
+        .pending
+        .iter()
+        .filter(|p| p.signo == sig)
+        .map(|p| {
+            let code = i32::from_ne_bytes(p.siginfo[8..12].try_into().expect("si_code"));
+            (code, i64::from_ne_bytes(p.siginfo[24..32].try_into().expect("si_value")))
+        })
+        .collect();
+    assert!(!queued.is_empty(), "no signal arrived while the task was frozen");
+    assert!(queued.iter().all(|q| q.0 == libc::SI_QUEUE), "a signal lost its siginfo: {queued:?}");
+    assert!(queued.windows(2).all(|w| w[1].1 == w[0].1 + 1), "queued values with a gap or out of order: {queued:?}");
+    drop(w);
 }
 
 #[allow(dead_code)]
