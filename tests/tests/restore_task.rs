@@ -275,6 +275,33 @@ fn signals_sent_during_dump_keep_their_values() {
     drop(w);
 }
 
+// ---- per-task attributes and credentials -----------------------------------------------------
+
+#[test]
+fn task_attributes_workload_passes_undisturbed() {
+    let d = TempDir::new("attrs-control");
+    let mut w = Workload::start("wl_sys_task", &[], &d);
+    w.assert_pass();
+}
+
+/// rlimits, comm, personality, timer slack, pdeathsig, subreaper, no_new_privs, dumpable,
+/// umask, rseq registration.
+#[test]
+fn task_attributes_survive_dump_and_restore() {
+    let d = TempDir::new("attrs");
+    let mut w = Workload::start("wl_sys_task", &[], &d);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    w.assert_pass();
+}
+
+#[test]
+fn task_attributes_survive_leave_running_dump() {
+    let d = TempDir::new("attrs-R");
+    let mut w = Workload::start("wl_sys_task", &[], &d);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
 #[allow(dead_code)]
 fn subreaper() {
     become_subreaper();
