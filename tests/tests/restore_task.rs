@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cr::image::dir::{core_file, ImageDir};
 use cr::image::file::Kind;
 use cr::image::pb;
-use cr_tests::{become_subreaper, cr_ok, dump_and_restore, TempDir, Workload};
+use cr_tests::{cr_ok, dump_and_restore, TempDir, Workload};
 
 /// The core image of `pid` in the image directory `img`.
 fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
@@ -302,7 +302,27 @@ fn task_attributes_survive_leave_running_dump() {
     w.assert_pass();
 }
 
-#[allow(dead_code)]
-fn subreaper() {
-    become_subreaper();
+#[test]
+fn creds_workload_passes_undisturbed() {
+    let d = TempDir::new("creds-control");
+    let mut w = Workload::start("wl_creds", &[], &d);
+    w.assert_pass();
+}
+
+/// uid/gid (real, effective, saved, fs), groups, capability sets incl. bounding and ambient,
+/// securebits.
+#[test]
+fn creds_survive_dump_and_restore() {
+    let d = TempDir::new("creds");
+    let mut w = Workload::start("wl_creds", &[], &d);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    w.assert_pass();
+}
+
+#[test]
+fn creds_survive_leave_running_dump() {
+    let d = TempDir::new("creds-R");
+    let mut w = Workload::start("wl_creds", &[], &d);
+    dump_leave_running(&w, &d);
+    w.assert_pass();
 }
