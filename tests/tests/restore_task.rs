@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cr::image::dir::{core_file, ImageDir};
 use cr::image::file::Kind;
 use cr::image::pb;
-use cr_tests::{cr_ok, dump_and_restore, TempDir, Workload};
+use cr_tests::{cr, cr_ok, dump_and_restore, TempDir, Workload};
 
 /// The core image of `pid` in the image directory `img`.
 fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
@@ -299,6 +299,19 @@ fn task_attributes_survive_leave_running_dump() {
     let d = TempDir::new("attrs-R");
     let mut w = Workload::start("wl_sys_task", &[], &d);
     dump_leave_running(&w, &d);
+    w.assert_pass();
+}
+
+/// A task under seccomp is refused (restoring it without its filters would drop a security
+/// boundary), with a message naming seccomp, and it runs on unharmed.
+#[test]
+fn seccomp_task_is_refused_and_runs_on() {
+    let d = TempDir::new("seccomp");
+    let mut w = Workload::start("wl_sys_task", &["seccomp"], &d);
+    let out = cr(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-o", "dump.log", "-v4"]);
+    assert!(!out.status.success(), "the dump of a seccomp task succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("seccomp"), "the refusal does not name seccomp: {err}");
     w.assert_pass();
 }
 

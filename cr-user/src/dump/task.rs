@@ -219,6 +219,31 @@ pub fn pending_signals(t: &Tracee) -> Result<Vec<pb::PendingSignal>> {
     Ok(pending)
 }
 
+/// Per-thread state only the thread itself can tell, through remote syscalls: the alternate
+/// signal stack and the clear_child_tid address (set_tid_address; glibc points it at the
+/// thread's tid field, which pthread_join waits on).
+pub fn thread_state(r: &mut Remote, core: &mut pb::Core) -> Result<()> {
+    let scratch = r.scratch(4096)?.addr;
+    // sigaltstack(NULL, &old): stack_t { void *ss_sp; int ss_flags; size_t ss_size; }
+    r.syscall("sigaltstack(query)", libc::SYS_sigaltstack, &[0, scratch])?;
+    let mut b = [0u8; 24];
+    r.read_mem(scratch, &mut b)?;
+    core.sigaltstack = Some(pb::SigAltStack {
+        sp: u64::from_ne_bytes(b[0..8].try_into().context("stack_t")?),
+        flags: i32::from_ne_bytes(b[8..12].try_into().context("stack_t")?),
+        size: u64::from_ne_bytes(b[16..24].try_into().context("stack_t")?),
+    });
+    r.write_mem(scratch, &[0u8; 8])?;
+    match r.raw_syscall(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, scratch])? {
+        0 => core.clear_child_tid = read_u64(r, scratch)?,
+        e => log::debug!("prctl(PR_GET_TID_ADDRESS) in task {}: {e}", core.tid),
+    }
+    Ok(())
+}
+
+/// prctl(PR_GET_TID_ADDRESS) (CONFIG_CHECKPOINT_RESTORE).
+const PR_GET_TID_ADDRESS: u64 = 40;
+
 /// Reads a u64 the task wrote into scratch memory.
 fn read_u64(r: &Remote, addr: u64) -> Result<u64> {
     let mut b = [0u8; 8];
@@ -237,7 +262,15 @@ pub const RLIMIT_NLIMITS: u32 = 16;
 /// privileges cr may lack: prlimit64 on another task needs CAP_SYS_RESOURCE unless the ids
 /// match, /proc/PID/timerslack_ns needs CAP_SYS_NICE): those queries run as remote syscalls
 /// through `r`, using its scratch memory.
-pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Result<(pb::TaskState, pb::SigAltStack, u64)> {
+pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Result<(pb::TaskState, u64)> {
+    if status.seccomp != 0 {
+        // Restoring without the filters would silently drop a security boundary.
+        bail!(
+            "PID {pid} runs under seccomp (mode {}, {} filters): dumping seccomp state is not supported yet",
+            status.seccomp,
+            status.seccomp_filters.unwrap_or(0)
+        );
+    }
     let scratch = r.scratch(4096)?.addr;
     // Signal dispositions: rt_sigaction(sig, NULL, &old, 8) for every signal.
     let mut sigactions = Vec::new();
@@ -256,15 +289,6 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
         };
         sigactions.push(pb::SigAction { signo: sig, handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
     }
-    // sigaltstack(NULL, &old): stack_t { void *ss_sp; int ss_flags; size_t ss_size; }
-    r.syscall("sigaltstack(query)", libc::SYS_sigaltstack, &[0, scratch])?;
-    let mut b = [0u8; 24];
-    r.read_mem(scratch, &mut b)?;
-    let altstack = pb::SigAltStack {
-        sp: u64::from_ne_bytes(b[0..8].try_into().context("stack_t")?),
-        flags: i32::from_ne_bytes(b[8..12].try_into().context("stack_t")?),
-        size: u64::from_ne_bytes(b[16..24].try_into().context("stack_t")?),
-    };
     let brk = r.syscall("brk(0)", libc::SYS_brk, &[0])?;
     let dumpable = r.syscall("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64])? != 0;
     r.write_mem(scratch, &[0u8; 8])?;
@@ -334,7 +358,7 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
         child_subreaper,
         xcomp_perm,
     };
-    Ok((st, altstack, brk))
+    Ok((st, brk))
 }
 
 /// The kernel's syscall-restart codes (include/linux/errno.h), as left in rax.

@@ -36,7 +36,7 @@ pub fn restore_task(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps:
 }
 
 /// Everything but signals, credentials and registers: cwd, umask, dispositions, altstack,
-/// personality, comm, rseq, subreaper, timer slack, session.
+/// personality, clear_child_tid, comm, rseq, subreaper, timer slack, session.
 pub fn restore_state(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps: &pb::PsTreeEntry) -> Result<()> {
     let st = core.task.as_ref().context("core image has no task state")?;
     let p = put_str(r, scratch, 0, &st.cwd)?;
@@ -68,6 +68,9 @@ pub fn restore_state(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps
     }
     r.syscall("personality", libc::SYS_personality, &[st.personality as u64])
         .with_context(|| format!("set personality {:#x}", st.personality))?;
+    if core.clear_child_tid != 0 {
+        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
+    }
     let p = put_str(r, scratch, 0, &core.comm)?;
     r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
     if let Some(rs) = &core.rseq {

@@ -1,10 +1,14 @@
 //! Workload: per-task attributes across a checkpoint.
 //!
-//! Usage: wl_sys_task
+//! Usage: wl_sys_task [seccomp]
+//!
+//! With `seccomp` it also installs an allow-everything seccomp filter (which cr refuses to dump:
+//! the harness checks the refusal and that the task runs on unharmed).
 //!
 //! Set before the dump, checked after it: lowered soft and hard resource limits (every one of
 //! the 16 must read back the same), comm (PR_SET_NAME), personality (ADDR_NO_RANDOMIZE), timer
-//! slack, dumpable 0, the parent-death signal, no_new_privs, child subreaper, umask; and the
+//! slack, dumpable 0, the parent-death signal, no_new_privs, child subreaper, umask, the
+//! clear_child_tid address glibc set (PR_GET_TID_ADDRESS); and the
 //! rseq registration glibc made at startup: the kernel must still know the area (registering it
 //! again fails with EBUSY, which it does only for the very same area, length and signature) and
 //! keep its cpu_id current (overwritten with garbage, it is fixed on the next signal delivery),
@@ -87,6 +91,13 @@ fn thread_pointer() -> usize {
     tp
 }
 
+fn tid_address() -> u64 {
+    let mut a: u64 = 0;
+    // SAFETY: PR_GET_TID_ADDRESS (40) writes one pointer.
+    unsafe { libc::prctl(40, &mut a as *mut u64, 0u64, 0u64, 0u64) };
+    a
+}
+
 fn umask_now() -> u32 {
     // SAFETY: umask twice puts the value back.
     unsafe {
@@ -137,6 +148,17 @@ fn main() {
     // SAFETY: plain umask.
     unsafe { libc::umask(0o027) };
 
+    let tid_addr = tid_address();
+    c.check(tid_addr != 0, "glibc set no clear_child_tid address");
+    if std::env::args().nth(1).as_deref() == Some("seccomp") {
+        // BPF: return SECCOMP_RET_ALLOW.
+        let filter = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 }];
+        let prog = libc::sock_fprog { len: 1, filter: filter.as_ptr() as *mut libc::sock_filter };
+        // SAFETY: a valid one-instruction program; no_new_privs is set.
+        let r = unsafe { libc::syscall(libc::SYS_seccomp, 1, 0, &prog as *const libc::sock_fprog) };
+        c.eq(r, 0, "seccomp(SECCOMP_SET_MODE_FILTER)");
+    }
+
     // SAFETY: glibc's exported rseq constants.
     let (rseq_off, rseq_size) = unsafe { (__rseq_offset, __rseq_size) };
     let area = (thread_pointer() as isize + rseq_off) as *mut u32;
@@ -154,6 +176,7 @@ fn main() {
     c.eq(prctl(libc::PR_GET_NO_NEW_PRIVS, 0), 1, "no_new_privs");
     c.eq(prctl(libc::PR_GET_DUMPABLE, 0), 0, "dumpable");
     c.eq(umask_now(), 0o027, "umask");
+    c.eq(tid_address(), tid_addr, "clear_child_tid address");
 
     if rseq_size == 0 {
         c.check(false, "glibc did not register rseq");
