@@ -236,6 +236,26 @@ fn signals_survive_leave_running_dump() {
     w.assert_pass();
 }
 
+#[test]
+fn in_handler_workload_passes_undisturbed() {
+    let d = TempDir::new("sig-handler-control");
+    let mut w = Workload::start("wl_signals", &["in-handler"], &d);
+    w.assert_pass();
+}
+
+/// Checkpointed inside a handler running on the alternate stack: the handler finishes there and
+/// its rt_sigreturn restores the interrupted code.
+#[test]
+fn dump_inside_a_signal_handler_on_the_altstack() {
+    let d = TempDir::new("sig-handler");
+    let mut w = Workload::start("wl_signals", &["in-handler"], &d);
+    wait_spinning(w.pid, 2);
+    dump_and_restore(&mut w, &d, &[], &[]);
+    let core = read_core(&d.join("img"), w.pid);
+    assert_eq!(core.sigaltstack.map(|s| s.flags), Some(libc::SS_ONSTACK), "dumped while on the alternate stack");
+    w.assert_pass();
+}
+
 /// Real-time signals queued to the task while it is being dumped keep their siginfo: they stay
 /// queued (every signal is blocked during the dump's remote syscalls) and are dumped as pending,
 /// rather than stopping a remote call and being held back without their value.

@@ -1,6 +1,11 @@
 //! Workload: signal state across a checkpoint.
 //!
-//! Usage: wl_signals
+//! Usage: wl_signals [in-handler]
+//!
+//! `in-handler`: the task is checkpointed while it runs a signal handler on the alternate stack
+//! (spinning until SIGUSR1 arrives, nested). Afterwards the handler must still see itself on the
+//! alternate stack, and returning from it (rt_sigreturn through the frame the old kernel built)
+//! must bring back the interrupted code with its registers and signal mask.
 //!
 //! Set up before the dump, checked after it:
 //! - dispositions: SIGUSR2 (SA_SIGINFO|SA_RESTART, sa_mask {HUP}), SIGHUP (SA_ONSTACK|
@@ -123,8 +128,66 @@ fn tg_queue(sig: i32, value: i64) {
     assert_eq!(r, 0, "rt_tgsigqueueinfo");
 }
 
+static GO: AtomicU64 = AtomicU64::new(0);
+static IN_HANDLER_ALT: AtomicU64 = AtomicU64::new(0);
+static IN_HANDLER_SP: AtomicU64 = AtomicU64::new(0);
+static IN_HANDLER_DONE: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_go(_: libc::c_int) {
+    GO.store(1, Ordering::SeqCst);
+}
+
+/// Runs on the alternate stack: says READY, then spins (the checkpoint happens here).
+extern "C" fn on_spin(_: libc::c_int) {
+    let local = 0u8;
+    IN_HANDLER_SP.store(std::ptr::addr_of!(local) as u64, Ordering::SeqCst);
+    ready("");
+    while GO.load(Ordering::SeqCst) == 0 {
+        std::hint::spin_loop();
+    }
+    let mut cur = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    // SAFETY: query into a valid stack_t.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
+    IN_HANDLER_ALT.store(cur.ss_flags as u64, Ordering::SeqCst);
+    IN_HANDLER_DONE.store(1, Ordering::SeqCst);
+}
+
+/// `in-handler` mode.
+fn in_handler(c: &mut Checker) {
+    let alt_size = 64 * 1024usize;
+    // SAFETY: anonymous mapping for the alternate stack.
+    let alt = unsafe {
+        libc::mmap(std::ptr::null_mut(), alt_size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    assert_ne!(alt, libc::MAP_FAILED);
+    let ss = libc::stack_t { ss_sp: alt, ss_flags: 0, ss_size: alt_size };
+    // SAFETY: a valid stack_t describing our mapping.
+    assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+    install(libc::SIGUSR1, on_go as *const () as usize, 0, &[]);
+    install(libc::SIGUSR2, on_spin as *const () as usize, libc::SA_ONSTACK, &[libc::SIGWINCH]);
+    let mask = bit(libc::SIGINT);
+    set_mask(mask);
+    let witness = std::hint::black_box(0x5EED_F00D_u64);
+    // SAFETY: raise of a handled signal; the handler returns once SIGUSR1 came.
+    unsafe { libc::raise(libc::SIGUSR2) };
+    c.eq(std::hint::black_box(witness), 0x5EED_F00D, "a value of the interrupted code");
+    c.eq(IN_HANDLER_DONE.load(Ordering::SeqCst), 1, "the handler ran to its end");
+    let sp = IN_HANDLER_SP.load(Ordering::SeqCst);
+    c.check(sp >= alt as u64 && sp < alt as u64 + alt_size as u64, format!("handler ran at {sp:#x}, off the alternate stack"));
+    c.eq(IN_HANDLER_ALT.load(Ordering::SeqCst) as i32, libc::SS_ONSTACK, "sigaltstack inside the handler says SS_ONSTACK");
+    let mut cur = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    // SAFETY: query into a valid stack_t.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
+    c.eq((cur.ss_sp as u64, cur.ss_size, cur.ss_flags), (alt as u64, alt_size, 0), "sigaltstack after the handler returned");
+    c.eq(blocked_mask(), mask, "mask after the handler returned");
+}
+
 fn main() {
     let mut c = Checker::new();
+    if std::env::args().nth(1).as_deref() == Some("in-handler") {
+        in_handler(&mut c);
+        c.report();
+    }
     let (rt1, rt2) = (rtmin() + 1, rtmin() + 2);
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
