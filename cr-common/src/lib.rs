@@ -18,6 +18,38 @@ pub mod names {
     /// `cr check`'s tc probe and its packet counter.
     pub const PROG_PROBE_TC: &str = "cr_probe_tc";
     pub const PROBE_TC: &str = "CR_PROBE_TC";
+    /// Per-target counters of the syscall programs ([`super::TrackState`]).
+    pub const TRACK: &str = "CR_TRACK";
+    /// Ring buffer of VMA-changing syscalls ([`super::VmaEvent`]).
+    pub const VMA_EVENTS: &str = "CR_VMA_EVENTS";
+    /// Processes that opened a target's `/proc/PID/mem` for writing ([`super::MemWriterKey`]).
+    pub const MEM_WRITERS: &str = "CR_MEM_WRITERS";
+    /// sched:sched_process_exec: a target replaced its address space.
+    pub const PROG_EXEC: &str = "cr_exec";
+    /// Syscall tracepoint programs: (program, syscall) pairs, attached to
+    /// `syscalls:sys_enter_SYSCALL`.
+    pub const SYSCALL_PROGS: &[(&str, &str)] = &[
+        ("cr_sys_mmap", "mmap"),
+        ("cr_sys_munmap", "munmap"),
+        ("cr_sys_mprotect", "mprotect"),
+        ("cr_sys_pkey_mprotect", "pkey_mprotect"),
+        ("cr_sys_mremap", "mremap"),
+        ("cr_sys_brk", "brk"),
+        ("cr_sys_madvise", "madvise"),
+        ("cr_sys_mlock", "mlock"),
+        ("cr_sys_mlock2", "mlock2"),
+        ("cr_sys_mlockall", "mlockall"),
+        ("cr_sys_remap_file_pages", "remap_file_pages"),
+        ("cr_sys_process_vm_writev", "process_vm_writev"),
+        ("cr_sys_ptrace", "ptrace"),
+        ("cr_sys_open", "open"),
+        ("cr_sys_openat", "openat"),
+        ("cr_sys_openat2", "openat2"),
+        ("cr_sys_fcntl", "fcntl"),
+        ("cr_sys_io_uring_setup", "io_uring_setup"),
+        ("cr_sys_io_setup", "io_setup"),
+        ("cr_sys_io_submit", "io_submit"),
+    ];
 }
 
 /// Capacity of the dirty-page map. A full map is detected (STAT_DIRTY_LOST) and makes the
@@ -70,6 +102,77 @@ pub struct PageInfo {
     pub writes: u64,
 }
 
+/// Offset of the first argument in a `syscalls:sys_enter_*` record (after the common header
+/// and `__syscall_nr`); argument `i` is at `SYSCALL_ARG0_OFFSET + 8 * i`. The user side checks
+/// this against tracefs for every syscall tracepoint it attaches.
+pub const SYSCALL_ARG0_OFFSET: u32 = 16;
+
+/// Value of CR_TRACK (key: tgid): what the syscall programs saw of one target, as counters
+/// that only grow. The eBPF side only increments (a lost increment under a race still moves
+/// the counter); the user side compares snapshots taken at checkpoints, so "did this happen
+/// since the last checkpoint" is `now != then`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackState {
+    /// Syscalls by the target that change its VMAs or populate pages without a fault in its
+    /// context (mmap MAP_FIXED, munmap, mprotect, mremap, brk, madvise, mlock*): each also
+    /// queues a [`VmaEvent`].
+    pub vma_events: u64,
+    /// Syscalls that may write the target's memory without a page fault in its context:
+    /// process_vm_writev or PTRACE_POKE* against it, io_submit by it.
+    pub gup_events: u64,
+    /// Lasting ways to do so set up by the target: O_DIRECT opens or F_SETFL, io_uring and
+    /// AIO contexts.
+    pub sticky_events: u64,
+    /// Successful execve: the address space was replaced.
+    pub exec_events: u64,
+    /// Syscall number of the last gup or sticky event (for the log).
+    pub last_unsafe_nr: u64,
+}
+
+/// What a [`VmaEvent`] reports.
+pub mod vma_ev {
+    /// `[start, end)` changed (unmapped, remapped, protection, advice, populated).
+    pub const RANGE: u32 = 0;
+    /// brk moved to `start`: the heap's end changed.
+    pub const BRK: u32 = 1;
+    /// mlockall: any range may have been populated.
+    pub const ALL: u32 = 2;
+}
+
+/// One record of CR_VMA_EVENTS (a ring buffer): a VMA-changing syscall of a target, recorded
+/// at syscall entry with its timestamp (CLOCK_MONOTONIC, bpf_ktime_get_ns) so the user side
+/// can tell the target's own calls from the remote calls cr makes while the target is frozen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmaEvent {
+    pub ts_ns: u64,
+    pub start: u64,
+    pub end: u64,
+    /// Syscall number.
+    pub nr: u32,
+    /// `vma_ev::*`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Size of CR_VMA_EVENTS in bytes (a power of two, a multiple of the page size). Overflow is
+/// counted (stat::VMA_LOST) and makes the harvest scan everything.
+pub const VMA_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Key of CR_MEM_WRITERS: `opener` opened `/proc/<target>/mem` (or a path ending in `/mem`
+/// the programs could not attribute: `target` 0) for writing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemWriterKey {
+    pub target: u32,
+    pub opener: u32,
+}
+
+/// Capacity of CR_MEM_WRITERS; a full map is counted (stat::MEM_WRITERS_LOST).
+pub const MEM_WRITERS_MAX_ENTRIES: u32 = 1024;
+
 /// Indices into CR_STATS (a per-CPU array of u64 counters).
 pub mod stat {
     /// Write faults recorded.
@@ -80,6 +183,12 @@ pub mod stat {
     pub const READ_FAULTS: u32 = 2;
     /// Kernel-mode write faults (copy_to_user and friends) recorded.
     pub const KERNEL_WRITE_FAULTS: u32 = 3;
+    /// VMA events that did not fit in CR_VMA_EVENTS.
+    pub const VMA_LOST: u32 = 4;
+    /// /proc/PID/mem openers that did not fit in CR_MEM_WRITERS.
+    pub const MEM_WRITERS_LOST: u32 = 5;
+    /// Events of a target without a CR_TRACK entry (the user side creates one per target).
+    pub const TRACK_MISSING: u32 = 6;
     pub const COUNT: u32 = 8;
 }
 
@@ -90,4 +199,10 @@ mod pod {
     unsafe impl aya::Pod for super::TargetInfo {}
     unsafe impl aya::Pod for super::PageKey {}
     unsafe impl aya::Pod for super::PageInfo {}
+    // SAFETY: as above (integers only, explicit padding).
+    unsafe impl aya::Pod for super::TrackState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VmaEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemWriterKey {}
 }

@@ -22,13 +22,13 @@ use cr_common::{
 };
 
 #[map(name = "CR_TARGETS")]
-static CR_TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(TARGETS_MAX_ENTRIES, 0);
+pub(crate) static CR_TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(TARGETS_MAX_ENTRIES, 0);
 
 #[map(name = "CR_DIRTY")]
 static CR_DIRTY: HashMap<PageKey, PageInfo> = HashMap::with_max_entries(DIRTY_MAX_ENTRIES, 0);
 
 #[map(name = "CR_STATS")]
-static CR_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+pub(crate) static CR_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// Offsets of `address` and `error_code` in the tracepoint record; the loader overrides them
 /// with the values read from tracefs if this kernel's layout differs.
@@ -50,7 +50,7 @@ pub fn cr_fault_kernel(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(p) = CR_STATS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot; no other program touches it concurrently on this CPU.
         unsafe { *p += 1 };

@@ -9,6 +9,7 @@
 
 mod fault;
 mod probe;
+mod sys;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -64,6 +64,23 @@ pub enum Command {
     Check(CheckOpts),
     /// Print an image file, or a whole images directory, as JSON.
     Show(ShowOpts),
+    /// (internal) The tracker process that `cr pre-dump` and `--track-mem` start.
+    #[command(name = "__tracker", hide = true)]
+    Tracker(TrackerOpts),
+}
+
+/// Options of the hidden `cr __tracker` (see `track::daemon`).
+#[derive(Args, Debug, Clone)]
+pub struct TrackerOpts {
+    /// The process to track.
+    #[arg(long = "pid")]
+    pub pid: i32,
+    /// An inherited fd that receives `READY PID` (or `ERROR why`) and is closed.
+    #[arg(long = "ready-fd")]
+    pub ready_fd: Option<i32>,
+    /// Size of the dirty-page map (tests: a tiny map proves the fallback to the exact scan).
+    #[arg(long = "dirty-max-entries")]
+    pub dirty_max_entries: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]

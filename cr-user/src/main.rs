@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Restore(o) => cr::restore::run(o, &cli.global),
         Command::Check(o) => cr::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::image::show::run(o).map(|_| 0),
+        Command::Tracker(o) => cr::track::daemon::run(o.pid, o.ready_fd, o.dirty_max_entries),
     };
     log::logger().flush();
     match result {

@@ -105,6 +105,32 @@ pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
     Ok(e)
 }
 
+/// Whether the dump saves pages of this VMA (`kind` from [`vma_entry`]).
+pub fn wants_pages(v: &Vma, kind: u32) -> bool {
+    match kind {
+        vma::KIND_VDSO | vma::KIND_VVAR | vma::KIND_VVAR_VCLOCK | vma::KIND_VSYSCALL | vma::KIND_UPROBES => false,
+        _ if v.vm_flags.contains(VmFlags::IO) || v.vm_flags.contains(VmFlags::PFNMAP) => false,
+        vma::KIND_SHMEM_ANON => true,
+        _ => !v.shared,
+    }
+}
+
+/// The pages of a VMA that hold data of its own: every present or swapped page of shared
+/// anonymous memory; of private memory those that are neither the file's own page-cache pages
+/// nor the shared zero page.
+pub fn resident_query(v: &Vma) -> ScanQuery {
+    if v.is_shmem_anon() {
+        ScanQuery { category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED, ..Default::default() }
+    } else {
+        ScanQuery {
+            category_inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+            category_mask: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+            category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            ..Default::default()
+        }
+    }
+}
+
 /// The VMAs of the image and the page runs to copy.
 pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
     let mut scanner = PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
@@ -116,27 +142,13 @@ pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
         if e.kind == vma::KIND_UNSUPPORTED {
             anyhow::bail!("mapping {:#x}-{:#x} ({}) of PID {pid} is not supported", v.start, v.end, e.name);
         }
-        let wants_pages = match e.kind {
-            vma::KIND_VDSO | vma::KIND_VVAR | vma::KIND_VVAR_VCLOCK | vma::KIND_VSYSCALL | vma::KIND_UPROBES => false,
-            _ if v.vm_flags.contains(VmFlags::IO) || v.vm_flags.contains(VmFlags::PFNMAP) => false,
-            vma::KIND_SHMEM_ANON => true,
-            _ => !v.shared,
-        };
+        let wants_pages = wants_pages(v, e.kind);
         entries.push(e);
         if !wants_pages {
             continue;
         }
         scanned += (v.end - v.start) / 4096;
-        let query = if v.is_shmem_anon() {
-            ScanQuery { category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED, ..Default::default() }
-        } else {
-            ScanQuery {
-                category_inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
-                category_mask: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
-                category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-                ..Default::default()
-            }
-        };
+        let query = resident_query(v);
         let regions = scanner.scan(v.start, v.end, &query).with_context(|| format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end))?;
         for r in regions {
             match runs.last_mut() {

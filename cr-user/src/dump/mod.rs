@@ -6,6 +6,7 @@
 //! and the image directory has no inventory (never mistaken for a complete image).
 
 pub mod files;
+pub mod incremental;
 pub mod interrupt;
 pub mod memory;
 pub mod pages;
@@ -14,12 +15,11 @@ pub mod target;
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::cli::DumpOpts;
 use crate::image::dir::{self as imgdir, ImageWriter};
 use crate::image::file::Kind;
-use crate::image::pages::PageWriter;
 use crate::image::pb;
 use crate::proc;
 use crate::proc::maps::VmaName;
@@ -32,8 +32,8 @@ pub const DUMP_F_SHELL_JOB: u64 = 4;
 pub const DUMP_F_FILE_LOCKS: u64 = 8;
 
 pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
-    if pre_dump || o.track_mem || o.prev_images_dir.is_some() {
-        bail!("incremental dumps (pre-dump, --track-mem, --prev-images-dir) are not supported yet");
+    if pre_dump {
+        return incremental::pre_dump(o);
     }
     let t_start = Instant::now();
     interrupt::install();
@@ -41,12 +41,13 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
     log::info!("dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
+    let mut inc = incremental::Session::prepare(o, false, pid)?;
     interrupt::check()?;
 
     let mut tracee = Tracee::seize(pid, pid).with_context(|| format!("freezing PID {pid}"))?;
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
-    let collected = match dump_frozen(&mut tracee, &writer, o) {
+    let collected = match inc.frozen().and_then(|_| dump_frozen(&mut tracee, &writer, o, &mut inc)) {
         Ok(c) => c,
         Err(e) => {
             // Dropping the tracee detaches it; the Remote (already dropped) restored registers.
@@ -79,7 +80,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
         if o.file_locks {
             flags |= DUMP_F_FILE_LOCKS;
         }
-        let inventory = pb::Inventory {
+        let mut inventory = pb::Inventory {
             kernel_release: proc::task::kernel_release().unwrap_or_default(),
             root_pid: pid,
             flags,
@@ -88,8 +89,11 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
             created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             ..Default::default()
         };
+        inc.fill_inventory(&mut inventory);
         // Commit before the target goes away: a dump that cannot be committed must not kill it.
-        writer.commit(inventory).map(drop)
+        writer.commit(inventory)?;
+        inc.committed(&o.images_dir);
+        Ok(())
     });
     let Some(tracee) = tracee else {
         result?;
@@ -102,6 +106,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     }
     let frozen = t_frozen.elapsed();
     tracee.kill()?;
+    inc.target_gone();
     log::info!("dump of PID {pid} complete; the process was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
     Ok(())
 }
@@ -118,11 +123,11 @@ struct Collected {
 }
 
 /// Everything that needs the target frozen: its state, and a copy of its memory.
-fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<Collected> {
+fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts, inc: &mut incremental::Session) -> Result<Collected> {
     let pid = t.tgid;
     let stat = proc::stat::read_stat(pid)?;
     let status = proc::status::read_status(pid)?;
-    let vmas = proc::maps::read_smaps(pid)?;
+    let vmas = inc.vmas()?;
     let regs = t.regs()?;
     if let Some(r) = task::describe_restart(&regs) {
         log::debug!("PID {pid} is inside syscall {} ({r})", regs.orig_rax as i64);
@@ -149,16 +154,8 @@ fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<Collecte
     let mut next_id = 1;
     let fdt = files::collect(pid, &mut next_id, o.shell_job)?;
     let mut mm = memory::mm_fields(pid, &stat, brk)?;
-    let (vma_entries, runs, scanned) = memory::plan(pid, &vmas)?;
-    mm.vmas = vma_entries;
-    interrupt::check()?;
-
-    let t_mem = Instant::now();
-    let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
-    let writer = PageWriter::create(w, pid, total_pages)?;
-    let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * 4096))?;
-    let memdump_us = t_mem.elapsed().as_micros() as u64;
-    log::info!("PID {pid}: {} VMAs, {total_pages} pages copied of {scanned} scanned in {:.1} ms", mm.vmas.len(), memdump_us as f64 / 1e3);
+    let mem = inc.memory(t, Some(ip), &vmas, w)?;
+    mm.vmas = mem.vmas;
 
     let pstree = pb::PsTree {
         tasks: vec![pb::PsTreeEntry {
@@ -171,15 +168,8 @@ fn dump_frozen(t: &mut Tracee, w: &ImageWriter, o: &DumpOpts) -> Result<Collecte
             exit_status: 0,
         }],
     };
-    let stats = pb::DumpStats {
-        memdump_us,
-        pages_scanned: scanned,
-        pages_written: total_pages,
-        harvest: "full".into(),
-        vmas: mm.vmas.len() as u64,
-        ..Default::default()
-    };
-    Ok(Collected { pid, core, mm, fdt, pstree, pages: pending, stats })
+    let stats = mem.stats;
+    Ok(Collected { pid, core, mm, fdt, pstree, pages: mem.pages, stats })
 }
 
 /// Writes every descriptor once the pages are on disk. Returns the statistics.

@@ -111,3 +111,125 @@ fn read_all(pid: i32, runs: &[Run], tx: &SyncSender<(u64, Vec<u8>)>, back: &Rece
     }
     Ok(())
 }
+
+/// One step of an incremental dump's page plan, in ascending address order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanItem {
+    /// Copy `[start, end)` from the target (`readable`: process_vm_readv works; otherwise
+    /// /proc/PID/mem).
+    Data { start: u64, end: u64, readable: bool },
+    /// `[start, end)` is unchanged since the parent image: an `in_parent` run.
+    Parent { start: u64, end: u64 },
+}
+
+/// A piece of a batch for the writer thread.
+enum Piece {
+    Data { vaddr: u64, off: usize, len: usize },
+    Parent { vaddr: u64, pages: u64 },
+}
+
+/// Like [`copy`], for a plan that mixes copied runs and parent runs. Many small runs (a
+/// scattered dirty set) are gathered into one buffer and read with one process_vm_readv per
+/// IOV_MAX of them, so the frozen time stays proportional to the data, not to the runs.
+pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -> Result<PendingPages> {
+    let slots = (budget / CHUNK).max(2) as usize;
+    type Batch = (Vec<u8>, Vec<Piece>);
+    let (tx, rx): (SyncSender<Batch>, Receiver<Batch>) = mpsc::sync_channel(slots);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    let handle = std::thread::Builder::new()
+        .name("cr-page-writer".into())
+        .spawn(move || -> Result<pb::PageMap> {
+            let mut w = writer;
+            for (buf, pieces) in rx {
+                for p in pieces {
+                    match p {
+                        Piece::Data { vaddr, off, len } => w.write_run(vaddr, &buf[off..off + len])?,
+                        Piece::Parent { vaddr, pages } => w.add_parent_run(vaddr, pages)?,
+                    }
+                }
+                let _ = back_tx.send(buf);
+            }
+            w.finish()
+        })
+        .context("start the page writer thread")?;
+    let mut pending = PendingPages { writer: Some(handle) };
+    let result = read_plan(pid, plan, &tx, &back_rx);
+    drop(tx);
+    if let Err(e) = result {
+        if let Some(h) = pending.writer.take() {
+            if let Ok(Err(we)) = h.join() {
+                return Err(we).context("writing the page file");
+            }
+        }
+        return Err(e);
+    }
+    Ok(pending)
+}
+
+fn read_plan(pid: i32, plan: &[PlanItem], tx: &SyncSender<(Vec<u8>, Vec<Piece>)>, back: &Receiver<Vec<u8>>) -> Result<()> {
+    let chunk = CHUNK as usize;
+    // Buffers are always CHUNK long (fresh ones calloc'd: untouched pages cost nothing);
+    // `used` is how much of the current one is filled.
+    let new_buf = || loop {
+        match back.try_recv() {
+            Ok(b) if b.len() == chunk => return b,
+            Ok(_) => continue, // a batch of parent runs only: its buffer was empty
+            Err(_) => return vec![0u8; chunk],
+        }
+    };
+    let mut buf = Vec::new();
+    let mut used = 0usize;
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut ranges: Vec<(u64, usize)> = Vec::new();
+    // Reads the gathered ranges (back to back at the start of the buffer) and hands the
+    // batch to the writer.
+    let flush = |buf: &mut Vec<u8>, used: &mut usize, pieces: &mut Vec<Piece>, ranges: &mut Vec<(u64, usize)>| -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        if !ranges.is_empty() {
+            crate::sys::vm::process_vm_readv_ranges(pid, ranges, &mut buf[..*used])?;
+        }
+        tx.send((std::mem::take(buf), std::mem::take(pieces))).map_err(|_| anyhow!("the page writer stopped"))?;
+        ranges.clear();
+        *used = 0;
+        Ok(())
+    };
+    for item in plan {
+        interrupt::check()?;
+        match *item {
+            PlanItem::Parent { start, end } => {
+                pieces.push(Piece::Parent { vaddr: start, pages: (end - start) / 4096 });
+            }
+            PlanItem::Data { start, end, readable } => {
+                if !readable {
+                    // Unreadable memory goes through /proc/PID/mem, in batches of its own.
+                    flush(&mut buf, &mut used, &mut pieces, &mut ranges)?;
+                }
+                let mut addr = start;
+                while addr < end {
+                    if buf.is_empty() {
+                        buf = new_buf();
+                    }
+                    if used == chunk || ranges.len() >= crate::sys::IOV_MAX {
+                        flush(&mut buf, &mut used, &mut pieces, &mut ranges)?;
+                        continue;
+                    }
+                    let len = ((end - addr) as usize).min(chunk - used);
+                    if readable {
+                        ranges.push((addr, len));
+                    } else {
+                        crate::ptrace::inject::read_mem(pid, addr, &mut buf[used..used + len])?;
+                    }
+                    pieces.push(Piece::Data { vaddr: addr, off: used, len });
+                    used += len;
+                    addr += len as u64;
+                }
+                if !readable {
+                    flush(&mut buf, &mut used, &mut pieces, &mut ranges)?;
+                }
+            }
+        }
+    }
+    flush(&mut buf, &mut used, &mut pieces, &mut ranges)
+}

@@ -53,7 +53,8 @@ pub struct Tracker {
     dirty: HashMap<MapData, PageKey, PageInfo>,
     stats: PerCpuArray<MapData, u64>,
     // The programs hold their own references to the maps, so drop order does not matter.
-    obj: BpfObject,
+    // None for a tracker built from map fds received from the process that loaded them.
+    obj: Option<BpfObject>,
 }
 
 impl Tracker {
@@ -69,8 +70,36 @@ impl Tracker {
             targets,
             dirty,
             stats,
-            obj,
+            obj: Some(obj),
         })
+    }
+
+    /// A tracker over maps of an object loaded elsewhere: by [`super::maps::TrackMaps`] (which
+    /// attaches more programs to the same object) or from fds handed over by the tracker
+    /// process. The programs run as long as their loader keeps them attached.
+    pub fn from_maps(
+        targets: HashMap<MapData, u32, TargetInfo>,
+        dirty: HashMap<MapData, PageKey, PageInfo>,
+        stats: PerCpuArray<MapData, u64>,
+        obj: Option<BpfObject>,
+    ) -> Tracker {
+        Tracker {
+            targets,
+            dirty,
+            stats,
+            obj,
+        }
+    }
+
+    /// The maps (targets, dirty pages, counters), e.g. to hand their fds to another process.
+    pub fn maps(
+        &self,
+    ) -> (
+        &HashMap<MapData, u32, TargetInfo>,
+        &HashMap<MapData, PageKey, PageInfo>,
+        &PerCpuArray<MapData, u64>,
+    ) {
+        (&self.targets, &self.dirty, &self.stats)
     }
 
     /// Starts recording process `tgid` (all its threads) with `flags` (cr_common::TARGET_F_*;
@@ -160,6 +189,36 @@ impl Tracker {
         Ok(out)
     }
 
+    /// Takes the whole dirty set (every target of this tracker) with
+    /// BPF_MAP_LOOKUP_AND_DELETE_BATCH: a few syscalls instead of two per page, which is what
+    /// keeps an eBPF harvest O(dirty) while the target is frozen. Like [`Tracker::take_dirty`],
+    /// each entry is read and deleted atomically. Returns (tgid, page) pairs, unsorted.
+    pub fn take_all_dirty(&mut self) -> Result<Vec<(u32, DirtyPage)>> {
+        let fd = self.dirty.map().fd().as_fd().as_raw_fd();
+        const BATCH: usize = 8192;
+        let mut keys = vec![PageKey::default(); BATCH];
+        let mut values = vec![PageInfo::default(); BATCH];
+        let mut out = Vec::new();
+        let mut token: Option<u64> = None;
+        loop {
+            let (n, next, done) = lookup_and_delete_batch(fd, token, &mut keys, &mut values)?;
+            for (k, v) in keys[..n].iter().zip(&values[..n]) {
+                out.push((
+                    k.tgid,
+                    DirtyPage {
+                        page: k.page,
+                        writes: v.writes,
+                        epoch: v.epoch,
+                    },
+                ));
+            }
+            if done {
+                return Ok(out);
+            }
+            token = Some(next);
+        }
+    }
+
     /// Forgets the dirty pages of `tgid`. Returns how many were removed.
     pub fn clear(&mut self, tgid: u32) -> Result<usize> {
         let keys = self.keys_of(tgid)?;
@@ -211,12 +270,15 @@ impl Tracker {
 
     /// Forwards pending eBPF log records (`-v4` with TARGET_F_LOG) to cr's log now.
     pub fn flush_log(&self) {
-        self.obj.flush_log();
+        if let Some(o) = &self.obj {
+            o.flush_log();
+        }
     }
 
-    /// The loaded object, e.g. to attach further programs that share it.
-    pub fn object_mut(&mut self) -> &mut BpfObject {
-        &mut self.obj
+    /// The loaded object (None when built from received map fds), e.g. to attach further
+    /// programs that share it.
+    pub fn object_mut(&mut self) -> Option<&mut BpfObject> {
+        self.obj.as_mut()
     }
 }
 
@@ -268,4 +330,66 @@ fn lookup_and_delete<K, V: Default>(map_fd: i32, key: &K, map: &str) -> Result<O
         bail!("BPF_MAP_LOOKUP_AND_DELETE_ELEM on {map}: {e}");
     }
     Ok(Some(value))
+}
+
+/// One `bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH)` call on a hash map: fills `keys`/`values` from the
+/// bucket after `token` (None: from the start). Returns (entries returned, next token, done).
+/// (aya 0.16 does not expose batch operations.)
+fn lookup_and_delete_batch<K, V>(
+    map_fd: i32,
+    token: Option<u64>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, u64, bool)> {
+    const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let in_tok = token.unwrap_or(0);
+    let mut out_tok: u64 = 0;
+    let cap = keys.len().min(values.len());
+    let mut attr = BatchAttr {
+        in_batch: if token.is_some() {
+            &in_tok as *const u64 as u64
+        } else {
+            0
+        },
+        out_batch: &mut out_tok as *mut u64 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: cap as u32,
+        map_fd: map_fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the attr is the `batch` member of union bpf_attr; keys/values point to `cap`
+    // writable elements of the map's key and value types (checked by aya when the map was
+    // typed); the batch tokens point to live u64s (the hash map's token is a u32 bucket index,
+    // which fits).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    let n = (attr.count as usize).min(cap);
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            // The end of the map: `count` entries were still returned.
+            return Ok((n, out_tok, true));
+        }
+        bail!("BPF_MAP_LOOKUP_AND_DELETE_BATCH on CR_DIRTY: {e}");
+    }
+    Ok((n, out_tok, false))
 }

@@ -52,6 +52,12 @@ impl BpfObject {
     /// into the kernel only when attached. Mounts tracefs if it is missing (tracepoint attach
     /// and the layout check need it).
     pub fn load() -> Result<BpfObject> {
+        Self::load_sized(None)
+    }
+
+    /// [`BpfObject::load`] with CR_DIRTY sized to `dirty_max_entries` instead of its default (aya's map_max_entries)
+    /// (tests use a tiny map to prove that a full map makes the harvest fall back).
+    pub fn load_sized(dirty_max_entries: Option<u32>) -> Result<BpfObject> {
         let data = embedded_object()?;
         raise_memlock_limit();
         if let Err(e) = mounts::ensure_tracefs() {
@@ -71,6 +77,9 @@ impl BpfObject {
         // eBPF-side log statements below cr's level are skipped in the kernel.
         let level = log::max_level() as u8;
         loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(n) = dirty_max_entries {
+            loader.map_max_entries(cr_common::names::DIRTY, n);
+        }
         let mut ebpf = loader
             .load(data)
             .context("load cr's eBPF object (maps and relocations)")?;
@@ -124,6 +133,22 @@ impl BpfObject {
         self.attach_tracepoint(PROG_FAULT_USER, "exceptions", "page_fault_user")?;
         self.attach_tracepoint(PROG_FAULT_KERNEL, "exceptions", "page_fault_kernel")?;
         Ok(())
+    }
+
+    /// Checks every syscall tracepoint cr-ebpf reads against tracefs (argument i at
+    /// SYSCALL_ARG0_OFFSET + 8*i, 8 bytes), then attaches the syscall programs
+    /// (cr_common::names::SYSCALL_PROGS) and the exec program.
+    pub fn attach_syscall_tracepoints(&mut self) -> Result<()> {
+        use cr_common::names::{PROG_EXEC, SYSCALL_PROGS};
+        for (prog, syscall) in SYSCALL_PROGS {
+            let event = format!("sys_enter_{syscall}");
+            let text = tracefs::read_format("syscalls", &event)?;
+            tracefs::check_syscall_args(&event, &text).with_context(|| {
+                format!("cannot watch {syscall}(2) of tracked processes")
+            })?;
+            self.attach_tracepoint(prog, "syscalls", &event)?;
+        }
+        self.attach_tracepoint(PROG_EXEC, "sched", "sched_process_exec")
     }
 
     /// Takes map `name` out of the object, typed (e.g. `aya::maps::HashMap<_, K, V>`).

@@ -11,8 +11,14 @@
 //! Still to come (later issues): VMA-change, TCP and lock programs in the same object, and a
 //! tracker process that owns all this across `cr` invocations.
 
+pub mod arm;
+pub mod client;
+pub mod daemon;
 pub mod dirty;
+pub mod harvest;
 pub mod loader;
+pub mod maps;
+pub mod ranges;
 pub mod tracefs;
 pub mod uffd;
 

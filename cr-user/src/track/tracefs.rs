@@ -80,6 +80,33 @@ pub fn fault_layout(event: &str, text: &str) -> Result<FaultLayout> {
     })
 }
 
+/// Checks that a `syscalls:sys_enter_*` record has its arguments where cr-ebpf reads them:
+/// `__syscall_nr` at 8, then every argument 8 bytes wide at SYSCALL_ARG0_OFFSET + 8*i.
+pub fn check_syscall_args(event: &str, text: &str) -> Result<()> {
+    let fields = parse_format(text);
+    let Some(nr) = fields.iter().position(|f| f.name == "__syscall_nr") else {
+        bail!("tracepoint syscalls:{event} has no __syscall_nr field");
+    };
+    if fields[nr].offset != 8 {
+        bail!(
+            "tracepoint syscalls:{event}: __syscall_nr at offset {}, cr-ebpf reads 8",
+            fields[nr].offset
+        );
+    }
+    for (i, f) in fields[nr + 1..].iter().enumerate() {
+        let want = cr_common::SYSCALL_ARG0_OFFSET + 8 * i as u32;
+        if f.offset != want || f.size != 8 {
+            bail!(
+                "tracepoint syscalls:{event}: argument {i} ({}) is {} bytes at offset {}, cr-ebpf reads 8 at {want}",
+                f.name,
+                f.size,
+                f.offset
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Reads a tracepoint's format file from tracefs.
 pub fn read_format(category: &str, name: &str) -> Result<String> {
     let path = format!("{TRACEFS}/events/{category}/{name}/format");
@@ -169,6 +196,27 @@ print fmt: \"address=%ps ip=%ps error_code=0x%lx\", (void *)REC->address, (void 
         // A kernel with another layout is followed, not refused.
         let moved = PF_USER.replace("error_code;\toffset:24", "error_code;\toffset:32");
         assert_eq!(fault_layout("x", &moved).unwrap().error_code, 32);
+    }
+
+    #[test]
+    fn checks_syscall_argument_layout() {
+        let f = "name: sys_enter_munmap
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:unsigned long addr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:size_t len;\toffset:24;\tsize:8;\tsigned:0;
+";
+        check_syscall_args("sys_enter_munmap", f).unwrap();
+        let moved = f.replace("len;\toffset:24", "len;\toffset:32");
+        let e = check_syscall_args("sys_enter_munmap", &moved).unwrap_err().to_string();
+        assert!(e.contains("argument 1 (len)"), "{e}");
+        let e = check_syscall_args("x", "field:int a;\toffset:8;\tsize:4;").unwrap_err().to_string();
+        assert!(e.contains("no __syscall_nr"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,284 @@
+//! Talking to the tracker process of a target ([`super::daemon`]): finding it, starting it,
+//! and the protocol.
+//!
+//! The tracker listens on the abstract unix socket `cr-track-PID` (SOCK_SEQPACKET: one message
+//! per request or reply; nothing on disk to clean up). Requests and replies are JSON; fds travel
+//! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the six map fds, then the
+//! userfaultfd if armed), does all the work itself on those fds, and hands the result back
+//! (`Put`, with the userfaultfd when it armed one). The tracker only keeps things alive.
+//!
+//! Crash safety: before a harvest consumes the dirty set the dump sends `Invalidate` (the
+//! tracker forgets which image its state is relative to); `Put` after the harvest names the new
+//! image, and `Commit` after the inventory is written records its CRC. A dump that dies in
+//! between leaves a state no later dump will build on.
+
+use std::io::{IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::socket::{
+    connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessage, ControlMessageOwned,
+    MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use serde::{Deserialize, Serialize};
+
+use super::maps::Counters;
+use super::ranges::RangeSet;
+
+/// Largest message (a state with thousands of tracked ranges fits easily).
+pub const MAX_MSG: usize = 1 << 20;
+/// Most fds in one message.
+pub const MAX_FDS: usize = 8;
+
+/// The abstract socket name of the tracker of `pid`.
+pub fn socket_name(pid: i32) -> String {
+    format!("cr-track-{pid}")
+}
+
+/// What the tracker remembers between dumps.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrackerState {
+    /// The tracked process and its start time (/proc/PID/stat field 22): a recycled PID is
+    /// another process.
+    pub pid: i32,
+    pub start_time: u64,
+    /// The tracker process itself.
+    pub daemon_pid: i32,
+    /// The tracker holds a userfaultfd with the target's memory write-protected.
+    pub armed: bool,
+    /// Canonical path of the image whose checkpoint the last harvest (or arming) was for:
+    /// the dirty set is relative to it. None: no usable base (never armed, or a dump died
+    /// after consuming the dirty set).
+    pub last_image: Option<String>,
+    /// CRC32C of that image's inventory.img, once committed.
+    pub last_image_crc: Option<u32>,
+    /// VMA ranges registered for write-protection at the end of the last checkpoint.
+    pub tracked: RangeSet,
+    /// eBPF counters at the end of the last checkpoint's freeze.
+    pub baseline: Counters,
+    /// The last harvest saw a lasting way for the target's memory to change without faults
+    /// (an O_DIRECT or io_uring fd, a writer of its mem file): the next one is exact too.
+    pub sticky: bool,
+    /// Checkpoints taken with this tracker.
+    pub harvests: u64,
+    /// PIDs of the cr processes that used this tracker (their own /proc/PID/mem opens are
+    /// not a stranger's writes). Kept by the tracker from the connections' credentials.
+    pub dumpers: Vec<i32>,
+}
+
+/// A request to the tracker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// The state, the map fds and the userfaultfd (if armed).
+    Get,
+    /// Forget the base image (a harvest is about to consume the dirty set).
+    Invalidate,
+    /// Replace the state (a userfaultfd may come along).
+    Put { state: TrackerState },
+    /// The image `image` was committed with inventory CRC `crc`.
+    Commit { image: String, crc: u32 },
+    /// Exit now (the final dump killed the target, or tracking is no longer wanted).
+    Stop,
+}
+
+/// The tracker's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub state: Option<TrackerState>,
+    /// Fds sent along: 6 map fds, then the userfaultfd if `armed`.
+    pub fds: usize,
+}
+
+/// Sends one message with optional fds.
+pub fn send(sock: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+        .context("send to the tracker socket")?;
+    Ok(())
+}
+
+/// Receives one message and the fds that came with it. Ok(None) at end of stream.
+pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut cbuf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds, truncated) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            sock.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut cbuf),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("receive from the tracker socket")?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().context("read the control messages")? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed these fds in this process for us.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let t = msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        (msg.bytes, fds, t)
+    };
+    if truncated {
+        bail!("a tracker message was truncated");
+    }
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    buf.truncate(n);
+    Ok(Some((buf, fds)))
+}
+
+/// A connection to the tracker of one target.
+pub struct TrackerConn {
+    sock: OwnedFd,
+    pub pid: i32,
+}
+
+/// What `Get` returns.
+pub struct Snapshot {
+    pub state: TrackerState,
+    /// The map fds (see [`super::maps::TrackMaps::from_fds`]).
+    pub map_fds: Vec<OwnedFd>,
+    /// The userfaultfd, if armed.
+    pub uffd: Option<OwnedFd>,
+}
+
+impl TrackerConn {
+    /// Connects to the tracker of `pid`. Ok(None) if there is none.
+    pub fn connect(pid: i32) -> Result<Option<TrackerConn>> {
+        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .context("create a unix socket")?;
+        let addr = UnixAddr::new_abstract(socket_name(pid).as_bytes()).context("socket name")?;
+        match connect(sock.as_raw_fd(), &addr) {
+            Ok(()) => Ok(Some(TrackerConn { sock, pid })),
+            Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(anyhow!(e)).with_context(|| format!("connect to the tracker of PID {pid}")),
+        }
+    }
+
+    fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+        let bytes = serde_json::to_vec(req).context("encode a tracker request")?;
+        send(&self.sock, &bytes, fds)?;
+        let Some((bytes, fds)) = recv(&self.sock)? else {
+            bail!("the tracker of PID {} closed the connection (it exited?)", self.pid);
+        };
+        let reply: Reply = serde_json::from_slice(&bytes).context("decode the tracker's reply")?;
+        if !reply.ok {
+            bail!(
+                "the tracker of PID {} refused: {}",
+                self.pid,
+                reply.error.as_deref().unwrap_or("no reason given")
+            );
+        }
+        Ok((reply, fds))
+    }
+
+    /// The state and the fds.
+    pub fn get(&self) -> Result<Snapshot> {
+        let (reply, mut fds) = self.call(&Request::Get, &[])?;
+        let state = reply.state.context("the tracker sent no state")?;
+        if fds.len() != reply.fds {
+            bail!("the tracker announced {} fds and sent {}", reply.fds, fds.len());
+        }
+        let uffd = if state.armed {
+            if fds.len() < 7 {
+                bail!("the tracker is armed but sent no userfaultfd");
+            }
+            fds.pop()
+        } else {
+            None
+        };
+        Ok(Snapshot { state, map_fds: fds, uffd })
+    }
+
+    pub fn invalidate(&self) -> Result<()> {
+        self.call(&Request::Invalidate, &[]).map(drop)
+    }
+
+    /// Replaces the state; `uffd` hands over a (new) userfaultfd.
+    pub fn put(&self, state: &TrackerState, uffd: Option<&OwnedFd>) -> Result<()> {
+        let fds: Vec<RawFd> = uffd.iter().map(|f| f.as_raw_fd()).collect();
+        self.call(&Request::Put { state: state.clone() }, &fds).map(drop)
+    }
+
+    pub fn commit(&self, image: &str, crc: u32) -> Result<()> {
+        self.call(&Request::Commit { image: image.to_string(), crc }, &[]).map(drop)
+    }
+
+    /// Asks the tracker to exit (it answers first).
+    pub fn stop(&self) -> Result<()> {
+        self.call(&Request::Stop, &[]).map(drop)
+    }
+}
+
+/// The current log level on CRIU's 0..=4 scale, passed on to the tracker.
+fn criu_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off | log::LevelFilter::Error => 0,
+        log::LevelFilter::Warn => 1,
+        log::LevelFilter::Info => 2,
+        log::LevelFilter::Debug => 3,
+        log::LevelFilter::Trace => 4,
+    }
+}
+
+/// Starts a tracker process for `pid` and connects to it. The tracker is `cr __tracker` (this
+/// very binary, /proc/self/exe) in a session of its own, so that the dumping cr's exit, its
+/// terminal or its signals do not end it. Returns once the tracker has loaded its programs,
+/// started recording `pid` and listens.
+pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the tracker's ready message")?;
+    let wfd = w.as_raw_fd();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(format!("-v{}", criu_level()))
+        .args(["__tracker", "--pid", &pid.to_string(), "--ready-fd", "3"]);
+    if let Some(n) = dirty_max_entries {
+        cmd.args(["--dirty-max-entries", &n.to_string()]);
+    }
+    if let Some(log) = std::env::var_os("CR_TRACKER_LOG") {
+        cmd.arg("-o").arg(log);
+    } else {
+        cmd.args(["-o", "/dev/null"]);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).current_dir("/");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(wfd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("start the tracker process (cr __tracker)")?;
+    drop(w);
+    let mut msg = String::new();
+    std::fs::File::from(r)
+        .read_to_string(&mut msg)
+        .context("read the tracker's ready message")?;
+    // The tracker runs on by itself; it is not ours to wait for.
+    drop(child);
+    let msg = msg.trim();
+    if !msg.starts_with("READY") {
+        bail!(
+            "the tracker for PID {pid} did not start: {}",
+            if msg.is_empty() { "it exited without a word (set CR_TRACKER_LOG=FILE to see its log)" } else { msg }
+        );
+    }
+    log::debug!("tracker for PID {pid} started: {msg}");
+    TrackerConn::connect(pid)?.with_context(|| format!("the tracker of PID {pid} said it was ready but does not answer"))
+}

@@ -1,0 +1,197 @@
+//! The tracker process (`cr __tracker --pid PID`): keeps a target's tracking alive between `cr`
+//! invocations (DESIGN §5).
+//!
+//! It loads cr's eBPF programs (write faults, VMA-changing and remote-write syscalls, exec),
+//! records the target, and then only holds things: the loaded programs and their maps, the
+//! userfaultfd with the target's memory write-protected (handed over by the dump that armed
+//! it), and a small [`TrackerState`]. Dumps do the work themselves on the fds it hands out
+//! ([`super::client`]). It answers on the abstract socket `cr-track-PID` (so no file is left
+//! behind) and exits when the target exits (its pidfd polls readable) or when told to
+//! (`Stop`). Exiting closes everything: programs detach, maps and the userfaultfd go, and the
+//! target's memory is no longer write-protected. Nothing is pinned.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use anyhow::{bail, Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    accept4, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, UnixAddr,
+};
+
+use super::client::{recv, send, socket_name, Reply, Request, TrackerState};
+use super::maps::TrackMaps;
+use crate::sys::pidfd_open;
+
+/// How many dumper PIDs the state remembers.
+const MAX_DUMPERS: usize = 16;
+
+/// Entry point of `cr __tracker`. `ready_fd` (inherited) receives `READY <pid>` once the
+/// tracker listens, or `ERROR <why>`; it is closed either way.
+pub fn run(pid: i32, ready_fd: Option<RawFd>, dirty_max_entries: Option<u32>) -> Result<i32> {
+    // SAFETY: the spawner passed this fd for us alone; we own it from here.
+    let mut ready = ready_fd.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+    let tracker = match Tracker::setup(pid, dirty_max_entries) {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "ERROR {e:#}");
+            }
+            return Err(e);
+        }
+    };
+    if let Some(mut r) = ready.take() {
+        writeln!(r, "READY {}", std::process::id()).context("write the ready message")?;
+    }
+    log::info!("tracker of PID {pid} ready (tracker PID {})", std::process::id());
+    tracker.serve()
+}
+
+struct Tracker {
+    pid: i32,
+    pidfd: OwnedFd,
+    listener: OwnedFd,
+    maps: TrackMaps,
+    uffd: Option<OwnedFd>,
+    state: TrackerState,
+}
+
+impl Tracker {
+    fn setup(pid: i32, dirty_max_entries: Option<u32>) -> Result<Tracker> {
+        let pidfd = pidfd_open(pid).with_context(|| format!("PID {pid} to track"))?;
+        let start_time = crate::proc::stat::read_stat(pid)?.starttime;
+        let listener = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .context("create the tracker socket")?;
+        let name = socket_name(pid);
+        let addr = UnixAddr::new_abstract(name.as_bytes()).context("socket name")?;
+        match bind(listener.as_raw_fd(), &addr) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EADDRINUSE) => bail!("PID {pid} already has a tracker (@{name} is taken)"),
+            Err(e) => return Err(e).with_context(|| format!("bind @{name}")),
+        }
+        listen(&listener, Backlog::new(4).context("backlog")?).with_context(|| format!("listen on @{name}"))?;
+        let mut maps = TrackMaps::load(dirty_max_entries)?;
+        maps.add_target(pid as u32)?;
+        let state = TrackerState {
+            pid,
+            start_time,
+            daemon_pid: std::process::id() as i32,
+            ..Default::default()
+        };
+        Ok(Tracker { pid, pidfd, listener, maps, uffd: None, state })
+    }
+
+    fn serve(mut self) -> Result<i32> {
+        loop {
+            let mut fds = [
+                PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("poll in the tracker"),
+            }
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                log::info!("PID {} exited: the tracker stops", self.pid);
+                return Ok(0);
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    // SAFETY: accept4 returned a new fd that nobody else owns.
+                    Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
+                    Err(e) => return Err(e).context("accept on the tracker socket"),
+                };
+                match self.connection(&conn) {
+                    Ok(true) => {
+                        log::info!("told to stop: the tracker of PID {} exits", self.pid);
+                        return Ok(0);
+                    }
+                    Ok(false) => {}
+                    Err(e) => log::warn!("tracker connection: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Serves one client until it hangs up. Returns true on `Stop`.
+    fn connection(&mut self, conn: &OwnedFd) -> Result<bool> {
+        if let Ok(cred) = getsockopt(conn, sockopt::PeerCredentials) {
+            let p = cred.pid();
+            if !self.state.dumpers.contains(&p) {
+                self.state.dumpers.push(p);
+                let n = self.state.dumpers.len();
+                if n > MAX_DUMPERS {
+                    self.state.dumpers.drain(..n - MAX_DUMPERS);
+                }
+            }
+        }
+        while let Some((bytes, fds)) = recv(conn)? {
+            let req: Request = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.reply(conn, Err(format!("bad request: {e}")), &[])?;
+                    continue;
+                }
+            };
+            log::debug!("request {req:?} with {} fds", fds.len());
+            match req {
+                Request::Get => {
+                    let mut out = self.maps.fds()?;
+                    if let Some(u) = &self.uffd {
+                        out.push(u.try_clone().context("dup the userfaultfd")?);
+                    }
+                    let raw: Vec<RawFd> = out.iter().map(|f| f.as_raw_fd()).collect();
+                    self.reply(conn, Ok(()), &raw)?;
+                }
+                Request::Invalidate => {
+                    self.state.last_image = None;
+                    self.state.last_image_crc = None;
+                    self.reply(conn, Ok(()), &[])?;
+                }
+                Request::Put { state } => {
+                    let mut fds = fds;
+                    if let Some(u) = fds.pop() {
+                        self.uffd = Some(u);
+                    }
+                    let r = if state.armed && self.uffd.is_none() {
+                        Err("armed without a userfaultfd".to_string())
+                    } else {
+                        let keep = (self.state.pid, self.state.start_time, self.state.daemon_pid);
+                        let dumpers = std::mem::take(&mut self.state.dumpers);
+                        self.state = TrackerState { dumpers, ..state };
+                        (self.state.pid, self.state.start_time, self.state.daemon_pid) = keep;
+                        Ok(())
+                    };
+                    self.reply(conn, r, &[])?;
+                }
+                Request::Commit { image, crc } => {
+                    let r = if self.state.last_image.as_deref() == Some(image.as_str()) {
+                        self.state.last_image_crc = Some(crc);
+                        Ok(())
+                    } else {
+                        Err(format!("{image} is not the image of the last checkpoint"))
+                    };
+                    self.reply(conn, r, &[])?;
+                }
+                Request::Stop => {
+                    self.reply(conn, Ok(()), &[])?;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn reply(&self, conn: &OwnedFd, r: std::result::Result<(), String>, fds: &[RawFd]) -> Result<()> {
+        let reply = Reply {
+            ok: r.is_ok(),
+            error: r.err(),
+            state: Some(self.state.clone()),
+            fds: fds.len(),
+        };
+        send(conn, &serde_json::to_vec(&reply).context("encode a reply")?, fds)
+    }
+}
