@@ -15,6 +15,7 @@ use crate::image::chain::PageSegment;
 use crate::image::{pb, vma};
 use crate::proc::maps::{read_maps, VmaName};
 use crate::ptrace::Remote;
+use crate::track::uffd::Userfaultfd;
 
 const PAGE: u64 = 4096;
 /// Size of the scratch mapping used for syscall arguments during restore.
@@ -203,17 +204,39 @@ pub fn map_vmas(r: &mut Remote, scratch: u64, vmas: &[pb::Vma]) -> Result<()> {
     Ok(())
 }
 
-/// Writes the saved pages into the mapped VMAs.
-pub fn fill_pages(pid: i32, vmas: &[pb::Vma], segments: &[PageSegment]) -> Result<()> {
+/// Whether UFFDIO_COPY can fill this VMA: userfaultfd's missing mode covers anonymous and shmem
+/// memory, not file-backed private mappings.
+fn uffd_fillable(v: &pb::Vma) -> bool {
+    v.flags & libc::MAP_ANONYMOUS as u32 != 0 && !vma::is_special(v.kind)
+}
+
+/// A userfaultfd of the task being restored, created inside it and taken into cr (the task's
+/// own copy is closed again).
+fn task_uffd(r: &mut Remote, pid: i32) -> Result<Userfaultfd> {
+    let fd = r.syscall("userfaultfd", libc::SYS_userfaultfd, &[libc::O_CLOEXEC as u64])?;
+    let pidfd = crate::sys::pidfd::pidfd_open(pid)?;
+    let mine = crate::sys::pidfd::pidfd_getfd(&pidfd, fd as i32);
+    r.syscall("close(userfaultfd)", libc::SYS_close, &[fd])?;
+    let uffd = Userfaultfd::from_fd(mine?);
+    uffd.handshake(0)?;
+    Ok(uffd)
+}
+
+/// Writes the saved pages into the mapped VMAs. Anonymous and shmem memory is filled with
+/// UFFDIO_COPY (the kernel allocates each page already holding its data: no zeroing, no fault
+/// per page); file-backed private memory (relocated data of libraries) with process_vm_writev,
+/// or /proc/PID/mem where it is read-only.
+pub fn fill_pages(r: &mut Remote, pid: i32, vmas: &[pb::Vma], segments: &[PageSegment]) -> Result<()> {
     let mut sorted: Vec<&pb::Vma> = vmas.iter().collect();
     sorted.sort_by_key(|v| v.start);
     let mut batch: Vec<(u64, &[u8])> = Vec::new();
+    let mut copies: Vec<(u64, &[u8])> = Vec::new();
     for seg in segments {
         let bytes = seg.bytes();
         if bytes.len() as u64 != seg.len() {
             bail!("page segment at {:#x} is outside its page file {}", seg.vaddr, seg.file.path().display());
         }
-        // Split the segment at VMA boundaries: writability decides how each piece is written.
+        // Split the segment at VMA boundaries: each VMA decides how its piece is written.
         let mut addr = seg.vaddr;
         let end = seg.vaddr + seg.len();
         while addr < end {
@@ -221,13 +244,27 @@ pub fn fill_pages(pid: i32, vmas: &[pb::Vma], segments: &[PageSegment]) -> Resul
             let v = sorted.get(i).filter(|v| v.start <= addr).with_context(|| format!("saved page at {addr:#x} is outside every VMA of the image"))?;
             let piece_end = end.min(v.end);
             let data = &bytes[(addr - seg.vaddr) as usize..(piece_end - seg.vaddr) as usize];
-            if v.prot & libc::PROT_WRITE as u32 != 0 {
+            if uffd_fillable(v) {
+                copies.push((addr, data));
+            } else if v.prot & libc::PROT_WRITE as u32 != 0 {
                 batch.push((addr, data));
             } else {
                 crate::ptrace::inject::write_mem(pid, addr, data).with_context(|| format!("fill read-only memory at {addr:#x}"))?;
             }
             addr = piece_end;
         }
+    }
+    if !copies.is_empty() {
+        let uffd = task_uffd(r, pid)?;
+        let targets: Vec<&pb::Vma> = sorted.iter().copied().filter(|v| uffd_fillable(v)).collect();
+        for v in &targets {
+            uffd.register_missing(v.start, v.end - v.start)?;
+        }
+        let filled = copies.iter().try_for_each(|(addr, data)| uffd.copy(*addr, data));
+        for v in &targets {
+            uffd.unregister(v.start, v.end - v.start)?;
+        }
+        filled?;
     }
     crate::sys::vm::process_vm_writev_slices(pid, &batch)
 }

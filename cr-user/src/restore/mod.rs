@@ -38,6 +38,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let t0 = Instant::now();
     let chain = ImageChain::open(&o.images_dir)?;
     chain.validate()?;
+    log::debug!("images validated in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     let dir = chain.newest();
     let inv = dir.inventory();
     if inv.flags & crate::dump::DUMP_F_PRE_DUMP != 0 {
@@ -105,8 +106,12 @@ fn build(t: &mut Tracee, img: &ProcImage, files: &pb::Files, dir: &imgdir::Image
     r.set_syscall_ip((ip as i64 + delta) as u64);
     let scratch_at = memory::find_gap(&img.mm.vmas, memory::SCRATCH_LEN)?;
     let scratch = r.scratch_at(scratch_at, memory::SCRATCH_LEN)?.addr;
+    let t_map = std::time::Instant::now();
     memory::map_vmas(&mut r, scratch, &img.mm.vmas)?;
-    memory::fill_pages(pid, &img.mm.vmas, segments)?;
+    log::debug!("{} VMAs mapped in {:.1} ms", img.mm.vmas.len(), t_map.elapsed().as_secs_f64() * 1e3);
+    let t_fill = std::time::Instant::now();
+    memory::fill_pages(&mut r, pid, &img.mm.vmas, segments)?;
+    log::debug!("pages written in {:.1} ms", t_fill.elapsed().as_secs_f64() * 1e3);
     memory::set_mm(&mut r, scratch, &img.mm)?;
     let keep = files::restore_fds(&mut r, scratch, pid, dir, &img.fds, files)?;
     task::restore_task(&mut r, scratch, pid, &img.core, &img.entry)?;

@@ -158,6 +158,65 @@ impl Userfaultfd {
     }
 }
 
+/// Missing-page mode: restore fills fresh memory with UFFDIO_COPY (allocate and copy in one
+/// step, with no zeroing and no per-page fault).
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const UFFDIO_UNREGISTER: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_read!(UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
+const UFFDIO_COPY: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_readwrite!(UFFDIO, 0x03, std::mem::size_of::<UffdioCopy>());
+
+impl Userfaultfd {
+    /// Registers `[start, start+len)` in missing-page mode (anonymous and shmem memory only).
+    pub fn register_missing(&self, start: u64, len: u64) -> Result<()> {
+        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        uffd_ioctl(&self.fd, UFFDIO_REGISTER, &mut reg).with_context(|| format!("UFFDIO_REGISTER (missing) of {start:#x}+{len:#x}"))
+    }
+
+    pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
+        let mut r = UffdioRange { start, len };
+        uffd_ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| format!("UFFDIO_UNREGISTER of {start:#x}+{len:#x}"))
+    }
+
+    /// Fills the missing pages at `dst` (in the uffd's process) with `data` (in ours).
+    pub fn copy(&self, dst: u64, data: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let mut c = UffdioCopy {
+                dst: dst + done as u64,
+                src: data[done..].as_ptr() as u64,
+                len: (data.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            let r = uffd_ioctl(&self.fd, UFFDIO_COPY, &mut c);
+            if c.copy > 0 {
+                done += c.copy as usize;
+            }
+            match r {
+                Ok(()) if c.copy > 0 => {}
+                Ok(()) => bail!("UFFDIO_COPY to {:#x} made no progress", dst + done as u64),
+                Err(nix::errno::Errno::EAGAIN) if c.copy > 0 => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("UFFDIO_COPY of {} bytes to {:#x}", data.len() - done, dst + done as u64));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::os::fd::AsFd for Userfaultfd {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.fd)
@@ -174,5 +233,7 @@ mod tests {
         assert_eq!(UFFDIO_API, 0xc018aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010aa01);
+        assert_eq!(UFFDIO_COPY, 0xc028aa03);
     }
 }
