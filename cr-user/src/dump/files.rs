@@ -9,7 +9,7 @@
 //! inode, however many descriptions point at it.
 //!
 //! Every fd of a kind cr cannot restore is reported in one error, naming each fd and its kind,
-//! before anything is written: the caller then detaches and the target runs on untouched.
+//! before any data is copied: the caller then detaches and the target runs on untouched.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::Metadata;
@@ -246,10 +246,46 @@ fn names_same_inode(path: &str, meta: &Metadata) -> bool {
     std::fs::symlink_metadata(path).map(|m| m.dev() == meta.dev() && m.ino() == meta.ino()).unwrap_or(false)
 }
 
+/// One fd as surveyed, before anything is copied.
+struct Surveyed {
+    fd: i32,
+    target: String,
+    info: proc::fdinfo::FdInfo,
+    meta: Metadata,
+    kind: FdKind,
+}
+
+/// First pass: what every fd is. Reads only /proc; fails naming every fd cr cannot dump, so a
+/// refused dump has not touched a single pipe.
+fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
+    let fds = proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
+    let mut out = Vec::with_capacity(fds.len());
+    let mut refused: Vec<String> = Vec::new();
+    for (fd, target) in fds {
+        let info = proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
+        let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).with_context(|| format!("stat fd {fd} ({target}) of PID {pid}"))?;
+        let names_self = target.ends_with(" (deleted)") && names_same_inode(&target, &meta);
+        let kind = classify(&target, FType::of(&meta), meta.nlink(), names_self);
+        if let FdKind::Unsupported(what) = &kind {
+            let hint = match (what.as_str(), shell_job) {
+                ("a terminal", false) => "; dump it with --shell-job (-j)",
+                ("a terminal", true) => " (--shell-job is not supported yet)",
+                _ => "",
+            };
+            refused.push(format!("fd {fd} is {what} ({target}){hint}"));
+        }
+        out.push(Surveyed { fd, target, info, meta, kind });
+    }
+    if !refused.is_empty() {
+        bail!("PID {pid} has open files cr cannot dump: {}", refused.join("; "));
+    }
+    Ok(out)
+}
+
 /// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
 pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> {
+    let surveyed = survey(pid, shell_job)?;
     let mut table = FdTable::default();
-    let fds = proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
     let pidfd = crate::sys::pidfd::pidfd_open(pid)?;
     // Descriptions seen so far, (fd, file id) by (dev, ino), to compare new fds with kcmp.
     let mut seen: HashMap<(u64, u64), Vec<(i32, u32)>> = HashMap::new();
@@ -258,12 +294,8 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
     let mut pipe_ends: HashMap<u64, (bool, bool)> = HashMap::new();
     // Unlinked inodes whose content is already saved: image file name.
     let mut ghosts: HashMap<(u64, u64), String> = HashMap::new();
-    let mut refused: Vec<String> = Vec::new();
-    for (fd, target) in fds {
-        let info = proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
+    for Surveyed { fd, target, info, meta, kind } in surveyed {
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
-        let link = format!("/proc/{pid}/fd/{fd}");
-        let meta = std::fs::metadata(&link).with_context(|| format!("stat fd {fd} ({target}) of PID {pid}"))?;
         let key = (meta.dev(), meta.ino());
         let mut shared_with = None;
         for &(ofd, id) in seen.get(&key).map(Vec::as_slice).unwrap_or(&[]) {
@@ -276,22 +308,8 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
             table.fds.fds.push(pb::Fd { fd, file_id: id, cloexec });
             continue;
         }
-        let ftype = FType::of(&meta);
-        let names_self = target.ends_with(" (deleted)") && names_same_inode(&target, &meta);
-        let kind = match classify(&target, ftype, meta.nlink(), names_self) {
-            FdKind::Unsupported(what) => {
-                let hint = if what == "a terminal" && !shell_job {
-                    "; dump it with --shell-job (-j)"
-                } else if what == "a terminal" {
-                    " (--shell-job is not supported yet)"
-                } else {
-                    ""
-                };
-                refused.push(format!("fd {fd} is {what} ({target}){hint}"));
-                continue;
-            }
-            // Once something is refused, only look for more refusals (no data is copied).
-            _ if !refused.is_empty() => continue,
+        let id = *next_id;
+        let kind = match kind {
             FdKind::Pipe => {
                 let pipe_id = meta.ino();
                 let ends = pipe_ends.entry(pipe_id).or_default();
@@ -320,11 +338,11 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
             FdKind::CharDev { path } => pb::file_entry::Kind::Chr(pb::CharDev { path, rdev: meta.rdev() as u32 }),
             FdKind::Path { path } => pb::file_entry::Kind::Reg(reg_file(path, &meta, false, String::new())),
             FdKind::Unlinked { path } => {
-                let id = *next_id;
                 let content = match ghosts.get(&key) {
                     Some(name) => name.clone(),
                     None => {
                         let name = format!("file-{id}.img");
+                        let link = format!("/proc/{pid}/fd/{fd}");
                         table.contents.push((name.clone(), read_ghost(&link, &path, fd, pid, meta.size())?));
                         ghosts.insert(key, name.clone());
                         name
@@ -332,16 +350,13 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 };
                 pb::file_entry::Kind::Reg(reg_file(path, &meta, true, content))
             }
+            FdKind::Unsupported(what) => bail!("fd {fd} of PID {pid} is {what} ({target})"),
         };
-        let id = *next_id;
         *next_id += 1;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
         table.files.push(pb::FileEntry { id, flags, pos: info.pos, kind: Some(kind) });
         table.fds.fds.push(pb::Fd { fd, file_id: id, cloexec });
         seen.entry(key).or_default().push((fd, id));
-    }
-    if !refused.is_empty() {
-        bail!("PID {pid} has open files cr cannot dump: {}", refused.join("; "));
     }
     for (ino, (rd, wr)) in &pipe_ends {
         if !(rd & wr) {

@@ -110,12 +110,23 @@ fn pos(fd: i32) -> i64 {
 }
 
 fn write_all(fd: i32, data: &[u8]) {
+    if let Err(e) = try_write_all(fd, data) {
+        panic!("write to fd {fd}: {e}");
+    }
+}
+
+/// Writes all of `data`; Err names how far it got (EAGAIN on a full non-blocking pipe).
+fn try_write_all(fd: i32, data: &[u8]) -> Result<(), String> {
     let mut off = 0;
     while off < data.len() {
         // SAFETY: valid buffer.
         let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
-        off += check_ret(n as _, "write") as usize;
+        if n < 0 {
+            return Err(format!("errno {} after {off} of {} bytes", errno(), data.len()));
+        }
+        off += n as usize;
     }
+    Ok(())
 }
 
 /// read(2) of up to `len` bytes; Err(errno).
@@ -359,6 +370,13 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
         c.check(false, format!("unexpected fd {fd} ({})", after[fd].0));
     }
     check_extra(&mut c, mode);
+    // From here on no read or write may block: a pipe restored empty or too small must give a
+    // FAIL, not a hang.
+    // (Their O_NONBLOCK flags were compared above.)
+    for fd in [FD_PIPE_R, FD_PIPE_W, FD_BIGPIPE_R, FD_BIGPIPE_W, FD_FIFO_R, FD_FIFO_W, FD_EMPTY_R, FD_EMPTY_W] {
+        // SAFETY: plain fcntl.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, getfl(fd) | libc::O_NONBLOCK) };
+    }
 
     // Regular files: access modes, flags, shared offsets, positions.
     c.eq(getfl(FD_RD) & libc::O_ACCMODE, libc::O_RDONLY, "fd 10 access mode");
@@ -373,14 +391,14 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(pos(FD_WR), 2000, "fd 12 position");
     c.eq(read(FD_WR, 1), Err(libc::EBADF), "read from the O_WRONLY fd 12");
     // Writes the bytes that are already there: the file is unchanged, the write must work.
-    write_all(FD_WR, &s.data[2000..2100]);
+    c.eq(try_write_all(FD_WR, &s.data[2000..2100]), Ok(()), "write to fd FD_WR");
     c.eq(pos(FD_WR), 2100, "fd 12 position after a write");
 
     c.check(getfl(FD_APPEND) & libc::O_APPEND != 0, "fd 13 lost O_APPEND");
     c.eq(getfl(FD_APPEND) & libc::O_ACCMODE, libc::O_RDWR, "fd 13 access mode");
     c.eq(pos(FD_APPEND), 3, "fd 13 position");
     c.eq(read(FD_APPEND, 100), Ok(b"lo\n".to_vec()), "fd 13 data at 3");
-    write_all(FD_APPEND, b"more\n");
+    c.eq(try_write_all(FD_APPEND, b"more\n"), Ok(()), "write to fd FD_APPEND");
     c.eq(pread(FD_APPEND, 100, 0), b"hello\nmore\n".to_vec(), "log.txt after an O_APPEND write");
 
     c.check(getfl(FD_NONBLOCK) & libc::O_NONBLOCK != 0, "fd 14 lost O_NONBLOCK");
@@ -405,7 +423,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(pos(FD_GONE), 123, "fd 16 position");
     c.eq(pos(FD_GONE2), 50, "fd 17 position");
     c.eq(getfl(FD_GONE2) & libc::O_ACCMODE, libc::O_RDONLY, "fd 17 access mode");
-    write_all(FD_GONE, b"written after restore");
+    c.eq(try_write_all(FD_GONE, b"written after restore"), Ok(()), "write to fd FD_GONE");
     c.eq(pos(FD_GONE_DUP), 123 + 21, "fd 40 (dup of 16) position after a write on 16");
     c.eq(pread(FD_GONE2, 21, 123), b"written after restore".to_vec(), "a write on fd 16 seen through fd 17");
     let link = std::fs::read_link("/proc/self/fd/16").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -430,7 +448,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     // Pipes: unread data in order, capacity, flags, and they still work.
     c.eq(fionread(FD_PIPE_R), SMALL_PIPE_LEN as i32, "small pipe: bytes queued");
     c.eq(read_exact(FD_PIPE_R, SMALL_PIPE_LEN).map(|d| d == s.small), Ok(true), "small pipe data");
-    write_all(FD_PIPE_W, b"again");
+    c.eq(try_write_all(FD_PIPE_W, b"again"), Ok(()), "write to fd FD_PIPE_W");
     c.eq(read(FD_PIPE_R, 100), Ok(b"again".to_vec()), "small pipe after restore");
     c.eq(getfl(FD_PIPE_R) & libc::O_ACCMODE, libc::O_RDONLY, "pipe read end mode");
     c.eq(getfl(FD_PIPE_W) & libc::O_ACCMODE, libc::O_WRONLY, "pipe write end mode");
@@ -442,7 +460,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(read(FD_BIGPIPE_R, 1), Err(libc::EAGAIN), "big pipe drained (non-blocking read end)");
     c.eq(getfd(FD_BIGPIPE_R), libc::FD_CLOEXEC, "big pipe read end close-on-exec");
     let more = pattern(9, 200 * 1024);
-    write_all(FD_BIGPIPE_W, &more);
+    c.eq(try_write_all(FD_BIGPIPE_W, &more), Ok(()), "write to fd FD_BIGPIPE_W");
     c.eq(read_exact(FD_BIGPIPE_R, more.len()).map(|d| d == more), Ok(true), "big pipe after restore");
 
     // SAFETY: plain fcntl.
@@ -450,14 +468,14 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(fionread(FD_FIFO_R), FIFO_LEN as i32, "FIFO: bytes queued");
     c.eq(read_exact(FD_FIFO_R, FIFO_LEN).map(|d| d == s.fifo), Ok(true), "FIFO data");
     c.eq(read(FD_FIFO_R, 1), Err(libc::EAGAIN), "FIFO drained");
-    write_all(FD_FIFO_W, b"fifo again");
+    c.eq(try_write_all(FD_FIFO_W, b"fifo again"), Ok(()), "write to fd FD_FIFO_W");
     c.eq(read(FD_FIFO_R, 100), Ok(b"fifo again".to_vec()), "FIFO after restore");
     let on_disk = std::fs::metadata(s.dir.join("fifo")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
     c.eq(fstat(FD_FIFO_R).st_ino, on_disk, "FIFO fd is the FIFO on disk");
 
     c.eq(fionread(FD_EMPTY_R), 0, "empty pipe: bytes queued");
     c.eq(read(FD_EMPTY_R, 1), Err(libc::EAGAIN), "empty pipe read");
-    write_all(FD_EMPTY_W, b"x");
+    c.eq(try_write_all(FD_EMPTY_W, b"x"), Ok(()), "write to fd FD_EMPTY_W");
     c.eq(read(FD_EMPTY_R, 1), Ok(b"x".to_vec()), "empty pipe after restore");
 
     // Directory fd and O_PATH fd.
