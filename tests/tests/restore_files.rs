@@ -64,13 +64,25 @@ fn dump(w: &Workload, d: &TempDir, extra: &[&str]) -> Output {
 fn restore(d: &TempDir) -> Output {
     let img = d.s("img");
     let pidfile = d.s("restore.pid");
-    cr(&["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"])
+    cr(&[
+        "restore",
+        "-D",
+        &img,
+        "-d",
+        "--pidfile",
+        &pidfile,
+        "-o",
+        "restore.log",
+        "-v4",
+    ])
 }
 
 /// Is `pid` alive and not a zombie?
 fn running(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     matches!(state, Some(s) if s != 'Z' && s != 'X')
 }
 
@@ -88,10 +100,16 @@ fn files_survive_dump_and_restore() {
     let d = TempDir::new("files");
     let mut w = start(&d, "all");
     let before = tree(&d.join("files"));
-    assert!(!before.contains_key("gone.txt"), "the workload did not unlink gone.txt");
+    assert!(
+        !before.contains_key("gone.txt"),
+        "the workload did not unlink gone.txt"
+    );
     dump_and_restore(&mut w, &d, &[], &[]);
     let after = tree(&d.join("files"));
-    assert_eq!(after, before, "the files directory changed across dump and restore");
+    assert_eq!(
+        after, before,
+        "the files directory changed across dump and restore"
+    );
     w.assert_pass();
 }
 
@@ -103,7 +121,12 @@ fn leave_running_dump_leaves_everything_in_place() {
     let mut w = start(&d, "all");
     let before = tree(&d.join("files"));
     let out = dump(&w, &d, &["-R"]);
-    assert!(out.status.success(), "dump -R failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    assert!(
+        out.status.success(),
+        "dump -R failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "dump.log")
+    );
     assert!(running(w.pid), "the workload is not running after dump -R");
     assert!(d.join("img/inventory.img").exists());
     assert_eq!(tree(&d.join("files")), before);
@@ -117,12 +140,22 @@ fn leave_running_image_restores() {
     let d = TempDir::new("files-R-restore");
     let mut w = start(&d, "all");
     let out = dump(&w, &d, &["-R"]);
-    assert!(out.status.success(), "dump -R failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    assert!(
+        out.status.success(),
+        "dump -R failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "dump.log")
+    );
     // SAFETY: plain kill(2) of our child.
     assert_eq!(unsafe { libc::kill(w.pid, libc::SIGKILL) }, 0);
     w.reap_killed();
     let out = restore(&d);
-    assert!(out.status.success(), "restore failed: {}\n{}", stderr_of(&out), log_of(&d, "restore.log"));
+    assert!(
+        out.status.success(),
+        "restore failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "restore.log")
+    );
     w.assert_pass();
 }
 
@@ -133,16 +166,31 @@ fn restore_must_fail_after(name: &str, change: impl FnOnce(&Path), culprit: &str
     let d = TempDir::new(name);
     let mut w = start(&d, "all");
     let out = dump(&w, &d, &[]);
-    assert!(out.status.success(), "dump failed: {}\n{}", stderr_of(&out), log_of(&d, "dump.log"));
+    assert!(
+        out.status.success(),
+        "dump failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "dump.log")
+    );
     w.reap_killed();
     change(&d.join("files"));
     let out = restore(&d);
     let err = stderr_of(&out);
-    assert!(!out.status.success(), "restore succeeded although {culprit} changed");
+    assert!(
+        !out.status.success(),
+        "restore succeeded although {culprit} changed"
+    );
     let path = d.join("files").join(culprit).to_string_lossy().into_owned();
     assert!(err.contains(&path), "the error does not name {path}: {err}");
-    assert!(!pid_exists(w.pid), "a process was left at PID {} after the failed restore", w.pid);
-    assert!(!d.join("files/gone.txt").exists(), "the failed restore left the unlinked file's link");
+    assert!(
+        !pid_exists(w.pid),
+        "a process was left at PID {} after the failed restore",
+        w.pid
+    );
+    assert!(
+        !d.join("files/gone.txt").exists(),
+        "the failed restore left the unlinked file's link"
+    );
 }
 
 #[test]
@@ -151,7 +199,10 @@ fn restore_fails_when_a_file_changed_size() {
         "files-grown",
         |dir| {
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("data.bin")).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("data.bin"))
+                .unwrap();
             f.write_all(b"one more line\n").unwrap();
         },
         "data.bin",
@@ -160,7 +211,11 @@ fn restore_fails_when_a_file_changed_size() {
 
 #[test]
 fn restore_fails_when_a_file_vanished() {
-    restore_must_fail_after("files-vanished", |dir| std::fs::remove_file(dir.join("log.txt")).unwrap(), "log.txt");
+    restore_must_fail_after(
+        "files-vanished",
+        |dir| std::fs::remove_file(dir.join("log.txt")).unwrap(),
+        "log.txt",
+    );
 }
 
 /// `cr dump` of a workload holding an fd of kind `mode` fails naming the fd and `kind`; the
@@ -171,10 +226,22 @@ fn dump_must_refuse(mode: &str, kind: &str) -> String {
     assert_eq!(w.info, "fd=50");
     let out = dump(&w, &d, &[]);
     let err = stderr_of(&out);
-    assert!(!out.status.success(), "dump of a process with {kind} succeeded");
-    assert!(err.contains("fd 50") && err.contains(kind), "the error does not name fd 50 and {kind}: {err}");
-    assert!(!d.join("img/inventory.img").exists(), "a failed dump left a complete image");
-    assert!(running(w.pid), "the workload is not running after the failed dump");
+    assert!(
+        !out.status.success(),
+        "dump of a process with {kind} succeeded"
+    );
+    assert!(
+        err.contains("fd 50") && err.contains(kind),
+        "the error does not name fd 50 and {kind}: {err}"
+    );
+    assert!(
+        !d.join("img/inventory.img").exists(),
+        "a failed dump left a complete image"
+    );
+    assert!(
+        running(w.pid),
+        "the workload is not running after the failed dump"
+    );
     w.assert_pass();
     err
 }
@@ -192,5 +259,8 @@ fn dump_refuses_a_socket() {
 #[test]
 fn dump_refuses_a_terminal_without_shell_job() {
     let err = dump_must_refuse("tty", "terminal");
-    assert!(err.contains("--shell-job"), "the error does not point at --shell-job: {err}");
+    assert!(
+        err.contains("--shell-job"),
+        "the error does not point at --shell-job: {err}"
+    );
 }

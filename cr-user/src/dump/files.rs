@@ -23,7 +23,13 @@ use crate::image::pb;
 use crate::proc;
 
 /// Character devices that need no state beyond their path.
-const PLAIN_CHAR_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+const PLAIN_CHAR_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
 
 /// Largest unlinked file whose content is saved in the image (CRIU's --ghost-limit, which
 /// defaults to 1 MiB there; cr is more generous but still refuses to swallow huge files).
@@ -109,7 +115,10 @@ fn anon_inode_kind(name: &str) -> String {
 
 /// Is `path` a terminal device cr would need --shell-job for?
 fn is_terminal(path: &str) -> bool {
-    path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" || path == "/dev/ptmx"
+    path.starts_with("/dev/pts/")
+        || path.starts_with("/dev/tty")
+        || path == "/dev/console"
+        || path == "/dev/ptmx"
 }
 
 /// Decides what an fd is from its link target (`/proc/PID/fd/N`), its file type and link count,
@@ -140,15 +149,17 @@ pub fn classify(target: &str, ftype: FType, nlink: u64, names_self: bool) -> FdK
     }
     match ftype {
         FType::Chr if is_terminal(&path) => FdKind::Unsupported("a terminal".into()),
-        FType::Chr if PLAIN_CHAR_DEVICES.contains(&path.as_str()) && !deleted => FdKind::CharDev { path },
+        FType::Chr if PLAIN_CHAR_DEVICES.contains(&path.as_str()) && !deleted => {
+            FdKind::CharDev { path }
+        }
         FType::Chr => FdKind::Unsupported("a character device".into()),
         FType::Blk => FdKind::Unsupported("a block device".into()),
         FType::Fifo if deleted => FdKind::Unsupported("an unlinked FIFO".into()),
         FType::Fifo => FdKind::Fifo { path },
         FType::Dir if deleted => FdKind::Unsupported("a removed directory".into()),
-        FType::File if deleted && nlink > 0 => {
-            FdKind::Unsupported(format!("a file whose name was removed but which has {nlink} other link(s)"))
-        }
+        FType::File if deleted && nlink > 0 => FdKind::Unsupported(format!(
+            "a file whose name was removed but which has {nlink} other link(s)"
+        )),
         FType::File if deleted => FdKind::Unlinked { path },
         FType::File | FType::Dir => FdKind::Path { path },
         FType::Sock => FdKind::Unsupported("a socket".into()),
@@ -163,7 +174,8 @@ fn same_description(pid: i32, a: i32, b: i32) -> Result<bool> {
     // SAFETY: kcmp takes integers only.
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("kcmp(KCMP_FILE) of fds {a} and {b} of PID {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("kcmp(KCMP_FILE) of fds {a} and {b} of PID {pid}"));
     }
     Ok(r == 0)
 }
@@ -197,7 +209,12 @@ fn pipe_pair(capacity: i32) -> Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: pipe2 returned two fresh fds that we own now.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    fcntl(&w, libc::F_SETPIPE_SZ, capacity, &format!("F_SETPIPE_SZ {capacity} on cr's copy pipe"))?;
+    fcntl(
+        &w,
+        libc::F_SETPIPE_SZ,
+        capacity,
+        &format!("F_SETPIPE_SZ {capacity} on cr's copy pipe"),
+    )?;
     Ok((r, w))
 }
 
@@ -220,7 +237,12 @@ fn readable_end(pidfd: &OwnedFd, pid: i32, fd: i32, flags: u32) -> Result<OwnedF
 /// Copies the unread bytes of a pipe/FIFO without consuming them (tee into a pipe of cr's own
 /// of the same capacity, then read that). Returns (data, pipe capacity).
 fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(Vec<u8>, u32)> {
-    let cap = fcntl(src, libc::F_GETPIPE_SZ, 0, &format!("F_GETPIPE_SZ on {what}"))?;
+    let cap = fcntl(
+        src,
+        libc::F_GETPIPE_SZ,
+        0,
+        &format!("F_GETPIPE_SZ on {what}"),
+    )?;
     let queued = bytes_in_pipe(src, what)?;
     if queued == 0 {
         return Ok((Vec::new(), cap as u32));
@@ -228,7 +250,14 @@ fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(Vec<u8>, u32)> {
     // Same capacity, hence the same number of buffer slots: tee can copy every buffer.
     let (r, w) = pipe_pair(cap)?;
     // SAFETY: tee between two pipe fds we own; no pointers.
-    let n = unsafe { libc::tee(src.as_raw_fd(), w.as_raw_fd(), queued, libc::SPLICE_F_NONBLOCK) };
+    let n = unsafe {
+        libc::tee(
+            src.as_raw_fd(),
+            w.as_raw_fd(),
+            queued,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
     if n < 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("tee from {what}"));
     }
@@ -237,13 +266,23 @@ fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(Vec<u8>, u32)> {
     }
     let mut data = vec![0u8; queued];
     let mut f = std::fs::File::from(r);
-    f.read_exact(&mut data).with_context(|| format!("read the copy of {what}'s buffer"))?;
+    f.read_exact(&mut data)
+        .with_context(|| format!("read the copy of {what}'s buffer"))?;
     Ok((data, cap as u32))
+}
+
+/// Is the link target of fd `fd` of `pid` valid UTF-8 (as opposed to lossily converted)?
+fn utf8_link(pid: i32, fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.into_os_string().into_string().is_ok())
+        .unwrap_or(false)
 }
 
 /// Does `path` (as printed in the fd link) name the same inode as the fd?
 fn names_same_inode(path: &str, meta: &Metadata) -> bool {
-    std::fs::symlink_metadata(path).map(|m| m.dev() == meta.dev() && m.ino() == meta.ino()).unwrap_or(false)
+    std::fs::symlink_metadata(path)
+        .map(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        .unwrap_or(false)
 }
 
 /// One fd as surveyed, before anything is copied.
@@ -258,14 +297,21 @@ struct Surveyed {
 /// First pass: what every fd is. Reads only /proc; fails naming every fd cr cannot dump, so a
 /// refused dump has not touched a single pipe.
 fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
-    let fds = proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
+    let fds =
+        proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
     let mut out = Vec::with_capacity(fds.len());
     let mut refused: Vec<String> = Vec::new();
     for (fd, target) in fds {
-        let info = proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
-        let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).with_context(|| format!("stat fd {fd} ({target}) of PID {pid}"))?;
+        let info =
+            proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
+        let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            .with_context(|| format!("stat fd {fd} ({target}) of PID {pid}"))?;
         let names_self = target.ends_with(" (deleted)") && names_same_inode(&target, &meta);
-        let kind = classify(&target, FType::of(&meta), meta.nlink(), names_self);
+        let mut kind = classify(&target, FType::of(&meta), meta.nlink(), names_self);
+        if target.contains(char::REPLACEMENT_CHARACTER) && !utf8_link(pid, fd) {
+            // The image stores paths as UTF-8; a lossy one would reopen the wrong name.
+            kind = FdKind::Unsupported("a file whose path is not valid UTF-8".into());
+        }
         if let FdKind::Unsupported(what) = &kind {
             let hint = match (what.as_str(), shell_job) {
                 ("a terminal", false) => "; dump it with --shell-job (-j)",
@@ -274,10 +320,19 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
             };
             refused.push(format!("fd {fd} is {what} ({target}){hint}"));
         }
-        out.push(Surveyed { fd, target, info, meta, kind });
+        out.push(Surveyed {
+            fd,
+            target,
+            info,
+            meta,
+            kind,
+        });
     }
     if !refused.is_empty() {
-        bail!("PID {pid} has open files cr cannot dump: {}", refused.join("; "));
+        bail!(
+            "PID {pid} has open files cr cannot dump: {}",
+            refused.join("; ")
+        );
     }
     Ok(out)
 }
@@ -294,7 +349,14 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
     let mut pipe_ends: HashMap<u64, (bool, bool)> = HashMap::new();
     // Unlinked inodes whose content is already saved: image file name.
     let mut ghosts: HashMap<(u64, u64), String> = HashMap::new();
-    for Surveyed { fd, target, info, meta, kind } in surveyed {
+    for Surveyed {
+        fd,
+        target,
+        info,
+        meta,
+        kind,
+    } in surveyed
+    {
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let key = (meta.dev(), meta.ino());
         let mut shared_with = None;
@@ -305,7 +367,11 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
             }
         }
         if let Some(id) = shared_with {
-            table.fds.fds.push(pb::Fd { fd, file_id: id, cloexec });
+            table.fds.fds.push(pb::Fd {
+                fd,
+                file_id: id,
+                cloexec,
+            });
             continue;
         }
         let id = *next_id;
@@ -324,7 +390,11 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 } else {
                     (Vec::new(), 0)
                 };
-                pb::file_entry::Kind::Pipe(pb::PipeFile { pipe_id, data, capacity })
+                pb::file_entry::Kind::Pipe(pb::PipeFile {
+                    pipe_id,
+                    data,
+                    capacity,
+                })
             }
             FdKind::Fifo { path } => {
                 let (data, capacity) = if pipes_saved.insert(key) {
@@ -333,17 +403,30 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 } else {
                     (Vec::new(), 0)
                 };
-                pb::file_entry::Kind::Fifo(pb::FifoFile { path, pipe_id: meta.ino(), data, capacity })
+                pb::file_entry::Kind::Fifo(pb::FifoFile {
+                    path,
+                    pipe_id: meta.ino(),
+                    data,
+                    capacity,
+                })
             }
-            FdKind::CharDev { path } => pb::file_entry::Kind::Chr(pb::CharDev { path, rdev: meta.rdev() as u32 }),
-            FdKind::Path { path } => pb::file_entry::Kind::Reg(reg_file(path, &meta, false, String::new())),
+            FdKind::CharDev { path } => pb::file_entry::Kind::Chr(pb::CharDev {
+                path,
+                rdev: meta.rdev() as u32,
+            }),
+            FdKind::Path { path } => {
+                pb::file_entry::Kind::Reg(reg_file(path, &meta, false, String::new()))
+            }
             FdKind::Unlinked { path } => {
                 let content = match ghosts.get(&key) {
                     Some(name) => name.clone(),
                     None => {
                         let name = format!("file-{id}.img");
                         let link = format!("/proc/{pid}/fd/{fd}");
-                        table.contents.push((name.clone(), read_ghost(&link, &path, fd, pid, meta.size())?));
+                        table.contents.push((
+                            name.clone(),
+                            read_ghost(&link, &path, fd, pid, meta.size())?,
+                        ));
                         ghosts.insert(key, name.clone());
                         name
                     }
@@ -354,8 +437,17 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
         };
         *next_id += 1;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
-        table.files.push(pb::FileEntry { id, flags, pos: info.pos, kind: Some(kind) });
-        table.fds.fds.push(pb::Fd { fd, file_id: id, cloexec });
+        table.files.push(pb::FileEntry {
+            id,
+            flags,
+            pos: info.pos,
+            kind: Some(kind),
+        });
+        table.fds.fds.push(pb::Fd {
+            fd,
+            file_id: id,
+            cloexec,
+        });
         seen.entry(key).or_default().push((fd, id));
     }
     for (ino, (rd, wr)) in &pipe_ends {
@@ -390,7 +482,8 @@ fn read_ghost(link: &str, path: &str, fd: i32, pid: i32, size: u64) -> Result<Ve
     if size > GHOST_LIMIT {
         bail!("fd {fd} of PID {pid} is the unlinked file {path} of {size} bytes: larger than the {GHOST_LIMIT}-byte limit for saving unlinked files");
     }
-    std::fs::read(link).with_context(|| format!("read the unlinked file {path} (fd {fd} of PID {pid})"))
+    std::fs::read(link)
+        .with_context(|| format!("read the unlinked file {path} (fd {fd} of PID {pid})"))
 }
 
 #[cfg(test)]
@@ -399,40 +492,117 @@ mod tests {
 
     #[test]
     fn regular_files_and_directories() {
-        assert_eq!(classify("/tmp/a b", FType::File, 1, false), FdKind::Path { path: "/tmp/a b".into() });
-        assert_eq!(classify("/tmp", FType::Dir, 5, false), FdKind::Path { path: "/tmp".into() });
+        assert_eq!(
+            classify("/tmp/a b", FType::File, 1, false),
+            FdKind::Path {
+                path: "/tmp/a b".into()
+            }
+        );
+        assert_eq!(
+            classify("/tmp", FType::Dir, 5, false),
+            FdKind::Path {
+                path: "/tmp".into()
+            }
+        );
         // Really named "x (deleted)": still linked, and the name is its own.
-        assert_eq!(classify("/tmp/x (deleted)", FType::File, 1, true), FdKind::Path { path: "/tmp/x (deleted)".into() });
+        assert_eq!(
+            classify("/tmp/x (deleted)", FType::File, 1, true),
+            FdKind::Path {
+                path: "/tmp/x (deleted)".into()
+            }
+        );
     }
 
     #[test]
     fn unlinked_files() {
-        assert_eq!(classify("/tmp/gone (deleted)", FType::File, 0, false), FdKind::Unlinked { path: "/tmp/gone".into() });
-        assert_eq!(classify("/tmp/#1234 (deleted)", FType::File, 0, false), FdKind::Unlinked { path: "/tmp/#1234".into() });
-        assert!(matches!(classify("/tmp/gone (deleted)", FType::File, 2, false), FdKind::Unsupported(w) if w.contains("2 other link")));
-        assert!(matches!(classify("/tmp/d (deleted)", FType::Dir, 0, false), FdKind::Unsupported(w) if w.contains("removed directory")));
-        assert_eq!(classify("/memfd:buf (deleted)", FType::File, 0, false), FdKind::Unsupported("a memfd".into()));
+        assert_eq!(
+            classify("/tmp/gone (deleted)", FType::File, 0, false),
+            FdKind::Unlinked {
+                path: "/tmp/gone".into()
+            }
+        );
+        assert_eq!(
+            classify("/tmp/#1234 (deleted)", FType::File, 0, false),
+            FdKind::Unlinked {
+                path: "/tmp/#1234".into()
+            }
+        );
+        assert!(
+            matches!(classify("/tmp/gone (deleted)", FType::File, 2, false), FdKind::Unsupported(w) if w.contains("2 other link"))
+        );
+        assert!(
+            matches!(classify("/tmp/d (deleted)", FType::Dir, 0, false), FdKind::Unsupported(w) if w.contains("removed directory"))
+        );
+        assert_eq!(
+            classify("/memfd:buf (deleted)", FType::File, 0, false),
+            FdKind::Unsupported("a memfd".into())
+        );
     }
 
     #[test]
     fn pipes_fifos_devices() {
         assert_eq!(classify("pipe:[4242]", FType::Fifo, 1, false), FdKind::Pipe);
-        assert_eq!(classify("/run/f", FType::Fifo, 1, false), FdKind::Fifo { path: "/run/f".into() });
-        assert_eq!(classify("/dev/null", FType::Chr, 1, false), FdKind::CharDev { path: "/dev/null".into() });
-        assert_eq!(classify("/dev/urandom", FType::Chr, 1, false), FdKind::CharDev { path: "/dev/urandom".into() });
-        assert_eq!(classify("/dev/pts/3", FType::Chr, 1, false), FdKind::Unsupported("a terminal".into()));
-        assert_eq!(classify("/dev/ptmx", FType::Chr, 1, false), FdKind::Unsupported("a terminal".into()));
-        assert_eq!(classify("/dev/kvm", FType::Chr, 1, false), FdKind::Unsupported("a character device".into()));
-        assert_eq!(classify("/dev/sda", FType::Blk, 1, false), FdKind::Unsupported("a block device".into()));
+        assert_eq!(
+            classify("/run/f", FType::Fifo, 1, false),
+            FdKind::Fifo {
+                path: "/run/f".into()
+            }
+        );
+        assert_eq!(
+            classify("/dev/null", FType::Chr, 1, false),
+            FdKind::CharDev {
+                path: "/dev/null".into()
+            }
+        );
+        assert_eq!(
+            classify("/dev/urandom", FType::Chr, 1, false),
+            FdKind::CharDev {
+                path: "/dev/urandom".into()
+            }
+        );
+        assert_eq!(
+            classify("/dev/pts/3", FType::Chr, 1, false),
+            FdKind::Unsupported("a terminal".into())
+        );
+        assert_eq!(
+            classify("/dev/ptmx", FType::Chr, 1, false),
+            FdKind::Unsupported("a terminal".into())
+        );
+        assert_eq!(
+            classify("/dev/kvm", FType::Chr, 1, false),
+            FdKind::Unsupported("a character device".into())
+        );
+        assert_eq!(
+            classify("/dev/sda", FType::Blk, 1, false),
+            FdKind::Unsupported("a block device".into())
+        );
     }
 
     #[test]
     fn things_without_a_path() {
-        assert_eq!(classify("socket:[991]", FType::Sock, 1, false), FdKind::Unsupported("a socket".into()));
-        assert_eq!(classify("anon_inode:[eventfd]", FType::Other, 1, false), FdKind::Unsupported("an eventfd".into()));
-        assert_eq!(classify("anon_inode:[eventpoll]", FType::Other, 1, false), FdKind::Unsupported("an epoll instance".into()));
-        assert_eq!(classify("anon_inode:inotify", FType::Other, 1, false), FdKind::Unsupported("an inotify instance".into()));
-        assert_eq!(classify("anon_inode:bpf-map", FType::Other, 1, false), FdKind::Unsupported("a BPF object (bpf-map)".into()));
-        assert_eq!(classify("net:[4026531840]", FType::File, 1, false), FdKind::Unsupported("a net file with no path".into()));
+        assert_eq!(
+            classify("socket:[991]", FType::Sock, 1, false),
+            FdKind::Unsupported("a socket".into())
+        );
+        assert_eq!(
+            classify("anon_inode:[eventfd]", FType::Other, 1, false),
+            FdKind::Unsupported("an eventfd".into())
+        );
+        assert_eq!(
+            classify("anon_inode:[eventpoll]", FType::Other, 1, false),
+            FdKind::Unsupported("an epoll instance".into())
+        );
+        assert_eq!(
+            classify("anon_inode:inotify", FType::Other, 1, false),
+            FdKind::Unsupported("an inotify instance".into())
+        );
+        assert_eq!(
+            classify("anon_inode:bpf-map", FType::Other, 1, false),
+            FdKind::Unsupported("a BPF object (bpf-map)".into())
+        );
+        assert_eq!(
+            classify("net:[4026531840]", FType::File, 1, false),
+            FdKind::Unsupported("a net file with no path".into())
+        );
     }
 }

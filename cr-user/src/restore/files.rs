@@ -41,47 +41,76 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
     for f in &files.files {
         match &f.kind {
             Some(Kind::Reg(r)) if !r.unlinked => {
-                let meta = std::fs::metadata(&r.path).with_context(|| format!("file {} (open at dump time) is gone", r.path))?;
+                let meta = std::fs::metadata(&r.path)
+                    .with_context(|| format!("file {} (open at dump time) is gone", r.path))?;
                 let was = r.mode & libc::S_IFMT;
                 if was == libc::S_IFREG && !meta.is_file() {
-                    bail!("{} was a regular file at dump time and is not one now", r.path);
+                    bail!(
+                        "{} was a regular file at dump time and is not one now",
+                        r.path
+                    );
                 }
                 if was == libc::S_IFDIR && !meta.is_dir() {
                     bail!("{} was a directory at dump time and is not one now", r.path);
                 }
                 if meta.is_file() && meta.size() != r.size {
-                    bail!("file {} changed size since the dump ({} bytes then, {} now)", r.path, r.size, meta.size());
+                    bail!(
+                        "file {} changed size since the dump ({} bytes then, {} now)",
+                        r.path,
+                        r.size,
+                        meta.size()
+                    );
                 }
             }
             Some(Kind::Reg(r)) => {
                 let dir = Path::new(&r.path).parent().unwrap_or(Path::new("/"));
                 if !dir.is_dir() {
-                    bail!("directory {} of the unlinked file {} is gone", dir.display(), r.path);
+                    bail!(
+                        "directory {} of the unlinked file {} is gone",
+                        dir.display(),
+                        r.path
+                    );
                 }
             }
             Some(Kind::Fifo(p)) => {
-                let meta = std::fs::metadata(&p.path).with_context(|| format!("FIFO {} is gone", p.path))?;
+                let meta = std::fs::metadata(&p.path)
+                    .with_context(|| format!("FIFO {} is gone", p.path))?;
                 if !meta.file_type().is_fifo() {
                     bail!("{} is no longer a FIFO", p.path);
                 }
             }
             Some(Kind::Chr(c)) => {
-                let meta = std::fs::metadata(&c.path).with_context(|| format!("device {} is gone", c.path))?;
-                if !meta.file_type().is_char_device() || (c.rdev != 0 && meta.rdev() as u32 != c.rdev) {
-                    bail!("{} is no longer the character device it was at dump time", c.path);
+                let meta = std::fs::metadata(&c.path)
+                    .with_context(|| format!("device {} is gone", c.path))?;
+                if !meta.file_type().is_char_device()
+                    || (c.rdev != 0 && meta.rdev() as u32 != c.rdev)
+                {
+                    bail!(
+                        "{} is no longer the character device it was at dump time",
+                        c.path
+                    );
                 }
             }
             Some(Kind::Pipe(_)) => {}
-            None => bail!("files.img: entry {} has no kind (image from a newer cr?)", f.id),
+            None => bail!(
+                "files.img: entry {} has no kind (image from a newer cr?)",
+                f.id
+            ),
         }
     }
     for v in vmas {
         if v.flags & libc::MAP_ANONYMOUS as u32 != 0 || crate::image::vma::is_special(v.kind) {
             continue;
         }
-        let meta = std::fs::metadata(&v.path).with_context(|| format!("mapped file {} (at {:#x}) is gone", v.path, v.start))?;
+        let meta = std::fs::metadata(&v.path)
+            .with_context(|| format!("mapped file {} (at {:#x}) is gone", v.path, v.start))?;
         if meta.size() != v.file_size {
-            bail!("mapped file {} changed size since the dump ({} bytes then, {} now)", v.path, v.file_size, meta.size());
+            bail!(
+                "mapped file {} changed size since the dump ({} bytes then, {} now)",
+                v.path,
+                v.file_size,
+                meta.size()
+            );
         }
     }
     Ok(())
@@ -99,7 +128,10 @@ struct GhostLink {
 impl Drop for GhostLink {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
-            log::warn!("removing the temporary link {} of an unlinked file: {e}", self.path.display());
+            log::warn!(
+                "removing the temporary link {} of an unlinked file: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -152,8 +184,12 @@ struct FdBuilder<'a, 'r, 't> {
 
 impl FdBuilder<'_, '_, '_> {
     /// Moves a fresh fd of the task above `base` (close-on-exec, closed at the end).
-    fn to_high(&mut self, fd: u64) -> Result<u64> {
-        let hi = self.r.syscall("fcntl(F_DUPFD_CLOEXEC)", libc::SYS_fcntl, &[fd, libc::F_DUPFD_CLOEXEC as u64, self.base])?;
+    fn move_high(&mut self, fd: u64) -> Result<u64> {
+        let hi = self.r.syscall(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, self.base],
+        )?;
         self.r.syscall("close", libc::SYS_close, &[fd])?;
         self.temps.push(hi);
         Ok(hi)
@@ -164,9 +200,13 @@ impl FdBuilder<'_, '_, '_> {
         let p = put_str(self.r, self.scratch, 0, path)?;
         let fd = self
             .r
-            .syscall("openat", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags as u64, 0])
+            .syscall(
+                "openat",
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, p, flags as u64, 0],
+            )
             .with_context(|| format!("open {what}"))?;
-        self.to_high(fd)
+        self.move_high(fd)
     }
 
     fn seek(&mut self, fd: u64, pos: u64, what: &str) -> Result<()> {
@@ -184,23 +224,38 @@ impl FdBuilder<'_, '_, '_> {
 
     /// F_SETFL with the flags that can be changed after open.
     fn setfl(&mut self, fd: u64, flags: u32) -> Result<()> {
-        let settable = (libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME) as u32;
-        self.r.syscall("fcntl(F_SETFL)", libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, (flags & settable) as u64])?;
+        let settable =
+            (libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME) as u32;
+        self.r.syscall(
+            "fcntl(F_SETFL)",
+            libc::SYS_fcntl,
+            &[fd, libc::F_SETFL as u64, (flags & settable) as u64],
+        )?;
         Ok(())
     }
 
     /// Opens one description at a temporary fd, `fd_no` being the first fd that uses it (for
     /// messages).
     fn open_description(&mut self, f: &pb::FileEntry, fd_no: i32) -> Result<u64> {
-        let flags = f.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC) as u32);
+        let flags = f.flags
+            & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC)
+                as u32);
         match &f.kind {
             Some(Kind::Reg(reg)) => {
                 let mut flags = flags & !O_TMPFILE_BIT;
                 if reg.mode & libc::S_IFMT == libc::S_IFREG {
                     flags &= !(libc::O_DIRECTORY as u32);
                 }
-                let path = if reg.unlinked { self.ghost(reg, f.id)? } else { reg.path.clone() };
-                let what = format!("{}{} for fd {fd_no}", reg.path, if reg.unlinked { " (unlinked)" } else { "" });
+                let path = if reg.unlinked {
+                    self.ghost(reg, f.id)?
+                } else {
+                    reg.path.clone()
+                };
+                let what = format!(
+                    "{}{} for fd {fd_no}",
+                    reg.path,
+                    if reg.unlinked { " (unlinked)" } else { "" }
+                );
                 let t = self.open(&path, flags, &what)?;
                 self.seek(t, f.pos, &what)?;
                 Ok(t)
@@ -213,7 +268,11 @@ impl FdBuilder<'_, '_, '_> {
             }
             Some(Kind::Fifo(fifo)) => {
                 self.fill_fifo(fifo)?;
-                self.open(&fifo.path, flags, &format!("FIFO {} for fd {fd_no}", fifo.path))
+                self.open(
+                    &fifo.path,
+                    flags,
+                    &format!("FIFO {} for fd {fd_no}", fifo.path),
+                )
             }
             Some(Kind::Pipe(pipe)) => self.pipe_end(pipe.pipe_id, flags, fd_no),
             None => bail!("file {} (fd {fd_no}) has no kind", f.id),
@@ -226,21 +285,33 @@ impl FdBuilder<'_, '_, '_> {
         if let Some(g) = self.ghosts.get(&key) {
             return path_str(&g.path);
         }
-        let content = self.dir.read_blob(&reg.content).with_context(|| format!("content of the unlinked file {}", reg.path))?;
+        let content = self
+            .dir
+            .read_blob(&reg.content)
+            .with_context(|| format!("content of the unlinked file {}", reg.path))?;
         let (path, mut file) = create_ghost(&reg.path, id)?;
         let link = GhostLink { path };
         let shown = link.path.display().to_string();
-        file.write_all(&content).with_context(|| format!("write {shown}"))?;
-        std::os::unix::fs::fchown(&file, Some(reg.uid), Some(reg.gid)).with_context(|| format!("chown {shown} to {}:{}", reg.uid, reg.gid))?;
+        file.write_all(&content)
+            .with_context(|| format!("write {shown}"))?;
+        std::os::unix::fs::fchown(&file, Some(reg.uid), Some(reg.gid))
+            .with_context(|| format!("chown {shown} to {}:{}", reg.uid, reg.gid))?;
         // After chown, which clears set-id bits.
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(reg.mode & 0o7777))
-            .with_context(|| format!("chmod {shown} to {:o}", reg.mode & 0o7777))?;
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(reg.mtime_ns.max(0) as u64);
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+            reg.mode & 0o7777,
+        ))
+        .with_context(|| format!("chmod {shown} to {:o}", reg.mode & 0o7777))?;
+        let mtime =
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(reg.mtime_ns.max(0) as u64);
         if let Err(e) = file.set_modified(mtime) {
             log::debug!("set the mtime of {shown}: {e}");
         }
         let p = path_str(&link.path)?;
-        log::debug!("unlinked file {} recreated at {p} ({} bytes)", reg.path, content.len());
+        log::debug!(
+            "unlinked file {} recreated at {p} ({} bytes)",
+            reg.path,
+            content.len()
+        );
         self.ghosts.insert(key, link);
         Ok(p)
     }
@@ -257,7 +328,11 @@ impl FdBuilder<'_, '_, '_> {
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo.path)
             .with_context(|| format!("open FIFO {}", fifo.path))?;
-        let (data, cap) = self.contents.get(&(true, fifo.pipe_id)).copied().unwrap_or((&[], 0));
+        let (data, cap) = self
+            .contents
+            .get(&(true, fifo.pipe_id))
+            .copied()
+            .unwrap_or((&[], 0));
         let fd = OwnedFd::from(mine);
         let queued = bytes_in_pipe(&fd)?;
         if queued != 0 {
@@ -276,7 +351,9 @@ impl FdBuilder<'_, '_, '_> {
             self.pipes.insert(pipe_id, ends);
         }
         let acc = flags & libc::O_ACCMODE as u32;
-        let Some(ends) = self.pipes.get_mut(&pipe_id) else { bail!("pipe {pipe_id} vanished from the table") };
+        let Some(ends) = self.pipes.get_mut(&pipe_id) else {
+            bail!("pipe {pipe_id} vanished from the table")
+        };
         // Only a reopen through /proc gives a read-write pipe description: always reopened.
         let (end, first) = if acc == libc::O_RDONLY as u32 {
             (ends.rd, !std::mem::replace(&mut ends.rd_used, true))
@@ -290,19 +367,31 @@ impl FdBuilder<'_, '_, '_> {
             return Ok(end);
         }
         // Another description of the same end (reopened through /proc at dump time): do the same.
-        self.open(&format!("/proc/self/fd/{end}"), flags, &format!("another description of pipe:[{pipe_id}] for fd {fd_no}"))
+        self.open(
+            &format!("/proc/self/fd/{end}"),
+            flags,
+            &format!("another description of pipe:[{pipe_id}] for fd {fd_no}"),
+        )
     }
 
     /// pipe2 in the task, both ends moved above `base`, then refilled from cr.
     fn make_pipe(&mut self, pipe_id: u64) -> Result<PipeEnds> {
-        self.r.syscall("pipe2", libc::SYS_pipe2, &[self.scratch, libc::O_CLOEXEC as u64])?;
+        self.r.syscall(
+            "pipe2",
+            libc::SYS_pipe2,
+            &[self.scratch, libc::O_CLOEXEC as u64],
+        )?;
         let mut b = [0u8; 8];
         self.r.read_mem(self.scratch, &mut b)?;
         let rd = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as u64;
         let wr = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]) as u64;
-        let rd = self.to_high(rd)?;
-        let wr = self.to_high(wr)?;
-        let (data, cap) = self.contents.get(&(false, pipe_id)).copied().unwrap_or((&[], 0));
+        let rd = self.move_high(rd)?;
+        let wr = self.move_high(wr)?;
+        let (data, cap) = self
+            .contents
+            .get(&(false, pipe_id))
+            .copied()
+            .unwrap_or((&[], 0));
         if !data.is_empty() || cap != 0 {
             // A write end of cr's own: a new, non-blocking description of the task's pipe.
             let path = format!("/proc/{}/fd/{wr}", self.pid);
@@ -311,26 +400,47 @@ impl FdBuilder<'_, '_, '_> {
                 .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                 .open(&path)
                 .with_context(|| format!("open {path} to refill pipe:[{pipe_id}]"))?;
-            refill(&OwnedFd::from(mine), data, cap, &format!("pipe:[{pipe_id}]"))?;
+            refill(
+                &OwnedFd::from(mine),
+                data,
+                cap,
+                &format!("pipe:[{pipe_id}]"),
+            )?;
         }
-        Ok(PipeEnds { rd, wr, rd_used: false, wr_used: false })
+        Ok(PipeEnds {
+            rd,
+            wr,
+            rd_used: false,
+            wr_used: false,
+        })
     }
 
     /// Raises the task's RLIMIT_NOFILE (soft, and hard if cr may) when the fd numbers of the
     /// image plus the temporaries would not fit; the dumped limits are set later.
     fn make_room(&self, descriptions: usize) -> Result<()> {
         let need = self.base + 2 * descriptions as u64 + 16;
-        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: prlimit64 reading into a valid struct.
-        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("read RLIMIT_NOFILE of the new task");
+        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }
+            != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context("read RLIMIT_NOFILE of the new task");
         }
         if old.rlim_cur >= need {
             return Ok(());
         }
-        let new = libc::rlimit64 { rlim_cur: need, rlim_max: old.rlim_max.max(need) };
+        let new = libc::rlimit64 {
+            rlim_cur: need,
+            rlim_max: old.rlim_max.max(need),
+        };
         // SAFETY: prlimit64 with a valid input struct and no output.
-        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }
+            != 0
+        {
             return Err(std::io::Error::last_os_error()).with_context(|| {
                 format!("raise RLIMIT_NOFILE of the new task to {need} for fd {} (raising the hard limit {} needs CAP_SYS_RESOURCE)", self.base - 1, old.rlim_max)
             });
@@ -340,13 +450,22 @@ impl FdBuilder<'_, '_, '_> {
 }
 
 fn path_str(p: &Path) -> Result<String> {
-    p.to_str().map(str::to_string).with_context(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// Creates the file that stands in for an unlinked one: at its old name when that is free,
 /// else next to it under a name of cr's.
 fn create_ghost(path: &str, id: u32) -> Result<(PathBuf, std::fs::File)> {
-    let create = |p: &Path| std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(p);
+    let create = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(p)
+    };
     let first = PathBuf::from(path);
     match create(&first) {
         Ok(f) => return Ok((first, f)),
@@ -354,7 +473,8 @@ fn create_ghost(path: &str, id: u32) -> Result<(PathBuf, std::fs::File)> {
         Err(e) => return Err(e).with_context(|| format!("recreate the unlinked file {path}")),
     }
     let alt = PathBuf::from(format!("{path}.cr-ghost-{id}"));
-    let f = create(&alt).with_context(|| format!("recreate the unlinked file {path} at {}", alt.display()))?;
+    let f = create(&alt)
+        .with_context(|| format!("recreate the unlinked file {path} at {}", alt.display()))?;
     Ok((alt, f))
 }
 
@@ -375,19 +495,32 @@ fn refill(fd: &OwnedFd, data: &[u8], capacity: u32, what: &str) -> Result<()> {
         // SAFETY: fcntl with integer arguments on an fd we own.
         let cur = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
         // SAFETY: as above.
-        if cur != capacity as i32 && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as i32) } < 0 {
+        if cur != capacity as i32
+            && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as i32) } < 0
+        {
             let e = std::io::Error::last_os_error();
             return Err(e).with_context(|| {
                 format!("set the capacity of {what} to {capacity} bytes (above /proc/sys/fs/pipe-max-size needs CAP_SYS_RESOURCE)")
             });
         }
     }
-    let mut f = std::fs::File::from(fd.try_clone().with_context(|| format!("dup an fd of {what}"))?);
-    f.write_all(data).with_context(|| format!("put the {} saved bytes back into {what}", data.len()))
+    let mut f = std::fs::File::from(
+        fd.try_clone()
+            .with_context(|| format!("dup an fd of {what}"))?,
+    );
+    f.write_all(data)
+        .with_context(|| format!("put the {} saved bytes back into {what}", data.len()))
 }
 
 /// Rebuilds the fd table of `pid`.
-pub fn restore_fds(r: &mut Remote, scratch: u64, pid: i32, dir: &ImageDir, fds: &pb::Fds, files: &pb::Files) -> Result<Keepalive> {
+pub fn restore_fds(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    dir: &ImageDir,
+    fds: &pb::Fds,
+    files: &pb::Files,
+) -> Result<Keepalive> {
     let by_id: HashMap<u32, &pb::FileEntry> = files.files.iter().map(|f| (f.id, f)).collect();
     let max_fd = fds.fds.iter().map(|f| f.fd).max().unwrap_or(0);
     if max_fd < 0 {
@@ -413,20 +546,34 @@ pub fn restore_fds(r: &mut Remote, scratch: u64, pid: i32, dir: &ImageDir, fds: 
         if temp.contains_key(&fd.file_id) {
             continue;
         }
-        let f = by_id.get(&fd.file_id).with_context(|| format!("fd {} refers to file {} missing from files.img", fd.fd, fd.file_id))?;
+        let f = by_id.get(&fd.file_id).with_context(|| {
+            format!(
+                "fd {} refers to file {} missing from files.img",
+                fd.fd, fd.file_id
+            )
+        })?;
         let t = b.open_description(f, fd.fd)?;
         temp.insert(fd.file_id, t);
     }
     for fd in &fds.fds {
         let t = temp[&fd.file_id];
-        let flags = if fd.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-        b.r.syscall("dup3", libc::SYS_dup3, &[t, fd.fd as u64, flags]).with_context(|| format!("install fd {}", fd.fd))?;
+        let flags = if fd.cloexec {
+            libc::O_CLOEXEC as u64
+        } else {
+            0
+        };
+        b.r.syscall("dup3", libc::SYS_dup3, &[t, fd.fd as u64, flags])
+            .with_context(|| format!("install fd {}", fd.fd))?;
     }
     for t in std::mem::take(&mut b.temps) {
         b.r.syscall("close(temp)", libc::SYS_close, &[t])?;
     }
     // Unlinked files: every description is open, the temporary names go (GhostLink's drop).
     b.ghosts.clear();
-    log::debug!("PID {pid}: {} fds over {} descriptions restored", fds.fds.len(), descriptions.len());
+    log::debug!(
+        "PID {pid}: {} fds over {} descriptions restored",
+        fds.fds.len(),
+        descriptions.len()
+    );
     Ok(b.keep)
 }

@@ -61,7 +61,14 @@ const FD_EXTRA: i32 = 50; // the refused fd of the failure modes
 const FD_EXTRA2: i32 = 51;
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(7).wrapping_add(i as u32 / 251).wrapping_add(seed as u32) as u8).collect()
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(7)
+                .wrapping_add(i as u32 / 251)
+                .wrapping_add(seed as u32) as u8
+        })
+        .collect()
 }
 
 fn cpath(p: &Path) -> CString {
@@ -76,7 +83,7 @@ fn check_ret(r: libc::c_long, what: &str) -> i64 {
     if r < 0 {
         panic!("{what}: {}", std::io::Error::last_os_error());
     }
-    r as i64
+    r
 }
 
 /// open(2), then moved to fd `at`.
@@ -94,14 +101,20 @@ fn move_fd(fd: i32, at: i32, cloexec: bool) {
     }
     // SAFETY: plain fd syscalls.
     unsafe {
-        check_ret(libc::dup3(fd, at, if cloexec { libc::O_CLOEXEC } else { 0 }) as _, "dup3");
+        check_ret(
+            libc::dup3(fd, at, if cloexec { libc::O_CLOEXEC } else { 0 }) as _,
+            "dup3",
+        );
         libc::close(fd);
     }
 }
 
 fn seek(fd: i32, pos: u64) {
     // SAFETY: plain lseek.
-    check_ret(unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) }, "lseek");
+    check_ret(
+        unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) },
+        "lseek",
+    );
 }
 
 fn pos(fd: i32) -> i64 {
@@ -122,7 +135,11 @@ fn try_write_all(fd: i32, data: &[u8]) -> Result<(), String> {
         // SAFETY: valid buffer.
         let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
         if n < 0 {
-            return Err(format!("errno {} after {off} of {} bytes", errno(), data.len()));
+            return Err(format!(
+                "errno {} after {off} of {} bytes",
+                errno(),
+                data.len()
+            ));
         }
         off += n as usize;
     }
@@ -206,13 +223,21 @@ fn fd_table(skip: &[i32]) -> BTreeMap<i32, (String, String, String)> {
         if skip.contains(&fd) {
             continue;
         }
-        let Ok(t) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else { continue };
+        let Ok(t) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
         let mut t = t.to_string_lossy().into_owned();
         if t.starts_with("pipe:[") {
             t = "pipe:[*]".into();
         }
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
-        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_string();
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        };
         out.insert(fd, (t, field("pos:"), field("flags:")));
     }
     out
@@ -257,7 +282,11 @@ fn setup(dir: &Path) -> Setup {
     check_ret(unsafe { libc::dup2(FD_RD, FD_RD_DUP) } as _, "dup2");
     open_at(&data, libc::O_WRONLY, FD_WR);
     seek(FD_WR, 2000);
-    open_at(&dir.join("log.txt"), libc::O_RDWR | libc::O_APPEND, FD_APPEND);
+    open_at(
+        &dir.join("log.txt"),
+        libc::O_RDWR | libc::O_APPEND,
+        FD_APPEND,
+    );
     seek(FD_APPEND, 3);
     open_at(&data, libc::O_RDONLY | libc::O_NONBLOCK, FD_NONBLOCK);
     seek(FD_NONBLOCK, 5);
@@ -292,8 +321,14 @@ fn setup(dir: &Path) -> Setup {
     move_fd(w, FD_BIGPIPE_W, true);
     // SAFETY: plain fcntl.
     unsafe {
-        check_ret(libc::fcntl(FD_BIGPIPE_W, libc::F_SETPIPE_SZ, BIG_PIPE_CAP) as _, "F_SETPIPE_SZ");
-        check_ret(libc::fcntl(FD_BIGPIPE_R, libc::F_SETFL, libc::O_NONBLOCK) as _, "F_SETFL");
+        check_ret(
+            libc::fcntl(FD_BIGPIPE_W, libc::F_SETPIPE_SZ, BIG_PIPE_CAP) as _,
+            "F_SETPIPE_SZ",
+        );
+        check_ret(
+            libc::fcntl(FD_BIGPIPE_R, libc::F_SETFL, libc::O_NONBLOCK) as _,
+            "F_SETFL",
+        );
     }
     write_all(FD_BIGPIPE_W, &s.big);
 
@@ -301,7 +336,10 @@ fn setup(dir: &Path) -> Setup {
     open_at(&fifo, libc::O_RDONLY | libc::O_NONBLOCK, FD_FIFO_R);
     open_at(&fifo, libc::O_WRONLY, FD_FIFO_W);
     // SAFETY: plain fcntl.
-    check_ret(unsafe { libc::fcntl(FD_FIFO_W, libc::F_SETPIPE_SZ, FIFO_CAP) } as _, "F_SETPIPE_SZ fifo");
+    check_ret(
+        unsafe { libc::fcntl(FD_FIFO_W, libc::F_SETPIPE_SZ, FIFO_CAP) } as _,
+        "F_SETPIPE_SZ fifo",
+    );
     write_all(FD_FIFO_W, &s.fifo);
 
     open_at(&dir.join("sub"), libc::O_RDONLY | libc::O_DIRECTORY, FD_DIR);
@@ -322,20 +360,33 @@ fn setup_extra(mode: &str) {
     // SAFETY: plain syscalls creating fds we keep.
     unsafe {
         match mode {
-            "eventfd" => move_fd(check_ret(libc::eventfd(5, 0) as _, "eventfd") as i32, FD_EXTRA, false),
+            "eventfd" => move_fd(
+                check_ret(libc::eventfd(5, 0) as _, "eventfd") as i32,
+                FD_EXTRA,
+                false,
+            ),
             "socket" => {
                 let mut sv = [0; 2];
-                check_ret(libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) as _, "socketpair");
+                check_ret(
+                    libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) as _,
+                    "socketpair",
+                );
                 move_fd(sv[0], FD_EXTRA, false);
                 move_fd(sv[1], FD_EXTRA2, false);
                 write_all(FD_EXTRA2, b"abc");
             }
             "tty" => {
-                let m = check_ret(libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) as _, "posix_openpt") as i32;
+                let m = check_ret(
+                    libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) as _,
+                    "posix_openpt",
+                ) as i32;
                 check_ret(libc::grantpt(m) as _, "grantpt");
                 check_ret(libc::unlockpt(m) as _, "unlockpt");
                 let name = std::ffi::CStr::from_ptr(libc::ptsname(m)).to_owned();
-                let s = check_ret(libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) as _, "open the pty slave") as i32;
+                let s = check_ret(
+                    libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) as _,
+                    "open the pty slave",
+                ) as i32;
                 move_fd(m, FD_EXTRA, false);
                 move_fd(s, FD_EXTRA2, false);
             }
@@ -347,11 +398,19 @@ fn setup_extra(mode: &str) {
 
 fn check_extra(c: &mut Checker, mode: &str) {
     match mode {
-        "eventfd" => c.eq(read(FD_EXTRA, 8).map(|b| b.try_into().map(u64::from_ne_bytes).unwrap_or(0)), Ok(5), "eventfd counter"),
+        "eventfd" => c.eq(
+            read(FD_EXTRA, 8).map(|b| b.try_into().map(u64::from_ne_bytes).unwrap_or(0)),
+            Ok(5),
+            "eventfd counter",
+        ),
         "socket" => c.eq(read(FD_EXTRA, 16), Ok(b"abc".to_vec()), "socket data"),
         "tty" => {
             write_all(FD_EXTRA, b"x\n");
-            c.eq(read(FD_EXTRA2, 16), Ok(b"x\n".to_vec()), "line through the pty");
+            c.eq(
+                read(FD_EXTRA2, 16),
+                Ok(b"x\n".to_vec()),
+                "line through the pty",
+            );
         }
         _ => {}
     }
@@ -373,44 +432,110 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     // From here on no read or write may block: a pipe restored empty or too small must give a
     // FAIL, not a hang.
     // (Their O_NONBLOCK flags were compared above.)
-    for fd in [FD_PIPE_R, FD_PIPE_W, FD_BIGPIPE_R, FD_BIGPIPE_W, FD_FIFO_R, FD_FIFO_W, FD_EMPTY_R, FD_EMPTY_W] {
+    for fd in [
+        FD_PIPE_R,
+        FD_PIPE_W,
+        FD_BIGPIPE_R,
+        FD_BIGPIPE_W,
+        FD_FIFO_R,
+        FD_FIFO_W,
+        FD_EMPTY_R,
+        FD_EMPTY_W,
+    ] {
         // SAFETY: plain fcntl.
         unsafe { libc::fcntl(fd, libc::F_SETFL, getfl(fd) | libc::O_NONBLOCK) };
     }
 
     // Regular files: access modes, flags, shared offsets, positions.
-    c.eq(getfl(FD_RD) & libc::O_ACCMODE, libc::O_RDONLY, "fd 10 access mode");
+    c.eq(
+        getfl(FD_RD) & libc::O_ACCMODE,
+        libc::O_RDONLY,
+        "fd 10 access mode",
+    );
     c.eq(pos(FD_RD), 1000, "fd 10 position");
-    c.eq(read(FD_RD, 100), Ok(s.data[1000..1100].to_vec()), "fd 10 data at 1000");
-    c.eq(pos(FD_RD_DUP), 1100, "fd 11 (dup of 10) position after reading fd 10");
-    c.eq(read(FD_RD_DUP, 10), Ok(s.data[1100..1110].to_vec()), "fd 11 data");
+    c.eq(
+        read(FD_RD, 100),
+        Ok(s.data[1000..1100].to_vec()),
+        "fd 10 data at 1000",
+    );
+    c.eq(
+        pos(FD_RD_DUP),
+        1100,
+        "fd 11 (dup of 10) position after reading fd 10",
+    );
+    c.eq(
+        read(FD_RD_DUP, 10),
+        Ok(s.data[1100..1110].to_vec()),
+        "fd 11 data",
+    );
     c.eq(pos(FD_RD), 1110, "fd 10 position after reading fd 11");
     c.eq(getfd(FD_RD), 0, "fd 10 close-on-exec");
 
-    c.eq(getfl(FD_WR) & libc::O_ACCMODE, libc::O_WRONLY, "fd 12 access mode");
+    c.eq(
+        getfl(FD_WR) & libc::O_ACCMODE,
+        libc::O_WRONLY,
+        "fd 12 access mode",
+    );
     c.eq(pos(FD_WR), 2000, "fd 12 position");
-    c.eq(read(FD_WR, 1), Err(libc::EBADF), "read from the O_WRONLY fd 12");
+    c.eq(
+        read(FD_WR, 1),
+        Err(libc::EBADF),
+        "read from the O_WRONLY fd 12",
+    );
     // Writes the bytes that are already there: the file is unchanged, the write must work.
-    c.eq(try_write_all(FD_WR, &s.data[2000..2100]), Ok(()), "write to fd FD_WR");
+    c.eq(
+        try_write_all(FD_WR, &s.data[2000..2100]),
+        Ok(()),
+        "write to fd FD_WR",
+    );
     c.eq(pos(FD_WR), 2100, "fd 12 position after a write");
 
-    c.check(getfl(FD_APPEND) & libc::O_APPEND != 0, "fd 13 lost O_APPEND");
-    c.eq(getfl(FD_APPEND) & libc::O_ACCMODE, libc::O_RDWR, "fd 13 access mode");
+    c.check(
+        getfl(FD_APPEND) & libc::O_APPEND != 0,
+        "fd 13 lost O_APPEND",
+    );
+    c.eq(
+        getfl(FD_APPEND) & libc::O_ACCMODE,
+        libc::O_RDWR,
+        "fd 13 access mode",
+    );
     c.eq(pos(FD_APPEND), 3, "fd 13 position");
-    c.eq(read(FD_APPEND, 100), Ok(b"lo\n".to_vec()), "fd 13 data at 3");
-    c.eq(try_write_all(FD_APPEND, b"more\n"), Ok(()), "write to fd FD_APPEND");
-    c.eq(pread(FD_APPEND, 100, 0), b"hello\nmore\n".to_vec(), "log.txt after an O_APPEND write");
+    c.eq(
+        read(FD_APPEND, 100),
+        Ok(b"lo\n".to_vec()),
+        "fd 13 data at 3",
+    );
+    c.eq(
+        try_write_all(FD_APPEND, b"more\n"),
+        Ok(()),
+        "write to fd FD_APPEND",
+    );
+    c.eq(
+        pread(FD_APPEND, 100, 0),
+        b"hello\nmore\n".to_vec(),
+        "log.txt after an O_APPEND write",
+    );
 
-    c.check(getfl(FD_NONBLOCK) & libc::O_NONBLOCK != 0, "fd 14 lost O_NONBLOCK");
+    c.check(
+        getfl(FD_NONBLOCK) & libc::O_NONBLOCK != 0,
+        "fd 14 lost O_NONBLOCK",
+    );
     c.eq(pos(FD_NONBLOCK), 5, "fd 14 position");
-    c.check(getfl(FD_RD) & libc::O_NONBLOCK == 0, "fd 10 gained O_NONBLOCK");
+    c.check(
+        getfl(FD_RD) & libc::O_NONBLOCK == 0,
+        "fd 10 gained O_NONBLOCK",
+    );
 
     c.eq(getfd(FD_HIGH), libc::FD_CLOEXEC, "fd 900 close-on-exec");
     c.eq(pos(FD_HIGH), 7, "fd 900 position");
     c.eq(read(FD_HIGH, 3), Ok(s.data[7..10].to_vec()), "fd 900 data");
 
     c.eq(pos(FD_BIG), BIG_POS as i64, "fd 15 position past 4 GiB");
-    c.eq(read(FD_BIG, MARK.len()), Ok(MARK.to_vec()), "fd 15 data past 4 GiB");
+    c.eq(
+        read(FD_BIG, MARK.len()),
+        Ok(MARK.to_vec()),
+        "fd 15 data past 4 GiB",
+    );
     c.eq(fstat(FD_BIG).st_size as u64, SPARSE_LEN, "sparse.bin size");
 
     // The unlinked file: content, mode, one inode for both descriptions, writes work.
@@ -418,17 +543,50 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(g.st_nlink, 0, "gone.txt link count");
     c.eq(g.st_mode & 0o7777, GONE_MODE, "gone.txt mode");
     c.eq(g.st_size, GONE_LEN as i64, "gone.txt size");
-    c.eq(fstat(FD_GONE2).st_ino, g.st_ino, "gone.txt: both descriptions on one inode");
-    c.eq(pread(FD_GONE, GONE_LEN + 10, 0) == s.gone, true, "gone.txt content");
+    c.eq(
+        fstat(FD_GONE2).st_ino,
+        g.st_ino,
+        "gone.txt: both descriptions on one inode",
+    );
+    c.eq(
+        pread(FD_GONE, GONE_LEN + 10, 0) == s.gone,
+        true,
+        "gone.txt content",
+    );
     c.eq(pos(FD_GONE), 123, "fd 16 position");
     c.eq(pos(FD_GONE2), 50, "fd 17 position");
-    c.eq(getfl(FD_GONE2) & libc::O_ACCMODE, libc::O_RDONLY, "fd 17 access mode");
-    c.eq(try_write_all(FD_GONE, b"written after restore"), Ok(()), "write to fd FD_GONE");
-    c.eq(pos(FD_GONE_DUP), 123 + 21, "fd 40 (dup of 16) position after a write on 16");
-    c.eq(pread(FD_GONE2, 21, 123), b"written after restore".to_vec(), "a write on fd 16 seen through fd 17");
-    let link = std::fs::read_link("/proc/self/fd/16").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    c.eq(link, format!("{} (deleted)", s.dir.join("gone.txt").display()), "fd 16 link");
-    c.check(!s.dir.join("gone.txt").exists(), "gone.txt exists on disk again");
+    c.eq(
+        getfl(FD_GONE2) & libc::O_ACCMODE,
+        libc::O_RDONLY,
+        "fd 17 access mode",
+    );
+    c.eq(
+        try_write_all(FD_GONE, b"written after restore"),
+        Ok(()),
+        "write to fd FD_GONE",
+    );
+    c.eq(
+        pos(FD_GONE_DUP),
+        123 + 21,
+        "fd 40 (dup of 16) position after a write on 16",
+    );
+    c.eq(
+        pread(FD_GONE2, 21, 123),
+        b"written after restore".to_vec(),
+        "a write on fd 16 seen through fd 17",
+    );
+    let link = std::fs::read_link("/proc/self/fd/16")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    c.eq(
+        link,
+        format!("{} (deleted)", s.dir.join("gone.txt").display()),
+        "fd 16 link",
+    );
+    c.check(
+        !s.dir.join("gone.txt").exists(),
+        "gone.txt exists on disk again",
+    );
 
     // Devices.
     let dev = |fd: i32| {
@@ -439,58 +597,163 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(dev(FD_ZERO), (1, 5), "/dev/zero device");
     c.eq(dev(FD_URANDOM), (1, 9), "/dev/urandom device");
     // SAFETY: valid buffer.
-    c.eq(unsafe { libc::write(FD_NULL, b"0123456789".as_ptr().cast(), 10) }, 10, "write to /dev/null");
-    c.eq(getfl(FD_NULL) & libc::O_ACCMODE, libc::O_WRONLY, "/dev/null access mode");
+    c.eq(
+        unsafe { libc::write(FD_NULL, b"0123456789".as_ptr().cast(), 10) },
+        10,
+        "write to /dev/null",
+    );
+    c.eq(
+        getfl(FD_NULL) & libc::O_ACCMODE,
+        libc::O_WRONLY,
+        "/dev/null access mode",
+    );
     c.eq(read(FD_ZERO, 64), Ok(vec![0u8; 64]), "/dev/zero");
     let rnd = read(FD_URANDOM, 32).unwrap_or_default();
-    c.check(rnd.len() == 32 && rnd.iter().any(|&b| b != 0), "/dev/urandom gave no random bytes");
+    c.check(
+        rnd.len() == 32 && rnd.iter().any(|&b| b != 0),
+        "/dev/urandom gave no random bytes",
+    );
 
     // Pipes: unread data in order, capacity, flags, and they still work.
-    c.eq(fionread(FD_PIPE_R), SMALL_PIPE_LEN as i32, "small pipe: bytes queued");
-    c.eq(read_exact(FD_PIPE_R, SMALL_PIPE_LEN).map(|d| d == s.small), Ok(true), "small pipe data");
-    c.eq(try_write_all(FD_PIPE_W, b"again"), Ok(()), "write to fd FD_PIPE_W");
-    c.eq(read(FD_PIPE_R, 100), Ok(b"again".to_vec()), "small pipe after restore");
-    c.eq(getfl(FD_PIPE_R) & libc::O_ACCMODE, libc::O_RDONLY, "pipe read end mode");
-    c.eq(getfl(FD_PIPE_W) & libc::O_ACCMODE, libc::O_WRONLY, "pipe write end mode");
+    c.eq(
+        fionread(FD_PIPE_R),
+        SMALL_PIPE_LEN as i32,
+        "small pipe: bytes queued",
+    );
+    c.eq(
+        read_exact(FD_PIPE_R, SMALL_PIPE_LEN).map(|d| d == s.small),
+        Ok(true),
+        "small pipe data",
+    );
+    c.eq(
+        try_write_all(FD_PIPE_W, b"again"),
+        Ok(()),
+        "write to fd FD_PIPE_W",
+    );
+    c.eq(
+        read(FD_PIPE_R, 100),
+        Ok(b"again".to_vec()),
+        "small pipe after restore",
+    );
+    c.eq(
+        getfl(FD_PIPE_R) & libc::O_ACCMODE,
+        libc::O_RDONLY,
+        "pipe read end mode",
+    );
+    c.eq(
+        getfl(FD_PIPE_W) & libc::O_ACCMODE,
+        libc::O_WRONLY,
+        "pipe write end mode",
+    );
 
     // SAFETY: plain fcntl.
-    c.eq(unsafe { libc::fcntl(FD_BIGPIPE_R, libc::F_GETPIPE_SZ) }, BIG_PIPE_CAP, "big pipe capacity");
-    c.eq(fionread(FD_BIGPIPE_R), BIG_PIPE_LEN as i32, "big pipe: bytes queued");
-    c.eq(read_exact(FD_BIGPIPE_R, BIG_PIPE_LEN).map(|d| d == s.big), Ok(true), "big pipe data");
-    c.eq(read(FD_BIGPIPE_R, 1), Err(libc::EAGAIN), "big pipe drained (non-blocking read end)");
-    c.eq(getfd(FD_BIGPIPE_R), libc::FD_CLOEXEC, "big pipe read end close-on-exec");
+    c.eq(
+        unsafe { libc::fcntl(FD_BIGPIPE_R, libc::F_GETPIPE_SZ) },
+        BIG_PIPE_CAP,
+        "big pipe capacity",
+    );
+    c.eq(
+        fionread(FD_BIGPIPE_R),
+        BIG_PIPE_LEN as i32,
+        "big pipe: bytes queued",
+    );
+    c.eq(
+        read_exact(FD_BIGPIPE_R, BIG_PIPE_LEN).map(|d| d == s.big),
+        Ok(true),
+        "big pipe data",
+    );
+    c.eq(
+        read(FD_BIGPIPE_R, 1),
+        Err(libc::EAGAIN),
+        "big pipe drained (non-blocking read end)",
+    );
+    c.eq(
+        getfd(FD_BIGPIPE_R),
+        libc::FD_CLOEXEC,
+        "big pipe read end close-on-exec",
+    );
     let more = pattern(9, 200 * 1024);
-    c.eq(try_write_all(FD_BIGPIPE_W, &more), Ok(()), "write to fd FD_BIGPIPE_W");
-    c.eq(read_exact(FD_BIGPIPE_R, more.len()).map(|d| d == more), Ok(true), "big pipe after restore");
+    c.eq(
+        try_write_all(FD_BIGPIPE_W, &more),
+        Ok(()),
+        "write to fd FD_BIGPIPE_W",
+    );
+    c.eq(
+        read_exact(FD_BIGPIPE_R, more.len()).map(|d| d == more),
+        Ok(true),
+        "big pipe after restore",
+    );
 
     // SAFETY: plain fcntl.
-    c.eq(unsafe { libc::fcntl(FD_FIFO_R, libc::F_GETPIPE_SZ) }, FIFO_CAP, "FIFO capacity");
+    c.eq(
+        unsafe { libc::fcntl(FD_FIFO_R, libc::F_GETPIPE_SZ) },
+        FIFO_CAP,
+        "FIFO capacity",
+    );
     c.eq(fionread(FD_FIFO_R), FIFO_LEN as i32, "FIFO: bytes queued");
-    c.eq(read_exact(FD_FIFO_R, FIFO_LEN).map(|d| d == s.fifo), Ok(true), "FIFO data");
+    c.eq(
+        read_exact(FD_FIFO_R, FIFO_LEN).map(|d| d == s.fifo),
+        Ok(true),
+        "FIFO data",
+    );
     c.eq(read(FD_FIFO_R, 1), Err(libc::EAGAIN), "FIFO drained");
-    c.eq(try_write_all(FD_FIFO_W, b"fifo again"), Ok(()), "write to fd FD_FIFO_W");
-    c.eq(read(FD_FIFO_R, 100), Ok(b"fifo again".to_vec()), "FIFO after restore");
-    let on_disk = std::fs::metadata(s.dir.join("fifo")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
-    c.eq(fstat(FD_FIFO_R).st_ino, on_disk, "FIFO fd is the FIFO on disk");
+    c.eq(
+        try_write_all(FD_FIFO_W, b"fifo again"),
+        Ok(()),
+        "write to fd FD_FIFO_W",
+    );
+    c.eq(
+        read(FD_FIFO_R, 100),
+        Ok(b"fifo again".to_vec()),
+        "FIFO after restore",
+    );
+    let on_disk = std::fs::metadata(s.dir.join("fifo"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    c.eq(
+        fstat(FD_FIFO_R).st_ino,
+        on_disk,
+        "FIFO fd is the FIFO on disk",
+    );
 
     c.eq(fionread(FD_EMPTY_R), 0, "empty pipe: bytes queued");
     c.eq(read(FD_EMPTY_R, 1), Err(libc::EAGAIN), "empty pipe read");
-    c.eq(try_write_all(FD_EMPTY_W, b"x"), Ok(()), "write to fd FD_EMPTY_W");
-    c.eq(read(FD_EMPTY_R, 1), Ok(b"x".to_vec()), "empty pipe after restore");
+    c.eq(
+        try_write_all(FD_EMPTY_W, b"x"),
+        Ok(()),
+        "write to fd FD_EMPTY_W",
+    );
+    c.eq(
+        read(FD_EMPTY_R, 1),
+        Ok(b"x".to_vec()),
+        "empty pipe after restore",
+    );
 
     // Directory fd and O_PATH fd.
-    c.check(getfl(FD_DIR) & libc::O_DIRECTORY != 0, "fd 27 lost O_DIRECTORY");
+    c.check(
+        getfl(FD_DIR) & libc::O_DIRECTORY != 0,
+        "fd 27 lost O_DIRECTORY",
+    );
     let inner = CString::new("inner.txt").unwrap();
     // SAFETY: valid C string.
     let ifd = unsafe { libc::openat(FD_DIR, inner.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    c.check(ifd >= 0, format!("openat(fd 27, inner.txt): errno {}", errno()));
+    c.check(
+        ifd >= 0,
+        format!("openat(fd 27, inner.txt): errno {}", errno()),
+    );
     if ifd >= 0 {
-        c.eq(read(ifd, 100), Ok(b"inner\n".to_vec()), "inner.txt through the directory fd");
+        c.eq(
+            read(ifd, 100),
+            Ok(b"inner\n".to_vec()),
+            "inner.txt through the directory fd",
+        );
         // SAFETY: our own fd.
         unsafe { libc::close(ifd) };
     }
     c.check(getfl(FD_OPATH) & libc::O_PATH != 0, "fd 28 lost O_PATH");
-    let data_ino = std::fs::metadata(s.dir.join("data.bin")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+    let data_ino = std::fs::metadata(s.dir.join("data.bin"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
     c.eq(fstat(FD_OPATH).st_ino, data_ino, "fd 28 is data.bin");
 
     // cwd, umask, the file contents on disk.
@@ -498,7 +761,13 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     // SAFETY: umask always succeeds.
     let m = unsafe { libc::umask(0o022) };
     c.eq(m, UMASK, "umask");
-    c.eq(std::fs::read(s.dir.join("data.bin")).map(|d| d == s.data).unwrap_or(false), true, "data.bin content unchanged");
+    c.eq(
+        std::fs::read(s.dir.join("data.bin"))
+            .map(|d| d == s.data)
+            .unwrap_or(false),
+        true,
+        "data.bin content unchanged",
+    );
     c
 }
 
