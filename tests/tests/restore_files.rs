@@ -218,6 +218,51 @@ fn restore_fails_when_a_file_vanished() {
     );
 }
 
+/// A restore that fails after the task exists and the unlinked file was recreated (the
+/// O_NOFOLLOW open of fd 50 meets a symlink) kills the task and removes the temporary link.
+#[test]
+fn failed_restore_leaves_no_process_and_no_ghost() {
+    become_subreaper();
+    let d = TempDir::new("files-late-failure");
+    std::fs::create_dir(d.join("files")).unwrap();
+    let mut w = Workload::start("wl_files", &[&d.s("files"), "nofollow"], &d);
+    let out = dump(&w, &d, &[]);
+    assert!(
+        out.status.success(),
+        "dump failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "dump.log")
+    );
+    w.reap_killed();
+    let files = d.join("files");
+    let before = tree(&files);
+    // Same size and content behind a symlink: only the O_NOFOLLOW open notices.
+    std::fs::rename(files.join("nofollow.txt"), files.join("real.txt")).unwrap();
+    std::os::unix::fs::symlink("real.txt", files.join("nofollow.txt")).unwrap();
+    let out = restore(&d);
+    let err = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "restore succeeded through a symlink opened O_NOFOLLOW"
+    );
+    assert!(
+        err.contains("nofollow.txt"),
+        "the error does not name nofollow.txt: {err}"
+    );
+    assert!(
+        !pid_exists(w.pid),
+        "a process was left at PID {} after the failed restore",
+        w.pid
+    );
+    std::fs::remove_file(files.join("nofollow.txt")).unwrap();
+    std::fs::rename(files.join("real.txt"), files.join("nofollow.txt")).unwrap();
+    assert_eq!(
+        tree(&files),
+        before,
+        "the failed restore left files behind (the unlinked file's link?)"
+    );
+}
+
 /// `cr dump` of a workload holding an fd of kind `mode` fails naming the fd and `kind`; the
 /// workload runs on and passes its own check (the pipes it holds still have their data).
 fn dump_must_refuse(mode: &str, kind: &str) -> String {

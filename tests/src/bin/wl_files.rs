@@ -8,8 +8,9 @@
 //!
 //! Usage: wl_files DIR MODE
 //!   DIR   an existing, empty scratch directory (its sibling DIR.stderr gets stderr)
-//!   MODE  all | eventfd | socket | tty — the last three add an fd cr refuses at fd 50 (and 51),
-//!         for the failed-dump tests; READY carries "fd=50".
+//!   MODE  all | eventfd | socket | tty | nofollow — eventfd, socket and tty add an fd cr
+//!         refuses at fd 50 (and 51), for the failed-dump tests; nofollow adds DIR/nofollow.txt
+//!         opened O_NOFOLLOW at fd 50. READY carries "fd=50" in every mode but `all`.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -390,6 +391,13 @@ fn setup_extra(mode: &str) {
                 move_fd(m, FD_EXTRA, false);
                 move_fd(s, FD_EXTRA2, false);
             }
+            "nofollow" => {
+                // Restorable; the test swaps the file for a symlink so that restore fails late.
+                let dir = std::env::current_dir().unwrap();
+                let nf = dir.parent().unwrap().join("nofollow.txt");
+                std::fs::write(&nf, b"no symlinks\n").unwrap();
+                open_at(&nf, libc::O_RDONLY | libc::O_NOFOLLOW, FD_EXTRA);
+            }
             "all" => {}
             m => panic!("unknown mode {m}"),
         }
@@ -404,6 +412,11 @@ fn check_extra(c: &mut Checker, mode: &str) {
             "eventfd counter",
         ),
         "socket" => c.eq(read(FD_EXTRA, 16), Ok(b"abc".to_vec()), "socket data"),
+        "nofollow" => c.eq(
+            read(FD_EXTRA, 100),
+            Ok(b"no symlinks\n".to_vec()),
+            "nofollow.txt",
+        ),
         "tty" => {
             write_all(FD_EXTRA, b"x\n");
             c.eq(
