@@ -84,7 +84,7 @@ fn run() -> Result<ExitCode> {
             cmd.env("CR_BIN", &cr);
             cmd.env("CR_EBPF_OBJECT", build::ebpf_object());
             println!("xtask: running tests with CR_BIN={}", cr.display());
-            status_code(cmd.status().context("run cargo test")?)
+            run_tests(cmd)
         }
         Cmd::Bench { criu, args } => {
             let cr = build::all(true)?;
@@ -121,6 +121,38 @@ fn as_root(bin: &std::path::Path, args: &[String]) -> Result<std::process::ExitS
         Command::new("sudo").arg(bin).args(args).status()
     };
     status.with_context(|| format!("run {}", bin.display()))
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one summary line over every
+/// test binary ("tests: N passed, M failed"), so the last line speaks for the whole suite
+/// rather than for the last (often empty) binary.
+fn run_tests(mut cmd: Command) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("run cargo test")?;
+    let out = child.stdout.take().context("cargo test's stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut stdout = std::io::stdout();
+    for line in BufReader::new(out).lines() {
+        let line = line.context("read cargo test's output")?;
+        let _ = writeln!(stdout, "{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(word), Some(n)) = (w.next(), w.next()) else { continue };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match word {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let st = child.wait().context("wait for cargo test")?;
+    println!();
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    status_code(st)
 }
 
 fn status_code(st: std::process::ExitStatus) -> Result<ExitCode> {
