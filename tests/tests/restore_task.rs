@@ -258,44 +258,53 @@ fn dump_inside_a_signal_handler_on_the_altstack() {
 
 /// Real-time signals queued to the task while it is being dumped keep their siginfo: they stay
 /// queued (every signal is blocked during the dump's remote syscalls) and are dumped as pending,
-/// rather than stopping a remote call and being held back without their value.
+/// rather than stopping remote calls (a flood of them used to fail the dump with "signal kept
+/// arriving") or being held back without their value.
 #[test]
 fn signals_sent_during_dump_keep_their_values() {
-    let d = TempDir::new("sig-during");
-    let w = Workload::start("wl_signals", &[], &d);
-    let pid = w.pid;
-    let sig = libc::SIGRTMIN() + 3; // handled by the workload, never blocked
-    // As soon as cr has seized the task, queue a burst: it lands while the task is frozen.
-    let sender = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tracer_of(pid) == 0 {
-            assert!(Instant::now() < deadline, "cr never attached");
-            std::thread::yield_now();
+    // A burst as soon as cr has attached; a try in which none happened to land while the task
+    // was frozen proves nothing and is repeated. The burst is bounded: the pending-signal limit
+    // is per user, shared with every other test.
+    for attempt in 0..5 {
+        let d = TempDir::new("sig-during");
+        let w = Workload::start("wl_signals", &[], &d);
+        let pid = w.pid;
+        let sig = libc::SIGRTMIN() + 3; // handled by the workload, never blocked
+        let sender = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tracer_of(pid) == 0 {
+                assert!(Instant::now() < deadline, "cr never attached");
+            }
+            for n in 0..2000usize {
+                // SAFETY: sigqueue with value 1000+n.
+                if unsafe { libc::sigqueue(pid, sig, libc::sigval { sival_ptr: (1000 + n) as *mut libc::c_void }) } != 0 {
+                    break;
+                }
+            }
+        });
+        dump_leave_running(&w, &d);
+        sender.join().expect("sender thread");
+        let core = read_core(&d.join("img"), w.pid);
+        let queued: Vec<(i32, i64)> = core
+            .pending
+            .iter()
+            .filter(|p| p.signo == sig)
+            .map(|p| {
+                let code = i32::from_ne_bytes(p.siginfo[8..12].try_into().expect("si_code"));
+                (code, i64::from_ne_bytes(p.siginfo[24..32].try_into().expect("si_value")))
+            })
+            .collect();
+        drop(w);
+        if queued.is_empty() {
+            eprintln!("attempt {attempt}: no signal landed while the task was frozen; again");
+            continue;
         }
-        for n in 0..200usize {
-            // SAFETY: sigqueue with value 1000+n.
-            unsafe { libc::sigqueue(pid, sig, libc::sigval { sival_ptr: (1000 + n) as *mut libc::c_void }) };
-        }
-    });
-    dump_leave_running(&w, &d);
-    sender.join().expect("sender thread");
-    let core = read_core(&d.join("img"), w.pid);
-    let queued: Vec<(i32, i64)> = core
-        .pending
-        .iter()
-        .filter(|p| p.signo == sig)
-        .map(|p| {
-            let code = i32::from_ne_bytes(p.siginfo[8..12].try_into().expect("si_code"));
-            (code, i64::from_ne_bytes(p.siginfo[24..32].try_into().expect("si_value")))
-        })
-        .collect();
-    assert!(!queued.is_empty(), "no signal arrived while the task was frozen");
-    assert!(queued.iter().all(|q| q.0 == libc::SI_QUEUE), "a signal lost its siginfo: {queued:?}");
-    assert!(queued.windows(2).all(|w| w[1].1 == w[0].1 + 1), "queued values with a gap or out of order: {queued:?}");
-    drop(w);
+        assert!(queued.iter().all(|q| q.0 == libc::SI_QUEUE), "a signal lost its siginfo: {queued:?}");
+        assert!(queued.windows(2).all(|w| w[1].1 == w[0].1 + 1), "queued values with a gap or out of order: {queued:?}");
+        return;
+    }
+    panic!("in 5 tries no signal landed while the task was frozen");
 }
-
-// ---- per-task attributes and credentials -----------------------------------------------------
 
 #[test]
 fn task_attributes_workload_passes_undisturbed() {

@@ -201,13 +201,23 @@ impl Drop for SignalsHeld {
 /// Signals queued to the task (its own queue, then the process-wide one), in queue order, with
 /// their full siginfo. Signals cr had to hold back (they stopped a remote syscall: only SIGSTOP
 /// can, with every other signal blocked) are added with a kernel-made siginfo.
+///
+/// The task is stopped, so its queues only grow, at the tail: what is read is the queue as it
+/// was when this started, bounded by the number of signals queued for the task's user then
+/// (SigQ). Without that bound a sender that keeps queueing would keep this loop reading forever
+/// (PTRACE_PEEKSIGINFO walks the list from its head for every entry, so the reader falls
+/// further behind as the queue grows).
 pub fn pending_signals(t: &Tracee) -> Result<Vec<pb::PendingSignal>> {
+    let cap = proc::status::read_status(t.tgid).map(|s| s.sig_q.0 as usize).unwrap_or(usize::MAX);
     let mut pending = Vec::new();
     for shared in [false, true] {
-        for si in t.pending(shared)? {
+        for si in peek_queue(t.tid, shared, cap)? {
             let signo = i32::from_ne_bytes([si[0], si[1], si[2], si[3]]);
             pending.push(pb::PendingSignal { signo, siginfo: si.to_vec(), shared });
         }
+    }
+    if pending.len() > 1000 {
+        log::info!("task {}: {} signals pending", t.tid, pending.len());
     }
     for &sig in &t.stashed {
         let mut si = [0u8; 128];
@@ -217,6 +227,22 @@ pub fn pending_signals(t: &Tracee) -> Result<Vec<pb::PendingSignal>> {
         pending.push(pb::PendingSignal { signo: sig, siginfo: si.to_vec(), shared: false });
     }
     Ok(pending)
+}
+
+/// Up to `cap` queued siginfos of one queue of `tid`, from the head, without dequeuing them.
+fn peek_queue(tid: i32, shared: bool, cap: usize) -> Result<Vec<[u8; 128]>> {
+    let mut out = Vec::new();
+    let mut buf = vec![[0u8; 128]; 256];
+    while out.len() < cap {
+        let want = buf.len().min(cap - out.len());
+        let n = raw::peeksiginfo(tid, out.len() as u64, shared, &mut buf[..want])
+            .with_context(|| format!("PTRACE_PEEKSIGINFO of task {tid} ({} queue)", if shared { "process" } else { "thread" }))?;
+        out.extend_from_slice(&buf[..n]);
+        if n < want {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Per-thread state only the thread itself can tell, through remote syscalls: the alternate
