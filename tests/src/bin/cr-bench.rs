@@ -65,67 +65,47 @@ fn max_gap_ms(result: &str) -> f64 {
     f64::NAN
 }
 
-trait Tool {
-    fn name(&self) -> String;
-    fn dump(&self, pid: i32, dir: &Path, leave_running: bool) -> bool;
-    fn restore(&self, dir: &Path) -> bool;
+/// A checkpoint tool driven through its command line; cr and criu share the flags used here.
+struct Tool {
+    name: &'static str,
+    bin: PathBuf,
 }
 
-struct Cr(PathBuf);
-struct Criu(PathBuf);
-
-impl Tool for Cr {
-    fn name(&self) -> String {
-        "cr".into()
-    }
-    fn dump(&self, pid: i32, dir: &Path, leave_running: bool) -> bool {
-        let mut c = Command::new(&self.0);
-        c.args(["dump", "-t", &pid.to_string(), "-D"]).arg(dir).args(["-o", "dump.log"]);
-        if leave_running {
-            c.arg("-R");
-        }
-        c.status().map(|s| s.success()).unwrap_or(false)
-    }
-    fn restore(&self, dir: &Path) -> bool {
-        Command::new(&self.0).args(["restore", "-d", "-D"]).arg(dir).args(["-o", "restore.log"]).status().map(|s| s.success()).unwrap_or(false)
-    }
-}
-
-impl Tool for Criu {
-    fn name(&self) -> String {
-        "criu".into()
+impl Tool {
+    fn run(&self, args: &[&str], dir: &Path, log: &str) -> bool {
+        Command::new(&self.bin).args(args).arg("-D").arg(dir).args(["-o", log]).status().map(|s| s.success()).unwrap_or(false)
     }
     fn dump(&self, pid: i32, dir: &Path, leave_running: bool) -> bool {
         // criu wants the images directory to exist (cr creates it).
         if std::fs::create_dir_all(dir).is_err() {
             return false;
         }
-        let mut c = Command::new(&self.0);
-        c.args(["dump", "-t", &pid.to_string(), "-D"]).arg(dir).args(["-o", "dump.log"]);
+        let pid = pid.to_string();
+        let mut args = vec!["dump", "-t", &pid];
         if leave_running {
-            c.arg("-R");
+            args.push("-R");
         }
-        c.status().map(|s| s.success()).unwrap_or(false)
+        self.run(&args, dir, "dump.log")
     }
     fn restore(&self, dir: &Path) -> bool {
-        Command::new(&self.0).args(["restore", "-d", "-D"]).arg(dir).args(["-o", "restore.log"]).status().map(|s| s.success()).unwrap_or(false)
+        self.run(&["restore", "-d"], dir, "restore.log")
     }
 }
 
 /// dump -R (dump time, frozen time, image size), then restore of that image (restore time).
-fn measure(tool: &dyn Tool, size_mib: usize) -> Option<Sample> {
-    let d = TempDir::new(&format!("bench-{}", tool.name()));
+fn measure(tool: &Tool, size_mib: usize) -> Option<Sample> {
+    let d = TempDir::new(&format!("bench-{}", tool.name));
     let mut w = Workload::start("wl_heartbeat", &[&size_mib.to_string()], &d);
     let img = d.join("img");
     let t = Instant::now();
     if !tool.dump(w.pid, &img, true) {
-        eprintln!("{}: dump failed (see {}/dump.log)", tool.name(), img.display());
+        eprintln!("{}: dump failed (see {}/dump.log)", tool.name, img.display());
         return None;
     }
     let dump_ms = t.elapsed().as_secs_f64() * 1e3;
     let (st, res) = w.verify();
     if st != 0 || !res.starts_with("PASS") {
-        eprintln!("{}: the workload failed after dump -R: {res}", tool.name());
+        eprintln!("{}: the workload failed after dump -R: {res}", tool.name);
         return None;
     }
     let frozen_ms = max_gap_ms(&res);
@@ -133,7 +113,7 @@ fn measure(tool: &dyn Tool, size_mib: usize) -> Option<Sample> {
     std::fs::remove_file(&w.result).ok();
     let t = Instant::now();
     if !tool.restore(&img) {
-        eprintln!("{}: restore failed (see {}/restore.log)", tool.name(), img.display());
+        eprintln!("{}: restore failed (see {}/restore.log)", tool.name, img.display());
         return None;
     }
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -142,7 +122,7 @@ fn measure(tool: &dyn Tool, size_mib: usize) -> Option<Sample> {
     let st = wait_exit(w.pid);
     let res = std::fs::read_to_string(&w.result).unwrap_or_default();
     if st != 0 || !res.starts_with("PASS") {
-        eprintln!("{}: the restored workload failed: {res}", tool.name());
+        eprintln!("{}: the restored workload failed: {res}", tool.name);
         return None;
     }
     Some(Sample { dump_ms, frozen_ms, restore_ms, image_mib })
@@ -176,9 +156,9 @@ fn main() {
     let a = parse_args();
     become_subreaper();
     println!("cr-bench: {} MiB of touched anonymous memory, median of {} rounds", a.size_mib, a.rounds);
-    let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Cr(cr_bin()))];
+    let mut tools = vec![Tool { name: "cr", bin: cr_bin() }];
     match &a.criu {
-        Some(p) => tools.push(Box::new(Criu(p.clone()))),
+        Some(p) => tools.push(Tool { name: "criu", bin: p.clone() }),
         None => println!("cr-bench: no criu given (--criu PATH) or on PATH: cr only"),
     }
     let noise = baseline(a.size_mib);
@@ -186,15 +166,15 @@ fn main() {
     for tool in &tools {
         let mut samples = Vec::new();
         for _ in 0..a.rounds {
-            if let Some(s) = measure(tool.as_ref(), a.size_mib) {
+            if let Some(s) = measure(tool, a.size_mib) {
                 samples.push(s);
             }
         }
         if samples.is_empty() {
-            println!("{}: no successful round", tool.name());
+            println!("{}: no successful round", tool.name);
             continue;
         }
-        rows.push((tool.name(), summarize(&samples)));
+        rows.push((tool.name.to_string(), summarize(&samples)));
     }
     println!();
     println!("{:<8} {:>12} {:>12} {:>12} {:>12}", "tool", "dump ms", "frozen ms", "restore ms", "image MiB");
