@@ -24,7 +24,7 @@
 //! checkpoint. In an undisturbed run only SIGUSR1 ends the section, and a signal always aborts it.
 
 use std::arch::global_asm;
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use cr_tests::workload::Checker;
@@ -35,23 +35,52 @@ static GO: AtomicU8 = AtomicU8::new(0);
 #[repr(C, align(64))]
 struct Zmm([u8; 32 * 64]);
 
-static mut ZMM_IN: Zmm = Zmm([0; 32 * 64]);
-static mut ZMM_OUT: Zmm = Zmm([0; 32 * 64]);
-static mut K_IN: [u64; 8] = [0; 8];
-static mut K_OUT: [u64; 8] = [0; 8];
+/// Memory the assembly reads or writes by symbol.
+#[repr(transparent)]
+struct AsmCell<T>(UnsafeCell<T>);
+
+// SAFETY: the workload is single-threaded, and the assembly and the Rust code touching these
+// never run at the same time.
+unsafe impl<T> Sync for AsmCell<T> {}
+
+impl<T: Copy> AsmCell<T> {
+    const fn new(v: T) -> AsmCell<T> {
+        AsmCell(UnsafeCell::new(v))
+    }
+    fn set(&self, v: T) {
+        // SAFETY: see the Sync impl: no concurrent access.
+        unsafe { *self.0.get() = v }
+    }
+    fn get(&self) -> T {
+        // SAFETY: as above.
+        unsafe { *self.0.get() }
+    }
+}
+
+impl Clone for Zmm {
+    fn clone(&self) -> Zmm {
+        *self
+    }
+}
+impl Copy for Zmm {}
+
+static ZMM_IN: AsmCell<Zmm> = AsmCell::new(Zmm([0; 32 * 64]));
+static ZMM_OUT: AsmCell<Zmm> = AsmCell::new(Zmm([0; 32 * 64]));
+static K_IN: AsmCell<[u64; 8]> = AsmCell::new([0; 8]);
+static K_OUT: AsmCell<[u64; 8]> = AsmCell::new([0; 8]);
 /// rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15.
-static mut GP_IN: [u64; 15] = [0; 15];
-static mut GP_OUT: [u64; 15] = [0; 15];
-static mut ST_IN: [i64; 8] = [0; 8];
-static mut ST_OUT: [i64; 8] = [0; 8];
-static mut FLAGS_OUT: u64 = 0;
+static GP_IN: AsmCell<[u64; 15]> = AsmCell::new([0; 15]);
+static GP_OUT: AsmCell<[u64; 15]> = AsmCell::new([0; 15]);
+static ST_IN: AsmCell<[i64; 8]> = AsmCell::new([0; 8]);
+static ST_OUT: AsmCell<[i64; 8]> = AsmCell::new([0; 8]);
+static FLAGS_OUT: AsmCell<u64> = AsmCell::new(0);
 /// x87 control word: round up, 53-bit precision, all exceptions masked.
 static FCW_IN: u16 = 0x0A7F;
-static mut FCW_OUT: u16 = 0;
+static FCW_OUT: AsmCell<u16> = AsmCell::new(0);
 static FCW_DEFAULT: u16 = 0x037F;
 /// MXCSR: flush-to-zero, round toward zero, denormals-are-zero, all exceptions masked.
 static MXCSR_IN: u32 = 0xFFC0;
-static mut MXCSR_OUT: u32 = 0;
+static MXCSR_OUT: AsmCell<u32> = AsmCell::new(0);
 static MXCSR_DEFAULT: u32 = 0x1F80;
 static READY_MSG: [u8; 6] = *b"READY\n";
 
@@ -384,27 +413,28 @@ fn check_common(c: &mut Checker, fs: u64, gs: u64) {
 }
 
 fn regs_mode(c: &mut Checker) {
-    // SAFETY: single-threaded setup of the statics the assembly reads and writes.
-    unsafe {
-        let zin = &mut *(&raw mut ZMM_IN);
-        for r in 0..32 {
-            for b in 0..64 {
-                zin.0[r * 64 + b] = zmm_pattern(r, b);
-            }
-        }
-        let kin = &mut *(&raw mut K_IN);
-        for (i, k) in kin.iter_mut().enumerate() {
-            *k = 0x0123_4567_89AB_CDEFu64.rotate_left(8 * i as u32) ^ (i as u64 + 1);
-        }
-        let gin = &mut *(&raw mut GP_IN);
-        for (i, g) in gin.iter_mut().enumerate() {
-            *g = 0xC0DE_0000_0000_0000 | (i as u64) << 40 | 0x1111_1111u64.wrapping_mul(i as u64 + 1);
-        }
-        let sin = &mut *(&raw mut ST_IN);
-        for (i, s) in sin.iter_mut().enumerate() {
-            *s = (i as i64 + 1) * 1_000_000_007 - 3;
+    let mut zin = Zmm([0; 32 * 64]);
+    for r in 0..32 {
+        for b in 0..64 {
+            zin.0[r * 64 + b] = zmm_pattern(r, b);
         }
     }
+    ZMM_IN.set(zin);
+    let mut kin = [0u64; 8];
+    for (i, k) in kin.iter_mut().enumerate() {
+        *k = 0x0123_4567_89AB_CDEFu64.rotate_left(8 * i as u32) ^ (i as u64 + 1);
+    }
+    K_IN.set(kin);
+    let mut gin = [0u64; 15];
+    for (i, g) in gin.iter_mut().enumerate() {
+        *g = 0xC0DE_0000_0000_0000 | (i as u64) << 40 | 0x1111_1111u64.wrapping_mul(i as u64 + 1);
+    }
+    GP_IN.set(gin);
+    let mut sin = [0i64; 8];
+    for (i, s) in sin.iter_mut().enumerate() {
+        *s = (i as i64 + 1) * 1_000_000_007 - 3;
+    }
+    ST_IN.set(sin);
     let (fs, gs) = setup_common();
     install_go_handler();
     // SAFETY: setsid has no preconditions.
@@ -413,33 +443,31 @@ fn regs_mode(c: &mut Checker) {
     // DF clear and the control words at their defaults; it writes only the *_OUT statics.
     unsafe { cr_spin_regs() };
 
-    // SAFETY: the assembly is done with the statics.
-    unsafe {
-        let (zin, zout) = (&*(&raw const ZMM_IN), &*(&raw const ZMM_OUT));
-        for r in 0..32 {
-            let (a, b) = (&zin.0[r * 64..r * 64 + 64], &zout.0[r * 64..r * 64 + 64]);
-            if a != b {
-                let first = (0..64).find(|&i| a[i] != b[i]).unwrap_or(0);
-                c.check(false, format!("zmm{r}: byte {first} is {:#04x}, want {:#04x}", b[first], a[first]));
-            }
+    let zout = ZMM_OUT.get();
+    for r in 0..32 {
+        let (a, b) = (&zin.0[r * 64..r * 64 + 64], &zout.0[r * 64..r * 64 + 64]);
+        if a != b {
+            let first = (0..64).find(|&i| a[i] != b[i]).unwrap_or(0);
+            c.check(false, format!("zmm{r}: byte {first} is {:#04x}, want {:#04x}", b[first], a[first]));
         }
-        let (kin, kout) = (&*(&raw const K_IN), &*(&raw const K_OUT));
-        for i in 0..8 {
-            c.eq(kout[i], kin[i], &format!("k{i}"));
-        }
-        const NAMES: [&str; 15] = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
-        let (gin, gout) = (&*(&raw const GP_IN), &*(&raw const GP_OUT));
-        for i in 0..15 {
-            c.eq(gout[i], gin[i], NAMES[i]);
-        }
-        let (sin, sout) = (&*(&raw const ST_IN), &*(&raw const ST_OUT));
-        for i in 0..8 {
-            c.eq(sout[i], sin[7 - i], &format!("st({i})"));
-        }
-        c.check(*(&raw const FLAGS_OUT) & 0x400 != 0, format!("direction flag lost (rflags {:#x})", *(&raw const FLAGS_OUT)));
-        c.eq(*(&raw const FCW_OUT), FCW_IN, "x87 control word");
-        c.eq(*(&raw const MXCSR_OUT), MXCSR_IN, "MXCSR");
     }
+    let kout = K_OUT.get();
+    for i in 0..8 {
+        c.eq(kout[i], kin[i], &format!("k{i}"));
+    }
+    const NAMES: [&str; 15] = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+    let gout = GP_OUT.get();
+    for i in 0..15 {
+        c.eq(gout[i], gin[i], NAMES[i]);
+    }
+    let sout = ST_OUT.get();
+    for i in 0..8 {
+        c.eq(sout[i], sin[7 - i], &format!("st({i})"));
+    }
+    let flags = FLAGS_OUT.get();
+    c.check(flags & 0x400 != 0, format!("direction flag lost (rflags {flags:#x})"));
+    c.eq(FCW_OUT.get(), FCW_IN, "x87 control word");
+    c.eq(MXCSR_OUT.get(), MXCSR_IN, "MXCSR");
     check_common(c, fs, gs);
 }
 
