@@ -14,14 +14,19 @@ use cr_tests::{cr, cr_ok, dump_and_restore, TempDir, Workload};
 /// The core image of `pid` in the image directory `img`.
 fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
     let dir = ImageDir::open(img).expect("open the image directory");
-    dir.read_msg(&core_file(pid), Kind::Core).expect("read the core image")
+    dir.read_msg(&core_file(pid), Kind::Core)
+        .expect("read the core image")
 }
 
 /// user-mode CPU time of `pid`, in clock ticks (/proc/PID/stat field 14).
 fn utime(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
     let rest = stat.rsplit_once(')').expect("stat has a comm").1;
-    rest.split_whitespace().nth(11).expect("utime field").parse().expect("utime is a number")
+    rest.split_whitespace()
+        .nth(11)
+        .expect("utime field")
+        .parse()
+        .expect("utime is a number")
 }
 
 /// Waits until `pid` has spent `ticks` more clock ticks in user mode: a workload that spins right
@@ -41,10 +46,17 @@ fn wait_in_syscall(pid: i32, nr: i64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-        if s.split_whitespace().next().and_then(|f| f.parse::<i64>().ok()) == Some(nr) {
+        if s.split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<i64>().ok())
+            == Some(nr)
+        {
             return;
         }
-        assert!(Instant::now() < deadline, "workload {pid} never blocked in syscall {nr} (now: {s:?})");
+        assert!(
+            Instant::now() < deadline,
+            "workload {pid} never blocked in syscall {nr} (now: {s:?})"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -52,14 +64,19 @@ fn wait_in_syscall(pid: i32, nr: i64) {
 /// TracerPid of `pid` (0 when nobody traces it).
 fn tracer_of(pid: i32) -> i32 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    st.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    st.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `cr dump -R`: the target must run on unchanged.
 fn dump_leave_running(w: &Workload, dir: &TempDir) {
     let img = dir.s("img");
     let pid = w.pid.to_string();
-    cr_ok(&["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4", "-R"]);
+    cr_ok(&[
+        "dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4", "-R",
+    ]);
 }
 
 // ---- CPU state -------------------------------------------------------------------------------
@@ -67,7 +84,8 @@ fn dump_leave_running(w: &Workload, dir: &TempDir) {
 /// wl_cpu's register test is written for AVX-512 (zmm0-31, k0-7): on a CPU without it the tests
 /// say so and do nothing.
 fn have_avx512() -> bool {
-    let ok = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw");
+    let ok = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw");
     if !ok {
         eprintln!("this CPU lacks AVX-512F/BW: the wl_cpu register test does not apply");
     }
@@ -95,8 +113,16 @@ fn cpu_regs_survive_dump_and_restore() {
     wait_spinning(w.pid, 2);
     dump_and_restore(&mut w, &d, &[], &[]);
     let core = read_core(&d.join("img"), w.pid);
-    assert_eq!(core.regs.as_ref().map(|r| r.orig_rax as i64), Some(-1), "dumped outside any syscall");
-    assert!(core.xsave.len() > 2048, "XSAVE area of {} bytes: no AVX-512 state?", core.xsave.len());
+    assert_eq!(
+        core.regs.as_ref().map(|r| r.orig_rax as i64),
+        Some(-1),
+        "dumped outside any syscall"
+    );
+    assert!(
+        core.xsave.len() > 2048,
+        "XSAVE area of {} bytes: no AVX-512 state?",
+        core.xsave.len()
+    );
     w.assert_pass();
 }
 
@@ -127,14 +153,20 @@ fn rseq_workload_passes_undisturbed() {
 fn rseq_critical_section_is_aborted_by_restore() {
     let d = TempDir::new("rseq");
     let mut w = Workload::start("wl_cpu", &["rseq"], &d);
-    let addrs: Vec<u64> =
-        w.info.split_whitespace().map(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex address")).collect();
+    let addrs: Vec<u64> = w
+        .info
+        .split_whitespace()
+        .map(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex address"))
+        .collect();
     let (start, end, abort) = (addrs[0], addrs[1], addrs[2]);
     wait_spinning(w.pid, 2);
     dump_and_restore(&mut w, &d, &[], &[]);
     let core = read_core(&d.join("img"), w.pid);
     let rip = core.regs.as_ref().expect("registers").rip;
-    assert!(!(start..end).contains(&rip), "the image resumes inside the rseq critical section ({rip:#x})");
+    assert!(
+        !(start..end).contains(&rip),
+        "the image resumes inside the rseq critical section ({rip:#x})"
+    );
     assert_eq!(rip, abort, "the image resumes at the abort handler");
     w.assert_pass();
 }
@@ -167,7 +199,11 @@ fn syscall_case(mode: &str, nr: i64, code: i64, restored_eintr: u32) {
     dump_and_restore(&mut w, &d, &[], &[]);
     let core = read_core(&d.join("img"), w.pid);
     let restart = core.restart.expect("restart state in the core image");
-    assert_eq!((restart.nr, restart.ret), (nr, -code), "{mode}: the dump caught the task in syscall {nr} returning -{code}");
+    assert_eq!(
+        (restart.nr, restart.ret),
+        (nr, -code),
+        "{mode}: the dump caught the task in syscall {nr} returning -{code}"
+    );
     w.assert_pass();
 
     let d = TempDir::new(&format!("sys-{mode}-R"));
@@ -190,7 +226,12 @@ fn syscall_nanosleep() {
 
 #[test]
 fn syscall_clock_nanosleep_relative() {
-    syscall_case("clock-rel", libc::SYS_clock_nanosleep, ERESTART_RESTARTBLOCK, 1);
+    syscall_case(
+        "clock-rel",
+        libc::SYS_clock_nanosleep,
+        ERESTART_RESTARTBLOCK,
+        1,
+    );
 }
 
 /// An absolute clock_nanosleep is re-executed (-ERESTARTNOHAND): never an EINTR.
@@ -243,7 +284,12 @@ fn signals_survive_dump_and_restore() {
     let mut w = Workload::start("wl_signals", &[], &d);
     dump_and_restore(&mut w, &d, &[], &[]);
     let core = read_core(&d.join("img"), w.pid);
-    assert_eq!(core.pending.len(), 10, "pending signals in the image: {:?}", core.pending.iter().map(|p| p.signo).collect::<Vec<_>>());
+    assert_eq!(
+        core.pending.len(),
+        10,
+        "pending signals in the image: {:?}",
+        core.pending.iter().map(|p| p.signo).collect::<Vec<_>>()
+    );
     w.assert_pass();
 }
 
@@ -271,7 +317,11 @@ fn dump_inside_a_signal_handler_on_the_altstack() {
     wait_spinning(w.pid, 2);
     dump_and_restore(&mut w, &d, &[], &[]);
     let core = read_core(&d.join("img"), w.pid);
-    assert_eq!(core.sigaltstack.map(|s| s.flags), Some(libc::SS_ONSTACK), "dumped while on the alternate stack");
+    assert_eq!(
+        core.sigaltstack.map(|s| s.flags),
+        Some(libc::SS_ONSTACK),
+        "dumped while on the alternate stack"
+    );
     w.assert_pass();
 }
 
@@ -296,7 +346,16 @@ fn signals_sent_during_dump_keep_their_values() {
             }
             for n in 0..2000usize {
                 // SAFETY: sigqueue with value 1000+n.
-                if unsafe { libc::sigqueue(pid, sig, libc::sigval { sival_ptr: (1000 + n) as *mut libc::c_void }) } != 0 {
+                if unsafe {
+                    libc::sigqueue(
+                        pid,
+                        sig,
+                        libc::sigval {
+                            sival_ptr: (1000 + n) as *mut libc::c_void,
+                        },
+                    )
+                } != 0
+                {
                     break;
                 }
             }
@@ -310,7 +369,10 @@ fn signals_sent_during_dump_keep_their_values() {
             .filter(|p| p.signo == sig)
             .map(|p| {
                 let code = i32::from_ne_bytes(p.siginfo[8..12].try_into().expect("si_code"));
-                (code, i64::from_ne_bytes(p.siginfo[24..32].try_into().expect("si_value")))
+                (
+                    code,
+                    i64::from_ne_bytes(p.siginfo[24..32].try_into().expect("si_value")),
+                )
             })
             .collect();
         drop(w);
@@ -318,8 +380,14 @@ fn signals_sent_during_dump_keep_their_values() {
             eprintln!("attempt {attempt}: no signal landed while the task was frozen; again");
             continue;
         }
-        assert!(queued.iter().all(|q| q.0 == libc::SI_QUEUE), "a signal lost its siginfo: {queued:?}");
-        assert!(queued.windows(2).all(|w| w[1].1 == w[0].1 + 1), "queued values with a gap or out of order: {queued:?}");
+        assert!(
+            queued.iter().all(|q| q.0 == libc::SI_QUEUE),
+            "a signal lost its siginfo: {queued:?}"
+        );
+        assert!(
+            queued.windows(2).all(|w| w[1].1 == w[0].1 + 1),
+            "queued values with a gap or out of order: {queued:?}"
+        );
         return;
     }
     panic!("in 5 tries no signal landed while the task was frozen");
@@ -356,10 +424,25 @@ fn task_attributes_survive_leave_running_dump() {
 fn seccomp_task_is_refused_and_runs_on() {
     let d = TempDir::new("seccomp");
     let mut w = Workload::start("wl_sys_task", &["seccomp"], &d);
-    let out = cr(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-o", "dump.log", "-v4"]);
-    assert!(!out.status.success(), "the dump of a seccomp task succeeded");
+    let out = cr(&[
+        "dump",
+        "-t",
+        &w.pid.to_string(),
+        "-D",
+        &d.s("img"),
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
+    assert!(
+        !out.status.success(),
+        "the dump of a seccomp task succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("seccomp"), "the refusal does not name seccomp: {err}");
+    assert!(
+        err.contains("seccomp"),
+        "the refusal does not name seccomp: {err}"
+    );
     w.assert_pass();
 }
 

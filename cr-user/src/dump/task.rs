@@ -68,7 +68,13 @@ impl RseqCs {
             w.copy_from_slice(&b[i..i + 8]);
             u64::from_ne_bytes(w)
         };
-        RseqCs { version: u32_at(0), flags: u32_at(4), start_ip: u64_at(8), post_commit_offset: u64_at(16), abort_ip: u64_at(24) }
+        RseqCs {
+            version: u32_at(0),
+            flags: u32_at(4),
+            start_ip: u64_at(8),
+            post_commit_offset: u64_at(16),
+            abort_ip: u64_at(24),
+        }
     }
 
     /// Whether `ip` lies inside the section (the kernel's test: start <= ip < start + offset).
@@ -90,13 +96,15 @@ const RSEQ_CS_OFFSET: u64 = 8;
 /// been interrupted (wrong for both -R and restore, which may land on another CPU).
 fn rseq_resume_ip(pid: i32, area: u64, regs: &libc::user_regs_struct) -> Result<Option<u64>> {
     let mut p = [0u8; 8];
-    crate::ptrace::inject::read_mem(pid, area + RSEQ_CS_OFFSET, &mut p).context("read rseq_cs of the rseq area")?;
+    crate::ptrace::inject::read_mem(pid, area + RSEQ_CS_OFFSET, &mut p)
+        .context("read rseq_cs of the rseq area")?;
     let cs_addr = u64::from_ne_bytes(p);
     if cs_addr == 0 {
         return Ok(None);
     }
     let mut b = [0u8; 32];
-    crate::ptrace::inject::read_mem(pid, cs_addr, &mut b).with_context(|| format!("read the rseq_cs descriptor at {cs_addr:#x}"))?;
+    crate::ptrace::inject::read_mem(pid, cs_addr, &mut b)
+        .with_context(|| format!("read the rseq_cs descriptor at {cs_addr:#x}"))?;
     let cs = RseqCs::parse(&b);
     if !cs.contains(regs.rip) {
         return Ok(None);
@@ -104,11 +112,17 @@ fn rseq_resume_ip(pid: i32, area: u64, regs: &libc::user_regs_struct) -> Result<
     if (regs.orig_rax as i64) >= 0 {
         // A syscall inside a critical section is a bug of the task (the kernel kills it with
         // CONFIG_DEBUG_RSEQ); moving rip would break the syscall restart: leave it.
-        log::warn!("task {pid} is in syscall {} inside an rseq critical section; not moving it", regs.orig_rax as i64);
+        log::warn!(
+            "task {pid} is in syscall {} inside an rseq critical section; not moving it",
+            regs.orig_rax as i64
+        );
         return Ok(None);
     }
     if cs.version != 0 {
-        bail!("task {pid} is inside an rseq critical section of unknown ABI version {}", cs.version);
+        bail!(
+            "task {pid} is inside an rseq critical section of unknown ABI version {}",
+            cs.version
+        );
     }
     Ok(Some(cs.abort_ip))
 }
@@ -126,7 +140,11 @@ pub fn thread_core(t: &Tracee, regs: &libc::user_regs_struct) -> Result<pb::Core
     // task is inside one: the mask it runs with once the call is restarted and returns.
     let sigmask = t.sigmask()?;
     let rseq = match t.rseq() {
-        Ok(c) if c.rseq_abi_pointer != 0 => Some(pb::Rseq { addr: c.rseq_abi_pointer, len: c.rseq_abi_size, signature: c.signature }),
+        Ok(c) if c.rseq_abi_pointer != 0 => Some(pb::Rseq {
+            addr: c.rseq_abi_pointer,
+            len: c.rseq_abi_size,
+            signature: c.signature,
+        }),
         Ok(_) => None,
         Err(e) => {
             log::debug!("rseq configuration of {}: {e:#}", t.tid);
@@ -179,12 +197,21 @@ pub struct SignalsHeld {
 impl SignalsHeld {
     pub fn hold(t: &Tracee, original: u64) -> Result<SignalsHeld> {
         t.set_sigmask(!0)?;
-        Ok(SignalsHeld { tid: t.tid, mask: original, active: true })
+        Ok(SignalsHeld {
+            tid: t.tid,
+            mask: original,
+            active: true,
+        })
     }
 
     pub fn release(mut self) -> Result<()> {
         self.active = false;
-        raw::setsigmask(self.tid, self.mask).with_context(|| format!("PTRACE_SETSIGMASK of task {} (putting its mask back)", self.tid))
+        raw::setsigmask(self.tid, self.mask).with_context(|| {
+            format!(
+                "PTRACE_SETSIGMASK of task {} (putting its mask back)",
+                self.tid
+            )
+        })
     }
 }
 
@@ -208,12 +235,18 @@ impl Drop for SignalsHeld {
 /// (PTRACE_PEEKSIGINFO walks the list from its head for every entry, so the reader falls
 /// further behind as the queue grows).
 pub fn pending_signals(t: &Tracee) -> Result<Vec<pb::PendingSignal>> {
-    let cap = proc::status::read_status(t.tgid).map(|s| s.sig_q.0 as usize).unwrap_or(usize::MAX);
+    let cap = proc::status::read_status(t.tgid)
+        .map(|s| s.sig_q.0 as usize)
+        .unwrap_or(usize::MAX);
     let mut pending = Vec::new();
     for shared in [false, true] {
         for si in peek_queue(t.tid, shared, cap)? {
             let signo = i32::from_ne_bytes([si[0], si[1], si[2], si[3]]);
-            pending.push(pb::PendingSignal { signo, siginfo: si.to_vec(), shared });
+            pending.push(pb::PendingSignal {
+                signo,
+                siginfo: si.to_vec(),
+                shared,
+            });
         }
     }
     if pending.len() > 1000 {
@@ -224,7 +257,11 @@ pub fn pending_signals(t: &Tracee) -> Result<Vec<pb::PendingSignal>> {
         si[0..4].copy_from_slice(&sig.to_ne_bytes());
         // si_code SI_KERNEL (0x80): delivered by the kernel on the task's behalf.
         si[8..12].copy_from_slice(&0x80i32.to_ne_bytes());
-        pending.push(pb::PendingSignal { signo: sig, siginfo: si.to_vec(), shared: false });
+        pending.push(pb::PendingSignal {
+            signo: sig,
+            siginfo: si.to_vec(),
+            shared: false,
+        });
     }
     Ok(pending)
 }
@@ -235,8 +272,14 @@ fn peek_queue(tid: i32, shared: bool, cap: usize) -> Result<Vec<[u8; 128]>> {
     let mut buf = vec![[0u8; 128]; 256];
     while out.len() < cap {
         let want = buf.len().min(cap - out.len());
-        let n = raw::peeksiginfo(tid, out.len() as u64, shared, &mut buf[..want])
-            .with_context(|| format!("PTRACE_PEEKSIGINFO of task {tid} ({} queue)", if shared { "process" } else { "thread" }))?;
+        let n = raw::peeksiginfo(tid, out.len() as u64, shared, &mut buf[..want]).with_context(
+            || {
+                format!(
+                    "PTRACE_PEEKSIGINFO of task {tid} ({} queue)",
+                    if shared { "process" } else { "thread" }
+                )
+            },
+        )?;
         out.extend_from_slice(&buf[..n]);
         if n < want {
             break;
@@ -288,7 +331,11 @@ pub const RLIMIT_NLIMITS: u32 = 16;
 /// privileges cr may lack: prlimit64 on another task needs CAP_SYS_RESOURCE unless the ids
 /// match, /proc/PID/timerslack_ns needs CAP_SYS_NICE): those queries run as remote syscalls
 /// through `r`, using its scratch memory.
-pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Result<(pb::TaskState, u64)> {
+pub fn task_state(
+    pid: i32,
+    r: &mut Remote,
+    status: &proc::status::Status,
+) -> Result<(pb::TaskState, u64)> {
     if status.seccomp != 0 {
         // Restoring without the filters would silently drop a security boundary.
         bail!(
@@ -304,8 +351,12 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
         if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
             continue;
         }
-        r.syscall("rt_sigaction(query)", libc::SYS_rt_sigaction, &[sig as u64, 0, scratch, 8])
-            .with_context(|| format!("query the action of signal {sig}"))?;
+        r.syscall(
+            "rt_sigaction(query)",
+            libc::SYS_rt_sigaction,
+            &[sig as u64, 0, scratch, 8],
+        )
+        .with_context(|| format!("query the action of signal {sig}"))?;
         let mut b = [0u8; 32];
         r.read_mem(scratch, &mut b)?;
         let w = |i: usize| {
@@ -313,20 +364,51 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
             x.copy_from_slice(&b[i * 8..i * 8 + 8]);
             u64::from_ne_bytes(x)
         };
-        sigactions.push(pb::SigAction { signo: sig, handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
+        sigactions.push(pb::SigAction {
+            signo: sig,
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        });
     }
     let brk = r.syscall("brk(0)", libc::SYS_brk, &[0])?;
-    let dumpable = r.syscall("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64])? != 0;
+    let dumpable = r.syscall(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_DUMPABLE as u64],
+    )? != 0;
     r.write_mem(scratch, &[0u8; 8])?;
-    r.syscall("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, scratch])?;
+    r.syscall(
+        "prctl(PR_GET_PDEATHSIG)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_PDEATHSIG as u64, scratch],
+    )?;
     let pdeath_sig = read_u64(r, scratch)? as u32 as i32;
     r.write_mem(scratch, &[0u8; 8])?;
-    r.syscall("prctl(PR_GET_CHILD_SUBREAPER)", libc::SYS_prctl, &[libc::PR_GET_CHILD_SUBREAPER as u64, scratch])?;
+    r.syscall(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_CHILD_SUBREAPER as u64, scratch],
+    )?;
     let child_subreaper = read_u64(r, scratch)? as u32 != 0;
-    let securebits = r.syscall("prctl(PR_GET_SECUREBITS)", libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64])? as u32;
-    let personality = r.syscall("personality(query)", libc::SYS_personality, &[0xffff_ffff])? as u32;
-    let timer_slack_ns = r.syscall("prctl(PR_GET_TIMERSLACK)", libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64])?;
-    let no_new_privs = r.syscall("prctl(PR_GET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_GET_NO_NEW_PRIVS as u64])? != 0;
+    let securebits = r.syscall(
+        "prctl(PR_GET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_SECUREBITS as u64],
+    )? as u32;
+    let personality =
+        r.syscall("personality(query)", libc::SYS_personality, &[0xffff_ffff])? as u32;
+    let timer_slack_ns = r.syscall(
+        "prctl(PR_GET_TIMERSLACK)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_TIMERSLACK as u64],
+    )?;
+    let no_new_privs = r.syscall(
+        "prctl(PR_GET_NO_NEW_PRIVS)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_NO_NEW_PRIVS as u64],
+    )? != 0;
     // XSAVE components the task may use (AMX tile data must be requested before use).
     r.write_mem(scratch, &[0u8; 8])?;
     let xcomp_perm = match r.raw_syscall(libc::SYS_arch_prctl, &[ARCH_GET_XCOMP_PERM, scratch])? {
@@ -340,17 +422,28 @@ pub fn task_state(pid: i32, r: &mut Remote, status: &proc::status::Status) -> Re
     let mut rlimits = Vec::new();
     for res in 0..RLIMIT_NLIMITS {
         // prlimit64(0, res, NULL, &old): the task's own limits, no privilege needed.
-        r.syscall("prlimit64(query)", libc::SYS_prlimit64, &[0, res as u64, 0, scratch])
-            .with_context(|| format!("query resource limit {res}"))?;
+        r.syscall(
+            "prlimit64(query)",
+            libc::SYS_prlimit64,
+            &[0, res as u64, 0, scratch],
+        )
+        .with_context(|| format!("query resource limit {res}"))?;
         let mut b = [0u8; 16];
         r.read_mem(scratch, &mut b)?;
         let cur = u64::from_ne_bytes(b[0..8].try_into().context("rlimit64")?);
         let max = u64::from_ne_bytes(b[8..16].try_into().context("rlimit64")?);
-        rlimits.push(pb::Rlimit { resource: res, cur, max });
+        rlimits.push(pb::Rlimit {
+            resource: res,
+            cur,
+            max,
+        });
     }
     let link = |name: &str| -> Result<String> {
         let p = format!("/proc/{pid}/{name}");
-        Ok(std::fs::read_link(&p).with_context(|| format!("readlink {p}"))?.to_string_lossy().into_owned())
+        Ok(std::fs::read_link(&p)
+            .with_context(|| format!("readlink {p}"))?
+            .to_string_lossy()
+            .into_owned())
     };
     let creds = pb::Creds {
         uid: status.uid[0],
@@ -429,17 +522,37 @@ mod tests {
         b[16..24].copy_from_slice(&0x20u64.to_ne_bytes());
         b[24..32].copy_from_slice(&0x2000u64.to_ne_bytes());
         let cs = RseqCs::parse(&b);
-        assert_eq!(cs, RseqCs { version: 0, flags: 0, start_ip: 0x1000, post_commit_offset: 0x20, abort_ip: 0x2000 });
+        assert_eq!(
+            cs,
+            RseqCs {
+                version: 0,
+                flags: 0,
+                start_ip: 0x1000,
+                post_commit_offset: 0x20,
+                abort_ip: 0x2000
+            }
+        );
         assert!(cs.contains(0x1000) && cs.contains(0x101f));
         assert!(!cs.contains(0x1020) && !cs.contains(0xfff) && !cs.contains(0));
     }
 
     #[test]
     fn restart_codes() {
-        assert_eq!(describe_restart(&regs(0, 35, -516)), Some("ERESTART_RESTARTBLOCK"));
+        assert_eq!(
+            describe_restart(&regs(0, 35, -516)),
+            Some("ERESTART_RESTARTBLOCK")
+        );
         assert_eq!(describe_restart(&regs(0, 0, -512)), Some("ERESTARTSYS"));
         assert_eq!(describe_restart(&regs(0, 34, -514)), Some("ERESTARTNOHAND"));
-        assert_eq!(describe_restart(&regs(0, -1, -512)), None, "not in a syscall");
-        assert_eq!(describe_restart(&regs(0, 0, -4)), None, "plain EINTR is final");
+        assert_eq!(
+            describe_restart(&regs(0, -1, -512)),
+            None,
+            "not in a syscall"
+        );
+        assert_eq!(
+            describe_restart(&regs(0, 0, -4)),
+            None,
+            "plain EINTR is final"
+        );
     }
 }

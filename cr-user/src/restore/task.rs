@@ -2,7 +2,8 @@
 //!
 //! [`restore_task`] runs everything in the one order that works:
 //! 1. state that needs no privilege and nothing else: cwd, umask, signal dispositions,
-//!    sigaltstack, personality, comm, rseq, subreaper, timer slack, session;
+//!    sigaltstack, personality, comm, rseq, subreaper, timer slack (sessions and groups are
+//!    set by restore::tree while the tree is created);
 //! 2. pending signals, queued by the task to itself (only the task itself may queue a siginfo
 //!    that claims to come from the kernel or from kill()), while every signal is blocked;
 //! 3. resource limits, after the signals (a lowered RLIMIT_SIGPENDING would refuse them);
@@ -22,7 +23,13 @@ use super::memory::put_str;
 
 /// Restores everything about the task but its memory, files and registers (see the module docs
 /// for the order).
-pub fn restore_task(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps: &pb::PsTreeEntry) -> Result<()> {
+pub fn restore_task(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    core: &pb::Core,
+    ps: &pb::PsTreeEntry,
+) -> Result<()> {
     let st = core.task.as_ref().context("core image has no task state")?;
     check_xsave(&core.xsave, &r.t.xstate()?)?;
     request_xcomp_perm(r, pid, st.xcomp_perm, &core.xsave)?;
@@ -36,22 +43,36 @@ pub fn restore_task(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps:
 }
 
 /// Everything but signals, credentials and registers: cwd, umask, dispositions, altstack,
-/// personality, clear_child_tid, comm, rseq, subreaper, timer slack, session.
-pub fn restore_state(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps: &pb::PsTreeEntry) -> Result<()> {
+/// personality, clear_child_tid, comm, rseq, subreaper, timer slack.
+pub fn restore_state(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    core: &pb::Core,
+    ps: &pb::PsTreeEntry,
+) -> Result<()> {
     let st = core.task.as_ref().context("core image has no task state")?;
     let p = put_str(r, scratch, 0, &st.cwd)?;
-    r.syscall("chdir", libc::SYS_chdir, &[p]).with_context(|| format!("change directory to {}", st.cwd))?;
+    r.syscall("chdir", libc::SYS_chdir, &[p])
+        .with_context(|| format!("change directory to {}", st.cwd))?;
     r.syscall("umask", libc::SYS_umask, &[st.umask as u64])?;
     for sa in &st.sigactions {
         // struct kernel_sigaction { handler, flags, restorer, mask }: exactly as dumped, so
         // SA_RESTORER and the restorer address (glibc's __restore_rt) come back too.
         let mut b = [0u8; 32];
-        for (i, w) in [sa.handler, sa.flags, sa.restorer, sa.mask].iter().enumerate() {
+        for (i, w) in [sa.handler, sa.flags, sa.restorer, sa.mask]
+            .iter()
+            .enumerate()
+        {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
         }
         r.write_mem(scratch, &b)?;
-        r.syscall("rt_sigaction", libc::SYS_rt_sigaction, &[sa.signo as u64, scratch, 0, 8])
-            .with_context(|| format!("restore the action of signal {}", sa.signo))?;
+        r.syscall(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[sa.signo as u64, scratch, 0, 8],
+        )
+        .with_context(|| format!("restore the action of signal {}", sa.signo))?;
     }
     if let Some(ss) = &core.sigaltstack {
         if ss.flags & libc::SS_DISABLE == 0 {
@@ -63,34 +84,60 @@ pub fn restore_state(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core, ps
             b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
             r.write_mem(scratch, &b)?;
             r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
-                .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x}", ss.sp, ss.size))?;
+                .with_context(|| {
+                    format!(
+                        "restore the alternate signal stack {:#x}+{:#x}",
+                        ss.sp, ss.size
+                    )
+                })?;
         }
     }
-    r.syscall("personality", libc::SYS_personality, &[st.personality as u64])
-        .with_context(|| format!("set personality {:#x}", st.personality))?;
+    r.syscall(
+        "personality",
+        libc::SYS_personality,
+        &[st.personality as u64],
+    )
+    .with_context(|| format!("set personality {:#x}", st.personality))?;
     if core.clear_child_tid != 0 {
-        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
+        r.syscall(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            &[core.clear_child_tid],
+        )?;
     }
     let p = put_str(r, scratch, 0, &core.comm)?;
-    r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
+    r.syscall(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, p],
+    )?;
     if let Some(rs) = &core.rseq {
-        r.syscall("rseq", libc::SYS_rseq, &[rs.addr, rs.len as u64, 0, rs.signature as u64])
-            .with_context(|| format!("register rseq at {:#x}", rs.addr))?;
+        r.syscall(
+            "rseq",
+            libc::SYS_rseq,
+            &[rs.addr, rs.len as u64, 0, rs.signature as u64],
+        )
+        .with_context(|| format!("register rseq at {:#x}", rs.addr))?;
     }
     if st.child_subreaper {
-        r.syscall("prctl(PR_SET_CHILD_SUBREAPER)", libc::SYS_prctl, &[libc::PR_SET_CHILD_SUBREAPER as u64, 1])?;
+        r.syscall(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_CHILD_SUBREAPER as u64, 1],
+        )?;
     }
     // 0 would mean "back to the default", which is what a task with slack 0 (real-time
     // scheduling) does not have: leave those alone.
     if st.timer_slack_ns != 0 {
-        r.syscall("prctl(PR_SET_TIMERSLACK)", libc::SYS_prctl, &[libc::PR_SET_TIMERSLACK as u64, st.timer_slack_ns])?;
+        r.syscall(
+            "prctl(PR_SET_TIMERSLACK)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_TIMERSLACK as u64, st.timer_slack_ns],
+        )?;
     }
-    // Session and process group.
-    if ps.sid == pid {
-        r.syscall("setsid", libc::SYS_setsid, &[]).context("make the task a session leader")?;
-    } else if ps.pgid == pid {
-        r.syscall("setpgid", libc::SYS_setpgid, &[0, 0])?;
-    }
+    // Sessions and process groups are set by restore::tree while the tree is created: they
+    // depend on the order the processes are made in.
+    let _ = (pid, ps);
     Ok(())
 }
 
@@ -103,7 +150,12 @@ pub fn restore_rlimits(r: &mut Remote, scratch: u64, st: &pb::TaskState) -> Resu
         b[0..8].copy_from_slice(&rl.cur.to_ne_bytes());
         b[8..16].copy_from_slice(&rl.max.to_ne_bytes());
         r.write_mem(scratch, &b)?;
-        r.syscall("prlimit64", libc::SYS_prlimit64, &[0, rl.resource as u64, scratch, 0]).with_context(|| {
+        r.syscall(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            &[0, rl.resource as u64, scratch, 0],
+        )
+        .with_context(|| {
             format!(
                 "set resource limit {} to {}/{} (raising a hard limit needs CAP_SYS_RESOURCE)",
                 rl.resource,
@@ -126,19 +178,37 @@ fn limit_str(v: u64) -> String {
 /// Queues the signals that were pending at dump time, in their order (real-time signals of one
 /// number arrive in queue order with their values). Called with every signal blocked, so none is
 /// delivered while cr still drives the task; the task's own mask is set by [`restore_cpu`].
-pub fn queue_pending(r: &mut Remote, scratch: u64, pid: i32, tid: i32, core: &pb::Core) -> Result<()> {
+pub fn queue_pending(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    tid: i32,
+    core: &pb::Core,
+) -> Result<()> {
     for p in &core.pending {
         if p.siginfo.len() != 128 {
-            bail!("pending signal {}: siginfo of {} bytes", p.signo, p.siginfo.len());
+            bail!(
+                "pending signal {}: siginfo of {} bytes",
+                p.signo,
+                p.siginfo.len()
+            );
         }
         if !(1..=64).contains(&p.signo) {
             bail!("pending signal {} is not a signal number", p.signo);
         }
         r.write_mem(scratch, &p.siginfo)?;
         if p.shared {
-            r.syscall("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, &[pid as u64, p.signo as u64, scratch])
+            r.syscall(
+                "rt_sigqueueinfo",
+                libc::SYS_rt_sigqueueinfo,
+                &[pid as u64, p.signo as u64, scratch],
+            )
         } else {
-            r.syscall("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, &[pid as u64, tid as u64, p.signo as u64, scratch])
+            r.syscall(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                &[pid as u64, tid as u64, p.signo as u64, scratch],
+            )
         }
         .with_context(|| format!("queue pending signal {}", p.signo))?;
     }
@@ -157,7 +227,11 @@ const CAP_SETPCAP: u32 = 8;
 /// KEEP_CAPS, a ban on raising ambient capabilities). [`restore_creds`] sets the image's exact
 /// value at the end.
 fn interim_securebits(image: u32) -> u32 {
-    (image & !(SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)) | SECBIT_KEEP_CAPS
+    (image
+        & !(SECBIT_KEEP_CAPS_LOCKED
+            | SECBIT_NO_CAP_AMBIENT_RAISE
+            | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED))
+        | SECBIT_KEEP_CAPS
 }
 
 /// capset(v3) of the task itself: header {version, pid 0}, then two {effective, permitted,
@@ -171,7 +245,9 @@ fn capset(r: &mut Remote, scratch: u64, eff: u64, prm: u64, inh: u64) -> Result<
     }
     r.write_mem(scratch, &b)?;
     r.syscall("capset", libc::SYS_capset, &[scratch, scratch + 8])
-        .with_context(|| format!("capset(effective {eff:#x}, permitted {prm:#x}, inheritable {inh:#x})"))?;
+        .with_context(|| {
+            format!("capset(effective {eff:#x}, permitted {prm:#x}, inheritable {inh:#x})")
+        })?;
     Ok(())
 }
 
@@ -214,7 +290,11 @@ fn creds_mismatch(now: &crate::proc::status::Status, c: &pb::Creds) -> Vec<Strin
 /// The result is checked against /proc/PID/status: a difference is an error.
 pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> Result<()> {
     let now = crate::proc::status::read_status(pid)?;
-    let cur_secbits = r.syscall("prctl(PR_GET_SECUREBITS)", libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64])? as u32;
+    let cur_secbits = r.syscall(
+        "prctl(PR_GET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_SECUREBITS as u64],
+    )? as u32;
     if creds_mismatch(&now, c).is_empty() && cur_secbits == c.securebits {
         return Ok(());
     }
@@ -224,21 +304,44 @@ pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> R
     if now.groups != c.groups {
         let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
         r.write_mem(scratch, &groups)?;
-        r.syscall("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, scratch])
-            .with_context(|| format!("set supplementary groups {:?}", c.groups))?;
+        r.syscall(
+            "setgroups",
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, scratch],
+        )
+        .with_context(|| format!("set supplementary groups {:?}", c.groups))?;
     }
     capset(r, scratch, now.cap_eff, now.cap_prm, c.cap_inh)?;
-    r.syscall("prctl(PR_SET_SECUREBITS)", libc::SYS_prctl, &[libc::PR_SET_SECUREBITS as u64, interim_securebits(c.securebits) as u64])?;
+    r.syscall(
+        "prctl(PR_SET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[
+            libc::PR_SET_SECUREBITS as u64,
+            interim_securebits(c.securebits) as u64,
+        ],
+    )?;
     for cap in 0..64u64 {
         if c.cap_bnd & (1 << cap) == 0 && now.cap_bnd & (1 << cap) != 0 {
-            r.syscall("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[libc::PR_CAPBSET_DROP as u64, cap])
-                .with_context(|| format!("drop capability {cap} from the bounding set"))?;
+            r.syscall(
+                "prctl(PR_CAPBSET_DROP)",
+                libc::SYS_prctl,
+                &[libc::PR_CAPBSET_DROP as u64, cap],
+            )
+            .with_context(|| format!("drop capability {cap} from the bounding set"))?;
         }
     }
-    r.syscall("setresgid", libc::SYS_setresgid, &[c.gid as u64, c.egid as u64, c.sgid as u64])
-        .with_context(|| format!("setresgid({}, {}, {})", c.gid, c.egid, c.sgid))?;
-    r.syscall("setresuid", libc::SYS_setresuid, &[c.uid as u64, c.euid as u64, c.suid as u64])
-        .with_context(|| format!("setresuid({}, {}, {})", c.uid, c.euid, c.suid))?;
+    r.syscall(
+        "setresgid",
+        libc::SYS_setresgid,
+        &[c.gid as u64, c.egid as u64, c.sgid as u64],
+    )
+    .with_context(|| format!("setresgid({}, {}, {})", c.gid, c.egid, c.sgid))?;
+    r.syscall(
+        "setresuid",
+        libc::SYS_setresuid,
+        &[c.uid as u64, c.euid as u64, c.suid as u64],
+    )
+    .with_context(|| format!("setresuid({}, {}, {})", c.uid, c.euid, c.suid))?;
     // KEEP_CAPS kept the permitted set; make it effective for what follows.
     let mid = crate::proc::status::read_status(pid)?;
     capset(r, scratch, mid.cap_prm, mid.cap_prm, c.cap_inh)?;
@@ -246,22 +349,49 @@ pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> R
     r.syscall("setfsgid", libc::SYS_setfsgid, &[c.fsgid as u64])?;
     r.syscall("setfsuid", libc::SYS_setfsuid, &[c.fsuid as u64])?;
     if mid.cap_amb != c.cap_amb {
-        r.syscall("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", libc::SYS_prctl, &[libc::PR_CAP_AMBIENT as u64, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64, 0, 0, 0])?;
+        r.syscall(
+            "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
+            libc::SYS_prctl,
+            &[
+                libc::PR_CAP_AMBIENT as u64,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
         for cap in 0..64u64 {
             if c.cap_amb & (1 << cap) != 0 {
-                r.syscall("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &[libc::PR_CAP_AMBIENT as u64, libc::PR_CAP_AMBIENT_RAISE as u64, cap, 0, 0])
-                    .with_context(|| format!("raise ambient capability {cap}"))?;
+                r.syscall(
+                    "prctl(PR_CAP_AMBIENT_RAISE)",
+                    libc::SYS_prctl,
+                    &[
+                        libc::PR_CAP_AMBIENT as u64,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap,
+                        0,
+                        0,
+                    ],
+                )
+                .with_context(|| format!("raise ambient capability {cap}"))?;
             }
         }
     }
-    r.syscall("prctl(PR_SET_SECUREBITS)", libc::SYS_prctl, &[libc::PR_SET_SECUREBITS as u64, c.securebits as u64])
-        .with_context(|| format!("set securebits {:#x}", c.securebits))?;
+    r.syscall(
+        "prctl(PR_SET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_SECUREBITS as u64, c.securebits as u64],
+    )
+    .with_context(|| format!("set securebits {:#x}", c.securebits))?;
     capset(r, scratch, c.cap_eff, c.cap_prm, c.cap_inh)?;
 
     let after = crate::proc::status::read_status(pid)?;
     let diff = creds_mismatch(&after, c);
     if !diff.is_empty() {
-        bail!("the credentials of task {pid} came out different: {}", diff.join(", "));
+        bail!(
+            "the credentials of task {pid} came out different: {}",
+            diff.join(", ")
+        );
     }
     Ok(())
 }
@@ -269,18 +399,38 @@ pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> R
 /// What every credential change resets (commit_creds clears the parent-death signal and sets
 /// dumpable to the suid_dumpable sysctl), so it comes after [`restore_creds`]; and
 /// no_new_privs, which cannot be cleared once set.
-pub fn restore_after_creds(r: &mut Remote, scratch: u64, pid: i32, st: &pb::TaskState) -> Result<()> {
+pub fn restore_after_creds(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    st: &pb::TaskState,
+) -> Result<()> {
     // PR_GET_DUMPABLE may say 2 (SUID_DUMP_ROOT), which prctl cannot set; the image keeps a bool.
-    r.syscall("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, st.dumpable as u64])?;
-    r.syscall("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, st.pdeath_sig as u64])
-        .with_context(|| format!("set the parent-death signal {}", st.pdeath_sig))?;
+    r.syscall(
+        "prctl(PR_SET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_DUMPABLE as u64, st.dumpable as u64],
+    )?;
+    r.syscall(
+        "prctl(PR_SET_PDEATHSIG)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_PDEATHSIG as u64, st.pdeath_sig as u64],
+    )
+    .with_context(|| format!("set the parent-death signal {}", st.pdeath_sig))?;
     if st.pdeath_sig != 0 {
         // As with CRIU: the restored task's parent is cr, so with -d it gets this signal as soon
         // as cr exits.
-        log::warn!("task {pid} has parent-death signal {}: it is sent when cr (its parent now) exits", st.pdeath_sig);
+        log::warn!(
+            "task {pid} has parent-death signal {}: it is sent when cr (its parent now) exits",
+            st.pdeath_sig
+        );
     }
     if st.no_new_privs {
-        r.syscall("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
+        r.syscall(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+        )?;
     }
     let _ = scratch;
     Ok(())
@@ -307,9 +457,15 @@ pub fn check_xsave(image: &[u8], here: &[u8]) -> Result<()> {
         return Ok(());
     }
     if image.len() < XSAVE_MIN_LEN {
-        bail!("the image's XSAVE area is {} bytes, shorter than its header", image.len());
+        bail!(
+            "the image's XSAVE area is {} bytes, shorter than its header",
+            image.len()
+        );
     }
-    let (img_xcr0, img_bv) = (u64_at(image, XSAVE_XCR0_OFFSET).unwrap_or(0), u64_at(image, XSAVE_XSTATE_BV_OFFSET).unwrap_or(0));
+    let (img_xcr0, img_bv) = (
+        u64_at(image, XSAVE_XCR0_OFFSET).unwrap_or(0),
+        u64_at(image, XSAVE_XSTATE_BV_OFFSET).unwrap_or(0),
+    );
     let here_xcr0 = u64_at(here, XSAVE_XCR0_OFFSET).unwrap_or(0);
     let missing = img_bv & !here_xcr0;
     if missing != 0 {
@@ -334,8 +490,12 @@ pub fn check_xsave(image: &[u8], here: &[u8]) -> Result<()> {
 fn request_xcomp_perm(r: &mut Remote, pid: i32, perm: u64, xsave: &[u8]) -> Result<()> {
     let used = u64_at(xsave, XSAVE_XSTATE_BV_OFFSET).unwrap_or(0);
     if (perm | used) & XFEATURE_XTILEDATA != 0 {
-        r.syscall("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, &[ARCH_REQ_XCOMP_PERM, 18])
-            .with_context(|| format!("request AMX tile data permission for task {pid}"))?;
+        r.syscall(
+            "arch_prctl(ARCH_REQ_XCOMP_PERM)",
+            libc::SYS_arch_prctl,
+            &[ARCH_REQ_XCOMP_PERM, 18],
+        )
+        .with_context(|| format!("request AMX tile data permission for task {pid}"))?;
     }
     Ok(())
 }
@@ -392,7 +552,11 @@ pub fn restore_cpu(t: &Tracee, core: &pb::Core) -> Result<()> {
     let regs = core.regs.as_ref().context("core image has no registers")?;
     let r = resume_regs(regs);
     if r.rax != regs.rax {
-        log::info!("task {}: syscall {} was to continue through its restart block; it returns EINTR", t.tid, regs.orig_rax as i64);
+        log::info!(
+            "task {}: syscall {} was to continue through its restart block; it returns EINTR",
+            t.tid,
+            regs.orig_rax as i64
+        );
     }
     t.set_regs(&r)?;
     if !core.xsave.is_empty() {
@@ -430,7 +594,12 @@ mod tests {
 
     #[test]
     fn restart_block_becomes_eintr() {
-        let mut g = pb::GpRegs { orig_rax: 35, rax: (-516i64) as u64, rip: 0x1000, ..Default::default() };
+        let mut g = pb::GpRegs {
+            orig_rax: 35,
+            rax: (-516i64) as u64,
+            rip: 0x1000,
+            ..Default::default()
+        };
         assert_eq!(resume_regs(&g).rax as i64, -4);
         assert_eq!(resume_regs(&g).rip, 0x1000);
         g.rax = (-512i64) as u64; // ERESTARTSYS: left to the kernel
@@ -443,7 +612,13 @@ mod tests {
     #[test]
     fn interim_securebits_keep_caps_and_allow_ambient() {
         assert_eq!(interim_securebits(0), SECBIT_KEEP_CAPS);
-        assert_eq!(interim_securebits(SECBIT_KEEP_CAPS_LOCKED), SECBIT_KEEP_CAPS);
-        assert_eq!(interim_securebits(SECBIT_NO_CAP_AMBIENT_RAISE | 1), SECBIT_KEEP_CAPS | 1);
+        assert_eq!(
+            interim_securebits(SECBIT_KEEP_CAPS_LOCKED),
+            SECBIT_KEEP_CAPS
+        );
+        assert_eq!(
+            interim_securebits(SECBIT_NO_CAP_AMBIENT_RAISE | 1),
+            SECBIT_KEEP_CAPS | 1
+        );
     }
 }

@@ -389,7 +389,10 @@ fn arch_prctl_get(code: i32) -> u64 {
 }
 
 fn zmm_pattern(reg: usize, byte: usize) -> u8 {
-    ((reg * 64 + byte) as u32).wrapping_mul(0x9E37_79B1).rotate_right(13) as u8 ^ 0x5A
+    ((reg * 64 + byte) as u32)
+        .wrapping_mul(0x9E37_79B1)
+        .rotate_right(13) as u8
+        ^ 0x5A
 }
 
 fn setup_common() -> (u64, u64) {
@@ -401,7 +404,11 @@ fn setup_common() -> (u64, u64) {
 }
 
 fn check_common(c: &mut Checker, fs: u64, gs: u64) {
-    c.eq(TLS_VALUE.with(|v| v.get()), 0x7115_7115_0000_0001, "thread_local value");
+    c.eq(
+        TLS_VALUE.with(|v| v.get()),
+        0x7115_7115_0000_0001,
+        "thread_local value",
+    );
     c.eq(arch_prctl_get(ARCH_GET_FS), fs, "fs base");
     c.eq(arch_prctl_get(ARCH_GET_GS), gs, "gs base");
     let via_gs: u64;
@@ -409,7 +416,10 @@ fn check_common(c: &mut Checker, fs: u64, gs: u64) {
     unsafe { std::arch::asm!("mov {}, gs:[0]", out(reg) via_gs, options(nostack, readonly)) };
     c.eq(via_gs, GS_DATA[0], "load through gs");
     let x = std::hint::black_box(1.0f64) / std::hint::black_box(3.0f64);
-    c.check((x * 3.0 - 1.0).abs() < 1e-15, format!("floating point after restore: {x}"));
+    c.check(
+        (x * 3.0 - 1.0).abs() < 1e-15,
+        format!("floating point after restore: {x}"),
+    );
 }
 
 fn regs_mode(c: &mut Checker) {
@@ -448,14 +458,23 @@ fn regs_mode(c: &mut Checker) {
         let (a, b) = (&zin.0[r * 64..r * 64 + 64], &zout.0[r * 64..r * 64 + 64]);
         if a != b {
             let first = (0..64).find(|&i| a[i] != b[i]).unwrap_or(0);
-            c.check(false, format!("zmm{r}: byte {first} is {:#04x}, want {:#04x}", b[first], a[first]));
+            c.check(
+                false,
+                format!(
+                    "zmm{r}: byte {first} is {:#04x}, want {:#04x}",
+                    b[first], a[first]
+                ),
+            );
         }
     }
     let kout = K_OUT.get();
     for i in 0..8 {
         c.eq(kout[i], kin[i], &format!("k{i}"));
     }
-    const NAMES: [&str; 15] = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+    const NAMES: [&str; 15] = [
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+        "r14", "r15",
+    ];
     let gout = GP_OUT.get();
     for i in 0..15 {
         c.eq(gout[i], gin[i], NAMES[i]);
@@ -465,7 +484,10 @@ fn regs_mode(c: &mut Checker) {
         c.eq(sout[i], sin[7 - i], &format!("st({i})"));
     }
     let flags = FLAGS_OUT.get();
-    c.check(flags & 0x400 != 0, format!("direction flag lost (rflags {flags:#x})"));
+    c.check(
+        flags & 0x400 != 0,
+        format!("direction flag lost (rflags {flags:#x})"),
+    );
     c.eq(FCW_OUT.get(), FCW_IN, "x87 control word");
     c.eq(MXCSR_OUT.get(), MXCSR_IN, "MXCSR");
     check_common(c, fs, gs);
@@ -482,7 +504,10 @@ fn rseq_mode(c: &mut Checker) {
     // SAFETY: glibc's exported constants, set before main.
     let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
     if size == 0 {
-        c.check(false, "glibc did not register rseq (GLIBC_TUNABLES=glibc.pthread.rseq=0?)");
+        c.check(
+            false,
+            "glibc did not register rseq (GLIBC_TUNABLES=glibc.pthread.rseq=0?)",
+        );
         return;
     }
     let area = (thread_pointer() as isize + off) as *mut u8;
@@ -494,13 +519,23 @@ fn rseq_mode(c: &mut Checker) {
     cr_tests::workload::ready(&format!("{:#x} {:#x} {:#x}", d[1], d[1] + d[2], d[3]));
     // SAFETY: area is this thread's registered rseq area; the routine writes only its rseq_cs.
     let how = unsafe { cr_rseq_spin(area) };
-    c.eq(how, 2, "how the rseq critical section ended (2: abort handler, 1: commit path)");
-    c.check(RSEQ_ABORTS.load(Ordering::SeqCst) >= 1, "the abort handler never ran");
+    c.eq(
+        how,
+        2,
+        "how the rseq critical section ended (2: abort handler, 1: commit path)",
+    );
+    c.check(
+        RSEQ_ABORTS.load(Ordering::SeqCst) >= 1,
+        "the abort handler never ran",
+    );
     // SAFETY: reading the cpu_id field (offset 4) of our own rseq area.
     let cpu_id = unsafe { std::ptr::read_volatile(area.add(4) as *const u32) };
     // SAFETY: plain sched_getcpu.
     let cpu = unsafe { libc::sched_getcpu() };
-    c.check(cpu >= 0 && cpu_id as i32 >= 0, format!("rseq cpu_id {cpu_id}, sched_getcpu {cpu}"));
+    c.check(
+        cpu >= 0 && cpu_id as i32 >= 0,
+        format!("rseq cpu_id {cpu_id}, sched_getcpu {cpu}"),
+    );
     check_common(c, fs, gs);
 }
 

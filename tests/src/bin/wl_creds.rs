@@ -50,19 +50,37 @@ struct CapData {
 }
 
 fn capget() -> (u64, u64, u64) {
-    let mut h = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut h = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let mut d = [CapData::default(); 2];
     // SAFETY: capget(v3) with a header and two data structs.
     unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut CapHeader, d.as_mut_ptr()) };
     let w = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
-    (w(d[0].effective, d[1].effective), w(d[0].permitted, d[1].permitted), w(d[0].inheritable, d[1].inheritable))
+    (
+        w(d[0].effective, d[1].effective),
+        w(d[0].permitted, d[1].permitted),
+        w(d[0].inheritable, d[1].inheritable),
+    )
 }
 
 fn capset(eff: u64, prm: u64, inh: u64) -> i64 {
-    let mut h = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut h = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let d = [
-        CapData { effective: eff as u32, permitted: prm as u32, inheritable: inh as u32 },
-        CapData { effective: (eff >> 32) as u32, permitted: (prm >> 32) as u32, inheritable: (inh >> 32) as u32 },
+        CapData {
+            effective: eff as u32,
+            permitted: prm as u32,
+            inheritable: inh as u32,
+        },
+        CapData {
+            effective: (eff >> 32) as u32,
+            permitted: (prm >> 32) as u32,
+            inheritable: (inh >> 32) as u32,
+        },
     ];
     // SAFETY: capset(v3) with a header and two data structs.
     unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut CapHeader, d.as_ptr()) }
@@ -84,7 +102,10 @@ fn current() -> Creds {
     let (fsuid, fsgid) = unsafe {
         libc::getresuid(&mut r, &mut e, &mut s);
         libc::getresgid(&mut gr, &mut ge, &mut gs);
-        (libc::setfsuid(u32::MAX) as u32, libc::setfsgid(u32::MAX) as u32)
+        (
+            libc::setfsuid(u32::MAX) as u32,
+            libc::setfsgid(u32::MAX) as u32,
+        )
     };
     let mut groups = vec![0u32; 64];
     // SAFETY: a buffer of 64 gids.
@@ -96,7 +117,12 @@ fn current() -> Creds {
         if prctl(libc::PR_CAPBSET_READ, cap, 0) == 1 {
             bounding |= 1 << cap;
         }
-        if prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_IS_SET as u64, cap) == 1 {
+        if prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_IS_SET as u64,
+            cap,
+        ) == 1
+        {
             ambient |= 1 << cap;
         }
     }
@@ -127,7 +153,11 @@ fn bind_low_port() -> Result<u16, i32> {
             a.sin_family = libc::AF_INET as u16;
             a.sin_port = port.to_be();
             a.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
-            let r = libc::bind(s, &a as *const libc::sockaddr_in as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let r = libc::bind(
+                s,
+                &a as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             libc::close(s);
             if r == 0 {
@@ -146,7 +176,8 @@ fn main() {
     // The verdict is written as uid 1000: make the result file writable for it now.
     let result = std::env::var_os("CR_RESULT").expect("CR_RESULT");
     std::fs::write(&result, "").expect("create the result file");
-    std::fs::set_permissions(&result, std::fs::Permissions::from_mode(0o666)).expect("chmod the result file");
+    std::fs::set_permissions(&result, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod the result file");
     // SAFETY: SIGUSR1 blocked before READY (the check request may come at once).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -158,11 +189,27 @@ fn main() {
     let groups = [1000u32, 2000, 3000];
     // SAFETY: credential syscalls with valid arguments, as root.
     unsafe {
-        assert_eq!(libc::setgroups(groups.len(), groups.as_ptr()), 0, "setgroups");
+        assert_eq!(
+            libc::setgroups(groups.len(), groups.as_ptr()),
+            0,
+            "setgroups"
+        );
     }
-    assert_eq!(prctl(libc::PR_CAPBSET_DROP, CAP_SYS_BOOT as u64, 0), 0, "drop CAP_SYS_BOOT");
-    assert_eq!(prctl(libc::PR_CAPBSET_DROP, CAP_SYS_MODULE as u64, 0), 0, "drop CAP_SYS_MODULE");
-    assert_eq!(prctl(libc::PR_SET_SECUREBITS, SECBIT_KEEP_CAPS, 0), 0, "KEEP_CAPS");
+    assert_eq!(
+        prctl(libc::PR_CAPBSET_DROP, CAP_SYS_BOOT as u64, 0),
+        0,
+        "drop CAP_SYS_BOOT"
+    );
+    assert_eq!(
+        prctl(libc::PR_CAPBSET_DROP, CAP_SYS_MODULE as u64, 0),
+        0,
+        "drop CAP_SYS_MODULE"
+    );
+    assert_eq!(
+        prctl(libc::PR_SET_SECUREBITS, SECBIT_KEEP_CAPS, 0),
+        0,
+        "KEEP_CAPS"
+    );
     // SAFETY: as above.
     unsafe {
         assert_eq!(libc::setresgid(1000, 1001, 1002), 0, "setresgid");
@@ -171,19 +218,59 @@ fn main() {
         libc::setfsgid(1000);
     }
     let keep = bit(CAP_NET_BIND_SERVICE);
-    assert_eq!(capset(keep | bit(CAP_SETPCAP), keep | bit(CAP_NET_RAW) | bit(CAP_SETPCAP), keep), 0, "capset (interim)");
-    assert_eq!(prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as u64, CAP_NET_BIND_SERVICE as u64), 0, "ambient raise");
-    assert_eq!(prctl(libc::PR_SET_SECUREBITS, SECBIT_KEEP_CAPS | SECBIT_NO_CAP_AMBIENT_RAISE, 0), 0, "securebits");
-    assert_eq!(capset(keep, keep | bit(CAP_NET_RAW), keep), 0, "capset (final)");
+    assert_eq!(
+        capset(
+            keep | bit(CAP_SETPCAP),
+            keep | bit(CAP_NET_RAW) | bit(CAP_SETPCAP),
+            keep
+        ),
+        0,
+        "capset (interim)"
+    );
+    assert_eq!(
+        prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as u64,
+            CAP_NET_BIND_SERVICE as u64
+        ),
+        0,
+        "ambient raise"
+    );
+    assert_eq!(
+        prctl(
+            libc::PR_SET_SECUREBITS,
+            SECBIT_KEEP_CAPS | SECBIT_NO_CAP_AMBIENT_RAISE,
+            0
+        ),
+        0,
+        "securebits"
+    );
+    assert_eq!(
+        capset(keep, keep | bit(CAP_NET_RAW), keep),
+        0,
+        "capset (final)"
+    );
     let before = current();
     c.eq(before.uid, (1000, 1001, 1002), "setup: uids");
     c.eq(before.fsuid, 1002, "setup: fsuid");
-    c.check(bind_low_port().is_ok(), format!("setup: cannot bind a port below 1024: {:?}", bind_low_port()));
+    c.check(
+        bind_low_port().is_ok(),
+        format!(
+            "setup: cannot bind a port below 1024: {:?}",
+            bind_low_port()
+        ),
+    );
 
     ready("");
     wait_for_check();
 
     c.eq(current(), before, "credentials");
-    c.check(bind_low_port().is_ok(), format!("cannot bind a port below 1024 after restore: errno {:?}", bind_low_port()));
+    c.check(
+        bind_low_port().is_ok(),
+        format!(
+            "cannot bind a port below 1024 after restore: errno {:?}",
+            bind_low_port()
+        ),
+    );
     c.report();
 }

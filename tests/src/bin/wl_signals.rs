@@ -49,13 +49,29 @@ fn bit(sig: i32) -> u64 {
 fn blocked_mask() -> u64 {
     let mut m: u64 = 0;
     // SAFETY: rt_sigprocmask(SIG_BLOCK, NULL, &m, 8) only reads the mask.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, std::ptr::null::<u64>(), &mut m as *mut u64, 8) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            std::ptr::null::<u64>(),
+            &mut m as *mut u64,
+            8,
+        )
+    };
     m
 }
 
 fn set_mask(mask: u64) {
     // SAFETY: rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8).
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &mask as *const u64, std::ptr::null_mut::<u64>(), 8) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8,
+        )
+    };
 }
 
 fn pending_mask() -> u64 {
@@ -69,7 +85,15 @@ fn pending_mask() -> u64 {
 fn raw_action(sig: i32) -> [u64; 4] {
     let mut a = [0u64; 4];
     // SAFETY: rt_sigaction(sig, NULL, &a, 8) writes struct kernel_sigaction (4 words).
-    unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<u64>(), a.as_mut_ptr(), 8) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<u64>(),
+            a.as_mut_ptr(),
+            8,
+        )
+    };
     a
 }
 
@@ -77,7 +101,13 @@ extern "C" fn on_info(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let i = LOG_N.fetch_add(1, Ordering::SeqCst);
     if i < LOG_LEN {
         // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-        let (code, pid, value) = unsafe { ((*info).si_code, (*info).si_pid(), (*info).si_value().sival_ptr as i64) };
+        let (code, pid, value) = unsafe {
+            (
+                (*info).si_code,
+                (*info).si_pid(),
+                (*info).si_value().sival_ptr as i64,
+            )
+        };
         LOG_SIG[i].store(sig as i64, Ordering::SeqCst);
         LOG_CODE[i].store(code as i64, Ordering::SeqCst);
         LOG_PID[i].store(pid as i64, Ordering::SeqCst);
@@ -109,7 +139,11 @@ fn install(sig: i32, handler: usize, flags: i32, mask: &[i32]) {
         for &m in mask {
             libc::sigaddset(&mut sa.sa_mask, m);
         }
-        assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0, "sigaction({sig})");
+        assert_eq!(
+            libc::sigaction(sig, &sa, std::ptr::null_mut()),
+            0,
+            "sigaction({sig})"
+        );
     }
 }
 
@@ -118,7 +152,7 @@ fn tg_queue(sig: i32, value: i64) {
     let mut si = [0u8; 128];
     si[0..4].copy_from_slice(&sig.to_ne_bytes());
     si[8..12].copy_from_slice(&(-1i32).to_ne_bytes()); // SI_QUEUE
-    // SAFETY: getpid/getuid/gettid have no preconditions.
+                                                       // SAFETY: getpid/getuid/gettid have no preconditions.
     let (pid, uid, tid) = unsafe { (libc::getpid(), libc::getuid(), libc::gettid()) };
     si[16..20].copy_from_slice(&pid.to_ne_bytes());
     si[20..24].copy_from_slice(&uid.to_ne_bytes());
@@ -145,7 +179,11 @@ extern "C" fn on_spin(_: libc::c_int) {
     while GO.load(Ordering::SeqCst) == 0 {
         std::hint::spin_loop();
     }
-    let mut cur = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    let mut cur = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: 0,
+        ss_size: 0,
+    };
     // SAFETY: query into a valid stack_t.
     unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
     IN_HANDLER_ALT.store(cur.ss_flags as u64, Ordering::SeqCst);
@@ -157,28 +195,67 @@ fn in_handler(c: &mut Checker) {
     let alt_size = 64 * 1024usize;
     // SAFETY: anonymous mapping for the alternate stack.
     let alt = unsafe {
-        libc::mmap(std::ptr::null_mut(), alt_size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            alt_size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     assert_ne!(alt, libc::MAP_FAILED);
-    let ss = libc::stack_t { ss_sp: alt, ss_flags: 0, ss_size: alt_size };
+    let ss = libc::stack_t {
+        ss_sp: alt,
+        ss_flags: 0,
+        ss_size: alt_size,
+    };
     // SAFETY: a valid stack_t describing our mapping.
     assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
     install(libc::SIGUSR1, on_go as *const () as usize, 0, &[]);
-    install(libc::SIGUSR2, on_spin as *const () as usize, libc::SA_ONSTACK, &[libc::SIGWINCH]);
+    install(
+        libc::SIGUSR2,
+        on_spin as *const () as usize,
+        libc::SA_ONSTACK,
+        &[libc::SIGWINCH],
+    );
     let mask = bit(libc::SIGINT);
     set_mask(mask);
     let witness = std::hint::black_box(0x5EED_F00D_u64);
     // SAFETY: raise of a handled signal; the handler returns once SIGUSR1 came.
     unsafe { libc::raise(libc::SIGUSR2) };
-    c.eq(std::hint::black_box(witness), 0x5EED_F00D, "a value of the interrupted code");
-    c.eq(IN_HANDLER_DONE.load(Ordering::SeqCst), 1, "the handler ran to its end");
+    c.eq(
+        std::hint::black_box(witness),
+        0x5EED_F00D,
+        "a value of the interrupted code",
+    );
+    c.eq(
+        IN_HANDLER_DONE.load(Ordering::SeqCst),
+        1,
+        "the handler ran to its end",
+    );
     let sp = IN_HANDLER_SP.load(Ordering::SeqCst);
-    c.check(sp >= alt as u64 && sp < alt as u64 + alt_size as u64, format!("handler ran at {sp:#x}, off the alternate stack"));
-    c.eq(IN_HANDLER_ALT.load(Ordering::SeqCst) as i32, libc::SS_ONSTACK, "sigaltstack inside the handler says SS_ONSTACK");
-    let mut cur = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    c.check(
+        sp >= alt as u64 && sp < alt as u64 + alt_size as u64,
+        format!("handler ran at {sp:#x}, off the alternate stack"),
+    );
+    c.eq(
+        IN_HANDLER_ALT.load(Ordering::SeqCst) as i32,
+        libc::SS_ONSTACK,
+        "sigaltstack inside the handler says SS_ONSTACK",
+    );
+    let mut cur = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: 0,
+        ss_size: 0,
+    };
     // SAFETY: query into a valid stack_t.
     unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
-    c.eq((cur.ss_sp as u64, cur.ss_size, cur.ss_flags), (alt as u64, alt_size, 0), "sigaltstack after the handler returned");
+    c.eq(
+        (cur.ss_sp as u64, cur.ss_size, cur.ss_flags),
+        (alt as u64, alt_size, 0),
+        "sigaltstack after the handler returned",
+    );
     c.eq(blocked_mask(), mask, "mask after the handler returned");
 }
 
@@ -196,16 +273,42 @@ fn main() {
     let alt_size = 64 * 1024usize;
     // SAFETY: anonymous mapping for the alternate stack.
     let alt = unsafe {
-        libc::mmap(std::ptr::null_mut(), alt_size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            alt_size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     assert_ne!(alt, libc::MAP_FAILED);
-    let ss = libc::stack_t { ss_sp: alt, ss_flags: 0, ss_size: alt_size };
+    let ss = libc::stack_t {
+        ss_sp: alt,
+        ss_flags: 0,
+        ss_size: alt_size,
+    };
     // SAFETY: a valid stack_t describing our mapping.
     assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
 
-    install(libc::SIGUSR2, on_info as *const () as usize, libc::SA_SIGINFO | libc::SA_RESTART, &[libc::SIGHUP]);
-    install(libc::SIGHUP, on_hup as *const () as usize, libc::SA_ONSTACK | libc::SA_NODEFER, &[]);
-    install(libc::SIGALRM, on_alrm as *const () as usize, libc::SA_RESETHAND, &[]);
+    install(
+        libc::SIGUSR2,
+        on_info as *const () as usize,
+        libc::SA_SIGINFO | libc::SA_RESTART,
+        &[libc::SIGHUP],
+    );
+    install(
+        libc::SIGHUP,
+        on_hup as *const () as usize,
+        libc::SA_ONSTACK | libc::SA_NODEFER,
+        &[],
+    );
+    install(
+        libc::SIGALRM,
+        on_alrm as *const () as usize,
+        libc::SA_RESETHAND,
+        &[],
+    );
     install(libc::SIGPIPE, libc::SIG_IGN, 0, &[]);
     install(libc::SIGQUIT, libc::SIG_IGN, 0, &[]);
     // SIGRTMIN+3: handled and never blocked (the harness may queue it while the task is dumped).
@@ -220,7 +323,17 @@ fn main() {
         libc::kill(me, libc::SIGINT);
         libc::syscall(libc::SYS_tgkill, me, libc::gettid(), libc::SIGWINCH);
         for v in 100..105usize {
-            assert_eq!(libc::sigqueue(me, rt1, libc::sigval { sival_ptr: v as *mut libc::c_void }), 0, "sigqueue");
+            assert_eq!(
+                libc::sigqueue(
+                    me,
+                    rt1,
+                    libc::sigval {
+                        sival_ptr: v as *mut libc::c_void
+                    }
+                ),
+                0,
+                "sigqueue"
+            );
         }
     }
     for v in 200..203 {
@@ -241,13 +354,24 @@ fn main() {
         }
         let now = raw_action(sig);
         let was = actions[(sig - 1) as usize];
-        c.check(now == was, format!("signal {sig}: action {now:x?}, was {was:x?} (handler, flags, restorer, mask)"));
+        c.check(
+            now == was,
+            format!("signal {sig}: action {now:x?}, was {was:x?} (handler, flags, restorer, mask)"),
+        );
     }
     // Alternate stack.
-    let mut cur = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    let mut cur = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: 0,
+        ss_size: 0,
+    };
     // SAFETY: query into a valid stack_t.
     unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
-    c.eq((cur.ss_sp as u64, cur.ss_size, cur.ss_flags), (alt as u64, alt_size, 0), "sigaltstack");
+    c.eq(
+        (cur.ss_sp as u64, cur.ss_size, cur.ss_flags),
+        (alt as u64, alt_size, 0),
+        "sigaltstack",
+    );
     // Mask and pending set.
     c.eq(blocked_mask(), blocked, "blocked mask");
     c.eq(pending_mask(), pending_before, "pending signals");
@@ -265,11 +389,42 @@ fn main() {
             )
         })
         .collect();
-    let of = |sig: i32| -> Vec<(i32, i32, i64)> { log.iter().filter(|e| e.0 == sig).map(|e| (e.1, e.2, e.3)).collect() };
-    c.eq(of(libc::SIGINT).iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), vec![(libc::SI_USER, me)], "SIGINT (kill): delivered once, from us");
-    c.eq(of(libc::SIGWINCH).iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(), vec![(libc::SI_TKILL, me)], "SIGWINCH (tgkill): delivered once");
-    c.eq(of(rt1), (100..105).map(|v| (libc::SI_QUEUE, me, v)).collect::<Vec<_>>(), "SIGRTMIN+1 values in order");
-    c.eq(of(rt2), (200..203).map(|v| (libc::SI_QUEUE, me, v)).collect::<Vec<_>>(), "SIGRTMIN+2 values in order");
+    let of = |sig: i32| -> Vec<(i32, i32, i64)> {
+        log.iter()
+            .filter(|e| e.0 == sig)
+            .map(|e| (e.1, e.2, e.3))
+            .collect()
+    };
+    c.eq(
+        of(libc::SIGINT)
+            .iter()
+            .map(|e| (e.0, e.1))
+            .collect::<Vec<_>>(),
+        vec![(libc::SI_USER, me)],
+        "SIGINT (kill): delivered once, from us",
+    );
+    c.eq(
+        of(libc::SIGWINCH)
+            .iter()
+            .map(|e| (e.0, e.1))
+            .collect::<Vec<_>>(),
+        vec![(libc::SI_TKILL, me)],
+        "SIGWINCH (tgkill): delivered once",
+    );
+    c.eq(
+        of(rt1),
+        (100..105)
+            .map(|v| (libc::SI_QUEUE, me, v))
+            .collect::<Vec<_>>(),
+        "SIGRTMIN+1 values in order",
+    );
+    c.eq(
+        of(rt2),
+        (200..203)
+            .map(|v| (libc::SI_QUEUE, me, v))
+            .collect::<Vec<_>>(),
+        "SIGRTMIN+2 values in order",
+    );
     c.eq(n, 10, "signals delivered");
     c.eq(pending_mask(), 0, "nothing left pending");
 
@@ -277,23 +432,52 @@ fn main() {
     // SAFETY: raise(3) of handled or ignored signals.
     unsafe { libc::raise(libc::SIGUSR2) };
     let last = LOG_N.load(Ordering::SeqCst) - 1;
-    c.eq((LOG_SIG[last].load(Ordering::SeqCst) as i32, LOG_CODE[last].load(Ordering::SeqCst) as i32), (libc::SIGUSR2, libc::SI_TKILL), "SIGUSR2 SA_SIGINFO handler");
+    c.eq(
+        (
+            LOG_SIG[last].load(Ordering::SeqCst) as i32,
+            LOG_CODE[last].load(Ordering::SeqCst) as i32,
+        ),
+        (libc::SIGUSR2, libc::SI_TKILL),
+        "SIGUSR2 SA_SIGINFO handler",
+    );
     let m = USR2_MASK.load(Ordering::SeqCst);
-    c.eq(m & (bit(libc::SIGUSR2) | bit(libc::SIGHUP)), bit(libc::SIGUSR2) | bit(libc::SIGHUP), "SIGUSR2 handler blocks USR2 and its sa_mask HUP");
+    c.eq(
+        m & (bit(libc::SIGUSR2) | bit(libc::SIGHUP)),
+        bit(libc::SIGUSR2) | bit(libc::SIGHUP),
+        "SIGUSR2 handler blocks USR2 and its sa_mask HUP",
+    );
     // SAFETY: as above.
     unsafe { libc::raise(libc::SIGHUP) };
     let sp = HUP_STACK.load(Ordering::SeqCst);
-    c.check(sp >= alt as u64 && sp < alt as u64 + alt_size as u64, format!("SA_ONSTACK handler ran at {sp:#x}, not on the alternate stack {:#x}", alt as u64));
-    c.eq(HUP_MASK.load(Ordering::SeqCst) & bit(libc::SIGHUP), 0, "SA_NODEFER: SIGHUP not blocked in its handler");
+    c.check(
+        sp >= alt as u64 && sp < alt as u64 + alt_size as u64,
+        format!(
+            "SA_ONSTACK handler ran at {sp:#x}, not on the alternate stack {:#x}",
+            alt as u64
+        ),
+    );
+    c.eq(
+        HUP_MASK.load(Ordering::SeqCst) & bit(libc::SIGHUP),
+        0,
+        "SA_NODEFER: SIGHUP not blocked in its handler",
+    );
     // SAFETY: as above.
     unsafe { libc::raise(libc::SIGALRM) };
     c.eq(ALRM_COUNT.load(Ordering::SeqCst), 1, "SIGALRM handler");
-    c.eq(raw_action(libc::SIGALRM)[0], libc::SIG_DFL as u64, "SA_RESETHAND: SIGALRM back to default");
+    c.eq(
+        raw_action(libc::SIGALRM)[0],
+        libc::SIG_DFL as u64,
+        "SA_RESETHAND: SIGALRM back to default",
+    );
     // SAFETY: as above; both are ignored (the process would die otherwise).
     unsafe {
         libc::raise(libc::SIGPIPE);
         libc::raise(libc::SIGQUIT);
     }
-    c.eq(raw_action(libc::SIGTERM)[0], libc::SIG_DFL as u64, "SIGTERM default");
+    c.eq(
+        raw_action(libc::SIGTERM)[0],
+        libc::SIG_DFL as u64,
+        "SIGTERM default",
+    );
     c.report();
 }

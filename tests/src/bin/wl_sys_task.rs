@@ -65,7 +65,10 @@ fn prctl_get_int(op: i32) -> i32 {
 fn rlimits() -> Vec<(u64, u64)> {
     (0..16)
         .map(|r| {
-            let mut l = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+            let mut l = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             // SAFETY: prlimit64 on ourselves into a valid struct.
             unsafe { libc::prlimit64(0, r as _, std::ptr::null(), &mut l) };
             (l.rlim_cur, l.rlim_max)
@@ -74,14 +77,25 @@ fn rlimits() -> Vec<(u64, u64)> {
 }
 
 fn set_rlimit(res: libc::__rlimit_resource_t, cur: u64, max: u64) {
-    let l = libc::rlimit64 { rlim_cur: cur, rlim_max: max };
+    let l = libc::rlimit64 {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
     // SAFETY: prlimit64 on ourselves from a valid struct.
     let r = unsafe { libc::prlimit64(0, res, &l, std::ptr::null_mut()) };
-    assert_eq!(r, 0, "prlimit64({res}, {cur}, {max}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "prlimit64({res}, {cur}, {max}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn comm() -> String {
-    std::fs::read_to_string("/proc/self/comm").unwrap_or_default().trim_end().to_string()
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
 }
 
 fn thread_pointer() -> usize {
@@ -130,20 +144,44 @@ fn main() {
     lower(libc::RLIMIT_FSIZE, 1 << 30, 1 << 31);
     lower(libc::RLIMIT_MSGQUEUE, 4096, 8192);
     lower(libc::RLIMIT_SIGPENDING, 1000, 2000);
-    lower(libc::RLIMIT_STACK, 4 << 20, before[libc::RLIMIT_STACK as usize].1);
+    lower(
+        libc::RLIMIT_STACK,
+        4 << 20,
+        before[libc::RLIMIT_STACK as usize].1,
+    );
     lower(libc::RLIMIT_AS, 1 << 40, u64::MAX);
     lower(libc::RLIMIT_NPROC, 5000, 6000);
     let limits = rlimits();
 
-    c.eq(prctl(libc::PR_SET_NAME, c"wl-renamed-42".as_ptr() as u64), 0, "PR_SET_NAME");
+    c.eq(
+        prctl(libc::PR_SET_NAME, c"wl-renamed-42".as_ptr() as u64),
+        0,
+        "PR_SET_NAME",
+    );
     // SAFETY: personality(2) query and set.
     let pers = unsafe { libc::personality(0xffff_ffff) } as u32 | libc::ADDR_NO_RANDOMIZE as u32;
     // SAFETY: as above.
     unsafe { libc::personality(pers as libc::c_ulong) };
-    c.eq(prctl(libc::PR_SET_TIMERSLACK, 123_457), 0, "PR_SET_TIMERSLACK");
-    c.eq(prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2 as u64), 0, "PR_SET_PDEATHSIG");
-    c.eq(prctl(libc::PR_SET_CHILD_SUBREAPER, 1), 0, "PR_SET_CHILD_SUBREAPER");
-    c.eq(prctl(libc::PR_SET_NO_NEW_PRIVS, 1), 0, "PR_SET_NO_NEW_PRIVS");
+    c.eq(
+        prctl(libc::PR_SET_TIMERSLACK, 123_457),
+        0,
+        "PR_SET_TIMERSLACK",
+    );
+    c.eq(
+        prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2 as u64),
+        0,
+        "PR_SET_PDEATHSIG",
+    );
+    c.eq(
+        prctl(libc::PR_SET_CHILD_SUBREAPER, 1),
+        0,
+        "PR_SET_CHILD_SUBREAPER",
+    );
+    c.eq(
+        prctl(libc::PR_SET_NO_NEW_PRIVS, 1),
+        0,
+        "PR_SET_NO_NEW_PRIVS",
+    );
     c.eq(prctl(libc::PR_SET_DUMPABLE, 0), 0, "PR_SET_DUMPABLE");
     // SAFETY: plain umask.
     unsafe { libc::umask(0o027) };
@@ -152,8 +190,16 @@ fn main() {
     c.check(tid_addr != 0, "glibc set no clear_child_tid address");
     if std::env::args().nth(1).as_deref() == Some("seccomp") {
         // BPF: return SECCOMP_RET_ALLOW.
-        let filter = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 }];
-        let prog = libc::sock_fprog { len: 1, filter: filter.as_ptr() as *mut libc::sock_filter };
+        let filter = [libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
         // SAFETY: a valid one-instruction program; no_new_privs is set.
         let r = unsafe { libc::syscall(libc::SYS_seccomp, 1, 0, &prog as *const libc::sock_fprog) };
         c.eq(r, 0, "seccomp(SECCOMP_SET_MODE_FILTER)");
@@ -169,10 +215,22 @@ fn main() {
     c.eq(rlimits(), limits, "resource limits (cur, max) 0..16");
     c.eq(comm(), "wl-renamed-42".to_string(), "comm");
     // SAFETY: personality query.
-    c.eq(unsafe { libc::personality(0xffff_ffff) } as u32, pers, "personality");
+    c.eq(
+        unsafe { libc::personality(0xffff_ffff) } as u32,
+        pers,
+        "personality",
+    );
     c.eq(prctl(libc::PR_GET_TIMERSLACK, 0), 123_457, "timer slack");
-    c.eq(prctl_get_int(libc::PR_GET_PDEATHSIG), libc::SIGUSR2, "parent-death signal");
-    c.eq(prctl_get_int(libc::PR_GET_CHILD_SUBREAPER), 1, "child subreaper");
+    c.eq(
+        prctl_get_int(libc::PR_GET_PDEATHSIG),
+        libc::SIGUSR2,
+        "parent-death signal",
+    );
+    c.eq(
+        prctl_get_int(libc::PR_GET_CHILD_SUBREAPER),
+        1,
+        "child subreaper",
+    );
     c.eq(prctl(libc::PR_GET_NO_NEW_PRIVS, 0), 1, "no_new_privs");
     c.eq(prctl(libc::PR_GET_DUMPABLE, 0), 0, "dumpable");
     c.eq(umask_now(), 0o027, "umask");
@@ -184,7 +242,11 @@ fn main() {
         // SAFETY: registering the already registered area again: the kernel compares and refuses.
         let r = unsafe { libc::syscall(libc::SYS_rseq, area, 32u32, 0, RSEQ_SIG) };
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        c.eq((r, e), (-1, libc::EBUSY), "rseq(same area) says it is registered (EBUSY)");
+        c.eq(
+            (r, e),
+            (-1, libc::EBUSY),
+            "rseq(same area) says it is registered (EBUSY)",
+        );
         // SAFETY: cpu_id (offset 4) of our own rseq area; the kernel rewrites it.
         unsafe { std::ptr::write_volatile(area.add(1), 0xdead_beef) };
         // SAFETY: raise of a handled signal: signal delivery refreshes the rseq fields.
@@ -193,7 +255,10 @@ fn main() {
         let cpu_id = unsafe { std::ptr::read_volatile(area.add(1)) };
         // SAFETY: plain sched_getcpu.
         let cpu = unsafe { libc::sched_getcpu() };
-        c.check(cpu_id != 0xdead_beef && (cpu_id as i32) >= 0, format!("rseq cpu_id not updated by the kernel: {cpu_id:#x}"));
+        c.check(
+            cpu_id != 0xdead_beef && (cpu_id as i32) >= 0,
+            format!("rseq cpu_id not updated by the kernel: {cpu_id:#x}"),
+        );
         c.check(cpu >= 0, format!("sched_getcpu: {cpu}"));
         c.eq(WINCH_SEEN.load(Ordering::SeqCst), 1, "SIGWINCH handler");
     }

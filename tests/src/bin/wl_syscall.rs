@@ -36,21 +36,35 @@ fn errno() -> i32 {
 }
 
 fn now_mono() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn ts(d: Duration) -> libc::timespec {
-    libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 }
+    libc::timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: d.subsec_nanos() as i64,
+    }
 }
 
 /// The current blocked mask as a 64-bit word (bit n-1 = signal n).
 fn blocked_mask() -> u64 {
     let mut m: u64 = 0;
     // SAFETY: rt_sigprocmask(SIG_BLOCK, NULL, &m, 8) only reads the mask.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, std::ptr::null::<u64>(), &mut m as *mut u64, 8) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            std::ptr::null::<u64>(),
+            &mut m as *mut u64,
+            8,
+        )
+    };
     m
 }
 
@@ -60,7 +74,15 @@ fn bit(sig: i32) -> u64 {
 
 fn set_mask(mask: u64) {
     // SAFETY: rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8).
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &mask as *const u64, std::ptr::null_mut::<u64>(), 8) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8,
+        )
+    };
 }
 
 extern "C" fn on_usr1(_: libc::c_int) {
@@ -73,7 +95,17 @@ extern "C" fn on_usr1(_: libc::c_int) {
     }
     FUTEX_WORD.store(1, Ordering::SeqCst);
     // SAFETY: FUTEX_WAKE on a static word.
-    unsafe { libc::syscall(libc::SYS_futex, FUTEX_WORD.as_ptr(), libc::FUTEX_WAKE, 1, 0, 0, 0) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            FUTEX_WORD.as_ptr(),
+            libc::FUTEX_WAKE,
+            1,
+            0,
+            0,
+            0,
+        )
+    };
 }
 
 fn install_usr1(flags: i32) {
@@ -99,9 +131,25 @@ fn sleep_until(c: &mut Checker, mode: &str, deadline: Duration) -> u32 {
         // SAFETY: the sleep syscalls with valid timespec pointers and no remainder pointer.
         let r = unsafe {
             match mode {
-                "nanosleep" => libc::syscall(libc::SYS_nanosleep, &rel, std::ptr::null_mut::<libc::timespec>()),
-                "clock-rel" => libc::syscall(libc::SYS_clock_nanosleep, libc::CLOCK_MONOTONIC, 0, &rel, std::ptr::null_mut::<libc::timespec>()),
-                _ => libc::syscall(libc::SYS_clock_nanosleep, libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &abs, std::ptr::null_mut::<libc::timespec>()),
+                "nanosleep" => libc::syscall(
+                    libc::SYS_nanosleep,
+                    &rel,
+                    std::ptr::null_mut::<libc::timespec>(),
+                ),
+                "clock-rel" => libc::syscall(
+                    libc::SYS_clock_nanosleep,
+                    libc::CLOCK_MONOTONIC,
+                    0,
+                    &rel,
+                    std::ptr::null_mut::<libc::timespec>(),
+                ),
+                _ => libc::syscall(
+                    libc::SYS_clock_nanosleep,
+                    libc::CLOCK_MONOTONIC,
+                    libc::TIMER_ABSTIME,
+                    &abs,
+                    std::ptr::null_mut::<libc::timespec>(),
+                ),
             }
         };
         // syscall(2) reports every failure as -1/errno.
@@ -119,7 +167,10 @@ fn sleep_until(c: &mut Checker, mode: &str, deadline: Duration) -> u32 {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    let expected_eintr: u32 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let expected_eintr: u32 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut c = Checker::new();
     match mode.as_str() {
         "nanosleep" | "clock-rel" | "clock-abs" => {
@@ -129,7 +180,10 @@ fn main() {
             let eintr = sleep_until(&mut c, &mode, deadline);
             let late = now_mono().saturating_sub(deadline);
             c.eq(eintr, expected_eintr, "sleeps that ended in EINTR");
-            c.check(late < Duration::from_secs(2), format!("woke {late:?} after the deadline"));
+            c.check(
+                late < Duration::from_secs(2),
+                format!("woke {late:?} after the deadline"),
+            );
             wait_for_check();
         }
         "read-restart" | "read-eintr" => {
@@ -146,10 +200,18 @@ fn main() {
             let e = errno();
             c.eq(HANDLED.load(Ordering::SeqCst), 1, "SIGUSR1 handler runs");
             if restart {
-                c.eq(n, 4, "read restarted after the SA_RESTART handler returns the data");
+                c.eq(
+                    n,
+                    4,
+                    "read restarted after the SA_RESTART handler returns the data",
+                );
                 c.eq(&buf[..4], b"ping", "data read");
             } else {
-                c.eq((n, e), (-1, libc::EINTR), "read interrupted by a handler without SA_RESTART");
+                c.eq(
+                    (n, e),
+                    (-1, libc::EINTR),
+                    "read interrupted by a handler without SA_RESTART",
+                );
                 // SAFETY: read into a valid buffer (the handler wrote 4 bytes).
                 let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
                 c.eq(n, 4, "the data is then there");
@@ -173,7 +235,11 @@ fn main() {
             let r = unsafe { libc::syscall(libc::SYS_rt_sigsuspend, &temp as *const u64, 8) };
             c.eq((r, errno()), (-1, libc::EINTR), "sigsuspend returns EINTR");
             c.eq(HANDLED.load(Ordering::SeqCst), 1, "SIGUSR1 handler runs");
-            c.eq(HANDLER_MASK.load(Ordering::SeqCst), temp | bit(libc::SIGUSR1), "mask inside the handler");
+            c.eq(
+                HANDLER_MASK.load(Ordering::SeqCst),
+                temp | bit(libc::SIGUSR1),
+                "mask inside the handler",
+            );
             c.eq(blocked_mask(), original, "mask after sigsuspend");
         }
         "futex" => {
@@ -181,9 +247,22 @@ fn main() {
             ready("");
             while FUTEX_WORD.load(Ordering::SeqCst) == 0 {
                 // SAFETY: FUTEX_WAIT on a static word, no timeout.
-                let r = unsafe { libc::syscall(libc::SYS_futex, FUTEX_WORD.as_ptr(), libc::FUTEX_WAIT, 0, 0, 0, 0) };
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        FUTEX_WORD.as_ptr(),
+                        libc::FUTEX_WAIT,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )
+                };
                 let e = errno();
-                c.check(r == 0 || e == libc::EAGAIN || e == libc::EINTR, format!("futex wait: errno {e}"));
+                c.check(
+                    r == 0 || e == libc::EAGAIN || e == libc::EINTR,
+                    format!("futex wait: errno {e}"),
+                );
             }
             c.eq(HANDLED.load(Ordering::SeqCst), 1, "SIGUSR1 handler runs");
         }
