@@ -57,6 +57,9 @@ pub enum FdKind {
     Fifo { path: String },
     /// An anonymous pipe.
     Pipe,
+    /// A terminal (a pty slave, /dev/tty*, the console): with --shell-job it is dumped as an
+    /// external terminal, which restore replaces with cr's own.
+    Tty { path: String },
     /// Something cr cannot restore: the text says what it is (for the error message).
     Unsupported(String),
 }
@@ -121,6 +124,11 @@ fn is_terminal(path: &str) -> bool {
         || path == "/dev/ptmx"
 }
 
+/// A pty master (/dev/ptmx, /dev/pts/ptmx): a terminal whose other side is the process itself.
+fn is_pty_master(path: &str) -> bool {
+    path == "/dev/ptmx" || path == "/dev/pts/ptmx"
+}
+
 /// Decides what an fd is from its link target (`/proc/PID/fd/N`), its file type and link count,
 /// and whether the target path, as printed, names this very file (`names_self`: a file really
 /// called "x (deleted)" is not an unlinked "x"). Pure, so its cases are unit-tested.
@@ -148,6 +156,8 @@ pub fn classify(target: &str, ftype: FType, nlink: u64, names_self: bool) -> FdK
         return FdKind::Unsupported("a memfd".into());
     }
     match ftype {
+        FType::Chr if is_pty_master(&path) => FdKind::Unsupported("a terminal (a pty master)".into()),
+        FType::Chr if is_terminal(&path) && !deleted => FdKind::Tty { path },
         FType::Chr if is_terminal(&path) => FdKind::Unsupported("a terminal".into()),
         FType::Chr if PLAIN_CHAR_DEVICES.contains(&path.as_str()) && !deleted => {
             FdKind::CharDev { path }
@@ -312,10 +322,14 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
             // The image stores paths as UTF-8; a lossy one would reopen the wrong name.
             kind = FdKind::Unsupported("a file whose path is not valid UTF-8".into());
         }
+        if let FdKind::Tty { .. } = &kind {
+            if !shell_job {
+                refused.push(format!("fd {fd} is a terminal ({target}); dump it with --shell-job (-j)"));
+            }
+        }
         if let FdKind::Unsupported(what) = &kind {
             let hint = match (what.as_str(), shell_job) {
                 ("a terminal", false) => "; dump it with --shell-job (-j)",
-                ("a terminal", true) => " (--shell-job is not supported yet)",
                 _ => "",
             };
             refused.push(format!("fd {fd} is {what} ({target}){hint}"));
@@ -411,6 +425,10 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 })
             }
             FdKind::CharDev { path } => pb::file_entry::Kind::Chr(pb::CharDev {
+                path,
+                rdev: meta.rdev() as u32,
+            }),
+            FdKind::Tty { path } => pb::file_entry::Kind::Tty(pb::TtyFile {
                 path,
                 rdev: meta.rdev() as u32,
             }),
@@ -562,11 +580,13 @@ mod tests {
         );
         assert_eq!(
             classify("/dev/pts/3", FType::Chr, 1, false),
-            FdKind::Unsupported("a terminal".into())
+            FdKind::Tty {
+                path: "/dev/pts/3".into()
+            }
         );
         assert_eq!(
             classify("/dev/ptmx", FType::Chr, 1, false),
-            FdKind::Unsupported("a terminal".into())
+            FdKind::Unsupported("a terminal (a pty master)".into())
         );
         assert_eq!(
             classify("/dev/kvm", FType::Chr, 1, false),

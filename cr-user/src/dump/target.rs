@@ -13,9 +13,10 @@ pub struct Target {
 
 const PF_KTHREAD: u32 = 0x0020_0000;
 
-/// Refuses, with a reason naming the PID, whatever cr cannot dump: a missing process, a kernel
-/// thread, cr itself, a zombie, or (for now) more than one thread or children.
-pub fn check(pid: i32, shell_job: bool) -> Result<Target> {
+/// Refuses, with a reason naming the PID, a root cr cannot dump: a missing process, a kernel
+/// thread, a thread id, cr itself, a zombie. The session and terminal of every process of the
+/// tree are checked once the tree is known ([`super::tree::check`]).
+pub fn check_root(pid: i32) -> Result<Target> {
     if pid <= 0 {
         bail!("invalid PID {pid}");
     }
@@ -41,13 +42,21 @@ pub fn check(pid: i32, shell_job: bool) -> Result<Target> {
         'Z' | 'X' => bail!("PID {pid} ({}) is a zombie: nothing left to dump", stat.comm),
         _ => {}
     }
+    Ok(Target { pid, stat })
+}
+
+/// [`check_root`], and for `cr pre-dump` (which freezes only the root's main thread) also
+/// refuses more than one thread or children, and a session or terminal outside the process
+/// unless `shell_job`.
+pub fn check(pid: i32, shell_job: bool) -> Result<Target> {
+    let Target { pid, stat } = check_root(pid)?;
     let threads = proc::task::threads(pid).with_context(|| format!("listing the threads of PID {pid}"))?;
     if threads.len() > 1 {
-        bail!("PID {pid} ({}) has {} threads: multi-threaded processes are not supported yet", stat.comm, threads.len());
+        bail!("PID {pid} ({}) has {} threads: cr pre-dump handles single-threaded processes only", stat.comm, threads.len());
     }
     let children = proc::task::children(pid).unwrap_or_default();
     if !children.is_empty() {
-        bail!("PID {pid} ({}) has child processes {children:?}: process trees are not supported yet", stat.comm);
+        bail!("PID {pid} ({}) has child processes {children:?}: cr pre-dump handles single processes only", stat.comm);
     }
     if !shell_job {
         if stat.tty_nr != 0 {

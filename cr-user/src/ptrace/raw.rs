@@ -13,6 +13,9 @@ pub const PTRACE_PEEKSIGINFO: u32 = 0x4209;
 pub const PTRACE_GET_RSEQ_CONFIGURATION: u32 = 0x420f;
 pub const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 pub const PTRACE_EVENT_STOP: i32 = 128;
+pub const PTRACE_EVENT_FORK: i32 = 1;
+pub const PTRACE_EVENT_VFORK: i32 = 2;
+pub const PTRACE_EVENT_CLONE: i32 = 3;
 pub const NT_X86_XSTATE: u32 = 0x202;
 pub const NT_PRSTATUS: u32 = 1;
 
@@ -44,6 +47,13 @@ pub fn interrupt(tid: i32) -> io::Result<()> {
 
 pub fn setoptions(tid: i32, options: u32) -> io::Result<()> {
     ptrace(libc::PTRACE_SETOPTIONS as u32, tid, 0, options as usize).map(drop)
+}
+
+/// PTRACE_GETEVENTMSG: after a fork/clone event, the new task's id.
+pub fn geteventmsg(tid: i32) -> io::Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    ptrace(libc::PTRACE_GETEVENTMSG as u32, tid, 0, &mut msg as *mut libc::c_ulong as usize)?;
+    Ok(msg as u64)
 }
 
 pub fn cont(tid: i32, sig: i32) -> io::Result<()> {

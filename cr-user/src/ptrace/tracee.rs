@@ -27,6 +27,10 @@ pub struct Tracee {
     /// Signals dequeued while we held the task (they arrived during a remote syscall): they are
     /// sent again on detach, and a dump records them as pending.
     pub stashed: Vec<i32>,
+    /// Tasks this one created during remote syscalls (fork/clone events, with
+    /// PTRACE_O_TRACEFORK/TRACECLONE set): auto-attached, to be taken with
+    /// [`Tracee::adopt_new_task`].
+    pub new_tasks: Vec<i32>,
     attached: bool,
     /// Kill rather than detach on drop (restore: a half-built task must never run).
     kill_on_drop: bool,
@@ -38,7 +42,7 @@ impl Tracee {
     /// the stop is taken.
     pub fn seize(tgid: i32, tid: i32) -> Result<Tracee> {
         raw::seize(tid, 0).with_context(|| format!("PTRACE_SEIZE of task {tid}"))?;
-        let mut t = Tracee { tgid, tid, state: SeizedState::Running, stashed: Vec::new(), attached: true, kill_on_drop: false };
+        let mut t = Tracee { tgid, tid, state: SeizedState::Running, stashed: Vec::new(), new_tasks: Vec::new(), attached: true, kill_on_drop: false };
         raw::interrupt(tid).with_context(|| format!("PTRACE_INTERRUPT of task {tid}"))?;
         loop {
             match raw::wait(tid)? {
@@ -69,16 +73,29 @@ impl Tracee {
     /// Adopts a child that called PTRACE_TRACEME and stopped itself with SIGSTOP (restore).
     /// From now on the child is killed if `cr` dies (PTRACE_O_EXITKILL) or if this value is
     /// dropped before [`Tracee::detach`].
+    ///
+    /// Fork and clone events are traced (PTRACE_O_TRACEFORK/TRACECLONE): a process or thread
+    /// this task creates through a remote clone3 is attached to cr from its first instant and
+    /// stops before running any code ([`Tracee::adopt_new_task`]).
     pub fn adopt_stopped_child(pid: i32) -> Result<Tracee> {
-        let mut t = Tracee { tgid: pid, tid: pid, state: SeizedState::Running, stashed: Vec::new(), attached: true, kill_on_drop: true };
-        match raw::wait(pid)? {
-            Wait::Stopped(libc::SIGSTOP, 0) => {}
+        Tracee::adopt_new_task(pid, pid)
+    }
+
+    /// Takes a task that is traced by cr and stops with SIGSTOP before running user code: a
+    /// child that called PTRACE_TRACEME and stopped itself, or a task created by a traced task
+    /// (auto-attached on a fork/clone event, with SIGSTOP queued by the kernel). It is killed
+    /// if dropped before [`Tracee::detach`], or if cr dies.
+    pub fn adopt_new_task(tgid: i32, tid: i32) -> Result<Tracee> {
+        let mut t = Tracee { tgid, tid, state: SeizedState::Running, stashed: Vec::new(), new_tasks: Vec::new(), attached: true, kill_on_drop: true };
+        match raw::wait(tid)? {
+            Wait::Stopped(libc::SIGSTOP, 0) | Wait::Stopped(_, raw::PTRACE_EVENT_STOP) => {}
             other => {
                 t.attached = false;
-                bail!("restored task {pid} did not stop as expected: {other:?}");
+                bail!("restored task {tid} did not stop as expected: {other:?}");
             }
         }
-        raw::setoptions(pid, libc::PTRACE_O_EXITKILL as u32).with_context(|| format!("PTRACE_SETOPTIONS(EXITKILL) on {pid}"))?;
+        let opts = libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACECLONE;
+        raw::setoptions(tid, opts as u32).with_context(|| format!("PTRACE_SETOPTIONS(EXITKILL|TRACEFORK|TRACECLONE) on {tid}"))?;
         Ok(t)
     }
 
@@ -133,9 +150,27 @@ impl Tracee {
     /// Resumes the task for one instruction (`sig` 0: deliver nothing) and waits for the trap.
     /// Returns Some(signal) if instead a signal arrived and is waiting to be delivered (it was not
     /// delivered; the instruction may not have run).
+    ///
+    /// A fork/clone event on the way (the instruction was a clone3 cr injected) is noted in
+    /// [`Tracee::new_tasks`] and the step continues: the syscall finishes and the step trap
+    /// follows.
     pub fn step(&mut self) -> Result<Option<i32>> {
         raw::singlestep(self.tid, 0).with_context(|| format!("PTRACE_SINGLESTEP of task {}", self.tid))?;
-        match raw::wait(self.tid)? {
+        loop {
+            match raw::wait(self.tid)? {
+                Wait::Stopped(libc::SIGTRAP, ev @ (raw::PTRACE_EVENT_FORK | raw::PTRACE_EVENT_VFORK | raw::PTRACE_EVENT_CLONE)) => {
+                    let child = raw::geteventmsg(self.tid).with_context(|| format!("PTRACE_GETEVENTMSG of task {}", self.tid))?;
+                    log::debug!("task {} created task {child} (ptrace event {ev})", self.tid);
+                    self.new_tasks.push(child as i32);
+                    raw::singlestep(self.tid, 0).with_context(|| format!("PTRACE_SINGLESTEP of task {} after event {ev}", self.tid))?;
+                }
+                other => return self.step_result(other),
+            }
+        }
+    }
+
+    fn step_result(&mut self, w: Wait) -> Result<Option<i32>> {
+        match w {
             Wait::Stopped(libc::SIGTRAP, 0) => Ok(None),
             Wait::Stopped(sig, 0) => Ok(Some(sig)),
             Wait::Stopped(sig, ev) => bail!("task {}: unexpected ptrace event {ev} (signal {sig}) during a remote call", self.tid),
@@ -190,6 +225,29 @@ impl Tracee {
                 }
             }
         }
+    }
+
+    /// Collects the death of this thread after its process was sent SIGKILL by the caller (a
+    /// dump of a tree kills every process first, then reaps each traced thread).
+    pub fn reap_killed(mut self) {
+        if !self.attached {
+            return;
+        }
+        self.attached = false;
+        loop {
+            match raw::wait(self.tid) {
+                Ok(Wait::Exited(_)) | Ok(Wait::Signaled(_)) | Err(_) => return,
+                Ok(Wait::Stopped(..)) => {
+                    let _ = raw::cont(self.tid, 0);
+                }
+            }
+        }
+    }
+
+    /// Marks the task as no longer ours without touching it (it exited, and its exit was
+    /// collected by the caller).
+    pub fn forget(mut self) {
+        self.attached = false;
     }
 
     pub fn is_attached(&self) -> bool {

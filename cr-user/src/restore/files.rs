@@ -92,6 +92,9 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
                 }
             }
             Some(Kind::Pipe(_)) => {}
+            Some(Kind::Tty(_)) => {
+                own_terminal()?;
+            }
             None => bail!(
                 "files.img: entry {} has no kind (image from a newer cr?)",
                 f.id
@@ -165,8 +168,54 @@ fn pipe_contents(files: &pb::Files) -> HashMap<(bool, u64), (&[u8], u32)> {
     out
 }
 
+/// Open file descriptions and pipes that several processes of a tree share (inherited across
+/// fork). The first process that needs one creates it as usual; cr then keeps a copy
+/// (pidfd_getfd), and every later process takes that copy with a remote pidfd_open(cr) +
+/// pidfd_getfd. So there is one description (one offset, one set of flags) and one pipe
+/// buffer, as before the dump. Dropped (closing cr's copies) once the tree is built.
+#[derive(Default)]
+pub struct TreeFiles {
+    /// File ids used by more than one process, and cr's copy once created.
+    files: HashMap<u32, Option<OwnedFd>>,
+    /// Pipes with ends in more than one process, and cr's copy of both ends once created.
+    pipes: HashMap<u64, Option<SharedPipe>>,
+}
+
+struct SharedPipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    rd_used: bool,
+    wr_used: bool,
+}
+
+impl TreeFiles {
+    /// Finds what is shared, from the fd table of every process of the tree.
+    pub fn plan<'f>(tables: impl IntoIterator<Item = &'f pb::Fds>, files: &pb::Files) -> TreeFiles {
+        let by_id: HashMap<u32, &pb::FileEntry> = files.files.iter().map(|f| (f.id, f)).collect();
+        let mut file_users: HashMap<u32, usize> = HashMap::new();
+        let mut pipe_users: HashMap<u64, usize> = HashMap::new();
+        for t in tables {
+            let ids: HashSet<u32> = t.fds.iter().map(|f| f.file_id).collect();
+            let mut pipes: HashSet<u64> = HashSet::new();
+            for id in ids {
+                *file_users.entry(id).or_default() += 1;
+                if let Some(Kind::Pipe(p)) = by_id.get(&id).and_then(|f| f.kind.as_ref()) {
+                    pipes.insert(p.pipe_id);
+                }
+            }
+            for p in pipes {
+                *pipe_users.entry(p).or_default() += 1;
+            }
+        }
+        TreeFiles {
+            files: file_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
+            pipes: pipe_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
+        }
+    }
+}
+
 /// Rebuilds the fd table in the task `pid`.
-struct FdBuilder<'a, 'r, 't> {
+struct FdBuilder<'a, 'r, 't, 'm> {
     r: &'r mut Remote<'t>,
     scratch: u64,
     pid: i32,
@@ -180,9 +229,39 @@ struct FdBuilder<'a, 'r, 't> {
     keep: Keepalive,
     /// Every temporary fd, closed once the table is in place.
     temps: Vec<u64>,
+    tree: &'m mut TreeFiles,
+    /// The task's pidfd of cr (a temporary fd), once needed.
+    cr_pidfd: Option<u64>,
 }
 
-impl FdBuilder<'_, '_, '_> {
+impl FdBuilder<'_, '_, '_, '_> {
+    /// Installs a copy of cr's fd `mine` in the task (remote pidfd_getfd): the same open file
+    /// description, at a temporary fd.
+    fn install_from_cr(&mut self, mine: i32, what: &str) -> Result<u64> {
+        let pidfd = match self.cr_pidfd {
+            Some(p) => p,
+            None => {
+                let p = self
+                    .r
+                    .syscall("pidfd_open(cr)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
+                let p = self.move_high(p)?;
+                self.cr_pidfd = Some(p);
+                p
+            }
+        };
+        let fd = self
+            .r
+            .syscall("pidfd_getfd", libc::SYS_pidfd_getfd, &[pidfd, mine as u64, 0])
+            .with_context(|| format!("take {what} from cr"))?;
+        self.move_high(fd)
+    }
+
+    /// A copy, in cr, of the task's fd `fd`.
+    fn take_into_cr(&self, fd: u64) -> Result<OwnedFd> {
+        let pidfd = crate::sys::pidfd::pidfd_open(self.pid)?;
+        crate::sys::pidfd::pidfd_getfd(&pidfd, fd as i32)
+    }
+
     /// Moves a fresh fd of the task above `base` (close-on-exec, closed at the end).
     fn move_high(&mut self, fd: u64) -> Result<u64> {
         let hi = self.r.syscall(
@@ -237,6 +316,10 @@ impl FdBuilder<'_, '_, '_> {
     /// Opens one description at a temporary fd, `fd_no` being the first fd that uses it (for
     /// messages).
     fn open_description(&mut self, f: &pb::FileEntry, fd_no: i32) -> Result<u64> {
+        if let Some(Some(mine)) = self.tree.files.get(&f.id) {
+            let mine = mine.as_raw_fd();
+            return self.install_from_cr(mine, &format!("file {} (shared with another process) for fd {fd_no}", f.id));
+        }
         let flags = f.flags
             & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC)
                 as u32);
@@ -275,6 +358,16 @@ impl FdBuilder<'_, '_, '_> {
                 )
             }
             Some(Kind::Pipe(pipe)) => self.pipe_end(pipe.pipe_id, flags, fd_no),
+            Some(Kind::Tty(tty)) => {
+                // The terminal the tree had is outside it (--shell-job): the task gets cr's.
+                let path = own_terminal()?;
+                log::info!("PID {}: fd {fd_no} (terminal {} at dump time) now on {path}", self.pid, tty.path);
+                self.open(
+                    &path,
+                    flags | libc::O_NOCTTY as u32,
+                    &format!("cr's terminal {path} for fd {fd_no}"),
+                )
+            }
             None => bail!("file {} (fd {fd_no}) has no kind", f.id),
         }
     }
@@ -347,7 +440,20 @@ impl FdBuilder<'_, '_, '_> {
     /// of each end gets the end pipe2 made, later ones a reopen of it through /proc.
     fn pipe_end(&mut self, pipe_id: u64, flags: u32, fd_no: i32) -> Result<u64> {
         if !self.pipes.contains_key(&pipe_id) {
-            let ends = self.make_pipe(pipe_id)?;
+            let shared = match self.tree.pipes.get(&pipe_id) {
+                Some(Some(sp)) => Some((sp.rd.as_raw_fd(), sp.wr.as_raw_fd(), sp.rd_used, sp.wr_used)),
+                _ => None,
+            };
+            let ends = match shared {
+                // Made by another process of the tree: the same pipe, already refilled.
+                Some((rd, wr, rd_used, wr_used)) => {
+                    let what = format!("pipe:[{pipe_id}] (shared with another process)");
+                    let rd = self.install_from_cr(rd, &what)?;
+                    let wr = self.install_from_cr(wr, &what)?;
+                    PipeEnds { rd, wr, rd_used, wr_used }
+                }
+                None => self.make_pipe(pipe_id)?,
+            };
             self.pipes.insert(pipe_id, ends);
         }
         let acc = flags & libc::O_ACCMODE as u32;
@@ -449,6 +555,20 @@ impl FdBuilder<'_, '_, '_> {
     }
 }
 
+/// The path of cr's own terminal (its stdin, stdout or stderr, whichever is one), which the
+/// external terminal of a shell job is replaced with.
+pub fn own_terminal() -> Result<String> {
+    for fd in 0..3 {
+        // SAFETY: isatty on one of our standard fds; no pointers.
+        if unsafe { libc::isatty(fd) } == 1 {
+            let p = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .with_context(|| format!("readlink /proc/self/fd/{fd}"))?;
+            return path_str(&p);
+        }
+    }
+    bail!("the image has fds on a terminal outside the dumped tree (--shell-job): run cr restore on a terminal to give them one")
+}
+
 fn path_str(p: &Path) -> Result<String> {
     p.to_str()
         .map(str::to_string)
@@ -512,7 +632,7 @@ fn refill(fd: &OwnedFd, data: &[u8], capacity: u32, what: &str) -> Result<()> {
         .with_context(|| format!("put the {} saved bytes back into {what}", data.len()))
 }
 
-/// Rebuilds the fd table of `pid`.
+/// Rebuilds the fd table of `pid` (a process on its own).
 pub fn restore_fds(
     r: &mut Remote,
     scratch: u64,
@@ -520,6 +640,20 @@ pub fn restore_fds(
     dir: &ImageDir,
     fds: &pb::Fds,
     files: &pb::Files,
+) -> Result<Keepalive> {
+    restore_fds_in_tree(r, scratch, pid, dir, fds, files, &mut TreeFiles::default())
+}
+
+/// Rebuilds the fd table of `pid`, one process of a tree: what `tree` says is shared is taken
+/// from the process that made it, or made here and kept by cr for the others.
+pub fn restore_fds_in_tree(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    dir: &ImageDir,
+    fds: &pb::Fds,
+    files: &pb::Files,
+    tree: &mut TreeFiles,
 ) -> Result<Keepalive> {
     let by_id: HashMap<u32, &pb::FileEntry> = files.files.iter().map(|f| (f.id, f)).collect();
     let max_fd = fds.fds.iter().map(|f| f.fd).max().unwrap_or(0);
@@ -539,6 +673,8 @@ pub fn restore_fds(
         ghosts: HashMap::new(),
         keep: Keepalive::default(),
         temps: Vec::new(),
+        tree,
+        cr_pidfd: None,
     };
     b.make_room(descriptions.len())?;
     let mut temp: HashMap<u32, u64> = HashMap::new();
@@ -553,7 +689,29 @@ pub fn restore_fds(
             )
         })?;
         let t = b.open_description(f, fd.fd)?;
+        if matches!(b.tree.files.get(&fd.file_id), Some(None)) {
+            let mine = b.take_into_cr(t)?;
+            b.tree.files.insert(fd.file_id, Some(mine));
+        }
         temp.insert(fd.file_id, t);
+    }
+    // Pipes other processes also hold an end of: cr keeps both ends (and which ends already
+    // have their first description) before the temporaries close.
+    let pipe_ids: Vec<u64> = b.pipes.keys().copied().filter(|id| b.tree.pipes.contains_key(id)).collect();
+    for id in pipe_ids {
+        let (rd, wr, rd_used, wr_used) = {
+            let e = &b.pipes[&id];
+            (e.rd, e.wr, e.rd_used, e.wr_used)
+        };
+        let sp = match b.tree.pipes.remove(&id).flatten() {
+            Some(mut sp) => {
+                sp.rd_used |= rd_used;
+                sp.wr_used |= wr_used;
+                sp
+            }
+            None => SharedPipe { rd: b.take_into_cr(rd)?, wr: b.take_into_cr(wr)?, rd_used, wr_used },
+        };
+        b.tree.pipes.insert(id, Some(sp));
     }
     for fd in &fds.fds {
         let t = temp[&fd.file_id];

@@ -7,10 +7,12 @@
 //! /proc/PID/mem (which may write read-only private mappings) for the rest. The mm fields are
 //! set with PR_SET_MM_MAP. After this the task's /proc/PID/maps equals the image's VMA list.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 
 use anyhow::{bail, Context, Result};
 
+use crate::dump::tree::ShmemLink;
 use crate::image::chain::PageSegment;
 use crate::image::{pb, vma};
 use crate::proc::maps::{read_maps, VmaName};
@@ -161,7 +163,18 @@ fn madvise(r: &mut Remote, v: &pb::Vma) -> Result<()> {
 
 /// Maps every VMA of the image at its address, with its final protection, name and advice.
 pub fn map_vmas(r: &mut Remote, scratch: u64, vmas: &[pb::Vma]) -> Result<()> {
+    map_vmas_linked(r, scratch, vmas, &HashMap::new())
+}
+
+/// [`map_vmas`], where the VMAs in `links` (by start address) map shared anonymous memory that
+/// an earlier VMA of the tree already maps: they map that very object, opened through
+/// /proc/OWNER/map_files, so the memory stays shared (see [`crate::dump::tree::ShmemOwners`]).
+pub fn map_vmas_linked(r: &mut Remote, scratch: u64, vmas: &[pb::Vma], links: &HashMap<u64, ShmemLink>) -> Result<()> {
     for v in vmas {
+        if let Some(l) = links.get(&v.start) {
+            map_linked(r, scratch, v, l)?;
+            continue;
+        }
         if vma::is_special(v.kind) {
             continue;
         }
@@ -201,6 +214,38 @@ pub fn map_vmas(r: &mut Remote, scratch: u64, vmas: &[pb::Vma]) -> Result<()> {
             r.syscall("mlock", libc::SYS_mlock, &[v.start, len])?;
         }
     }
+    Ok(())
+}
+
+/// Maps `v` from the shared anonymous object of an earlier VMA (see [`map_vmas_linked`]).
+fn map_linked(r: &mut Remote, scratch: u64, v: &pb::Vma, l: &ShmemLink) -> Result<()> {
+    let len = v.end - v.start;
+    let path = l.path();
+    let p = put_str(r, scratch, 0, &path)?;
+    // Read-write whatever the protection: a later mprotect may need write access.
+    let fd = r
+        .syscall("openat(map_files)", libc::SYS_openat, &[libc::AT_FDCWD as u64, p, (libc::O_RDWR | libc::O_CLOEXEC) as u64, 0])
+        .with_context(|| format!("open {path} to share it at {:#x}", v.start))?;
+    let flags = libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE;
+    let m = r.syscall("mmap(shared anon)", libc::SYS_mmap, &[v.start, len, v.prot as u64, flags as u64, fd, l.offset]);
+    r.syscall("close", libc::SYS_close, &[fd])?;
+    let got = m.with_context(|| format!("map the shared memory of {path} at {:#x}-{:#x}", v.start, v.end))?;
+    if got != v.start {
+        bail!("shared memory of {path} landed at {got:#x}, not {:#x}", v.start);
+    }
+    if !v.name.is_empty() {
+        let name = put_str(r, scratch, 0, &v.name)?;
+        r.syscall(
+            "prctl(PR_SET_VMA_ANON_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_VMA as u64, libc::PR_SET_VMA_ANON_NAME as u64, v.start, len, name],
+        )?;
+    }
+    madvise(r, v)?;
+    if v.locked {
+        r.syscall("mlock", libc::SYS_mlock, &[v.start, len])?;
+    }
+    log::debug!("{:#x}-{:#x} shares {path} (offset {:#x})", v.start, v.end, l.offset);
     Ok(())
 }
 

@@ -1,0 +1,125 @@
+//! Recreating the threads of a process, each with its original TID and its own state.
+//!
+//! Once the process's memory and files are rebuilt, cr makes its main thread run
+//! clone3(CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|CLONE_SYSVSEM,
+//! set_tid = [tid]). The main thread is traced with PTRACE_O_TRACECLONE, so the new thread is
+//! attached to cr from its first instant and stops before running user code; it starts with
+//! the main thread's blocked mask (every signal). It is created before the credentials are
+//! restored (clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE).
+//!
+//! Then, through remote syscalls in the thread itself, what is per thread: alternate signal
+//! stack, clear_child_tid, name, rseq, timer slack, personality, its own pending signals,
+//! credentials, the parent-death signal and no_new_privs. Its registers (with the TLS base)
+//! and XSAVE area come last, with the main thread's ([`super::task::restore_cpu`]).
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::pb;
+use crate::ptrace::{Remote, Tracee};
+
+use super::memory::put_str;
+use super::task;
+use super::tree::remote_clone3;
+
+const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+/// Makes one thread per core in `cores` (in the process of `r`'s task) at its TID.
+pub fn create(r: &mut Remote, scratch: u64, pid: i32, cores: &[pb::Core]) -> Result<Vec<Tracee>> {
+    let mut out = Vec::with_capacity(cores.len());
+    for c in cores {
+        let tid = c.tid;
+        let res = remote_clone3(r, scratch, THREAD_FLAGS, 0, tid)?;
+        if res < 0 {
+            let e = std::io::Error::from_raw_os_error(-res as i32);
+            if res == -(libc::EEXIST as i64) {
+                bail!("TID {tid} of PID {pid} is taken by another task; cr restores threads at their original TIDs");
+            }
+            return Err(e).with_context(|| {
+                format!("remote clone3(CLONE_THREAD, set_tid={tid}) in PID {pid}")
+            });
+        }
+        let made = r.t.new_tasks.pop();
+        if res != tid as i64 || made != Some(tid) {
+            bail!("clone3 in PID {pid} made thread {res} (event for {made:?}), not {tid}");
+        }
+        out.push(
+            Tracee::adopt_new_task(pid, tid)
+                .with_context(|| format!("taking the new thread {tid} of PID {pid}"))?,
+        );
+        log::debug!("thread {tid} of PID {pid} created");
+    }
+    Ok(out)
+}
+
+/// Restores the per-thread state of thread `r.t` from its core and the process's task state
+/// (see the module docs), through remote syscalls in the thread. `scratch` is memory of the
+/// process (shared with the main thread).
+pub fn restore_thread(
+    r: &mut Remote,
+    scratch: u64,
+    pid: i32,
+    core: &pb::Core,
+    st: &pb::TaskState,
+) -> Result<()> {
+    let tid = r.t.tid;
+    if let Some(ss) = &core.sigaltstack {
+        if ss.flags & libc::SS_DISABLE == 0 {
+            let mut b = [0u8; 24];
+            b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
+            b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
+            b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
+            r.write_mem(scratch, &b)?;
+            r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
+                .with_context(|| {
+                    format!(
+                        "restore the alternate signal stack {:#x}+{:#x} of thread {tid}",
+                        ss.sp, ss.size
+                    )
+                })?;
+        }
+    }
+    r.syscall(
+        "personality",
+        libc::SYS_personality,
+        &[st.personality as u64],
+    )?;
+    if core.clear_child_tid != 0 {
+        r.syscall(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            &[core.clear_child_tid],
+        )?;
+    }
+    let p = put_str(r, scratch, 0, &core.comm)?;
+    r.syscall(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, p],
+    )?;
+    if let Some(rs) = &core.rseq {
+        r.syscall(
+            "rseq",
+            libc::SYS_rseq,
+            &[rs.addr, rs.len as u64, 0, rs.signature as u64],
+        )
+        .with_context(|| format!("register rseq at {:#x} for thread {tid}", rs.addr))?;
+    }
+    if st.timer_slack_ns != 0 {
+        r.syscall(
+            "prctl(PR_SET_TIMERSLACK)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_TIMERSLACK as u64, st.timer_slack_ns],
+        )?;
+    }
+    task::queue_pending(r, scratch, pid, tid, core)?;
+    if let Some(c) = &st.creds {
+        task::restore_creds(r, scratch, tid, c)
+            .with_context(|| format!("credentials of thread {tid}"))?;
+    }
+    task::restore_after_creds(r, scratch, tid, st)
+}
