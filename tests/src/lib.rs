@@ -167,6 +167,24 @@ impl Workload {
         assert!(!st.success(), "the dumped workload exited normally ({st}); expected it killed");
     }
 
+    /// The processes of a tree workload, from its READY info (`pids=ROOT,PID,...`).
+    pub fn tree_pids(&self) -> Vec<i32> {
+        self.info
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pids="))
+            .map(|l| l.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// After a dump killed a whole tree: reap the root, then (as subreaper) every other process
+    /// of `pids` once it has been handed to us, so that every PID is free for restore.
+    pub fn reap_killed_tree(&mut self, pids: &[i32]) {
+        self.reap_killed();
+        for &pid in pids.iter().filter(|&&p| p != self.pid) {
+            reap_orphan(pid);
+        }
+    }
+
     /// Sends SIGUSR1 ("check yourself") and waits for the verdict; returns (exit status, result).
     pub fn verify(&mut self) -> (i32, String) {
         // SAFETY: plain kill(2).
@@ -202,9 +220,29 @@ impl Drop for Workload {
     }
 }
 
+/// How long a workload may take to check itself and exit.
+pub const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Waits for `pid` (our child or, as subreaper, an adopted task) to exit; returns its exit code
 /// (128+signal when killed).
+///
+/// A workload that does not finish within [`WAIT_LIMIT`] (a broken restore can leave it stuck)
+/// is killed, so the test fails instead of hanging the whole run.
 pub fn wait_exit(pid: i32) -> i32 {
+    // SAFETY: pidfd_open takes integers and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd >= 0 {
+        let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut p, 1, WAIT_LIMIT.as_millis() as i32) };
+        if ready == 0 {
+            eprintln!("process {pid} did not exit within {WAIT_LIMIT:?}: killing it");
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(pidfd) };
+    }
     let mut st = 0;
     loop {
         // SAFETY: valid out-pointer.
@@ -222,6 +260,22 @@ pub fn wait_exit(pid: i32) -> i32 {
     }
 }
 
+/// Waits until `pid` (a process of a killed tree, handed to us as subreaper when its parent
+/// died) is reaped. The hand-over has no event we could wait for, so this polls briefly.
+pub fn reap_orphan(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG | libc::__WALL) };
+        if r == pid || !pid_exists(pid) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "process {pid} of the dumped tree was never handed to us");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Whether a process with this pid exists (zombies included).
 pub fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -229,13 +283,23 @@ pub fn pid_exists(pid: i32) -> bool {
 
 /// dump → reap → restore -d → return. The workload is then the restored process.
 pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], restore_extra: &[&str]) {
+    dump_and_restore_tree(w, dir, &[], dump_extra, restore_extra)
+}
+
+/// [`dump_and_restore`] for a workload with descendants: `pids` (e.g. [`Workload::tree_pids`])
+/// are reaped after the dump as well.
+pub fn dump_and_restore_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_extra: &[&str], restore_extra: &[&str]) {
     become_subreaper();
     let img = dir.s("img");
     let pid = w.pid.to_string();
     let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
     args.extend_from_slice(dump_extra);
-    cr_ok(&args);
-    w.reap_killed();
+    let out = cr(&args);
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dir.join("img/dump.log")).unwrap_or_default();
+        panic!("dump failed: {}\n--- dump.log ---\n{log}", String::from_utf8_lossy(&out.stderr));
+    }
+    w.reap_killed_tree(pids);
     let pidfile = dir.s("restore.pid");
     let mut args = vec!["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"];
     args.extend_from_slice(restore_extra);

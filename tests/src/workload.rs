@@ -28,6 +28,11 @@ impl Checker {
         }
     }
 
+    /// The failed checks so far (a forked child reports them its own way).
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
     /// Writes PASS / FAIL to $CR_RESULT and exits 0 / 1.
     pub fn report(self) -> ! {
         let path = std::env::var_os("CR_RESULT").expect("CR_RESULT");
@@ -42,6 +47,19 @@ impl Checker {
 pub fn ready(info: &str) {
     // SAFETY: setsid has no preconditions; failure (already a leader) is fine.
     unsafe { libc::setsid() };
+    // SIGUSR1 ("check yourself") may come the moment we say READY: unless a handler is
+    // installed for it, block it now so it waits for `wait_for_check` instead of killing us.
+    // SAFETY: reading our own disposition and blocking a signal on this thread.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut old);
+        if old.sa_sigaction == libc::SIG_DFL {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+    }
     // SAFETY: fd 3 is the ready pipe the harness gave us; we own it from here.
     let mut f = unsafe { std::fs::File::from_raw_fd(3) };
     f.write_all(format!("READY {info}\n").as_bytes()).expect("write the ready pipe");
