@@ -394,6 +394,7 @@ fn identity(f: &pb::FileEntry) -> Option<String> {
         Kind::Fifo(p) => format!("fifo:{}", p.pipe_id),
         Kind::Chr(c) => format!("chr:{}:{}", c.path, c.rdev),
         Kind::Tty(t) => format!("tty:{}:{}", t.path, t.rdev),
+        Kind::Tcp(t) => format!("tcp:{}", t.inode),
     })
 }
 
