@@ -12,6 +12,7 @@ pub mod dump;
 pub mod image;
 pub mod logging;
 pub mod mounts;
+pub mod net;
 pub mod proc;
 pub mod ptrace;
 pub mod restore;

@@ -62,6 +62,8 @@ pub enum FdKind {
     Tty { path: String },
     /// Something cr cannot restore: the text says what it is (for the error message).
     Unsupported(String),
+    /// A TCP socket cr can save (listening, or established with --tcp-established).
+    Tcp,
 }
 
 /// The broad file type of an fd, from its stat.
@@ -322,6 +324,13 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
             // The image stores paths as UTF-8; a lossy one would reopen the wrong name.
             kind = FdKind::Unsupported("a file whose path is not valid UTF-8".into());
         }
+        if target.starts_with("socket:[") {
+            let mine = crate::sys::pidfd::pidfd_getfd(crate::sys::pidfd::pidfd_open(pid)?, fd)?;
+            kind = match crate::net::refusal(&mine).with_context(|| format!("fd {fd} ({target}) of PID {pid}"))? {
+                None => FdKind::Tcp,
+                Some(what) => FdKind::Unsupported(what),
+            };
+        }
         if let FdKind::Tty { .. } = &kind {
             if !shell_job {
                 refused.push(format!("fd {fd} is a terminal ({target}); dump it with --shell-job (-j)"));
@@ -451,6 +460,10 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 };
                 pb::file_entry::Kind::Reg(reg_file(path, &meta, true, content))
             }
+            FdKind::Tcp => pb::file_entry::Kind::Tcp(
+                crate::net::dump_socket(crate::sys::pidfd::pidfd_getfd(&pidfd, fd)?, meta.ino())
+                    .with_context(|| format!("fd {fd} ({target}) of PID {pid}"))?,
+            ),
             FdKind::Unsupported(what) => bail!("fd {fd} of PID {pid} is {what} ({target})"),
         };
         *next_id += 1;

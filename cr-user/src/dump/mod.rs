@@ -50,6 +50,8 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     interrupt::check()?;
 
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
+    // Declared after the tree: on error, connections leave repair mode before it runs on.
+    let mut net = crate::net::DumpGuard::begin(o.tcp_established);
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
@@ -59,6 +61,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     // page writer finishes.
     let mut frozen_us = 0;
     let tree = if o.leave_running {
+        net.resume();
         tree.detach()?;
         frozen_us = t_frozen.elapsed().as_micros() as u64;
         log::info!("PID {pid} runs on (frozen {:.1} ms); finishing the image", frozen_us as f64 / 1e3);
@@ -106,6 +109,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     }
     let frozen = t_frozen.elapsed();
     tree.kill()?;
+    net.target_killed();
     inc.target_gone();
     log::info!("dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
     Ok(())

@@ -91,7 +91,7 @@ pub fn validate(files: &pb::Files, vmas: &[pb::Vma]) -> Result<()> {
                     );
                 }
             }
-            Some(Kind::Pipe(_)) => {}
+            Some(Kind::Pipe(_)) | Some(Kind::Tcp(_)) => {}
             Some(Kind::Tty(_)) => {
                 own_terminal()?;
             }
@@ -367,6 +367,13 @@ impl FdBuilder<'_, '_, '_, '_> {
                     flags | libc::O_NOCTTY as u32,
                     &format!("cr's terminal {path} for fd {fd_no}"),
                 )
+            }
+            Some(Kind::Tcp(tcp)) => {
+                let what = format!("TCP socket:[{}] for fd {fd_no}", tcp.inode);
+                let mine = crate::net::tcp::restore(tcp).with_context(|| what.clone())?;
+                let t = self.install_from_cr(mine.as_raw_fd(), &what)?;
+                self.setfl(t, flags)?;
+                Ok(t)
             }
             None => bail!("file {} (fd {fd_no}) has no kind", f.id),
         }
