@@ -56,3 +56,19 @@ fn tree_runs_on_after_leave_running() {
     assert!(out.status.success(), "dump -R failed");
     w.assert_pass();
 }
+
+/// --log-pid: the lines about each restored process go to restore.log.PID.
+#[test]
+fn tree_restore_logs_per_pid() {
+    let d = TempDir::new("tree-log-pid");
+    let mut w = Workload::start("wl_tree", &[&d.s("")], &d);
+    let pids = w.tree_pids();
+    dump_and_restore_tree(&mut w, &d, &pids, &[], &["--log-pid"]);
+    for pid in &pids {
+        let log = std::fs::read_to_string(d.join(&format!("img/restore.log.{pid}"))).unwrap_or_else(|e| panic!("restore.log.{pid}: {e}"));
+        assert!(log.contains(&pid.to_string()), "restore.log.{pid} says nothing about {pid}:\n{log}");
+    }
+    let main = std::fs::read_to_string(d.join("img/restore.log")).unwrap();
+    assert!(main.contains("restored in"), "the main log lost the summary:\n{main}");
+    w.assert_pass();
+}
