@@ -8,6 +8,7 @@
 #![no_main]
 
 mod fault;
+mod netlock;
 mod probe;
 mod sys;
 

@@ -51,7 +51,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
 
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
-    let mut net = crate::net::DumpGuard::begin(o.tcp_established);
+    let mut net = crate::net::DumpGuard::begin(o.tcp_established, &o.images_dir, pid);
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored

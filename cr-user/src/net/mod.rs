@@ -6,9 +6,11 @@
 //! and the connections run on.
 
 pub mod diag;
+pub mod lock;
 pub mod tcp;
 
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Result};
@@ -20,6 +22,11 @@ struct DumpState {
     tcp_established: bool,
     /// cr's copies of the sockets put in repair mode, with a name for messages.
     held: Vec<(OwnedFd, String)>,
+    /// The network lock, once a connection needed it.
+    lock: Option<lock::NetLock>,
+    images_dir: PathBuf,
+    /// Names the lock's pin directory.
+    tag: String,
 }
 
 static DUMP: Mutex<Option<DumpState>> = Mutex::new(None);
@@ -31,9 +38,15 @@ pub struct DumpGuard {
 }
 
 impl DumpGuard {
-    pub fn begin(tcp_established: bool) -> DumpGuard {
+    pub fn begin(tcp_established: bool, images_dir: &Path, pid: i32) -> DumpGuard {
         if let Ok(mut g) = DUMP.lock() {
-            *g = Some(DumpState { tcp_established, held: Vec::new() });
+            *g = Some(DumpState {
+                tcp_established,
+                held: Vec::new(),
+                lock: None,
+                images_dir: images_dir.to_path_buf(),
+                tag: format!("{pid}-{}", std::process::id()),
+            });
         }
         DumpGuard { killed: false }
     }
@@ -43,16 +56,25 @@ impl DumpGuard {
         self.killed = true;
     }
 
-    /// Takes the connections out of repair mode now (before a --leave-running tree runs on).
+    /// Takes the connections out of repair mode and removes the lock, now (before a
+    /// --leave-running tree runs on).
     pub fn resume(&mut self) {
-        let held = match DUMP.lock() {
-            Ok(mut g) => g.as_mut().map(|s| std::mem::take(&mut s.held)).unwrap_or_default(),
-            Err(_) => Vec::new(),
+        let (held, lock, dir) = match DUMP.lock() {
+            Ok(mut g) => match g.as_mut() {
+                Some(s) => (std::mem::take(&mut s.held), s.lock.take(), s.images_dir.clone()),
+                None => return,
+            },
+            Err(_) => return,
         };
         for (fd, what) in held {
             if let Err(e) = tcp::set_repair(&fd, false) {
                 log::warn!("{what}: leaving repair mode: {e:#}");
             }
+        }
+        if let Some(l) = lock {
+            let rec = l.record().clone();
+            drop(l);
+            lock::release(&rec, Some(&dir));
         }
     }
 }
@@ -91,15 +113,21 @@ pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
                 tcp::show_addr(s.family, &s.src_addr, s.src_port),
                 tcp::show_addr(s.family, &s.dst_addr, s.dst_port)
             );
-            tcp::set_repair(&fd, true)?;
             let mut g = match DUMP.lock() {
                 Ok(g) => g,
                 Err(_) => bail!("internal: the dump's network state is poisoned"),
             };
             let Some(state) = g.as_mut() else {
-                tcp::set_repair(&fd, false)?;
                 bail!("internal: a TCP connection dumped outside a dump");
             };
+            // Locked before its state is read: no packet reaches or leaves it from here on.
+            if state.lock.is_none() {
+                state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
+            }
+            if let Some(l) = state.lock.as_mut() {
+                l.add(&s).map_err(|e| e.context(what.clone()))?;
+            }
+            tcp::set_repair(&fd, true)?;
             let r = tcp::save_established(&fd, &mut s);
             state.held.push((fd, what.clone()));
             r.map_err(|e| e.context(what))?;
@@ -109,14 +137,46 @@ pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
     Ok(s)
 }
 
-/// Refuses to restore established connections without --tcp-established.
-pub fn check_restore(files: &pb::Files, tcp_established: bool) -> Result<()> {
-    if tcp_established {
-        return Ok(());
+/// The network lock a restore removes once the connections are rebuilt. Dropped without
+/// [`RestoreLock::release`] (a failed restore), it stays: the connections stay locked for
+/// another try, as with CRIU.
+pub struct RestoreLock {
+    rec: Option<lock::Record>,
+    images_dir: PathBuf,
+}
+
+impl RestoreLock {
+    pub fn release(self) {
+        if let Some(rec) = &self.rec {
+            lock::release(rec, Some(&self.images_dir));
+        }
     }
-    for f in &files.files {
-        if let Some(pb::file_entry::Kind::Tcp(t)) = &f.kind {
-            if t.state == tcp::TCP_ESTABLISHED {
+}
+
+/// Refuses to restore established connections without --tcp-established, or when the lock the
+/// dump left is gone (the peers may have reset them meanwhile).
+pub fn check_restore(files: &pb::Files, tcp_established: bool, images_dir: &Path) -> Result<RestoreLock> {
+    let est: Vec<&pb::TcpSocket> = files
+        .files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(pb::file_entry::Kind::Tcp(t)) if t.state == tcp::TCP_ESTABLISHED => Some(t),
+            _ => None,
+        })
+        .collect();
+    let rec = lock::read_record(images_dir)?;
+    if tcp_established {
+        if !est.is_empty() {
+            match &rec {
+                Some(r) => lock::check_locked(r, &est)?,
+                None => bail!("the image holds established TCP connections but no network lock record ({})", lock::RECORD),
+            }
+        }
+        return Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() });
+    }
+    for t in est {
+        {
+            {
                 bail!(
                     "the image holds the established TCP connection {} -> {}: restore it with --tcp-established",
                     tcp::show_addr(t.family, &t.src_addr, t.src_port),
@@ -125,5 +185,5 @@ pub fn check_restore(files: &pb::Files, tcp_established: bool) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() })
 }

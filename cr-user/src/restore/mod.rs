@@ -69,7 +69,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     };
     let entries = tree::plan_sessions(&pstree.tasks, shell)?;
     let files: pb::Files = dir.read_msg(imgdir::FILES, Kind::Files)?;
-    crate::net::check_restore(&files, o.tcp_established)?;
+    let net_lock = crate::net::check_restore(&files, o.tcp_established, &o.images_dir)?;
     let mut procs: Vec<ProcImage> = Vec::new();
     for e in entries.iter().filter(|e| !e.zombie) {
         let pid = e.pid;
@@ -132,6 +132,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
         released.extend(threads);
     }
     drop(tree_files);
+    net_lock.release();
     // Past this point the tree runs: write the pidfile before anything can observe it missing.
     if let Some(pf) = &o.pidfile {
         if let Err(e) = std::fs::write(pf, format!("{root}\n")).with_context(|| format!("write pidfile {}", pf.display())) {

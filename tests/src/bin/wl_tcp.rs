@@ -167,6 +167,34 @@ fn stream(addr: &str) -> ! {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    if failed.is_none() {
+        // Orderly end: FIN, then read what the peer still sends until its FIN (closing with
+        // unread data would reset the peer).
+        let _ = st.s.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 65536];
+        loop {
+            if Instant::now() > deadline {
+                failed = Some("the peer never closed its side".into());
+                break;
+            }
+            match st.s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(k) = buf[..n].iter().enumerate().position(|(k, &b)| b != ((st.recvd + k as u64) % 251) as u8) {
+                        failed = Some(format!("byte {} is wrong", st.recvd + k as u64));
+                        break;
+                    }
+                    st.recvd += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => {
+                    failed = Some(format!("read while closing: {e}"));
+                    break;
+                }
+            }
+        }
+    }
     if let Some(e) = failed {
         c.check(false, e);
     }
