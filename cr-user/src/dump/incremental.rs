@@ -46,6 +46,10 @@ use crate::track::uffd::Userfaultfd;
 
 const PAGE: u64 = 4096;
 
+/// Scattered ranges past which an eBPF harvest covering most of the memory becomes one exact
+/// scan instead.
+const MANY_RANGES: usize = 256;
+
 /// Environment switch for tests and the benchmark: `ebpf` skips the "dirty blocks cover most
 /// of the memory" shortcut to the exact scan, `scan` always uses the exact scan.
 pub const HARVEST_ENV: &str = "CR_HARVEST";
@@ -134,6 +138,9 @@ impl Session {
             let c = client::spawn(pid, dirty_max)?;
             snap = Some(c.get()?);
             conn = Some(c);
+        }
+        if let Some(c) = &conn {
+            c.register()?;
         }
         let tracked = match (conn, snap) {
             (Some(conn), Some(s)) => Some(Tracked {
@@ -238,7 +245,9 @@ impl Session {
         if self.harvest {
             // From here until the new state is put, the tracker has no base image: a dump that
             // dies now cannot leave a state a later dump would trust.
+            let t_inv = Instant::now();
             tr.conn.invalidate()?;
+            log::debug!("PID {pid}: tracker state invalidated in {:?}", t_inv.elapsed());
             let ep = self.epoch.context("internal: the session was not told the target is frozen")?;
             facts = harvest::read_epoch(&mut tr.maps, pid, &tr.state, &ep)?;
         }
@@ -329,13 +338,17 @@ impl Session {
         let harvest_us = t_h.elapsed().as_micros() as u64;
         interrupt::check()?;
 
+        let t_copy = Instant::now();
         let writer = PageWriter::create(w, pid, data_pages)?;
+        let t_writer = t_copy.elapsed();
         let pending = pages::copy_plan(pid, &plan, writer, pages::budget(data_pages * PAGE))?;
         let memdump_us = t_mem.elapsed().as_micros() as u64;
+        log::debug!("PID {pid}: page file started in {t_writer:?}, {} plan items read in {:?}", plan.len(), t_copy.elapsed() - t_writer);
 
         // Arm or re-arm for the next checkpoint.
         let tr = self.tracked.as_mut().expect("checked above");
         if self.keep_tracking {
+            let t_arm = Instant::now();
             let mut fresh = None;
             if !armed {
                 let ip = match ip {
@@ -355,8 +368,9 @@ impl Session {
             // What cr did while the target was frozen is not the target's doing: start the
             // next epoch here, except for remote writes by others, which only the next
             // checkpoint can account for.
+            // (The dirty set was taken at the harvest; nothing the target did since, it is
+            // frozen, and cr's own reads fault in cr's context.)
             let _ = tr.maps.drain_vma_events();
-            let _ = tr.maps.tracker.take_all_dirty()?;
             let mut baseline = tr.maps.counters(pid as u32)?;
             if let Some(ep) = &self.epoch {
                 baseline.gup_events = ep.at_seize.gup_events;
@@ -378,6 +392,7 @@ impl Session {
             });
             let fd = fd.transpose().context("dup the userfaultfd")?;
             tr.conn.put(&state, fd.as_ref())?;
+            log::debug!("PID {pid}: re-armed and handed the tracker its state in {:?}", t_arm.elapsed());
             if let Some(u) = fresh {
                 tr.uffd = Some(u);
             }
@@ -427,7 +442,7 @@ impl Session {
             return;
         }
         let Some(t) = &self.tracked else { return };
-        let r = ImageDir::open(images_dir).and_then(|img| t.conn.commit(&self.image, img.inventory_crc()));
+        let r = t.conn.settle().and_then(|_| ImageDir::open(images_dir)).and_then(|img| t.conn.commit(&self.image, img.inventory_crc()));
         if let Err(e) = r {
             log::warn!("the tracker could not record this image as its base ({e:#}): the next dump will be full");
         }
@@ -510,11 +525,18 @@ fn choose_mode(
         ranges = ranges.union(&heap);
     }
     let ranges = ranges.intersect(tracked);
+    // Scanning the blocks never costs more page-table walking than scanning everything, but
+    // each block is an ioctl: past many scattered blocks covering most of the memory, one
+    // walk of all is cheaper.
     let (cover, total) = (ranges.len_bytes(), tracked.len_bytes().max(1));
-    if forced != "ebpf" && cover * 2 > total {
+    if forced != "ebpf" && ranges.ranges().len() > MANY_RANGES && cover * 2 > total {
         return (
             Mode::Exact,
-            format!("the eBPF dirty blocks cover {}% of the tracked memory: one scan of all is cheaper", cover * 100 / total),
+            format!(
+                "the eBPF dirty set falls in {} blocks covering {}% of the tracked memory: one scan of all is cheaper",
+                ranges.ranges().len(),
+                cover * 100 / total
+            ),
         );
     }
     let why = if forced == "ebpf" { format!("forced by {HARVEST_ENV}=ebpf") } else { "nothing escaped the eBPF records".to_string() };
@@ -530,6 +552,11 @@ fn classify(
     swap: bool,
     plan: &mut Vec<PlanItem>,
 ) -> Result<()> {
+    for w in regions.windows(2) {
+        if w[1].start < w[0].end {
+            bail!("internal: PAGEMAP_SCAN regions overlap: {:x?} then {:x?}", w[0], w[1]);
+        }
+    }
     for r in regions {
         let whole = RangeSet::from_ranges(vec![(r.start, r.end)]);
         let inside = in_parent.clip(r.start, r.end);
@@ -582,7 +609,7 @@ fn merge_plan(mut plan: Vec<PlanItem>) -> Result<Vec<PlanItem>> {
                 PlanItem::Data { end, .. } | PlanItem::Parent { end, .. } => end,
             };
             if key(&item) < last_end {
-                bail!("internal: page plan overlaps at {:#x}", key(&item));
+                bail!("internal: page plan overlaps: {item:x?} after {last:x?}");
             }
         }
         out.push(item);
@@ -732,9 +759,13 @@ mod tests {
         let (m, why) = choose_mode(true, true, "", &lost, &tracked, &[]);
         assert_eq!(m, Mode::Exact);
         assert!(why.contains("lost"));
-        // Dirty blocks over most of the memory: one exact scan.
-        let many = EpochFacts { dirty: (0..(1u64 << 18)).step_by(512).collect(), ..Default::default() };
-        assert_eq!(choose_mode(true, true, "", &many, &tracked, &[]).0, Mode::Exact);
+        // Many scattered dirty blocks over most of the memory: one exact scan. (4 GiB; two
+        // blocks of every three: 683 ranges, 2/3 of it.)
+        let big = RangeSet::from_ranges(vec![(0, 4 << 30)]);
+        let many = EpochFacts { dirty: (0..(1u64 << 20)).step_by(512).filter(|p| (p / 512) % 3 != 2).collect(), ..Default::default() };
+        assert_eq!(choose_mode(true, true, "", &many, &big, &[]).0, Mode::Exact);
+        // Few blocks, even covering most of a small memory: the eBPF harvest.
+        assert!(matches!(choose_mode(true, true, "", &many, &tracked, &[]).0, Mode::Ebpf(_)));
         assert_eq!(choose_mode(false, true, "", &f, &tracked, &[]).0, Mode::FullPeek);
     }
 }

@@ -335,6 +335,12 @@ impl PagemapScanner {
                     out.push(*r);
                 }
             }
+            // A walk that did not fill the buffer went to the end. (Do not trust walk_end
+            // then: the kernel leaves it at the point where its internal 512-entry buffer last
+            // filled, behind regions it has reported since; resuming there reports them twice.)
+            if n < self.vec.len() {
+                break;
+            }
             if arg.walk_end <= cur || arg.walk_end > end {
                 bail!(
                     "PAGEMAP_SCAN pid {}: walk_end {:#x} makes no progress from {cur:#x} (end {end:#x})",
@@ -342,7 +348,9 @@ impl PagemapScanner {
                     arg.walk_end
                 );
             }
-            cur = arg.walk_end;
+            // Everything up to the end of the last region is reported (a region cut by the
+            // full buffer ends where the walk stopped).
+            cur = arg.walk_end.max(self.vec[n - 1].end);
         }
         Ok(())
     }
@@ -565,6 +573,42 @@ mod tests {
             .is_err());
         assert!(s.scan(base + 1, base + ps, &q).is_err());
 
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+    }
+
+    /// More regions than the kernel's internal 512-entry buffer, in one ioctl: every region
+    /// exactly once (the kernel's walk_end is stale in that case and must not be resumed from).
+    #[test]
+    fn many_regions_reported_once() {
+        let ps = page_size();
+        let npages = 4096u64;
+        let len = (npages * ps) as usize;
+        let base = mmap(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
+        // SAFETY: our own fresh mapping.
+        unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+        let touched: BTreeSet<u64> = (0..npages).step_by(2).collect();
+        for p in &touched {
+            // SAFETY: inside our read/write mapping.
+            unsafe { std::ptr::write_volatile((base + p * ps) as *mut u8, 1) };
+        }
+        let q = ScanQuery {
+            category_mask: PAGE_IS_PRESENT,
+            return_mask: PAGE_IS_PRESENT,
+            ..Default::default()
+        };
+        for cap in [4096usize, 1000, 512, 7] {
+            let mut s = PagemapScanner::with_capacity(std::process::id() as i32, cap).unwrap();
+            let r = s.scan(base, base + npages * ps, &q).unwrap();
+            assert_eq!(r.len(), touched.len(), "capacity {cap}");
+            assert!(r.windows(2).all(|w| w[0].end <= w[1].start), "capacity {cap}: regions overlap or go back");
+            assert_eq!(pages_of(&r, base, PAGE_IS_PRESENT), touched, "capacity {cap}");
+        }
         // SAFETY: unmapping our own mapping.
         unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }

@@ -63,8 +63,8 @@ pub struct TrackerState {
     pub sticky: bool,
     /// Checkpoints taken with this tracker.
     pub harvests: u64,
-    /// PIDs of the cr processes that used this tracker (their own /proc/PID/mem opens are
-    /// not a stranger's writes). Kept by the tracker from the connections' credentials.
+    /// PIDs of the cr dumps that worked on the target (their own /proc/PID/mem opens are not
+    /// a stranger's writes). Kept by the tracker from the credentials of `Register`.
     pub dumpers: Vec<i32>,
 }
 
@@ -74,6 +74,9 @@ pub struct TrackerState {
 pub enum Request {
     /// The state, the map fds and the userfaultfd (if armed).
     Get,
+    /// The sender is a dump working on the target: its own writes through /proc/PID/mem
+    /// (remote calls) are not a stranger's.
+    Register,
     /// Forget the base image (a harvest is about to consume the dirty set).
     Invalidate,
     /// Replace the state (a userfaultfd may come along).
@@ -106,7 +109,20 @@ pub fn send(sock: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
 
 /// Receives one message and the fds that came with it. Ok(None) at end of stream.
 pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-    let mut buf = vec![0u8; MAX_MSG];
+    // The message's length first (SOCK_SEQPACKET reports the whole length with MSG_TRUNC), so
+    // the buffer fits it instead of a large zeroed one per message.
+    let mut probe = [0u8; 1];
+    let len = loop {
+        match nix::sys::socket::recv(sock.as_fd().as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("peek at the tracker socket"),
+        }
+    };
+    if len > MAX_MSG {
+        bail!("a tracker message of {len} bytes is larger than {MAX_MSG}");
+    }
+    let mut buf = vec![0u8; len.max(1)];
     let mut cbuf = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -143,6 +159,8 @@ pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
 pub struct TrackerConn {
     sock: OwnedFd,
     pub pid: i32,
+    /// Requests sent without waiting for their reply (see [`TrackerConn::post`]).
+    pending: std::cell::Cell<usize>,
 }
 
 /// What `Get` returns.
@@ -161,15 +179,43 @@ impl TrackerConn {
             .context("create a unix socket")?;
         let addr = UnixAddr::new_abstract(socket_name(pid).as_bytes()).context("socket name")?;
         match connect(sock.as_raw_fd(), &addr) {
-            Ok(()) => Ok(Some(TrackerConn { sock, pid })),
+            Ok(()) => Ok(Some(TrackerConn { sock, pid, pending: std::cell::Cell::new(0) })),
             Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
             Err(e) => Err(anyhow!(e)).with_context(|| format!("connect to the tracker of PID {pid}")),
         }
     }
 
-    fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+    /// Sends a request without waiting for the reply (a round trip to another process costs
+    /// scheduling latency the frozen target should not pay). Requests are served in order, so
+    /// the next call sees its effect; its reply is checked by [`TrackerConn::settle`] or the
+    /// next call.
+    fn post(&self, req: &Request, fds: &[RawFd]) -> Result<()> {
         let bytes = serde_json::to_vec(req).context("encode a tracker request")?;
         send(&self.sock, &bytes, fds)?;
+        self.pending.set(self.pending.get() + 1);
+        Ok(())
+    }
+
+    /// Waits for the replies of posted requests; the first refusal is the error.
+    pub fn settle(&self) -> Result<()> {
+        let mut first_err = None;
+        while self.pending.get() > 0 {
+            self.pending.set(self.pending.get() - 1);
+            if let Err(e) = self.read_reply() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+        self.settle()?;
+        let bytes = serde_json::to_vec(req).context("encode a tracker request")?;
+        send(&self.sock, &bytes, fds)?;
+        self.read_reply()
+    }
+
+    fn read_reply(&self) -> Result<(Reply, Vec<OwnedFd>)> {
         let Some((bytes, fds)) = recv(&self.sock)? else {
             bail!("the tracker of PID {} closed the connection (it exited?)", self.pid);
         };
@@ -202,14 +248,21 @@ impl TrackerConn {
         Ok(Snapshot { state, map_fds: fds, uffd })
     }
 
-    pub fn invalidate(&self) -> Result<()> {
-        self.call(&Request::Invalidate, &[]).map(drop)
+    pub fn register(&self) -> Result<()> {
+        self.call(&Request::Register, &[]).map(drop)
     }
 
-    /// Replaces the state; `uffd` hands over a (new) userfaultfd.
+    /// Forgets the base image (posted: see [`TrackerConn::post`]; the tracker has handled it
+    /// before it handles anything this connection sends later).
+    pub fn invalidate(&self) -> Result<()> {
+        self.post(&Request::Invalidate, &[])
+    }
+
+    /// Replaces the state; `uffd` hands over a (new) userfaultfd. Posted: the reply is checked
+    /// by [`TrackerConn::settle`] (or the next call).
     pub fn put(&self, state: &TrackerState, uffd: Option<&OwnedFd>) -> Result<()> {
         let fds: Vec<RawFd> = uffd.iter().map(|f| f.as_raw_fd()).collect();
-        self.call(&Request::Put { state: state.clone() }, &fds).map(drop)
+        self.post(&Request::Put { state: state.clone() }, &fds)
     }
 
     pub fn commit(&self, image: &str, crc: u32) -> Result<()> {
@@ -220,6 +273,17 @@ impl TrackerConn {
     pub fn stop(&self) -> Result<()> {
         self.call(&Request::Stop, &[]).map(drop)
     }
+}
+
+/// How many dirty pages the tracker's map holds: a quarter of the target's resident anonymous
+/// memory, within [16 Ki, 1 Mi] entries. An epoch that writes more loses records and gets the
+/// exact scan; a smaller map keeps the harvest fast (taking the set walks every bucket).
+fn dirty_map_size(pid: i32) -> u32 {
+    let rss_anon_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("RssAnon:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .unwrap_or(0);
+    ((rss_anon_kb / 4) / 4).clamp(16 << 10, 1 << 20) as u32
 }
 
 /// The current log level on CRIU's 0..=4 scale, passed on to the tracker.
@@ -238,6 +302,7 @@ fn criu_level() -> u8 {
 /// terminal or its signals do not end it. Returns once the tracker has loaded its programs,
 /// started recording `pid` and listens.
 pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
+    let dirty_max_entries = dirty_max_entries.or_else(|| Some(dirty_map_size(pid)));
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the tracker's ready message")?;
     let wfd = w.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");

@@ -118,16 +118,6 @@ impl Tracker {
 
     /// Serves one client until it hangs up. Returns true on `Stop`.
     fn connection(&mut self, conn: &OwnedFd) -> Result<bool> {
-        if let Ok(cred) = getsockopt(conn, sockopt::PeerCredentials) {
-            let p = cred.pid();
-            if !self.state.dumpers.contains(&p) {
-                self.state.dumpers.push(p);
-                let n = self.state.dumpers.len();
-                if n > MAX_DUMPERS {
-                    self.state.dumpers.drain(..n - MAX_DUMPERS);
-                }
-            }
-        }
         while let Some((bytes, fds)) = recv(conn)? {
             let req: Request = match serde_json::from_slice(&bytes) {
                 Ok(r) => r,
@@ -145,6 +135,19 @@ impl Tracker {
                     }
                     let raw: Vec<RawFd> = out.iter().map(|f| f.as_raw_fd()).collect();
                     self.reply(conn, Ok(()), &raw)?;
+                }
+                Request::Register => {
+                    if let Ok(cred) = getsockopt(conn, sockopt::PeerCredentials) {
+                        let p = cred.pid();
+                        if !self.state.dumpers.contains(&p) {
+                            self.state.dumpers.push(p);
+                            let n = self.state.dumpers.len();
+                            if n > MAX_DUMPERS {
+                                self.state.dumpers.drain(..n - MAX_DUMPERS);
+                            }
+                        }
+                    }
+                    self.reply(conn, Ok(()), &[])?;
                 }
                 Request::Invalidate => {
                     self.state.last_image = None;

@@ -85,6 +85,7 @@ pub struct EpochFacts {
 /// events, the counters against the tracker's baseline, the mem-file writers, and the target's
 /// lasting sources of fault-less writes.
 pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &Epoch) -> Result<EpochFacts> {
+    let t0 = std::time::Instant::now();
     let mut f = EpochFacts::default();
     let now = &epoch.at_seize;
     let base = &state.baseline;
@@ -115,7 +116,8 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
                 k.opener,
                 if k.target == 0 { "a mem file".to_string() } else { format!("/proc/{}/mem", k.target) }
             ));
-            if crate::proc::task::exists(k.opener as i32) {
+            // While it still holds such a file open, it can write at any time.
+            if holds_mem_file(k.opener as i32, k.target) {
                 f.sticky_next = true;
                 continue;
             }
@@ -123,10 +125,12 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
         maps.remove_mem_writer(&k)?;
     }
 
+    let t_writers = t0.elapsed();
     for why in lasting_sources(pid) {
         f.unsafe_why.push(why);
         f.sticky_next = true;
     }
+    let t_fds = t0.elapsed();
 
     for ev in maps.drain_vma_events() {
         if ev.tgid != pid as u32 || ev.ts_ns >= epoch.seize_ns {
@@ -139,10 +143,19 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
         }
     }
 
+    let t_ring = t0.elapsed();
     let taken = maps.tracker.take_all_dirty()?;
     f.dirty = taken.into_iter().filter(|(t, _)| *t == pid as u32).map(|(_, p)| p.page).collect();
     f.dirty.sort_unstable();
     f.dirty.dedup();
+    log::debug!(
+        "PID {pid}: epoch read in {:?} (counters and mem writers {:?}, fds {:?}, VMA events {:?}, dirty set {:?})",
+        t0.elapsed(),
+        t_writers,
+        t_fds - t_writers,
+        t_ring - t_fds,
+        t0.elapsed() - t_ring
+    );
     Ok(f)
 }
 
@@ -177,6 +190,18 @@ pub fn lasting_sources(pid: i32) -> Vec<String> {
     let mut v: Vec<String> = why.into_iter().collect();
     v.sort();
     v
+}
+
+/// Whether process `opener` has an fd open on `/proc/<target>/mem` (target 0: any mem file).
+/// (A child it forked the fd into is not looked for.)
+fn holds_mem_file(opener: i32, target: u32) -> bool {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{opener}/fd")) else {
+        return false; // gone
+    };
+    rd.flatten().any(|e| {
+        let l = std::fs::read_link(e.path()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        l.ends_with("/mem") && (target == 0 || l == format!("/proc/{target}/mem"))
+    })
 }
 
 /// The 2 MiB blocks around `pages` (page numbers), as a range set.
@@ -315,4 +340,49 @@ mod tests {
         // A present page.
         assert!(!is_marker(PagemapEntry(0x8300_0000_0014_eb28)));
     }
+}
+
+/// A look at a target's tracking without consuming anything (tests, diagnostics).
+#[derive(Debug)]
+pub struct Peek {
+    /// Pages the eBPF write-fault set holds for the target, sorted.
+    pub ebpf: Vec<u64>,
+    /// Pages PAGEMAP_SCAN reports written (and populated) in the given ranges, sorted.
+    pub written: Vec<u64>,
+    /// Why the next harvest could not trust the eBPF set (empty: it could). VMA events are
+    /// not included (peeking the ring would consume it): see `vma_events`.
+    pub unsafe_why: Vec<String>,
+    /// VMA-changing syscalls since the last checkpoint.
+    pub vma_events: u64,
+    pub state: TrackerState,
+}
+
+/// Reads the tracker of `pid` and the written bits of `ranges` (which must be tracked VMAs),
+/// changing nothing.
+pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
+    let conn = super::client::TrackerConn::connect(pid)?.with_context(|| format!("PID {pid} has no tracker"))?;
+    let snap = conn.get()?;
+    let maps = TrackMaps::from_fds(snap.map_fds)?;
+    let state = snap.state;
+    let ebpf = maps.tracker.dirty_pages(pid as u32)?;
+    let mut scanner = PagemapScanner::open(pid)?;
+    let mut regions = Vec::new();
+    for &(s, e) in ranges {
+        scanner.scan_into(s, e, &harvest_query(false), &mut regions)?;
+    }
+    let mut written = written_pages(&regions);
+    written.sort_unstable();
+    let now = maps.counters(pid as u32)?;
+    let mut unsafe_why = now.moved(&state.baseline);
+    if state.sticky {
+        unsafe_why.push("sticky".into());
+    }
+    for (k, n) in maps.mem_writers()? {
+        let ours = k.target == pid as u32 || k.target == 0;
+        if ours && !state.dumpers.contains(&(k.opener as i32)) {
+            unsafe_why.push(format!("PID {} opened a mem file for writing ({n} times)", k.opener));
+        }
+    }
+    unsafe_why.extend(lasting_sources(pid));
+    Ok(Peek { ebpf, written, unsafe_why, vma_events: now.vma_events.wrapping_sub(state.baseline.vma_events), state })
 }
