@@ -11,6 +11,7 @@
 pub mod files;
 pub mod incremental;
 pub mod interrupt;
+pub mod locks;
 pub mod memory;
 pub mod pages;
 pub mod task;
@@ -132,6 +133,8 @@ struct Collected {
     contents: Vec<(String, Vec<u8>)>,
     pstree: pb::PsTree,
     stats: pb::DumpStats,
+    /// locks.img (--file-locks).
+    locks: Option<pb::Locks>,
 }
 
 /// Everything that needs the tree frozen: the state of each process, and a copy of its memory.
@@ -140,8 +143,12 @@ fn dump_frozen(tree: &mut tree::Tree, w: &ImageWriter, o: &DumpOpts, inc: &mut i
     let mut next_id = 1;
     let mut dedup = tree::FileDedup::default();
     let mut shmem = tree::ShmemOwners::default();
-    let mut out = Collected { procs: Vec::new(), files: Vec::new(), contents: Vec::new(), pstree, stats: pb::DumpStats::default() };
+    let mut out = Collected { procs: Vec::new(), files: Vec::new(), contents: Vec::new(), pstree, stats: pb::DumpStats::default(), locks: None };
     let root = tree.root().pid;
+    // File locks first: a refused tree has not seen a single remote syscall.
+    let live: Vec<i32> = tree.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
+    let held = locks::survey(&live)?;
+    held.check(o.file_locks)?;
     for p in tree.procs.iter_mut() {
         if p.zombie {
             log::info!("PID {} is a zombie (exit status {:#x})", p.pid, p.stat.exit_code);
@@ -150,6 +157,10 @@ fn dump_frozen(tree: &mut tree::Tree, w: &ImageWriter, o: &DumpOpts, inc: &mut i
         let d = dump_process(p, p.pid == root, w, o, inc, &mut next_id, &mut dedup, &mut shmem, &mut out)
             .with_context(|| format!("dumping PID {}", p.pid))?;
         out.procs.push(d);
+    }
+    if o.file_locks {
+        let fds = out.procs.iter().flat_map(|p| p.fds.fds.iter().map(move |f| ((p.pid, f.fd), f.file_id))).collect();
+        out.locks = Some(held.image(&fds)?);
     }
     Ok(out)
 }
@@ -305,6 +316,9 @@ fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
     }
     w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: c.files })?;
     w.write_msg(imgdir::PSTREE, Kind::PsTree, &c.pstree)?;
+    if let Some(l) = &c.locks {
+        w.write_msg(locks::LOCKS_IMG, Kind::Locks, l)?;
+    }
     Ok(c.stats)
 }
 

@@ -121,7 +121,8 @@ fn message_json(kind: Kind, payload: &[u8], path: &Path) -> Result<String> {
         Kind::Blob => Ok(serde_json::to_string_pretty(
             &serde_json::json!({ "blob": bytes_summary(payload) }),
         )?),
-        Kind::Tcp | Kind::Locks => Ok(serde_json::to_string_pretty(&serde_json::json!({
+        Kind::Locks => msg::<pb::Locks>(payload, kind, path),
+        Kind::Tcp => Ok(serde_json::to_string_pretty(&serde_json::json!({
             "kind": kind.name(),
             "payload_bytes": payload.len(),
             "note": "this cr cannot decode this kind yet",

@@ -9,6 +9,7 @@
 //! restore leaves no process behind.
 
 pub mod files;
+pub mod locks;
 pub mod memory;
 pub mod spawn;
 pub mod task;
@@ -101,6 +102,8 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             }
         }
     }
+    let tables: HashMap<i32, &pb::Fds> = procs.iter().map(|p| (p.entry.pid, &p.fds)).collect();
+    let file_locks = locks::plan(dir, o.file_locks, &tables)?;
     let mut tree_files = files::TreeFiles::plan(procs.iter().map(|p| &p.fds), &files);
     let root = entries[0].pid;
     log::info!(
@@ -125,6 +128,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             dir,
             links: links.get(&pid).unwrap_or(&no_links),
             zombie_children: created.zombie_parents.contains(&pid),
+            locks: file_locks.get(&pid).map(Vec::as_slice).unwrap_or(&[]),
         };
         let (k, threads) = build(&mut t, p, &ctx, &mut tree_files).with_context(|| format!("restoring PID {pid}"))?;
         keep.push(k);
@@ -160,6 +164,8 @@ struct BuildCtx<'a> {
     links: &'a HashMap<u64, ShmemLink>,
     /// A zombie child sent a SIGCHLD that must be taken back.
     zombie_children: bool,
+    /// File locks this process takes again (--file-locks).
+    locks: &'a [pb::FileLock],
 }
 
 /// Rebuilds one process inside the stopped task `t` (a clean copy of cr, every signal
@@ -194,6 +200,7 @@ fn build(t: &mut Tracee, img: &ProcImage, ctx: &BuildCtx, tree_files: &mut files
     log::debug!("pages written in {:.1} ms", t_fill.elapsed().as_secs_f64() * 1e3);
     memory::set_mm(&mut r, scratch, &img.mm)?;
     let keep = files::restore_fds_in_tree(&mut r, scratch, pid, ctx.dir, &img.fds, ctx.files, tree_files)?;
+    locks::take(&mut r, scratch, pid, ctx.locks)?;
     if ctx.zombie_children {
         tree::dequeue_sigchld(&mut r, scratch)?;
     }
