@@ -33,7 +33,7 @@ fn threads_run_on_after_leave_running() {
 fn tree_workload_passes_undisturbed() {
     let d = TempDir::new("tree-control");
     let mut w = Workload::start("wl_tree", &[&d.s("")], &d);
-    assert_eq!(w.tree_pids().len(), 5, "pids: {}", w.info);
+    assert_eq!(w.tree_pids().len(), 6, "pids: {}", w.info);
     w.assert_pass();
 }
 
@@ -42,7 +42,7 @@ fn tree_survives_dump_and_restore() {
     let d = TempDir::new("tree");
     let mut w = Workload::start("wl_tree", &[&d.s("")], &d);
     let pids = w.tree_pids();
-    assert_eq!(pids.len(), 5, "pids: {}", w.info);
+    assert_eq!(pids.len(), 6, "pids: {}", w.info);
     dump_and_restore_tree(&mut w, &d, &pids, &[], &[]);
     w.assert_pass();
 }

@@ -267,6 +267,22 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
             bail!("PID {} ({}) left the tree while it was being frozen (its parent is now {}); try again", p.pid, p.stat.comm, p.stat.ppid);
         }
     }
+    for p in tree.procs.iter().skip(1).filter(|p| !p.zombie) {
+        // clone() without CLONE_THREAD but with CLONE_VM (a vfork child before its exec),
+        // CLONE_FILES, CLONE_FS or CLONE_SIGHAND: a sharing cr does not recreate.
+        for (kind, what) in [(KCMP_VM, "its memory"), (KCMP_FILES, "its fd table"), (KCMP_FS, "its cwd/root/umask"), (KCMP_SIGHAND, "its signal handlers")] {
+            // SAFETY: kcmp takes integers only.
+            let r = unsafe { libc::syscall(libc::SYS_kcmp, p.stat.ppid, p.pid, kind, 0, 0) };
+            if r == 0 {
+                bail!(
+                    "PID {} ({}) shares {what} with its parent {} (clone without CLONE_THREAD, or a vfork child): not supported",
+                    p.pid,
+                    p.stat.comm,
+                    p.stat.ppid
+                );
+            }
+        }
+    }
     for p in &tree.procs {
         if !shell_job && p.stat.tty_nr != 0 && !p.zombie {
             bail!(
@@ -372,6 +388,10 @@ impl ShmemOwners {
 }
 
 const KCMP_FILE: i32 = 0;
+const KCMP_VM: i32 = 1;
+const KCMP_FILES: i32 = 2;
+const KCMP_FS: i32 = 3;
+const KCMP_SIGHAND: i32 = 4;
 
 /// kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0: the two fds share one open file description.
 fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {

@@ -6,6 +6,7 @@
 //! ```text
 //! R  session leader, 2 threads; holds the write end of pipe P, file F (offset 10), shm S
 //! ├─ Z  exited with code 42 before the dump, not reaped: a zombie
+//! ├─ Y  killed by SIGTERM before the dump, not reaped: a zombie too
 //! ├─ A  leader of its own process group, 2 threads; holds the read end of P, and S
 //! │  └─ G  in A's group, 2 threads
 //! └─ B  leader of its own session, 2 threads; holds F (the same description as R)
@@ -13,7 +14,7 @@
 //! Before READY, R writes "before-dump" into P and 0x1234 into S (after the fork: A sees it
 //! only through the shared mapping). Every process blocks SIGUSR1 and waits for it.
 //!
-//! On SIGUSR1 (to R), R: reaps Z (exit code 42), writes "after" into P, checks A (which reads
+//! On SIGUSR1 (to R), R: reaps Z (exit code 42) and Y (SIGTERM), writes "after" into P, checks A (which reads
 //! "before-dump" then "after" from P, finds 0x1234 in S and writes 0x5678 there, and checks G),
 //! finds 0x5678 in S, checks B (which finds F at offset 10 and moves it to 50), finds F at
 //! offset 50. Each process also checks its pid, parent, group, session, and that its helper
@@ -206,6 +207,18 @@ fn main() {
         // SAFETY: _exit in a forked child.
         unsafe { libc::_exit(42) };
     }
+    let y = fork();
+    if y == 0 {
+        // SAFETY: the default action of SIGTERM ends us with it.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), libc::SIGTERM);
+            libc::_exit(1);
+        }
+    }
     // A (with G).
     let a = fork();
     if a == 0 {
@@ -266,15 +279,17 @@ fn main() {
     // Z is a zombie once waitid(WNOWAIT) sees it exited (without reaping it).
     // SAFETY: waitid with a valid out-struct.
     unsafe {
-        let mut si: libc::siginfo_t = std::mem::zeroed();
-        assert_eq!(libc::waitid(libc::P_PID, z as u32, &mut si, libc::WEXITED | libc::WNOWAIT), 0, "waitid Z");
+        for zombie in [z, y] {
+            let mut si: libc::siginfo_t = std::mem::zeroed();
+            assert_eq!(libc::waitid(libc::P_PID, zombie as u32, &mut si, libc::WEXITED | libc::WNOWAIT), 0, "waitid {zombie}");
+        }
     }
     let got = read_n(&ready_rd, 3);
     assert_eq!(got.len(), 3, "children ready");
     let id = Identity::now();
     let h = Helper::start();
     let g = std::fs::read_to_string(format!("/proc/{a}/task/{a}/children")).unwrap_or_default().trim().to_string();
-    ready(&format!("pids={},{z},{a},{g},{b}", id.pid));
+    ready(&format!("pids={},{z},{y},{a},{g},{b}", id.pid));
     wait_for_check();
 
     let mut c = Checker::new();
@@ -287,6 +302,14 @@ fn main() {
         st
     };
     c.check(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42, format!("R: Z's exit status {st:#x}, want exit code 42"));
+    // SAFETY: waitpid on our zombie child.
+    let st = unsafe {
+        let mut st = 0;
+        let r = libc::waitpid(y, &mut st, libc::WNOHANG);
+        c.eq(r, y, "R: Y is a zombie, reaped at once");
+        st
+    };
+    c.check(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGTERM, format!("R: Y's exit status {st:#x}, want killed by SIGTERM"));
     p_wr.write_all(b"after").expect("write P");
     check_child(&mut c, "A", a);
     c.eq(shm[1].load(Ordering::SeqCst), 0x5678, "R: what A wrote into the shared memory after the restore");
