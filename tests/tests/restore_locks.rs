@@ -284,3 +284,20 @@ fn tree_locks_survive_dump_and_restore() {
     assert_child_held(&d, pids[1]);
     w.assert_pass();
 }
+
+/// `dump -R -l` leaves the workload running with every lock it held.
+#[test]
+fn leave_running_dump_keeps_the_locks() {
+    let d = TempDir::new("locks-R");
+    let mut w = start(&d);
+    let out = dump(&w, &d, &["-R", "-l"]);
+    assert!(
+        out.status.success(),
+        "dump -R -l failed: {}\n{}",
+        stderr_of(&out),
+        log_of(&d, "dump.log")
+    );
+    assert!(d.join("img/locks.img").exists(), "no locks.img");
+    assert_held(&d, w.pid);
+    w.assert_pass();
+}

@@ -93,6 +93,15 @@ fn fdinfo_locks(fd: i32) -> Vec<(String, String, String, String)> {
 fn child(w: i32) -> ! {
     // SAFETY: the harness reads the ready pipe (fd 3) to its end: only the root may hold it.
     unsafe { libc::close(3) };
+    // SIGUSR1 may come as soon as the parent is told to check: block it before saying ready,
+    // so it waits for wait_for_check instead of killing us.
+    // SAFETY: plain signal-mask manipulation on this (only) thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
     let mut c = Checker::new();
     setlk(FD_POSIX, libc::F_SETLK, libc::F_WRLCK, 300, 100).expect("child POSIX write lock");
     // SAFETY: one byte to the pipe the parent waits on, then closed.
