@@ -179,6 +179,8 @@ pub struct TreeFiles {
     files: HashMap<u32, Option<OwnedFd>>,
     /// Pipes with ends in more than one process, and cr's copy of both ends once created.
     pipes: HashMap<u64, Option<SharedPipe>>,
+    /// FIFOs whose saved data is back already (by any process).
+    fifos_filled: HashSet<u64>,
 }
 
 struct SharedPipe {
@@ -210,6 +212,7 @@ impl TreeFiles {
         TreeFiles {
             files: file_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
             pipes: pipe_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
+            fifos_filled: HashSet::new(),
         }
     }
 }
@@ -419,7 +422,8 @@ impl FdBuilder<'_, '_, '_, '_> {
     /// Puts the saved data (and capacity) of a FIFO back, through an fd of cr's own that stays
     /// open until the whole table is built.
     fn fill_fifo(&mut self, fifo: &pb::FifoFile) -> Result<()> {
-        if !self.fifos_filled.insert(fifo.pipe_id) {
+        // Once per tree: another process may hold its own description of the same FIFO.
+        if !self.fifos_filled.insert(fifo.pipe_id) || !self.tree.fifos_filled.insert(fifo.pipe_id) {
             return Ok(());
         }
         let mine = std::fs::OpenOptions::new()
