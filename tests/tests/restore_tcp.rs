@@ -143,3 +143,116 @@ fn stream_leave_running_releases_lock() {
     w.assert_pass();
     p.finish();
 }
+
+/// Two network namespaces joined by a veth pair (10.213.0.1 in `a`, 10.213.0.2 in `b`),
+/// removed when dropped.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+impl NetPair {
+    fn new() -> NetPair {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("cra{id}"), format!("crb{id}"));
+        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
+        let pair = NetPair { a: a.clone(), b: b.clone() };
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &a]);
+        ip(&["link", "set", &vb, "netns", &b]);
+        for (ns, dev, addr) in [(&a, &va, "10.213.0.1/24"), (&b, &vb, "10.213.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Moves the calling thread (and the threads and processes it starts) into netns `name`.
+fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    // SAFETY: setns on a valid namespace fd; affects this thread only.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn stream_restore_across_netns() {
+    let ns = NetPair::new();
+    let d = TempDir::new("tcp-netns");
+    let b = ns.b.clone();
+    let p = std::thread::spawn(move || {
+        enter_netns(&b);
+        peer("10.213.0.2:0")
+    })
+    .join()
+    .unwrap();
+    let (a, addr) = (ns.a.clone(), p.addr.clone());
+    std::thread::spawn(move || {
+        enter_netns(&a);
+        let mut w = Workload::start("wl_tcp", &["stream", &addr], &d);
+        dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
+        assert_no_lock_left(w.pid);
+        w.assert_pass();
+    })
+    .join()
+    .unwrap();
+    let (sent, recvd) = p.finish();
+    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+}
+
+/// `cr restore` of an image with established connections without --tcp-established is refused
+/// naming the flag (the lock stays); with it, the restore then works.
+#[test]
+fn restore_needs_flag_then_works() {
+    let d = TempDir::new("tcp-restore-flag");
+    let mut w = Workload::start("wl_tcp", &["local"], &d);
+    cr_tests::become_subreaper();
+    let (img, pid) = (d.s("img"), w.pid.to_string());
+    let out = cr(&["dump", "-t", &pid, "-D", &img, "--tcp-established", "-o", "dump.log", "-v4"]);
+    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    w.reap_killed();
+    let out = cr(&["restore", "-D", &img, "-d", "-o", "restore.log", "-v4"]);
+    assert!(!out.status.success(), "restore without --tcp-established succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tcp-established"), "the refusal does not name the flag: {err}");
+    let out = cr(&["restore", "-D", &img, "-d", "--tcp-established", "-o", "restore.log", "-v4"]);
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_no_lock_left(w.pid);
+    w.assert_pass();
+}
+
+/// A restore finds the lock gone (removed behind cr's back): refused, as the peers may have
+/// reset the connections meanwhile.
+#[test]
+fn restore_refused_when_lock_gone() {
+    let d = TempDir::new("tcp-unlocked");
+    let mut w = Workload::start("wl_tcp", &["local"], &d);
+    cr_tests::become_subreaper();
+    let (img, pid) = (d.s("img"), w.pid.to_string());
+    let out = cr(&["dump", "-t", &pid, "-D", &img, "--tcp-established", "-o", "dump.log", "-v4"]);
+    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    w.reap_killed();
+    let rec = cr::net::lock::read_record(&d.join("img")).unwrap().expect("a lock record");
+    cr::net::lock::release(&rec, None);
+    let out = cr(&["restore", "-D", &img, "-d", "--tcp-established", "-o", "restore.log", "-v4"]);
+    assert!(!out.status.success(), "restore without the lock succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lock"), "the refusal does not say why: {err}");
+}
