@@ -72,3 +72,66 @@ fn tree_restore_logs_per_pid() {
     assert!(main.contains("restored in"), "the main log lost the summary:\n{main}");
     w.assert_pass();
 }
+
+/// The PIDs of the processes in an image's pstree.img (from `cr show`).
+fn image_pids(img: &str) -> Vec<i32> {
+    let out = cr_tests::cr_ok(&["show", &format!("{img}/pstree.img")]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("\"pid\": "))
+        .filter_map(|v| v.trim_end_matches(',').parse().ok())
+        .collect()
+}
+
+/// A shell forking /bin/true as fast as it can: the tree changes while it is being frozen
+/// (children appear, exit, become zombies). Dumps with -R succeed every time; after a dump and
+/// restore the shell goes on forking.
+#[test]
+fn busy_forking_shell_is_dumped_and_restored() {
+    use std::os::unix::process::CommandExt;
+    cr_tests::become_subreaper();
+    let d = TempDir::new("busy-shell");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "while :; do /bin/true; done"]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    // SAFETY: setsid between fork and exec is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut sh = cmd.spawn().expect("start sh");
+    let pid = sh.id() as i32;
+    for i in 0..5 {
+        let img = d.s(&format!("r{i}"));
+        let out = cr(&["dump", "-t", &pid.to_string(), "-D", &img, "-R", "-o", "dump.log", "-v4"]);
+        assert!(out.status.success(), "dump -R {i} failed: {}", std::fs::read_to_string(d.join(&format!("r{i}/dump.log"))).unwrap_or_default());
+    }
+    let img = d.s("img");
+    let out = cr(&["dump", "-t", &pid.to_string(), "-D", &img, "-o", "dump.log", "-v4"]);
+    assert!(out.status.success(), "dump failed: {}", std::fs::read_to_string(d.join("img/dump.log")).unwrap_or_default());
+    sh.wait().unwrap();
+    for p in image_pids(&img).into_iter().filter(|&p| p != pid) {
+        cr_tests::reap_orphan(p);
+    }
+    let out = cr(&["restore", "-D", &img, "-d", "-o", "restore.log", "-v4"]);
+    assert!(out.status.success(), "restore failed: {}", std::fs::read_to_string(d.join("img/restore.log")).unwrap_or_default());
+    // It goes on forking: its voluntary context switches climb.
+    let switches = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:").and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    let before = switches();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while switches() < before + 50 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let after = switches();
+    // SAFETY: plain kill(2) of the restored shell.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    cr_tests::reap_orphan(pid);
+    assert!(after >= before + 50, "the restored shell does not run on ({before} → {after} context switches)");
+}

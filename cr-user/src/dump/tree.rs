@@ -118,6 +118,84 @@ fn is_zombie(stat: &proc::stat::Stat) -> bool {
     matches!(stat.state, 'Z' | 'X')
 }
 
+/// What [`freeze_process`] found.
+enum Freeze {
+    /// Every thread is seized (true: some were new).
+    Done(bool),
+    /// The process exited and is a zombie now.
+    Zombie,
+    /// The process exited and was reaped.
+    Gone,
+}
+
+/// Where a process that could not be frozen went (`root` must not go anywhere).
+fn vanished(pid: i32, root: i32, e: anyhow::Error) -> Result<Freeze> {
+    if pid == root {
+        return Err(e).with_context(|| format!("freezing PID {root}"));
+    }
+    match proc::stat::read_stat(pid) {
+        Ok(st) if is_zombie(&st) => Ok(Freeze::Zombie),
+        Ok(_) => Err(e),
+        Err(_) if !proc::task::exists(pid) => Ok(Freeze::Gone),
+        Err(_) => Err(e),
+    }
+}
+
+/// Seizes every thread of `p` not seized yet, the main thread first.
+fn freeze_process(p: &mut Proc, root: i32) -> Result<Freeze> {
+    let tids = match proc::task::threads(p.pid) {
+        Ok(t) => t,
+        Err(e) => return vanished(p.pid, root, e),
+    };
+    let known: HashSet<i32> = p.threads.iter().map(|t| t.tid).collect();
+    // The main thread first: it is the one the per-process work runs in.
+    let mut order: Vec<i32> = tids
+        .iter()
+        .copied()
+        .filter(|t| !known.contains(t))
+        .collect();
+    order.sort_by_key(|&t| (t != p.pid, t));
+    let mut changed = false;
+    for tid in order {
+        if tid == p.pid {
+            let st = match proc::stat::read_task_stat(p.pid, tid) {
+                Ok(st) => st,
+                Err(e) => return vanished(p.pid, root, e),
+            };
+            if is_zombie(&st) {
+                if tids.len() == 1 {
+                    return vanished(p.pid, root, anyhow::anyhow!("PID {} exited", p.pid));
+                }
+                bail!(
+                    "the main thread of PID {} ({}) has exited while its other threads run on: not supported",
+                    p.pid,
+                    p.stat.comm
+                );
+            }
+        }
+        let seized = match seize_thread(p.pid, tid) {
+            Err(e) if tid == p.pid => return vanished(p.pid, root, e),
+            r => r?,
+        };
+        if let Some(t) = seized {
+            if tid == p.pid {
+                p.threads.insert(0, t);
+            } else {
+                p.threads.push(t);
+            }
+            changed = true;
+        }
+    }
+    if p.threads.first().map(|t| t.tid) != Some(p.pid) {
+        return vanished(
+            p.pid,
+            root,
+            anyhow::anyhow!("PID {} exited while the tree was being frozen", p.pid),
+        );
+    }
+    Ok(Freeze::Done(changed))
+}
+
 /// Finds and freezes the whole tree under `root` (which passed [`super::target::check_root`]).
 /// On error every task seized so far is let go (the returned error drops them).
 pub fn seize(root: i32) -> Result<Tree> {
@@ -135,53 +213,31 @@ pub fn seize(root: i32) -> Result<Tree> {
         passes += 1;
         crate::dump::interrupt::check()?;
         let mut changed = false;
-        // Every thread of every live process.
+        // Every thread of every live process. A child that exits meanwhile is dropped (or
+        // kept as the zombie it became); the walk then goes on.
+        let mut gone = Vec::new();
         for p in tree.procs.iter_mut().filter(|p| !p.zombie) {
-            let tids = match proc::task::threads(p.pid) {
-                Ok(t) => t,
-                Err(e) => {
-                    if p.pid == root {
-                        return Err(e)
-                            .with_context(|| format!("listing the threads of PID {root}"));
+            match freeze_process(p, root)? {
+                Freeze::Done(c) => changed |= c,
+                Freeze::Zombie => {
+                    log::debug!(
+                        "PID {} exited while the tree was being frozen: a zombie now",
+                        p.pid
+                    );
+                    for t in std::mem::take(&mut p.threads) {
+                        t.forget();
                     }
-                    bail!("PID {} (a child in the tree) exited while the tree was being frozen; try again", p.pid);
+                    p.zombie = true;
+                    changed = true;
                 }
-            };
-            let known: HashSet<i32> = p.threads.iter().map(|t| t.tid).collect();
-            // The main thread first: it is the one the per-process work runs in.
-            let mut order: Vec<i32> = tids
-                .iter()
-                .copied()
-                .filter(|t| !known.contains(t))
-                .collect();
-            order.sort_by_key(|&t| (t != p.pid, t));
-            for tid in order {
-                if tid == p.pid {
-                    let st = proc::stat::read_task_stat(p.pid, tid)?;
-                    if is_zombie(&st) {
-                        bail!(
-                            "the main thread of PID {} ({}) has exited while its other threads run on: not supported",
-                            p.pid,
-                            p.stat.comm
-                        );
-                    }
-                }
-                if let Some(t) = seize_thread(p.pid, tid)? {
-                    if tid == p.pid {
-                        p.threads.insert(0, t);
-                    } else {
-                        p.threads.push(t);
-                    }
+                Freeze::Gone => {
+                    log::debug!("PID {} exited while the tree was being frozen", p.pid);
+                    gone.push(p.pid);
                     changed = true;
                 }
             }
-            if p.threads.first().map(|t| t.tid) != Some(p.pid) {
-                bail!(
-                    "PID {} exited while the tree was being frozen; try again",
-                    p.pid
-                );
-            }
         }
+        tree.procs.retain(|p| !gone.contains(&p.pid));
         // New children of any process.
         let known: HashSet<i32> = tree.pids();
         let mut found = Vec::new();
@@ -221,6 +277,9 @@ pub fn seize(root: i32) -> Result<Tree> {
     }
     // The state of each process as it is now, frozen (a group or session may have changed
     // while the walk went on).
+    // A zombie may have been reaped by its parent before that was frozen: gone.
+    tree.procs
+        .retain(|p| !p.zombie || proc::task::exists(p.pid));
     for p in tree.procs.iter_mut() {
         p.stat = proc::stat::read_stat(p.pid)
             .with_context(|| format!("reading the state of PID {}", p.pid))?;
@@ -270,7 +329,12 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
     for p in tree.procs.iter().skip(1).filter(|p| !p.zombie) {
         // clone() without CLONE_THREAD but with CLONE_VM (a vfork child before its exec),
         // CLONE_FILES, CLONE_FS or CLONE_SIGHAND: a sharing cr does not recreate.
-        for (kind, what) in [(KCMP_VM, "its memory"), (KCMP_FILES, "its fd table"), (KCMP_FS, "its cwd/root/umask"), (KCMP_SIGHAND, "its signal handlers")] {
+        for (kind, what) in [
+            (KCMP_VM, "its memory"),
+            (KCMP_FILES, "its fd table"),
+            (KCMP_FS, "its cwd/root/umask"),
+            (KCMP_SIGHAND, "its signal handlers"),
+        ] {
             // SAFETY: kcmp takes integers only.
             let r = unsafe { libc::syscall(libc::SYS_kcmp, p.stat.ppid, p.pid, kind, 0, 0) };
             if r == 0 {
