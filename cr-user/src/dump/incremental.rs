@@ -174,6 +174,10 @@ impl Session {
         if o.prev_images_dir.is_some() && parent.is_none() {
             log::warn!("PID {pid}: full dump: {full_reason}");
         }
+        if parent.is_some() {
+            // An incremental dump copies little; have buffers for its first 16 MiB ready.
+            pages::warm_buffers(16 << 20);
+        }
         let mut pre_smaps = None;
         if let Some(t) = &tracked {
             let c = t.maps.counters(pid as u32)?;
@@ -696,6 +700,8 @@ pub fn pre_dump(o: &DumpOpts) -> Result<()> {
     };
     tracee.detach()?;
     let frozen_us = t_frozen.elapsed().as_micros() as u64;
+    let mut mem = mem;
+    mem.pages.start_writing();
     log::info!("PID {pid} runs on (frozen {:.2} ms); writing the pre-dump", frozen_us as f64 / 1e3);
     let pagemap = mem.pages.finish()?;
     let mm = pb::Mm { vmas: mem.vmas, ..Default::default() };

@@ -59,6 +59,14 @@ impl PageBuf {
         }
     }
 
+    /// A buffer from the pool [`warm_buffers`] filled, or a fresh one.
+    fn take() -> Result<PageBuf> {
+        match POOL.lock().ok().and_then(|mut p| p.pop()) {
+            Some(b) => Ok(b),
+            None => PageBuf::new(),
+        }
+    }
+
     /// Sets the length in use (at most CHUNK); the content is whatever was there.
     fn set_len(&mut self, len: usize) {
         self.len = len.min(CHUNK as usize);
@@ -102,14 +110,40 @@ impl Default for PageBuf {
     }
 }
 
+/// Buffers made ready before a freeze (see [`warm_buffers`]).
+static POOL: std::sync::Mutex<Vec<PageBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Maps and populates buffers for about `bytes` of pages now, before the target is frozen:
+/// a fresh buffer's first touch costs the kernel zeroing its (huge) pages, which would
+/// otherwise run while the target waits. Best effort: a failure only means fresh buffers later.
+pub fn warm_buffers(bytes: u64) {
+    let n = bytes.div_ceil(CHUNK) as usize;
+    let Ok(mut pool) = POOL.lock() else { return };
+    while pool.len() < n {
+        let Ok(b) = PageBuf::new() else { return };
+        // SAFETY: advice on the buffer's own mapping; it only populates it.
+        unsafe { libc::madvise(b.ptr.cast(), CHUNK as usize, libc::MADV_POPULATE_WRITE) };
+        pool.push(b);
+    }
+}
+
 /// Pages copied but perhaps not yet written: [`PendingPages::finish`] waits for the writer.
 pub struct PendingPages {
     writer: Option<JoinHandle<Result<pb::PageMap>>>,
+    /// Holds the writer back until the target runs again (see [`copy_plan`]); dropping it
+    /// lets the writer go.
+    gate: Option<mpsc::Sender<()>>,
 }
 
 impl PendingPages {
+    /// Lets a held-back writer start (the target no longer waits for us).
+    pub fn start_writing(&mut self) {
+        self.gate = None;
+    }
+
     /// Waits until every page is written and the page file is complete.
     pub fn finish(mut self) -> Result<pb::PageMap> {
+        self.gate = None;
         let h = self.writer.take().expect("finish called once");
         h.join().map_err(|_| anyhow!("the page writer thread panicked"))?
     }
@@ -117,6 +151,7 @@ impl PendingPages {
 
 impl Drop for PendingPages {
     fn drop(&mut self) {
+        self.gate = None;
         if let Some(h) = self.writer.take() {
             // Dropped unfinished (an error elsewhere): let the writer end; its PageWriter
             // removes the temporary file.
@@ -153,7 +188,7 @@ pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<P
             w.finish()
         })
         .context("start the page writer thread")?;
-    let mut pending = PendingPages { writer: Some(handle) };
+    let mut pending = PendingPages { writer: Some(handle), gate: None };
     let result = read_all(pid, runs, &tx, &back_rx);
     drop(tx);
     if let Err(e) = result {
@@ -210,14 +245,39 @@ enum Piece {
 /// Like [`copy`], for a plan that mixes copied runs and parent runs. Many small runs (a
 /// scattered dirty set) are gathered into one buffer and read with one process_vm_readv per
 /// IOV_MAX of them, so the frozen time stays proportional to the data, not to the runs.
+///
+/// When all the data fits in `budget`, the writer is held back until
+/// [`PendingPages::start_writing`] or [`PendingPages::finish`]: while the target is frozen the
+/// CPU is the reader's (on a small machine a writer checksumming and writing beside it slows
+/// the copy the target waits for).
 pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -> Result<PendingPages> {
     let slots = (budget / CHUNK).max(2) as usize;
-    type Batch = (PageBuf, Vec<Piece>);
-    let (tx, rx): (SyncSender<Batch>, Receiver<Batch>) = mpsc::sync_channel(slots);
+    let data: u64 = plan
+        .iter()
+        .map(|i| match *i {
+            PlanItem::Data { start, end, .. } => end - start,
+            PlanItem::Parent { .. } => 0,
+        })
+        .sum();
+    let hold = data <= budget;
+    // Held back, the writer cannot drain a bounded channel: then the channel is unbounded
+    // (the budget bounds the memory).
+    let (tx, rx): (BatchSender, Receiver<Batch>) = if hold {
+        let (t, r) = mpsc::channel();
+        (BatchSender::Unbounded(t), r)
+    } else {
+        let (t, r) = mpsc::sync_channel(slots);
+        (BatchSender::Bounded(t), r)
+    };
     let (back_tx, back_rx) = mpsc::channel::<PageBuf>();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("cr-page-writer".into())
         .spawn(move || -> Result<pb::PageMap> {
+            if hold {
+                // Returns when the sender is dropped (start_writing, finish, or an error).
+                let _ = gate_rx.recv();
+            }
             let mut w = writer;
             for (buf, pieces) in rx {
                 for p in pieces {
@@ -231,10 +291,11 @@ pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -
             w.finish()
         })
         .context("start the page writer thread")?;
-    let mut pending = PendingPages { writer: Some(handle) };
+    let mut pending = PendingPages { writer: Some(handle), gate: Some(gate_tx) };
     let result = read_plan(pid, plan, &tx, &back_rx);
     drop(tx);
     if let Err(e) = result {
+        pending.gate = None;
         if let Some(h) = pending.writer.take() {
             if let Ok(Err(we)) = h.join() {
                 return Err(we).context("writing the page file");
@@ -245,7 +306,29 @@ pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -
     Ok(pending)
 }
 
-fn read_plan(pid: i32, plan: &[PlanItem], tx: &SyncSender<(PageBuf, Vec<Piece>)>, back: &Receiver<PageBuf>) -> Result<()> {
+type Batch = (PageBuf, Vec<Piece>);
+
+/// The reader's end of the batch channel (bounded unless the writer is held back).
+enum BatchSender {
+    Bounded(SyncSender<Batch>),
+    Unbounded(mpsc::Sender<Batch>),
+}
+
+impl BatchSender {
+    fn send(&self, b: Batch) -> Result<()> {
+        let r = match self {
+            BatchSender::Bounded(t) => t.send(b).is_ok(),
+            BatchSender::Unbounded(t) => t.send(b).is_ok(),
+        };
+        if r {
+            Ok(())
+        } else {
+            Err(anyhow!("the page writer stopped"))
+        }
+    }
+}
+
+fn read_plan(pid: i32, plan: &[PlanItem], tx: &BatchSender, back: &Receiver<PageBuf>) -> Result<()> {
     let chunk = CHUNK as usize;
     // Buffers are always CHUNK long; `used` is how much of the current one is filled.
     let new_buf = || -> Result<PageBuf> {
@@ -256,7 +339,7 @@ fn read_plan(pid: i32, plan: &[PlanItem], tx: &SyncSender<(PageBuf, Vec<Piece>)>
                     return Ok(b);
                 }
                 Ok(_) => continue, // a batch of parent runs only: it carried no buffer
-                Err(_) => return PageBuf::new(),
+                Err(_) => return PageBuf::take(),
             }
         }
     };
@@ -273,7 +356,7 @@ fn read_plan(pid: i32, plan: &[PlanItem], tx: &SyncSender<(PageBuf, Vec<Piece>)>
         if !ranges.is_empty() {
             crate::sys::vm::process_vm_readv_ranges(pid, ranges, &mut buf[..*used])?;
         }
-        tx.send((std::mem::take(buf), std::mem::take(pieces))).map_err(|_| anyhow!("the page writer stopped"))?;
+        tx.send((std::mem::take(buf), std::mem::take(pieces)))?;
         ranges.clear();
         *used = 0;
         Ok(())

@@ -4,6 +4,13 @@
 //! Workload: wl_heartbeat with SIZE MiB of touched anonymous memory. Its heartbeat loop
 //! measures the longest time it did not run: for `dump --leave-running` that is the time the
 //! target was frozen, measured the same way for every tool.
+//!
+//! Second section (incremental checkpoints, issue 5): the same workload dirtying 1% and 10% of
+//! its pages between checkpoints (its DIRTY_PERCENT mode); the frozen time of a full dump, of
+//! the first pre-dump (which arms tracking), and of `dump -R --track-mem --prev-images-dir`
+//! after it with each harvest (the exact PAGEMAP_SCAN forced with CR_HARVEST=scan, and the
+//! eBPF one); then the workload's write throughput untracked, tracked, and tracked with a
+//! pre-dump every 0.5 s. `--only full|incremental` runs one section.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,18 +22,22 @@ struct Args {
     criu: Option<PathBuf>,
     size_mib: usize,
     rounds: usize,
+    only: Option<String>,
+    dirty: Vec<usize>,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { criu: None, size_mib: 1024, rounds: 3 };
+    let mut a = Args { criu: None, size_mib: 1024, rounds: 3, only: None, dirty: vec![1, 10] };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--criu" => a.criu = it.next().map(PathBuf::from),
             "--size-mib" => a.size_mib = it.next().and_then(|s| s.parse().ok()).expect("--size-mib N"),
             "--rounds" => a.rounds = it.next().and_then(|s| s.parse().ok()).expect("--rounds N"),
+            "--only" => a.only = it.next(),
+            "--dirty" => a.dirty = it.next().map(|s| s.split(',').filter_map(|p| p.parse().ok()).collect()).expect("--dirty P,P"),
             "-h" | "--help" => {
-                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)]");
+                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental] [--dirty 1,10]");
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other}"),
@@ -161,9 +172,18 @@ fn main() {
         Some(p) => tools.push(Tool { name: "criu", bin: p.clone() }),
         None => println!("cr-bench: no criu given (--criu PATH) or on PATH: cr only"),
     }
+    if a.only.as_deref() != Some("incremental") {
+        full_section(&a, &tools);
+    }
+    if a.only.as_deref() != Some("full") {
+        incremental::section(&a);
+    }
+}
+
+fn full_section(a: &Args, tools: &[Tool]) {
     let noise = baseline(a.size_mib);
     let mut rows = Vec::new();
-    for tool in &tools {
+    for tool in tools {
         let mut samples = Vec::new();
         for _ in 0..a.rounds {
             if let Some(s) = measure(tool, a.size_mib) {
@@ -190,5 +210,203 @@ fn main() {
             k.restore_ms / c.restore_ms,
             k.image_mib / c.image_mib
         );
+    }
+}
+
+/// The incremental-checkpoint section.
+mod incremental {
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use super::{baseline, cr_bin, median, Args, TempDir, Workload};
+
+    /// SIGUSR2 to the heartbeat: its longest pause since the last report (ms) and its total
+    /// writes. Waits for the report file (the workload writes it from its loop).
+    fn report(w: &Workload) -> (f64, u64) {
+        let _ = std::fs::remove_file(&w.result);
+        // SAFETY: plain kill(2) of our workload.
+        assert_eq!(unsafe { libc::kill(w.pid, libc::SIGUSR2) }, 0);
+        let t0 = Instant::now();
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&w.result) {
+                if t.ends_with('\n') {
+                    let num = |key: &str| -> Option<u64> {
+                        let mut it = t.split_whitespace();
+                        while let Some(k) = it.next() {
+                            if k == key {
+                                return it.next().and_then(|v| v.parse().ok());
+                            }
+                        }
+                        None
+                    };
+                    return (num("max_gap_us").unwrap_or(0) as f64 / 1e3, num("writes").unwrap_or(0));
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "the heartbeat does not report");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A number from the statistics of an image (`cr show`): e.g. "frozen_us".
+    fn stat(img: &Path, key: &str) -> String {
+        let out = Command::new(cr_bin()).arg("show").arg(img.join("inventory.img")).output().expect("cr show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pat = format!("\"{key}\": ");
+        text.find(&pat)
+            .map(|i| text[i + pat.len()..].split([',', '\n']).next().unwrap_or("").trim().trim_matches('"').to_string())
+            .unwrap_or_default()
+    }
+
+    /// One checkpoint as the workload saw it.
+    #[derive(Clone, Default)]
+    struct Point {
+        gap_ms: f64,
+        frozen_ms: f64,
+        harvest_ms: f64,
+        written_mib: f64,
+        harvest: String,
+    }
+
+    /// Runs `cr ARGS` (with `env`) against the workload, measuring its pause.
+    fn checkpoint(w: &Workload, img: &Path, args: &[&str], env: &[(&str, &str)]) -> Option<Point> {
+        report(w);
+        let mut c = Command::new(cr_bin());
+        c.args(args).args(["-t", &w.pid.to_string(), "-D"]).arg(img).args(["-o", "dump.log"]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let ok = c.status().map(|s| s.success()).unwrap_or(false);
+        let (gap_ms, _) = report(w);
+        if !ok {
+            eprintln!("cr {}: failed (see {}/dump.log)", args.join(" "), img.display());
+            return None;
+        }
+        let f = |k: &str| stat(img, k).parse::<f64>().unwrap_or(0.0);
+        Some(Point {
+            gap_ms,
+            frozen_ms: f("frozen_us") / 1e3,
+            harvest_ms: f("harvest_us") / 1e3,
+            written_mib: f("pages_written") * 4096.0 / (1 << 20) as f64,
+            harvest: stat(img, "harvest"),
+        })
+    }
+
+    fn med(points: &[Point]) -> Point {
+        if points.is_empty() {
+            return Point::default();
+        }
+        Point {
+            gap_ms: median(points.iter().map(|p| p.gap_ms).collect()),
+            frozen_ms: median(points.iter().map(|p| p.frozen_ms).collect()),
+            harvest_ms: median(points.iter().map(|p| p.harvest_ms).collect()),
+            written_mib: median(points.iter().map(|p| p.written_mib).collect()),
+            harvest: points[0].harvest.clone(),
+        }
+    }
+
+    /// Writes per second over `d`.
+    fn rate(w: &Workload, d: Duration) -> f64 {
+        let (_, w0) = report(w);
+        let t = Instant::now();
+        std::thread::sleep(d);
+        let (_, w1) = report(w);
+        (w1 - w0) as f64 / t.elapsed().as_secs_f64()
+    }
+
+    pub fn section(a: &Args) {
+        println!();
+        println!("incremental checkpoints: {} MiB, frozen = the workload's longest pause (median of {} rounds)", a.size_mib, a.rounds);
+        let noise = baseline(a.size_mib);
+        for &pct in &a.dirty {
+            let d = TempDir::new(&format!("bench-inc-{pct}"));
+            let w = Workload::start("wl_heartbeat", &[&a.size_mib.to_string(), &pct.to_string()], &d);
+            // Let the dirty window fill once.
+            std::thread::sleep(Duration::from_millis(300));
+            let full = checkpoint(&w, &d.join("full"), &["dump", "-R"], &[]);
+            let _ = std::fs::remove_dir_all(d.join("full"));
+            let first = checkpoint(&w, &d.join("p0"), &["pre-dump"], &[]);
+            let mut prev = "p0".to_string();
+            let (mut scans, mut ebpfs) = (Vec::new(), Vec::new());
+            for r in 0..a.rounds {
+                for (name, env, out) in [("s", &[("CR_HARVEST", "scan")][..], &mut scans), ("e", &[][..], &mut ebpfs)] {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let img = format!("{name}{r}");
+                    let parent = format!("../{prev}");
+                    if let Some(p) = checkpoint(&w, &d.join(&img), &["dump", "-R", "--track-mem", "--prev-images-dir", &parent], env) {
+                        out.push(p);
+                    }
+                    prev = img;
+                }
+            }
+            let (scan, ebpf) = (med(&scans), med(&ebpfs));
+            let (st, res) = {
+                let mut w = w;
+                w.verify()
+            };
+            if st != 0 || !res.starts_with("PASS") {
+                println!("dirty {pct}%: the workload failed its check: {res}");
+            }
+            println!();
+            println!("dirty {pct}% between checkpoints ({:.0} MiB):", a.size_mib as f64 * pct as f64 / 100.0);
+            println!("  {:<44} {:>10} {:>12} {:>11} {:>11}  harvest", "checkpoint", "frozen ms", "(cr says ms)", "harvest ms", "copied MiB");
+            let row = |name: &str, p: &Option<Point>| {
+                if let Some(p) = p {
+                    println!("  {:<44} {:>10.2} {:>12.2} {:>11.2} {:>11.1}  {}", name, p.gap_ms, p.frozen_ms, p.harvest_ms, p.written_mib, p.harvest);
+                } else {
+                    println!("  {name:<44} failed");
+                }
+            };
+            row("full dump -R", &full);
+            row("first pre-dump (copies all, arms tracking)", &first);
+            row("dump -R --track-mem --prev-images-dir (scan)", &(!scans.is_empty()).then_some(scan.clone()));
+            row("dump -R --track-mem --prev-images-dir (eBPF)", &(!ebpfs.is_empty()).then_some(ebpf.clone()));
+            if let Some(f) = &full {
+                let ratio = |p: &Point| f.gap_ms / p.gap_ms.max(0.001);
+                println!(
+                    "  full/incremental frozen: scan {:.1}x, eBPF {:.1}x (goal at 1%: eBPF under 10 ms and at least 20x)",
+                    ratio(&scan),
+                    ratio(&ebpf)
+                );
+            }
+
+            // Throughput of the workload's writes: untracked, tracked, tracked with checkpoints.
+            let d = TempDir::new(&format!("bench-inc-tp-{pct}"));
+            let w = Workload::start("wl_heartbeat", &[&a.size_mib.to_string(), &pct.to_string()], &d);
+            std::thread::sleep(Duration::from_millis(300));
+            let span = Duration::from_secs(2);
+            let off = rate(&w, span);
+            let tracked = Command::new(cr_bin()).args(["pre-dump", "-t", &w.pid.to_string(), "-D"]).arg(d.join("t0")).args(["-o", "dump.log"]).status().map(|s| s.success()).unwrap_or(false);
+            if !tracked {
+                println!("  throughput: the pre-dump that arms tracking failed");
+                continue;
+            }
+            let on = rate(&w, span);
+            // With a pre-dump every 0.5 s during the window.
+            let (_, w0) = report(&w);
+            let t = Instant::now();
+            let mut n = 0;
+            while t.elapsed() < span {
+                std::thread::sleep(Duration::from_millis(500));
+                n += 1;
+                let _ = Command::new(cr_bin())
+                    .args(["pre-dump", "-t", &w.pid.to_string(), "-D"])
+                    .arg(d.join(&format!("t{n}")))
+                    .args(["--prev-images-dir", &format!("../t{}", n - 1), "-o", "dump.log"])
+                    .status();
+            }
+            let (_, w1) = report(&w);
+            let busy = (w1 - w0) as f64 / t.elapsed().as_secs_f64();
+            let pcts = |x: f64| (1.0 - x / off) * 100.0;
+            println!(
+                "  write throughput: untracked {:.1} M/s; tracked {:.1} M/s ({:+.1}% overhead); tracked with a pre-dump every 0.5 s {:.1} M/s ({:+.1}%)",
+                off / 1e6,
+                on / 1e6,
+                pcts(on),
+                busy / 1e6,
+                pcts(busy)
+            );
+        }
+        println!("(heartbeat noise floor without any dump: {noise:.1} ms)");
     }
 }
