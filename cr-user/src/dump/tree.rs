@@ -196,9 +196,41 @@ fn freeze_process(p: &mut Proc, root: i32) -> Result<Freeze> {
     Ok(Freeze::Done(changed))
 }
 
+/// Whether process `p` shares its memory with its parent: a vfork child that has not called
+/// exec or exit yet (its parent waits for that in the kernel).
+fn in_vfork(p: &Proc) -> bool {
+    // SAFETY: kcmp takes integers only.
+    !p.zombie && unsafe { libc::syscall(libc::SYS_kcmp, p.stat.ppid, p.pid, KCMP_VM, 0, 0) } == 0
+}
+
 /// Finds and freezes the whole tree under `root` (which passed [`super::target::check_root`]).
 /// On error every task seized so far is let go (the returned error drops them).
+///
+/// A vfork child caught before its exec shares its parent's memory; it will exec or exit in a
+/// moment, so the tree is let go and frozen again (a shell forking commands hits this).
 pub fn seize(root: i32) -> Result<Tree> {
+    let mut tries = 0;
+    loop {
+        let tree = seize_once(root)?;
+        match tree.procs.iter().skip(1).find(|p| in_vfork(p)) {
+            None => return Ok(tree),
+            Some(p) => {
+                tries += 1;
+                let (pid, ppid) = (p.pid, p.stat.ppid);
+                if tries >= 100 {
+                    bail!("PID {pid} stays a vfork child of {ppid} (sharing its memory, before exec): cannot be dumped");
+                }
+                log::debug!(
+                    "PID {pid} is a vfork child of {ppid} before its exec: freezing the tree again"
+                );
+                tree.detach()?;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+fn seize_once(root: i32) -> Result<Tree> {
     let mut tree = Tree { procs: Vec::new() };
     let stat =
         proc::stat::read_stat(root).with_context(|| format!("reading the state of PID {root}"))?;
