@@ -256,3 +256,24 @@ fn restore_refused_when_lock_gone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lock"), "the refusal does not say why: {err}");
 }
+
+/// A longer downtime (a refused restore first) while the peer keeps sending: still no reset.
+#[test]
+fn stream_restore_after_refused_restore() {
+    let d = TempDir::new("tcp-stream-refused");
+    let p = peer("127.0.0.1:0");
+    let mut w = Workload::start("wl_tcp", &["stream", &p.addr], &d);
+    cr_tests::become_subreaper();
+    let (img, pid) = (d.s("img"), w.pid.to_string());
+    let out = cr(&["dump", "-t", &pid, "-D", &img, "--tcp-established", "-o", "dump.log", "-v4"]);
+    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    w.reap_killed();
+    let out = cr(&["restore", "-D", &img, "-d", "-o", "restore.log", "-v4"]);
+    assert!(!out.status.success(), "restore without --tcp-established succeeded");
+    let out = cr(&["restore", "-D", &img, "-d", "--tcp-established", "-o", "restore.log", "-v4"]);
+    assert!(out.status.success(), "restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_no_lock_left(w.pid);
+    w.assert_pass();
+    let (sent, recvd) = p.finish();
+    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+}

@@ -215,9 +215,8 @@ fn peek_queue(fd: &OwnedFd, queue: i32, len: u32, what: &str) -> Result<Vec<u8>>
     if n < 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("peek the {what} queue"));
     }
-    if n as u32 != len {
-        bail!("the {what} queue holds {len} bytes but a peek returned {n}");
-    }
+    // Short when the queue changed meanwhile: the caller's snapshots notice and read again.
+    buf.truncate(n as usize);
     Ok(buf)
 }
 
@@ -270,6 +269,24 @@ pub fn save_listen(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
     Ok(())
 }
 
+/// (send queue, unsent, receive queue, send seq, receive seq, window) at one moment.
+type Snapshot = (u32, u32, u32, u32, u32, Vec<u32>);
+
+fn queue_snapshot(fd: &OwnedFd) -> Result<Snapshot> {
+    let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
+    let unsq = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
+    let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
+    let outq_seq = queue_seq(fd, TCP_SEND_QUEUE)?;
+    let inq_seq = queue_seq(fd, TCP_RECV_QUEUE)?;
+    let mut w = [0u8; 20];
+    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w, "TCP_REPAIR_WINDOW")?;
+    if n != 20 {
+        bail!("TCP_REPAIR_WINDOW returned {n} bytes, not 20");
+    }
+    let window = w.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok((outq, unsq, inq, outq_seq, inq_seq, window))
+}
+
 /// Saves an established connection. The socket must already be in repair mode (and locked).
 pub fn save_established(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
     let (state, opts, snd_wscale, rcv_wscale) = tcp_info(fd)?;
@@ -279,22 +296,30 @@ pub fn save_established(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
     s.opts = opts;
     s.snd_wscale = snd_wscale;
     s.rcv_wscale = rcv_wscale;
-    let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
-    let unsq = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
-    let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
     s.mss = get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
     s.timestamp = get_int(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32;
-    s.outq_seq = queue_seq(fd, TCP_SEND_QUEUE)?;
-    s.inq_seq = queue_seq(fd, TCP_RECV_QUEUE)?;
-    let mut w = [0u8; 20];
-    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w, "TCP_REPAIR_WINDOW")?;
-    if n != 20 {
-        bail!("TCP_REPAIR_WINDOW returned {n} bytes, not 20");
-    }
-    s.window = w.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-    s.outq = peek_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
-    s.unsq_len = unsq;
-    s.inq = peek_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
+    // A packet that had passed the lock before it was set may still land (an ACK shrinking the
+    // send queue, data growing the receive queue): read until two snapshots around the peeks
+    // agree, so lengths, sequence numbers and data describe one moment.
+    let mut tries = 0;
+    let (outq, unsq, inq) = loop {
+        let before = queue_snapshot(fd)?;
+        let (outq, unsq, inq, outq_seq, inq_seq, ref window) = before;
+        s.outq = peek_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
+        s.inq = peek_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
+        if queue_snapshot(fd)? == before && s.outq.len() == outq as usize && s.inq.len() == inq as usize {
+            s.outq_seq = outq_seq;
+            s.inq_seq = inq_seq;
+            s.window = window.clone();
+            s.unsq_len = unsq;
+            break (outq, unsq, inq);
+        }
+        tries += 1;
+        if tries > 100 {
+            bail!("the queues kept changing while locked and in repair mode");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
     log::debug!(
         "TCP {} -> {}: snd seq {:#x} ({} queued, {} unsent), rcv seq {:#x} ({} queued), mss {}, opts {:#x}, wscale {}/{}",
         show_addr(s.family, &s.src_addr, s.src_port),
