@@ -277,3 +277,17 @@ fn stream_restore_after_refused_restore() {
     let (sent, recvd) = p.finish();
     assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
 }
+
+/// 100 established connections (200 sockets) with unread data: all restored. Prints how long
+/// the connections stayed locked (dump start to restore end, an upper bound) for the record.
+#[test]
+fn hundred_connections() {
+    let d = TempDir::new("tcp-many");
+    let mut w = Workload::start("wl_tcp", &["many", "100"], &d);
+    let t0 = std::time::Instant::now();
+    dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
+    let locked = t0.elapsed();
+    eprintln!("BENCH tcp: 100 established connections locked for at most {:.1} ms (dump + restore)", locked.as_secs_f64() * 1e3);
+    assert_no_lock_left(w.pid);
+    w.assert_pass();
+}

@@ -201,10 +201,40 @@ fn stream(addr: &str) -> ! {
     c.report()
 }
 
+/// `wl_tcp many N`: N loopback connections (both ends here) with unread data both ways; after
+/// the check every byte arrives and each connection still carries a round trip.
+fn many(n: usize) -> ! {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let mut pairs = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let (mut a, _) = listener.accept().expect("accept");
+        c.write_all(&payload(i as u8, 0, 100)).expect("write");
+        a.write_all(&payload(i as u8 ^ 0x55, 0, 100)).expect("write");
+        pairs.push((c, a));
+    }
+    ready(&format!("port={}", addr.port()));
+    wait_for_check();
+    let mut c = Checker::new();
+    for (i, (cl, ac)) in pairs.iter_mut().enumerate() {
+        cl.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        ac.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        let a = read_exactly(ac, 100).ok();
+        let b = read_exactly(cl, 100).ok();
+        c.check(a == Some(payload(i as u8, 0, 100)), format!("connection {i}: client->server data"));
+        c.check(b == Some(payload(i as u8 ^ 0x55, 0, 100)), format!("connection {i}: server->client data"));
+        let ok = cl.write_all(b"ping").is_ok() && read_exactly(ac, 4).ok().as_deref() == Some(b"ping".as_slice());
+        c.check(ok, format!("connection {i}: round trip after restore"));
+    }
+    c.report()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("local") => local(),
+        Some("many") => many(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100)),
         Some("stream") => stream(args.get(2).map(String::as_str).unwrap_or("127.0.0.1:1")),
         _ => {
             eprintln!("usage: wl_tcp local | stream ADDR");
