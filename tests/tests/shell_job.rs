@@ -195,13 +195,15 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     let pty2 = Pty::open();
     let mut crp = restore_on(&pty2, &img);
     let deadline = Instant::now() + Duration::from_secs(10);
-    // Restored once it runs in cr's session and cr has let it go.
+    // Restored once it runs in cr's session as `sleep` and cr has let it go (at its very
+    // start the new task is an untraced copy of cr for an instant).
     let traced = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .map(|s| s.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")))
             .unwrap_or(true)
     };
-    while stat_field(pid, 6) != crp.id() as i64 || traced(pid) {
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    while stat_field(pid, 6) != crp.id() as i64 || traced(pid) || comm(pid) != "sleep" {
         assert!(Instant::now() < deadline, "sleep was not restored into cr's session\n{}", show_log(&d, "restore.log"));
         std::thread::sleep(Duration::from_millis(10));
     }
