@@ -26,6 +26,10 @@ pub mod names {
     pub const MEM_WRITERS: &str = "CR_MEM_WRITERS";
     /// sched:sched_process_exec: a target replaced its address space.
     pub const PROG_EXEC: &str = "cr_exec";
+    /// Thread ids of tracked processes (key: tid, value: tgid), for syscalls that name a task.
+    pub const TIDS: &str = "CR_TIDS";
+    /// sched:sched_process_fork: a target's new threads (and children) go into CR_TIDS.
+    pub const PROG_FORK: &str = "cr_fork";
     /// Syscall tracepoint programs: (program, syscall) pairs, attached to
     /// `syscalls:sys_enter_SYSCALL`.
     pub const SYSCALL_PROGS: &[(&str, &str)] = &[
@@ -169,6 +173,13 @@ pub struct MemWriterKey {
     pub target: u32,
     pub opener: u32,
 }
+
+/// Capacity of CR_TIDS. A full map only means a task id is not recognized as a target's.
+pub const TIDS_MAX_ENTRIES: u32 = 16384;
+
+/// Offset of `child_pid` (4 bytes) in a `sched:sched_process_fork` record; the user side checks
+/// it against tracefs and overrides the global `FORK_CHILD_PID_OFF` when the kernel differs.
+pub const FORK_CHILD_PID_OFFSET: u32 = 20;
 
 /// Capacity of CR_MEM_WRITERS; a full map is counted (stat::MEM_WRITERS_LOST).
 pub const MEM_WRITERS_MAX_ENTRIES: u32 = 1024;

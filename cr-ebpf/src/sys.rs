@@ -24,9 +24,11 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf},
     programs::TracePointContext,
 };
+use aya_ebpf::Global;
 use cr_common::{
-    stat, vma_ev, MemWriterKey, TrackState, VmaEvent, MEM_WRITERS_MAX_ENTRIES,
-    SYSCALL_ARG0_OFFSET, TARGETS_MAX_ENTRIES, VMA_EVENTS_BYTES,
+    stat, vma_ev, MemWriterKey, TrackState, VmaEvent, FORK_CHILD_PID_OFFSET,
+    MEM_WRITERS_MAX_ENTRIES, SYSCALL_ARG0_OFFSET, TARGETS_MAX_ENTRIES, TIDS_MAX_ENTRIES,
+    VMA_EVENTS_BYTES,
 };
 
 use crate::fault::{bump, CR_TARGETS};
@@ -40,6 +42,14 @@ static CR_VMA_EVENTS: RingBuf = RingBuf::with_byte_size(VMA_EVENTS_BYTES, 0);
 #[map(name = "CR_MEM_WRITERS")]
 static CR_MEM_WRITERS: HashMap<MemWriterKey, u64> =
     HashMap::with_max_entries(MEM_WRITERS_MAX_ENTRIES, 0);
+
+/// Task ids of targets' threads (and of their children: conservative) → the target's tgid.
+#[map(name = "CR_TIDS")]
+static CR_TIDS: HashMap<u32, u32> = HashMap::with_max_entries(TIDS_MAX_ENTRIES, 0);
+
+/// Offset of `child_pid` in sched_process_fork records (patched by the loader from tracefs).
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFF: Global<u32> = Global::new(FORK_CHILD_PID_OFFSET);
 
 const MAP_FIXED: u64 = 0x10;
 const MREMAP_FIXED: u64 = 2;
@@ -59,6 +69,17 @@ fn current_tgid() -> u32 {
 fn is_target(tgid: u32) -> bool {
     // SAFETY: read-only look at a plain-data map value.
     tgid != 0 && unsafe { CR_TARGETS.get(&tgid) }.is_some()
+}
+
+/// The target a task id (as a syscall names it: any thread) belongs to, if any.
+#[inline(always)]
+fn target_of(tid: u32) -> Option<u32> {
+    if is_target(tid) {
+        return Some(tid);
+    }
+    // SAFETY: read-only look at a plain-data map value.
+    let t = unsafe { CR_TIDS.get(&tid) }.copied()?;
+    is_target(t).then_some(t)
 }
 
 /// Syscall argument `i` (0 if the record cannot be read: callers treat 0 conservatively).
@@ -220,9 +241,8 @@ fn sticky_event(ctx: &TracePointContext, tgid: u32) {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
 pub fn cr_sys_process_vm_writev(ctx: TracePointContext) -> u32 {
-    let pid = arg(&ctx, 0) as u32;
-    if is_target(pid) {
-        gup_event(&ctx, pid);
+    if let Some(t) = target_of(arg(&ctx, 0) as u32) {
+        gup_event(&ctx, t);
     }
     0
 }
@@ -230,9 +250,10 @@ pub fn cr_sys_process_vm_writev(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_enter_ptrace")]
 pub fn cr_sys_ptrace(ctx: TracePointContext) -> u32 {
     let req = arg(&ctx, 0);
-    let pid = arg(&ctx, 1) as u32;
-    if (req == PTRACE_POKETEXT || req == PTRACE_POKEDATA) && is_target(pid) {
-        gup_event(&ctx, pid);
+    if req == PTRACE_POKETEXT || req == PTRACE_POKEDATA {
+        if let Some(t) = target_of(arg(&ctx, 1) as u32) {
+            gup_event(&ctx, t);
+        }
     }
     0
 }
@@ -315,12 +336,17 @@ fn on_open(ctx: &TracePointContext, path: u64, flags: u64) {
     let Ok(p) = (unsafe { bpf_probe_read_user_str_bytes(path as *const u8, &mut buf) }) else {
         return;
     };
-    let Some(target) = mem_path_target(p, tgid) else {
+    let Some(named) = mem_path_target(p, tgid) else {
         return;
     };
-    if target != 0 && !is_target(target) {
-        return;
-    }
+    let target = if named == 0 {
+        0
+    } else {
+        match target_of(named) {
+            Some(t) => t,
+            None => return,
+        }
+    };
     let key = MemWriterKey { target, opener: tgid };
     match CR_MEM_WRITERS.get_ptr_mut(&key) {
         // SAFETY: the value lives in the map; a lost increment is harmless.
@@ -386,6 +412,20 @@ pub fn cr_exec(_ctx: TracePointContext) -> u32 {
     let tgid = current_tgid();
     if is_target(tgid) {
         with_track(tgid, |t| t.exec_events += 1);
+    }
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn cr_fork(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    // SAFETY: the offset is checked against this kernel's tracefs format by the loader.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(FORK_CHILD_PID_OFF.load() as usize) } {
+        // A full map only means this task id is not recognized later: nothing to count.
+        let _ = CR_TIDS.insert(&(child as u32), &tgid, 0);
     }
     0
 }

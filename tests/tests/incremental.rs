@@ -415,6 +415,36 @@ fn remote_writes_make_the_harvest_exact() {
     final_dump_and_restore(&mut w, &d, Some(&last));
 }
 
+/// A process with two threads: the other thread's writes are the process's (the eBPF set
+/// agrees with the scan), and a process_vm_writev naming the other thread's TID is a remote
+/// write like one naming the PID (the harvest is exact). Pre-dumps freeze both threads.
+#[test]
+fn threads_writes_and_task_ids() {
+    require_root();
+    let d = TempDir::new("inc-threads");
+    let mut w = Dirty::start(&d);
+    let a = w.region(1, 64, false);
+    let tid: i32 = w.cmd("thread").parse().unwrap();
+    assert_ne!(tid, w.pid);
+    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    chain.pre_dump(&[]);
+    epoch(&mut w, &mut chain, &["twrite 1 4,5,40"], a, 64, at(a, &[4, 5, 40]), "writes by the second thread");
+
+    let gen: u64 = w.cmd("gen 1 9").parse().unwrap();
+    let n = cr::sys::process_vm_writev(tid, &content(1, 9, gen + 1), a + 9 * PAGE).unwrap();
+    assert_eq!(n, PAGE as usize);
+    w.cmd(&format!("note 1 9 {}", gen + 1));
+    let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
+    assert!(!p.unsafe_why.is_empty(), "process_vm_writev to TID {tid} was not flagged");
+    let (img, s) = chain.pre_dump(&[]);
+    assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);
+    let (data, _) = image_pages(&img, w.pid);
+    assert_eq!(within(&data, a, 64), at(a, &[9]));
+    w.cmd("check");
+    let last = format!("../p{}", chain.n);
+    final_dump_and_restore(&mut w, &d, Some(&last));
+}
+
 /// A dirty map too small for the epoch loses write faults: the harvest must see the loss,
 /// scan exactly, and the image must be complete.
 #[test]

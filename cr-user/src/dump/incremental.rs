@@ -678,27 +678,30 @@ fn syscall_ip(pid: i32, vmas: &[Vma]) -> Result<u64> {
 pub fn pre_dump(o: &DumpOpts) -> Result<()> {
     let t_start = Instant::now();
     interrupt::install();
-    // Sessions and terminals do not matter for memory.
-    let target = target::check(o.pid, true)?;
+    // Sessions and terminals do not matter for memory; threads and children do (they must
+    // not run while the memory is read), so the whole tree is frozen, and the root's memory
+    // pre-dumped.
+    let target = target::check_root(o.pid)?;
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
     log::info!("pre-dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
     let mut session = Session::prepare(o, true, pid)?;
     interrupt::check()?;
-    let mut tracee = Tracee::seize(pid, pid).with_context(|| format!("freezing PID {pid}"))?;
+    let mut tree = super::tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
     let mem = session.frozen().and_then(|_| {
         let vmas = session.vmas()?;
-        session.memory(&mut tracee, None, &vmas, &writer)
+        let main = tree
+            .procs
+            .iter_mut()
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.threads.first_mut())
+            .with_context(|| format!("PID {pid} has no thread to work through"))?;
+        session.memory(main, None, &vmas, &writer)
     });
-    let mem = match mem {
-        Ok(m) => m,
-        Err(e) => {
-            drop(tracee);
-            return Err(e);
-        }
-    };
-    tracee.detach()?;
+    // On error, dropping the tree lets every task go.
+    let mem = mem?;
+    tree.detach()?;
     let frozen_us = t_frozen.elapsed().as_micros() as u64;
     let mut mem = mem;
     mem.pages.start_writing();

@@ -3,7 +3,7 @@
 //!
 //! The tracker listens on the abstract unix socket `cr-track-PID` (SOCK_SEQPACKET: one message
 //! per request or reply; nothing on disk to clean up). Requests and replies are JSON; fds travel
-//! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the six map fds, then the
+//! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the seven map fds, then the
 //! userfaultfd if armed), does all the work itself on those fds, and hands the result back
 //! (`Put`, with the userfaultfd when it armed one). The tracker only keeps things alive.
 //!
@@ -93,7 +93,7 @@ pub struct Reply {
     pub ok: bool,
     pub error: Option<String>,
     pub state: Option<TrackerState>,
-    /// Fds sent along: 6 map fds, then the userfaultfd if `armed`.
+    /// Fds sent along: 7 map fds, then the userfaultfd if `armed`.
     pub fds: usize,
 }
 
@@ -238,7 +238,7 @@ impl TrackerConn {
             bail!("the tracker announced {} fds and sent {}", reply.fds, fds.len());
         }
         let uffd = if state.armed {
-            if fds.len() < 7 {
+            if fds.len() < 8 {
                 bail!("the tracker is armed but sent no userfaultfd");
             }
             fds.pop()

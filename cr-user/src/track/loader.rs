@@ -26,6 +26,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Names of the fault tracker's globals in the object (see cr-ebpf/src/fault.rs).
 const GLOBAL_FAULT_ADDR_OFF: &str = "FAULT_ADDR_OFF";
 const GLOBAL_FAULT_ERR_OFF: &str = "FAULT_ERR_OFF";
+const GLOBAL_FORK_CHILD_PID_OFF: &str = "FORK_CHILD_PID_OFF";
 
 /// The embedded eBPF object, or a clear error if this cr was built without one.
 pub fn embedded_object() -> Result<&'static [u8]> {
@@ -64,6 +65,13 @@ impl BpfObject {
             log::warn!("tracefs is not mounted and cannot be: {e:#}");
         }
         let fault_layout = tracefs::read_fault_layout().map_err(|e| format!("{e:#}"));
+        let fork_off = match tracefs::read_format("sched", "sched_process_fork").and_then(|t| tracefs::fork_child_pid_offset(&t)) {
+            Ok(off) => Some(off),
+            Err(e) => {
+                log::debug!("sched_process_fork layout: {e:#} (new threads of targets will not be recognized by task id)");
+                None
+            }
+        };
         let mut loader = EbpfLoader::new();
         if let Ok(l) = &fault_layout {
             log::debug!(
@@ -77,6 +85,9 @@ impl BpfObject {
         // eBPF-side log statements below cr's level are skipped in the kernel.
         let level = log::max_level() as u8;
         loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(off) = &fork_off {
+            loader.override_global(GLOBAL_FORK_CHILD_PID_OFF, off, true);
+        }
         if let Some(n) = dirty_max_entries {
             loader.map_max_entries(cr_common::names::DIRTY, n);
         }
@@ -148,7 +159,8 @@ impl BpfObject {
             })?;
             self.attach_tracepoint(prog, "syscalls", &event)?;
         }
-        self.attach_tracepoint(PROG_EXEC, "sched", "sched_process_exec")
+        self.attach_tracepoint(PROG_EXEC, "sched", "sched_process_exec")?;
+        self.attach_tracepoint(cr_common::names::PROG_FORK, "sched", "sched_process_fork")
     }
 
     /// Takes map `name` out of the object, typed (e.g. `aya::maps::HashMap<_, K, V>`).

@@ -15,13 +15,14 @@ use super::dirty::Tracker;
 use super::loader::BpfObject;
 
 /// Map fds are handed over in this order.
-const FD_ORDER: [&str; 6] = [
+const FD_ORDER: [&str; 7] = [
     names::TARGETS,
     names::DIRTY,
     names::STATS,
     names::TRACK,
     names::VMA_EVENTS,
     names::MEM_WRITERS,
+    names::TIDS,
 ];
 
 /// Counters of one target at one moment: the syscall programs' CR_TRACK entry and the global
@@ -65,6 +66,7 @@ pub struct TrackMaps {
     track: HashMap<MapData, u32, TrackState>,
     vma_events: RingBuf<MapData>,
     mem_writers: HashMap<MapData, MemWriterKey, u64>,
+    tids: HashMap<MapData, u32, u32>,
 }
 
 impl TrackMaps {
@@ -78,6 +80,7 @@ impl TrackMaps {
         let track = obj.take_map(names::TRACK)?;
         let vma_events = obj.take_map(names::VMA_EVENTS)?;
         let mem_writers = obj.take_map(names::MEM_WRITERS)?;
+        let tids = obj.take_map(names::TIDS)?;
         obj.attach_fault_tracepoints()?;
         obj.attach_syscall_tracepoints()?;
         Ok(TrackMaps {
@@ -85,6 +88,7 @@ impl TrackMaps {
             track,
             vma_events,
             mem_writers,
+            tids,
         })
     }
 
@@ -98,6 +102,7 @@ impl TrackMaps {
             self.track.map().fd().as_fd(),
             self.vma_events.as_fd(),
             self.mem_writers.map().fd().as_fd(),
+            self.tids.map().fd().as_fd(),
         ];
         fds.iter()
             .zip(FD_ORDER)
@@ -139,20 +144,32 @@ impl TrackMaps {
         let track = typed(it.next())?;
         let vma_events = typed(it.next())?;
         let mem_writers = typed(it.next())?;
+        let tids = typed(it.next())?;
         Ok(TrackMaps {
             tracker: Tracker::from_maps(targets, dirty, stats, None),
             track,
             vma_events,
             mem_writers,
+            tids,
         })
     }
 
-    /// Starts tracking process `tgid`: write faults and syscalls.
+    /// Starts tracking process `tgid`: write faults and syscalls. Its current threads are
+    /// recorded by task id (new ones by the fork program), so that a syscall naming any of
+    /// them (process_vm_writev, ptrace, /proc/TID/mem) is recognized.
     pub fn add_target(&mut self, tgid: u32) -> Result<()> {
         self.track
             .insert(&tgid, &TrackState::default(), 0)
             .with_context(|| format!("add process {tgid} to CR_TRACK"))?;
-        self.tracker.add_target(tgid, TARGET_F_TRACK_WRITES)
+        self.tracker.add_target(tgid, TARGET_F_TRACK_WRITES)?;
+        for tid in crate::proc::task::threads(tgid as i32).unwrap_or_default() {
+            if tid as u32 != tgid {
+                self.tids
+                    .insert(&(tid as u32), &tgid, 0)
+                    .with_context(|| format!("add thread {tid} of process {tgid} to CR_TIDS"))?;
+            }
+        }
+        Ok(())
     }
 
     /// The counters of `tgid` now.

@@ -107,6 +107,16 @@ pub fn check_syscall_args(event: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Offset of `child_pid` (a 4-byte pid_t) in a `sched:sched_process_fork` record.
+pub fn fork_child_pid_offset(text: &str) -> Result<u32> {
+    let fields = parse_format(text);
+    match fields.iter().find(|f| f.name == "child_pid") {
+        Some(f) if f.size == 4 => Ok(f.offset),
+        Some(f) => bail!("sched:sched_process_fork: child_pid is {} bytes, cr-ebpf reads 4", f.size),
+        None => bail!("sched:sched_process_fork has no child_pid field"),
+    }
+}
+
 /// Reads a tracepoint's format file from tracefs.
 pub fn read_format(category: &str, name: &str) -> Result<String> {
     let path = format!("{TRACEFS}/events/{category}/{name}/format");
@@ -217,6 +227,16 @@ format:
         assert!(e.contains("argument 1 (len)"), "{e}");
         let e = check_syscall_args("x", "field:int a;\toffset:8;\tsize:4;").unwrap_err().to_string();
         assert!(e.contains("no __syscall_nr"), "{e}");
+    }
+
+    #[test]
+    fn finds_the_fork_child_pid() {
+        let f = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(fork_child_pid_offset(f).unwrap(), 20);
+        // Older kernels: inline comm arrays.
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(fork_child_pid_offset(old).unwrap(), 44);
+        assert!(fork_child_pid_offset("").is_err());
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //!   new address.
 //! - `fork I P`: a child writes the pages of its copy and exits. `cow I P`: the workload
 //!   writes the pages while a forked child still shares them, then lets the child exit.
+//! - `thread`: starts a second thread (once); answers its TID. `twrite I P`: that thread
+//!   writes the pages (user-mode writes by another thread of the process).
 //! - `check`: verifies now; answers ok or err.
 
 use std::io::{BufRead, Write};
@@ -75,6 +77,39 @@ struct State {
     regions: Vec<Region>,
     pipe: (OwnedFd, OwnedFd),
     file: std::fs::File,
+    /// The second thread: pages to write (address, id, index, generation) in, acks out.
+    worker: Option<Worker>,
+}
+
+struct Worker {
+    tid: i32,
+    jobs: std::sync::mpsc::Sender<Vec<(usize, u64, u64, u64)>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+fn start_worker() -> Worker {
+    let (jobs, rx) = std::sync::mpsc::channel::<Vec<(usize, u64, u64, u64)>>();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tid_tx.send(unsafe { libc::gettid() });
+        for job in rx {
+            for (addr, id, p, gen) in job {
+                let dst = addr as *mut u64;
+                for k in 0..WORDS {
+                    // SAFETY: the main thread sent the address of a page of its own mapping
+                    // and waits for our ack before touching it again.
+                    unsafe { std::ptr::write_volatile(dst.add(k), word(id, p, gen, k as u64)) };
+                }
+            }
+            if done_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let tid = tid_rx.recv().expect("the worker thread's TID");
+    Worker { tid, jobs, done }
 }
 
 fn mmap_anon(len: usize, at: usize) -> Result<usize, String> {
@@ -317,6 +352,26 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
             unsafe { libc::waitpid(child, &mut status, 0) };
             Ok(String::new())
         }
+        Some("thread") => {
+            let w = st.worker.get_or_insert_with(start_worker);
+            Ok(w.tid.to_string())
+        }
+        Some("twrite") => {
+            let id = num(1)?;
+            if st.worker.is_none() {
+                st.worker = Some(start_worker());
+            }
+            let r = st.regions.iter_mut().find(|r| r.id == id).ok_or_else(|| format!("no region {id}"))?;
+            let list = pages(list(2), r)?;
+            let job: Vec<(usize, u64, u64, u64)> = list.iter().map(|&p| (r.page(p) as usize, id, p as u64, r.gen[p] + 1)).collect();
+            let w = st.worker.as_ref().expect("just started");
+            w.jobs.send(job).map_err(|_| "the worker thread is gone".to_string())?;
+            w.done.recv().map_err(|_| "the worker thread is gone".to_string())?;
+            for p in list {
+                r.gen[p] += 1;
+            }
+            Ok(String::new())
+        }
         Some("check") => {
             let c = verify(st);
             if c.is_empty() {
@@ -370,7 +425,7 @@ fn main() {
     let path = std::env::temp_dir().join(format!("wl_dirty-{}", std::process::id()));
     let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("scratch file");
     let _ = std::fs::remove_file(&path);
-    let mut st = State { regions: Vec::new(), pipe, file };
+    let mut st = State { regions: Vec::new(), pipe, file, worker: None };
     ready(&std::process::id().to_string());
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
