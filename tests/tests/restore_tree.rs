@@ -92,7 +92,11 @@ fn busy_forking_shell_is_dumped_and_restored() {
     cr_tests::become_subreaper();
     let d = TempDir::new("busy-shell");
     let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", "while :; do /bin/true; done"]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    // Nothing shared with the test runner (its output grows between dump and restore).
+    cmd.args(["-c", "while :; do /bin/true; done"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     // SAFETY: setsid between fork and exec is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
