@@ -21,6 +21,8 @@ use super::child::{raw, read_byte, write_byte_raw, Child, TIMEOUT};
 use crate::sys::pagemap::{PagemapScanner, ScanQuery, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::sys::pidfd::{pidfd_getfd, pidfd_open};
 use crate::track::uffd::{Userfaultfd, CR_FEATURES};
+use crate::sys::abi::CloneArgs;
+use crate::sys::abi::PrctlMmMap;
 
 const PAGE: usize = cr_common::PAGE_SIZE as usize;
 
@@ -154,22 +156,6 @@ pub fn pidfd_getfd_probe() -> Result<String> {
     Ok(format!("took fd {their_fd} of child {}", child.pid()))
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
 /// clone3 with set_tid: a child at a PID chosen here.
 pub fn clone3_set_tid() -> Result<String> {
     let pid_max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
@@ -270,24 +256,6 @@ fn parse_stat_mm(stat: &str) -> Result<MmFields> {
         env_start: get(50)?,
         env_end: get(51)?,
     })
-}
-
-#[repr(C)]
-struct PrctlMmMap {
-    start_code: u64,
-    end_code: u64,
-    start_data: u64,
-    end_data: u64,
-    start_brk: u64,
-    brk: u64,
-    start_stack: u64,
-    arg_start: u64,
-    arg_end: u64,
-    env_start: u64,
-    env_end: u64,
-    auxv: u64,
-    auxv_size: u32,
-    exe_fd: u32,
 }
 
 /// prctl(PR_SET_MM, PR_SET_MM_MAP) in a child, setting its mm fields to their current values.

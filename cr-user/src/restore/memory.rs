@@ -18,6 +18,7 @@ use crate::image::{pb, vma};
 use crate::proc::maps::{read_maps, VmaName};
 use crate::ptrace::Remote;
 use crate::track::uffd::Userfaultfd;
+use crate::sys::abi::PrctlMmMap;
 
 const PAGE: u64 = 4096;
 /// Size of the scratch mapping used for syscall arguments during restore.
@@ -312,25 +313,6 @@ pub fn fill_pages(r: &mut Remote, pid: i32, vmas: &[pb::Vma], segments: &[PageSe
         filled?;
     }
     crate::sys::vm::process_vm_writev_slices(pid, &batch)
-}
-
-/// `struct prctl_mm_map` (include/uapi/linux/prctl.h).
-#[repr(C)]
-struct PrctlMmMap {
-    start_code: u64,
-    end_code: u64,
-    start_data: u64,
-    end_data: u64,
-    start_brk: u64,
-    brk: u64,
-    start_stack: u64,
-    arg_start: u64,
-    arg_end: u64,
-    env_start: u64,
-    env_end: u64,
-    auxv: u64,
-    auxv_size: u32,
-    exe_fd: u32,
 }
 
 /// Sets the mm fields (code/data/brk/stack/args/env, auxv, exe) with PR_SET_MM_MAP.

@@ -10,22 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::ptrace::Tracee;
-
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
+use crate::sys::abi::CloneArgs;
 
 /// `struct clone_args` as bytes, for a clone3 that cr makes another task run (the task reads
 /// it from its own memory): `flags`, `exit_signal`, and the address of a one-element set_tid

@@ -75,22 +75,7 @@ pub fn restore_state(
         .with_context(|| format!("restore the action of signal {}", sa.signo))?;
     }
     if let Some(ss) = &core.sigaltstack {
-        if ss.flags & libc::SS_DISABLE == 0 {
-            // SS_ONSTACK is a state, not a flag one can set: the task is on the stack again as
-            // soon as its rsp is back.
-            let mut b = [0u8; 24];
-            b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
-            b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
-            b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
-            r.write_mem(scratch, &b)?;
-            r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
-                .with_context(|| {
-                    format!(
-                        "restore the alternate signal stack {:#x}+{:#x}",
-                        ss.sp, ss.size
-                    )
-                })?;
-        }
+        restore_altstack(r, scratch, ss)?;
     }
     r.syscall(
         "personality",
@@ -621,4 +606,21 @@ mod tests {
             SECBIT_KEEP_CAPS | 1
         );
     }
+}
+
+/// sigaltstack() of the thread `r` drives, as dumped (nothing when it had none).
+pub fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> Result<()> {
+    if ss.flags & libc::SS_DISABLE != 0 {
+        return Ok(());
+    }
+    // SS_ONSTACK is a state, not a flag one can set: the thread is on the stack again as soon
+    // as its rsp is back.
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
+    b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
+    b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
+    r.write_mem(scratch, &b)?;
+    r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
+        .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x} of thread {}", ss.sp, ss.size, r.t.tid))?;
+    Ok(())
 }

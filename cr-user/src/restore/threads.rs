@@ -68,20 +68,7 @@ pub fn restore_thread(
 ) -> Result<()> {
     let tid = r.t.tid;
     if let Some(ss) = &core.sigaltstack {
-        if ss.flags & libc::SS_DISABLE == 0 {
-            let mut b = [0u8; 24];
-            b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
-            b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
-            b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
-            r.write_mem(scratch, &b)?;
-            r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
-                .with_context(|| {
-                    format!(
-                        "restore the alternate signal stack {:#x}+{:#x} of thread {tid}",
-                        ss.sp, ss.size
-                    )
-                })?;
-        }
+        super::task::restore_altstack(r, scratch, ss)?;
     }
     r.syscall(
         "personality",

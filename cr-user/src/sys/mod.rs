@@ -2,6 +2,7 @@
 //! crate's syscall plumbing lives here, each with a `// SAFETY:` note; errors name the call and
 //! the pid/fd it was about.
 
+pub mod abi;
 pub mod pagemap;
 pub mod pidfd;
 pub mod vm;
