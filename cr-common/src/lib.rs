@@ -20,6 +20,8 @@ pub mod names {
     pub const PROBE_TC: &str = "CR_PROBE_TC";
     /// Per-target counters of the syscall programs ([`super::TrackState`]).
     pub const TRACK: &str = "CR_TRACK";
+    /// Ring buffer of write faults of TARGET_F_RING targets ([`super::DirtyEvent`]).
+    pub const DIRTY_RING: &str = "CR_DIRTY_RING";
     /// Ring buffer of VMA-changing syscalls ([`super::VmaEvent`]).
     pub const VMA_EVENTS: &str = "CR_VMA_EVENTS";
     /// Processes that opened a target's `/proc/PID/mem` for writing ([`super::MemWriterKey`]).
@@ -85,6 +87,23 @@ pub struct TargetInfo {
 pub const TARGET_F_TRACK_WRITES: u64 = 1 << 0;
 /// Log every recorded fault with aya-log (debugging; costly).
 pub const TARGET_F_LOG: u64 = 1 << 1;
+/// Also queue every write fault in CR_DIRTY_RING ([`DirtyEvent`]); the ring, not CR_DIRTY, is
+/// then the complete record (a full ring counts DIRTY_LOST, a full CR_DIRTY does not): taking
+/// the set is a read of the ring, O(faults) at memory speed, instead of a walk of the hash.
+pub const TARGET_F_RING: u64 = 1 << 2;
+
+/// One record of CR_DIRTY_RING: a write fault of a target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirtyEvent {
+    /// Page number (vaddr >> PAGE_SHIFT).
+    pub page: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Default size of CR_DIRTY_RING in bytes (the loader sizes it to the target).
+pub const DIRTY_RING_BYTES: u32 = 1 << 20;
 
 /// Key of CR_DIRTY: one written page of one process.
 #[repr(C)]
@@ -214,6 +233,8 @@ mod pod {
     unsafe impl aya::Pod for super::TrackState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VmaEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DirtyEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MemWriterKey {}
 }

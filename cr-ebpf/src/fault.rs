@@ -10,15 +10,15 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     Global,
 };
 use aya_log_ebpf::debug;
 use cr_common::{
-    stat, PageInfo, PageKey, TargetInfo, DIRTY_MAX_ENTRIES, FAULT_ADDRESS_OFFSET,
-    FAULT_ERROR_CODE_OFFSET, PAGE_SHIFT, TARGETS_MAX_ENTRIES, TARGET_F_LOG,
-    TARGET_F_TRACK_WRITES, X86_PF_WRITE,
+    stat, DirtyEvent, PageInfo, PageKey, TargetInfo, DIRTY_MAX_ENTRIES, DIRTY_RING_BYTES,
+    FAULT_ADDRESS_OFFSET, FAULT_ERROR_CODE_OFFSET, PAGE_SHIFT, TARGETS_MAX_ENTRIES, TARGET_F_LOG,
+    TARGET_F_RING, TARGET_F_TRACK_WRITES, X86_PF_WRITE,
 };
 
 #[map(name = "CR_TARGETS")]
@@ -26,6 +26,9 @@ pub(crate) static CR_TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entri
 
 #[map(name = "CR_DIRTY")]
 static CR_DIRTY: HashMap<PageKey, PageInfo> = HashMap::with_max_entries(DIRTY_MAX_ENTRIES, 0);
+
+#[map(name = "CR_DIRTY_RING")]
+static CR_DIRTY_RING: RingBuf = RingBuf::with_byte_size(DIRTY_RING_BYTES, 0);
 
 #[map(name = "CR_STATS")]
 pub(crate) static CR_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -84,7 +87,13 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) {
         bump(stat::READ_FAULTS);
         return;
     }
-    let key = PageKey { page: addr >> PAGE_SHIFT, tgid, _pad: 0 };
+    let page = addr >> PAGE_SHIFT;
+    let ring = target.flags & TARGET_F_RING != 0;
+    if ring && CR_DIRTY_RING.output(&DirtyEvent { page, tgid, _pad: 0 }, 0).is_err() {
+        bump(stat::DIRTY_LOST);
+        return;
+    }
+    let key = PageKey { page, tgid, _pad: 0 };
     let epoch = target.epoch;
     match CR_DIRTY.get_ptr_mut(&key) {
         Some(v) => {
@@ -95,7 +104,9 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) {
             }
         }
         None => {
-            if CR_DIRTY.insert(&key, &PageInfo { epoch, writes: 1 }, 0).is_err() {
+            // With the ring, the hash only serves looks (hotness, tests): a full one loses
+            // nothing the harvest needs.
+            if CR_DIRTY.insert(&key, &PageInfo { epoch, writes: 1 }, 0).is_err() && !ring {
                 bump(stat::DIRTY_LOST);
                 return;
             }

@@ -455,11 +455,12 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     let a = w.region(1, 256, false);
     let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
     chain.pre_dump(&[("CR_TEST_DIRTY_MAX_ENTRIES", "16")]);
-    let written: Vec<u64> = (0..256).step_by(2).collect();
+    let written: Vec<u64> = (0..256).collect();
     let list: Vec<String> = written.iter().map(|p| p.to_string()).collect();
     w.cmd(&format!("write 1 {}", list.join(",")));
     let p = cr::track::harvest::peek(w.pid, &[(a, a + 256 * PAGE)]).unwrap();
     assert!(p.ebpf.len() <= 16, "the map holds {} entries", p.ebpf.len());
+    // (The ring, sized to match, holds about 170 faults: the 256 do not fit.)
     assert!(p.unsafe_why.iter().any(|r| r.contains("lost")), "no loss seen: {:?}", p.unsafe_why);
     let (img, s) = chain.pre_dump(&[]);
     assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);

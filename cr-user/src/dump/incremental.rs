@@ -174,13 +174,15 @@ impl Session {
         if o.prev_images_dir.is_some() && parent.is_none() {
             log::warn!("PID {pid}: full dump: {full_reason}");
         }
-        if parent.is_some() {
-            // An incremental dump copies little; have buffers for its first 16 MiB ready.
-            pages::warm_buffers(16 << 20);
-        }
         let mut pre_smaps = None;
         if let Some(t) = &tracked {
             let c = t.maps.counters(pid as u32)?;
+            if parent.is_some() {
+                // Have page buffers ready for what the epoch's write faults say will be copied
+                // (a fresh buffer's first touch zeroes its pages: better now than frozen).
+                let faults = c.write_faults.saturating_sub(t.state.baseline.write_faults);
+                pages::warm_buffers(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
+            }
             pre_smaps = Some((c.vma_events, c.exec_events, crate::proc::maps::read_smaps(pid)?));
         }
         Ok(Session {
@@ -373,8 +375,12 @@ impl Session {
             // next epoch here, except for remote writes by others, which only the next
             // checkpoint can account for.
             // (The dirty set was taken at the harvest; nothing the target did since, it is
-            // frozen, and cr's own reads fault in cr's context.)
+            // frozen, and cr's own reads fault in cr's context. A first arming drops what was
+            // recorded before it.)
             let _ = tr.maps.drain_vma_events();
+            if !armed {
+                let _ = tr.maps.drain_dirty();
+            }
             let mut baseline = tr.maps.counters(pid as u32)?;
             if let Some(ep) = &self.epoch {
                 baseline.gup_events = ep.at_seize.gup_events;

@@ -3,7 +3,7 @@
 //!
 //! The tracker listens on the abstract unix socket `cr-track-PID` (SOCK_SEQPACKET: one message
 //! per request or reply; nothing on disk to clean up). Requests and replies are JSON; fds travel
-//! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the seven map fds, then the
+//! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the map fds, then the
 //! userfaultfd if armed), does all the work itself on those fds, and hands the result back
 //! (`Put`, with the userfaultfd when it armed one). The tracker only keeps things alive.
 //!
@@ -30,7 +30,9 @@ use super::ranges::RangeSet;
 /// Largest message (a state with thousands of tracked ranges fits easily).
 pub const MAX_MSG: usize = 1 << 20;
 /// Most fds in one message.
-pub const MAX_FDS: usize = 8;
+pub const MAX_FDS: usize = 16;
+// `Get` sends every map fd and the userfaultfd.
+const _: () = assert!(super::maps::MAP_FDS < MAX_FDS);
 
 /// The abstract socket name of the tracker of `pid`.
 pub fn socket_name(pid: i32) -> String {
@@ -93,7 +95,7 @@ pub struct Reply {
     pub ok: bool,
     pub error: Option<String>,
     pub state: Option<TrackerState>,
-    /// Fds sent along: 7 map fds, then the userfaultfd if `armed`.
+    /// Fds sent along: the map fds (`maps::MAP_FDS`), then the userfaultfd if `armed`.
     pub fds: usize,
 }
 
@@ -238,7 +240,7 @@ impl TrackerConn {
             bail!("the tracker announced {} fds and sent {}", reply.fds, fds.len());
         }
         let uffd = if state.armed {
-            if fds.len() < 8 {
+            if fds.len() <= super::maps::MAP_FDS {
                 bail!("the tracker is armed but sent no userfaultfd");
             }
             fds.pop()

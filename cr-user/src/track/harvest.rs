@@ -7,6 +7,7 @@
 //!
 //! The eBPF harvest asks cr-ebpf where to look instead: every page whose protection a write
 //! lifted took a write fault in the target, which the fault programs recorded in CR_DIRTY.
+//! (The programs queue each fault in the ring CR_DIRTY_RING: taking the set is a read of it.)
 //! Those pages, widened to their 2 MiB blocks (a huge page populated by one fault covers the
 //! whole block), plus the ranges of VMA-changing syscalls, are scanned (and re-armed) exactly
 //! as above: O(dirty). What escapes the fault programs is watched by the syscall programs
@@ -144,10 +145,11 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
     }
 
     let t_ring = t0.elapsed();
-    let taken = maps.tracker.take_all_dirty()?;
-    f.dirty = taken.into_iter().filter(|(t, _)| *t == pid as u32).map(|(_, p)| p.page).collect();
+    f.dirty = maps.drain_dirty().into_iter().filter(|(t, _)| *t == pid as u32).map(|(_, p)| p).collect();
     f.dirty.sort_unstable();
     f.dirty.dedup();
+    // Writes from now on are the next epoch's (for looks at CR_DIRTY: `peek`, hotness).
+    maps.tracker.bump_epoch(pid as u32)?;
     log::debug!(
         "PID {pid}: epoch read in {:?} (counters and mem writers {:?}, fds {:?}, VMA events {:?}, dirty set {:?})",
         t0.elapsed(),
@@ -364,7 +366,9 @@ pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
     let snap = conn.get()?;
     let maps = TrackMaps::from_fds(snap.map_fds)?;
     let state = snap.state;
-    let ebpf = maps.tracker.dirty_pages(pid as u32)?;
+    // The hash keeps pages of earlier epochs too; this epoch's carry its number.
+    let epoch = maps.tracker.epoch(pid as u32)?;
+    let ebpf = maps.tracker.dirty(pid as u32)?.into_iter().filter(|p| p.epoch == epoch).map(|p| p.page).collect();
     let mut scanner = PagemapScanner::open(pid)?;
     let mut regions = Vec::new();
     for &(s, e) in ranges {

@@ -56,7 +56,8 @@ impl BpfObject {
         Self::load_sized(None)
     }
 
-    /// [`BpfObject::load`] with CR_DIRTY sized to `dirty_max_entries` instead of its default (aya's map_max_entries)
+    /// [`BpfObject::load`] with CR_DIRTY sized to `dirty_max_entries` instead of its default, and
+    /// CR_DIRTY_RING to match ([`dirty_ring_bytes`]; aya's map_max_entries)
     /// (tests use a tiny map to prove that a full map makes the harvest fall back).
     pub fn load_sized(dirty_max_entries: Option<u32>) -> Result<BpfObject> {
         let data = embedded_object()?;
@@ -90,6 +91,7 @@ impl BpfObject {
         }
         if let Some(n) = dirty_max_entries {
             loader.map_max_entries(cr_common::names::DIRTY, n);
+            loader.map_max_entries(cr_common::names::DIRTY_RING, dirty_ring_bytes(n));
         }
         let mut ebpf = loader
             .load(data)
@@ -187,6 +189,13 @@ impl BpfObject {
             p.flush();
         }
     }
+}
+
+/// CR_DIRTY_RING's size for a dirty map of `entries`: room for two faults per page (a page
+/// untouched since the arming faults twice on its first write), 24 bytes a record with the
+/// ring's header, a power of two from 4 KiB to 64 MiB.
+pub fn dirty_ring_bytes(entries: u32) -> u32 {
+    (u64::from(entries) * 2 * 24).next_power_of_two().clamp(4096, 64 << 20) as u32
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (< 5.11). Newer

@@ -8,14 +8,14 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
-use cr_common::{names, stat, MemWriterKey, TrackState, VmaEvent, TARGET_F_TRACK_WRITES};
+use cr_common::{names, stat, DirtyEvent, MemWriterKey, TrackState, VmaEvent, TARGET_F_RING, TARGET_F_TRACK_WRITES};
 use serde::{Deserialize, Serialize};
 
 use super::dirty::Tracker;
 use super::loader::BpfObject;
 
 /// Map fds are handed over in this order.
-const FD_ORDER: [&str; 7] = [
+const FD_ORDER: [&str; 8] = [
     names::TARGETS,
     names::DIRTY,
     names::STATS,
@@ -23,7 +23,11 @@ const FD_ORDER: [&str; 7] = [
     names::VMA_EVENTS,
     names::MEM_WRITERS,
     names::TIDS,
+    names::DIRTY_RING,
 ];
+
+/// How many map fds the tracker hands over.
+pub const MAP_FDS: usize = FD_ORDER.len();
 
 /// Counters of one target at one moment: the syscall programs' CR_TRACK entry and the global
 /// loss counters of CR_STATS. Compared between checkpoints (see [`Counters::moved`]).
@@ -38,6 +42,10 @@ pub struct Counters {
     pub vma_lost: u64,
     pub mem_writers_lost: u64,
     pub track_missing: u64,
+    /// Write faults recorded (user and kernel mode), all targets: what a checkpoint will
+    /// have to copy, at most.
+    #[serde(default)]
+    pub write_faults: u64,
 }
 
 impl Counters {
@@ -67,6 +75,7 @@ pub struct TrackMaps {
     vma_events: RingBuf<MapData>,
     mem_writers: HashMap<MapData, MemWriterKey, u64>,
     tids: HashMap<MapData, u32, u32>,
+    dirty_ring: RingBuf<MapData>,
 }
 
 impl TrackMaps {
@@ -81,6 +90,7 @@ impl TrackMaps {
         let vma_events = obj.take_map(names::VMA_EVENTS)?;
         let mem_writers = obj.take_map(names::MEM_WRITERS)?;
         let tids = obj.take_map(names::TIDS)?;
+        let dirty_ring = obj.take_map(names::DIRTY_RING)?;
         obj.attach_fault_tracepoints()?;
         obj.attach_syscall_tracepoints()?;
         Ok(TrackMaps {
@@ -89,6 +99,7 @@ impl TrackMaps {
             vma_events,
             mem_writers,
             tids,
+            dirty_ring,
         })
     }
 
@@ -103,6 +114,7 @@ impl TrackMaps {
             self.vma_events.as_fd(),
             self.mem_writers.map().fd().as_fd(),
             self.tids.map().fd().as_fd(),
+            self.dirty_ring.as_fd(),
         ];
         fds.iter()
             .zip(FD_ORDER)
@@ -145,12 +157,14 @@ impl TrackMaps {
         let vma_events = typed(it.next())?;
         let mem_writers = typed(it.next())?;
         let tids = typed(it.next())?;
+        let dirty_ring = typed(it.next())?;
         Ok(TrackMaps {
             tracker: Tracker::from_maps(targets, dirty, stats, None),
             track,
             vma_events,
             mem_writers,
             tids,
+            dirty_ring,
         })
     }
 
@@ -161,7 +175,7 @@ impl TrackMaps {
         self.track
             .insert(&tgid, &TrackState::default(), 0)
             .with_context(|| format!("add process {tgid} to CR_TRACK"))?;
-        self.tracker.add_target(tgid, TARGET_F_TRACK_WRITES)?;
+        self.tracker.add_target(tgid, TARGET_F_TRACK_WRITES | TARGET_F_RING)?;
         for tid in crate::proc::task::threads(tgid as i32).unwrap_or_default() {
             if tid as u32 != tgid {
                 self.tids
@@ -189,6 +203,7 @@ impl TrackMaps {
             vma_lost: self.stat(stat::VMA_LOST)?,
             mem_writers_lost: self.stat(stat::MEM_WRITERS_LOST)?,
             track_missing: self.stat(stat::TRACK_MISSING)?,
+            write_faults: s.write_faults.wrapping_add(s.kernel_write_faults),
         })
     }
 
@@ -208,6 +223,21 @@ impl TrackMaps {
                 // SAFETY: the record was written by cr-ebpf as a VmaEvent (repr(C), integers
                 // only); read_unaligned copes with the ring's 8-byte alignment either way.
                 out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const VmaEvent) });
+            }
+        }
+        out
+    }
+
+    /// Takes every queued write fault: (tgid, page) pairs, in fault order, duplicates
+    /// included. A read of the ring's memory, no syscall per record.
+    pub fn drain_dirty(&mut self) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        while let Some(item) = self.dirty_ring.next() {
+            if item.len() >= std::mem::size_of::<DirtyEvent>() {
+                // SAFETY: the record was written by cr-ebpf as a DirtyEvent (repr(C), integers
+                // only); read_unaligned copes with any alignment.
+                let e = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DirtyEvent) };
+                out.push((e.tgid, e.page));
             }
         }
         out
