@@ -181,7 +181,22 @@ impl TrackerConn {
             .context("create a unix socket")?;
         let addr = UnixAddr::new_abstract(socket_name(pid).as_bytes()).context("socket name")?;
         match connect(sock.as_raw_fd(), &addr) {
-            Ok(()) => Ok(Some(TrackerConn { sock, pid, pending: std::cell::Cell::new(0) })),
+            Ok(()) => {
+                // Abstract names are open to anyone: only a tracker of our own uid is trusted
+                // with the target's fds and with saying what changed.
+                let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+                    .context("credentials of the tracker socket's owner")?;
+                let me = nix::unistd::geteuid().as_raw();
+                if cred.uid() != me {
+                    bail!(
+                        "@{} belongs to PID {} of uid {}, not to a cr tracker (uid {me}): refusing it",
+                        socket_name(pid),
+                        cred.pid(),
+                        cred.uid()
+                    );
+                }
+                Ok(Some(TrackerConn { sock, pid, pending: std::cell::Cell::new(0) }))
+            }
             Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
             Err(e) => Err(anyhow!(e)).with_context(|| format!("connect to the tracker of PID {pid}")),
         }

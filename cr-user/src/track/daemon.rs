@@ -116,8 +116,16 @@ impl Tracker {
         }
     }
 
-    /// Serves one client until it hangs up. Returns true on `Stop`.
+    /// Serves one client until it hangs up. Returns true on `Stop`. Only a client with the
+    /// tracker's own effective uid (root: cr's) is served: the fds handed out can rewrite the
+    /// tracking state and write-protect the target's memory.
     fn connection(&mut self, conn: &OwnedFd) -> Result<bool> {
+        let cred = getsockopt(conn, sockopt::PeerCredentials).context("credentials of a tracker client")?;
+        let me = nix::unistd::geteuid().as_raw();
+        if cred.uid() != me {
+            log::warn!("refused a tracker client with uid {} (PID {})", cred.uid(), cred.pid());
+            return Ok(false);
+        }
         while let Some((bytes, fds)) = recv(conn)? {
             let req: Request = match serde_json::from_slice(&bytes) {
                 Ok(r) => r,
