@@ -46,6 +46,13 @@ pub struct DirtyPage {
     pub epoch: u64,
 }
 
+/// The maps of a [`Tracker`]: targets, dirty pages, counters.
+pub type TrackerMaps<'a> = (
+    &'a HashMap<MapData, u32, TargetInfo>,
+    &'a HashMap<MapData, PageKey, PageInfo>,
+    &'a PerCpuArray<MapData, u64>,
+);
+
 /// The loaded and attached write-fault tracker. Dropping it detaches the programs and frees
 /// the maps.
 pub struct Tracker {
@@ -92,13 +99,7 @@ impl Tracker {
     }
 
     /// The maps (targets, dirty pages, counters), e.g. to hand their fds to another process.
-    pub fn maps(
-        &self,
-    ) -> (
-        &HashMap<MapData, u32, TargetInfo>,
-        &HashMap<MapData, PageKey, PageInfo>,
-        &PerCpuArray<MapData, u64>,
-    ) {
+    pub fn maps(&self) -> TrackerMaps<'_> {
         (&self.targets, &self.dirty, &self.stats)
     }
 
