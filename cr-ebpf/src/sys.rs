@@ -15,6 +15,7 @@
 //! Every program reads its arguments at the fixed `sys_enter_*` layout (argument i at
 //! SYSCALL_ARG0_OFFSET + 8*i), which the user side checks against tracefs before attaching.
 
+use aya_ebpf::Global;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
@@ -24,7 +25,6 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf},
     programs::TracePointContext,
 };
-use aya_ebpf::Global;
 use cr_common::{
     stat, vma_ev, MemWriterKey, TrackState, VmaEvent, FORK_CHILD_PID_OFFSET,
     MEM_WRITERS_MAX_ENTRIES, SYSCALL_ARG0_OFFSET, TARGETS_MAX_ENTRIES, TIDS_MAX_ENTRIES,
@@ -192,14 +192,24 @@ pub fn cr_sys_remap_file_pages(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_mremap")]
 pub fn cr_sys_mremap(ctx: TracePointContext) -> u32 {
-    let (addr, old_len, new_len, flags, new_addr) =
-        (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2), arg(&ctx, 3), arg(&ctx, 4));
+    let (addr, old_len, new_len, flags, new_addr) = (
+        arg(&ctx, 0),
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        arg(&ctx, 3),
+        arg(&ctx, 4),
+    );
     // The old range (it may grow in place up to new_len) and, with MREMAP_FIXED, whatever
     // the new range replaces.
     let len = if new_len > old_len { new_len } else { old_len };
     vma_event(&ctx, vma_ev::RANGE, addr, addr.saturating_add(len));
     if flags & MREMAP_FIXED != 0 {
-        vma_event(&ctx, vma_ev::RANGE, new_addr, new_addr.saturating_add(new_len));
+        vma_event(
+            &ctx,
+            vma_ev::RANGE,
+            new_addr,
+            new_addr.saturating_add(new_len),
+        );
     }
     0
 }
@@ -347,7 +357,10 @@ fn on_open(ctx: &TracePointContext, path: u64, flags: u64) {
             None => return,
         }
     };
-    let key = MemWriterKey { target, opener: tgid };
+    let key = MemWriterKey {
+        target,
+        opener: tgid,
+    };
     match CR_MEM_WRITERS.get_ptr_mut(&key) {
         // SAFETY: the value lives in the map; a lost increment is harmless.
         Some(c) => unsafe { *c += 1 },

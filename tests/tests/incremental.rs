@@ -33,15 +33,22 @@ fn word(id: u64, p: u64, gen: u64, k: u64) -> u64 {
         return 0;
     }
     let x = (id << 40) ^ (p << 12) ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left((k % 61) as u32) ^ k
+    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        .rotate_left((k % 61) as u32)
+        ^ k
 }
 
 fn content(id: u64, p: u64, gen: u64) -> Vec<u8> {
-    (0..512).flat_map(|k| word(id, p, gen, k).to_le_bytes()).collect()
+    (0..512)
+        .flat_map(|k| word(id, p, gen, k).to_le_bytes())
+        .collect()
 }
 
 fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "run as root (cargo xtask test does)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "run as root (cargo xtask test does)"
+    );
 }
 
 /// Runs cr with extra environment variables; prints what it did.
@@ -52,7 +59,16 @@ fn cr_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     let out = c.output().expect("run cr");
-    eprintln!("$ {} cr {}\n-> {}\n{}", env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "), args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "$ {} cr {}\n-> {}\n{}",
+        env.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -85,7 +101,10 @@ impl Dirty {
         let wfd = w.as_raw_fd();
         let mut cmd = Command::new(workload_bin("wl_dirty"));
         let errlog = std::fs::File::create(d.join("wl_dirty.stderr")).unwrap();
-        cmd.env("CR_RESULT", &result).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(errlog);
+        cmd.env("CR_RESULT", &result)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(errlog);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -103,11 +122,20 @@ impl Dirty {
         drop(w);
         let mut ready = String::new();
         std::fs::File::from(r).read_to_string(&mut ready).unwrap();
-        assert!(ready.starts_with("READY"), "wl_dirty did not get ready: {ready:?}");
+        assert!(
+            ready.starts_with("READY"),
+            "wl_dirty did not get ready: {ready:?}"
+        );
         let pid = child.id() as i32;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().map(BufReader::new);
-        Dirty { child: Some(child), stdin, stdout, pid, result }
+        Dirty {
+            child: Some(child),
+            stdin,
+            stdout,
+            pid,
+            result,
+        }
     }
 
     /// Sends a command; returns what followed "ok".
@@ -118,12 +146,18 @@ impl Dirty {
         let mut line = String::new();
         self.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
         let line = line.trim();
-        assert!(line.starts_with("ok"), "wl_dirty answered {line:?} to {c:?}");
+        assert!(
+            line.starts_with("ok"),
+            "wl_dirty answered {line:?} to {c:?}"
+        );
         line.trim_start_matches("ok").trim().to_string()
     }
 
     fn region(&mut self, id: u64, pages: u64, thp: bool) -> u64 {
-        let a = self.cmd(&format!("region {id} {pages}{}", if thp { " thp" } else { "" }));
+        let a = self.cmd(&format!(
+            "region {id} {pages}{}",
+            if thp { " thp" } else { "" }
+        ));
         u64::from_str_radix(&a, 16).unwrap()
     }
 
@@ -141,7 +175,10 @@ impl Dirty {
         assert_eq!(unsafe { libc::kill(self.pid, libc::SIGUSR1) }, 0);
         let st = wait_exit(self.pid);
         let res = std::fs::read_to_string(&self.result).unwrap_or_default();
-        assert!(res.starts_with("PASS"), "restored wl_dirty reported {res:?} (status {st})");
+        assert!(
+            res.starts_with("PASS"),
+            "restored wl_dirty reported {res:?} (status {st})"
+        );
         assert_eq!(st, 0);
     }
 }
@@ -161,7 +198,12 @@ impl Drop for Dirty {
 
 /// The statistics in an image's inventory.
 fn stats(img: &Path) -> pb::DumpStats {
-    ImageDir::open(img).unwrap().inventory().stats.clone().unwrap_or_default()
+    ImageDir::open(img)
+        .unwrap()
+        .inventory()
+        .stats
+        .clone()
+        .unwrap_or_default()
 }
 
 /// Page numbers of `pid`'s pages held in the image itself, and those marked in_parent.
@@ -205,7 +247,9 @@ impl Chain<'_> {
         let pid = self.pid.to_string();
         let img_s = img.to_string_lossy().into_owned();
         let prev = format!("../p{}", self.n - 1);
-        let mut args = vec!["pre-dump", "-t", &pid, "-D", &img_s, "-o", "dump.log", "-v4"];
+        let mut args = vec![
+            "pre-dump", "-t", &pid, "-D", &img_s, "-o", "dump.log", "-v4",
+        ];
         if self.n > 1 {
             args.extend(["--prev-images-dir", &prev]);
         }
@@ -213,9 +257,16 @@ impl Chain<'_> {
         let mut env = env.to_vec();
         env.push(("CR_TRACKER_LOG", &log));
         let out = cr_env(&args, &env);
-        assert!(out.status.success(), "pre-dump failed:\n{}", show_log(&img, "dump.log"));
+        assert!(
+            out.status.success(),
+            "pre-dump failed:\n{}",
+            show_log(&img, "dump.log")
+        );
         let s = stats(&img);
-        eprintln!("p{}: harvest {} ({}), {} written, {} in parent, frozen {} us", self.n, s.harvest, s.harvest_reason, s.pages_written, s.pages_in_parent, s.frozen_us);
+        eprintln!(
+            "p{}: harvest {} ({}), {} written, {} in parent, frozen {} us",
+            self.n, s.harvest, s.harvest_reason, s.pages_written, s.pages_in_parent, s.frozen_us
+        );
         (img, s)
     }
 }
@@ -228,59 +279,122 @@ fn assert_tracker_gone(pid: i32, tracker_pid: i32) {
         let mut st = 0;
         // SAFETY: reaping the tracker if it became our child (we are a subreaper).
         let r = unsafe { libc::waitpid(tracker_pid, &mut st, libc::WNOHANG) };
-        let alive = r == 0 || (r < 0 && Path::new(&format!("/proc/{tracker_pid}")).exists() && !is_zombie(tracker_pid));
+        let alive = r == 0
+            || (r < 0
+                && Path::new(&format!("/proc/{tracker_pid}")).exists()
+                && !is_zombie(tracker_pid));
         if !alive {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "tracker {tracker_pid} of PID {pid} still runs after the final dump");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "tracker {tracker_pid} of PID {pid} still runs after the final dump"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
     let name = format!("@cr-track-{pid}");
-    assert!(!unix.lines().any(|l| l.ends_with(&name)), "socket {name} is still bound");
+    assert!(
+        !unix.lines().any(|l| l.ends_with(&name)),
+        "socket {name} is still bound"
+    );
     // No pinned objects: the tracker pins nothing, so bpffs holds nothing of cr.
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            assert!(!n.contains("cr_dirty") && !n.contains("CR_"), "pinned map left: {n}");
+            assert!(
+                !n.contains("cr_dirty") && !n.contains("CR_"),
+                "pinned map left: {n}"
+            );
         }
     }
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')).unwrap_or(true)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
 }
 
 /// Final dump (kills), restore, verify; the tracker must be gone afterwards.
 fn final_dump_and_restore(w: &mut Dirty, d: &TempDir, parent: Option<&str>) -> pb::DumpStats {
     let img = d.s("final");
     let pid = w.pid.to_string();
-    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4", "--track-mem"];
+    let mut args = vec![
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &img,
+        "-o",
+        "dump.log",
+        "-v4",
+        "--track-mem",
+    ];
     if let Some(p) = parent {
         args.extend(["--prev-images-dir", p]);
     }
     let out = cr_env(&args, &[]);
-    assert!(out.status.success(), "final dump failed:\n{}", show_log(&d.join("final"), "dump.log"));
+    assert!(
+        out.status.success(),
+        "final dump failed:\n{}",
+        show_log(&d.join("final"), "dump.log")
+    );
     w.reap();
     let s = stats(&d.join("final"));
     assert_tracker_gone(w.pid, s.tracker_pid);
     let pidfile = d.s("restore.pid");
-    let out = cr_env(&["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"], &[]);
-    assert!(out.status.success(), "restore failed:\n{}", show_log(&d.join("final"), "restore.log"));
+    let out = cr_env(
+        &[
+            "restore",
+            "-D",
+            &img,
+            "-d",
+            "--pidfile",
+            &pidfile,
+            "-o",
+            "restore.log",
+            "-v4",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "restore failed:\n{}",
+        show_log(&d.join("final"), "restore.log")
+    );
     w.assert_pass_after_restore();
     s
 }
 
 /// One epoch of the agreement test: the given commands; `expect` must be what both harvests
 /// report for the `n` pages at `addr`, and exactly what the next pre-dump copies there.
-fn epoch(w: &mut Dirty, chain: &mut Chain<'_>, cmds: &[&str], addr: u64, n: u64, expect: BTreeSet<u64>, what: &str) {
+fn epoch(
+    w: &mut Dirty,
+    chain: &mut Chain<'_>,
+    cmds: &[&str],
+    addr: u64,
+    n: u64,
+    expect: BTreeSet<u64>,
+    what: &str,
+) {
     for c in cmds {
         w.cmd(c);
     }
     let p = cr::track::harvest::peek(w.pid, &[(addr, addr + n * PAGE)]).unwrap();
     let ebpf: BTreeSet<u64> = within(&p.ebpf.iter().copied().collect(), addr, n);
     let scan: BTreeSet<u64> = p.written.iter().copied().collect();
-    assert!(p.unsafe_why.is_empty(), "{what}: the epoch looks unsafe: {:?}", p.unsafe_why);
+    assert!(
+        p.unsafe_why.is_empty(),
+        "{what}: the epoch looks unsafe: {:?}",
+        p.unsafe_why
+    );
     assert_eq!(ebpf, expect, "{what}: eBPF set");
     assert_eq!(scan, expect, "{what}: PAGEMAP_SCAN set");
     let (img, s) = chain.pre_dump(&[]);
@@ -289,7 +403,11 @@ fn epoch(w: &mut Dirty, chain: &mut Chain<'_>, cmds: &[&str], addr: u64, n: u64,
     assert_eq!(within(&data, addr, n), expect, "{what}: pages copied");
     let all: BTreeSet<u64> = (addr / PAGE..addr / PAGE + n).collect();
     let rest: BTreeSet<u64> = all.difference(&expect).copied().collect();
-    assert_eq!(within(&parent, addr, n), rest, "{what}: pages in the parent");
+    assert_eq!(
+        within(&parent, addr, n),
+        rest,
+        "{what}: pages in the parent"
+    );
 }
 
 /// Both harvests agree on writes the fault programs see: user and kernel writes, THP,
@@ -303,26 +421,92 @@ fn harvests_agree_on_writes_the_programs_see() {
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
     let t = w.region(2, 1024, true); // 4 MiB of THP
-    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    let mut chain = Chain {
+        d: &d,
+        pid: w.pid,
+        n: 0,
+    };
     let (p1, s1) = chain.pre_dump(&[]);
     assert_eq!(s1.harvest, "full");
     let (data, _) = image_pages(&p1, w.pid);
-    assert!(at(a, &(0..64).collect::<Vec<_>>()).is_subset(&data), "the first pre-dump copies everything");
+    assert!(
+        at(a, &(0..64).collect::<Vec<_>>()).is_subset(&data),
+        "the first pre-dump copies everything"
+    );
 
-    epoch(&mut w, &mut chain, &["write 1 3,4,10,63"], a, 64, at(a, &[3, 4, 10, 63]), "user writes");
-    epoch(&mut w, &mut chain, &["read 1 0,1,2,3"], a, 64, BTreeSet::new(), "reads only");
-    epoch(&mut w, &mut chain, &["pipe 1 5,6", "file 1 20"], a, 64, at(a, &[5, 6, 20]), "kernel writes (read, pread)");
-    epoch(&mut w, &mut chain, &["write 2 7,600"], t, 1024, at(t, &[7, 600]), "THP region");
-    epoch(&mut w, &mut chain, &["fork 1 1,2,3"], a, 64, BTreeSet::new(), "a forked child's writes");
-    epoch(&mut w, &mut chain, &["cow 1 8,9"], a, 64, at(a, &[8, 9]), "COW writes while a child shares the pages");
+    epoch(
+        &mut w,
+        &mut chain,
+        &["write 1 3,4,10,63"],
+        a,
+        64,
+        at(a, &[3, 4, 10, 63]),
+        "user writes",
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["read 1 0,1,2,3"],
+        a,
+        64,
+        BTreeSet::new(),
+        "reads only",
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["pipe 1 5,6", "file 1 20"],
+        a,
+        64,
+        at(a, &[5, 6, 20]),
+        "kernel writes (read, pread)",
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["write 2 7,600"],
+        t,
+        1024,
+        at(t, &[7, 600]),
+        "THP region",
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["fork 1 1,2,3"],
+        a,
+        64,
+        BTreeSet::new(),
+        "a forked child's writes",
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["cow 1 8,9"],
+        a,
+        64,
+        at(a, &[8, 9]),
+        "COW writes while a child shares the pages",
+    );
 
     // New VMA: copied whole, then tracked like the others.
     let b = w.region(3, 32, false);
     let (img, s) = chain.pre_dump(&[]);
     assert!(s.new_vmas >= 1, "the new region was not seen as new: {s:?}");
     let (data, _) = image_pages(&img, w.pid);
-    assert!(at(b, &(0..32).collect::<Vec<_>>()).is_subset(&data), "new region not copied whole");
-    epoch(&mut w, &mut chain, &["write 3 0,31"], b, 32, at(b, &[0, 31]), "writes to a VMA mapped since");
+    assert!(
+        at(b, &(0..32).collect::<Vec<_>>()).is_subset(&data),
+        "new region not copied whole"
+    );
+    epoch(
+        &mut w,
+        &mut chain,
+        &["write 3 0,31"],
+        b,
+        32,
+        at(b, &[0, 31]),
+        "writes to a VMA mapped since",
+    );
 
     // munmap and mremap: unmapped pages are gone from the image (not in_parent); moved pages
     // are copied at their new address.
@@ -331,13 +515,25 @@ fn harvests_agree_on_writes_the_programs_see() {
     let (_, _) = chain.pre_dump(&[]);
     let c_new = u64::from_str_radix(&w.cmd("mremap 4"), 16).unwrap();
     let (img, s) = chain.pre_dump(&[]);
-    assert!(s.vma_events >= 1, "the VMA changes were not recorded: {s:?}");
+    assert!(
+        s.vma_events >= 1,
+        "the VMA changes were not recorded: {s:?}"
+    );
     let (data, parent) = image_pages(&img, w.pid);
     let gone = at(a, &(40..48).collect::<Vec<_>>());
-    assert!(data.is_disjoint(&gone) && parent.is_disjoint(&gone), "unmapped pages still in the image");
+    assert!(
+        data.is_disjoint(&gone) && parent.is_disjoint(&gone),
+        "unmapped pages still in the image"
+    );
     let old: BTreeSet<u64> = at(c_old, &(0..16).collect::<Vec<_>>());
-    assert!(data.is_disjoint(&old) && parent.is_disjoint(&old), "pages at the old place of a moved VMA are still in the image");
-    assert!(at(c_new, &(0..16).collect::<Vec<_>>()).is_subset(&data), "a moved VMA must be copied at its new address");
+    assert!(
+        data.is_disjoint(&old) && parent.is_disjoint(&old),
+        "pages at the old place of a moved VMA are still in the image"
+    );
+    assert!(
+        at(c_new, &(0..16).collect::<Vec<_>>()).is_subset(&data),
+        "a moved VMA must be copied at its new address"
+    );
 
     // Dropped pages must not be taken from the parent; populated ones are zeros, written.
     w.cmd("dontneed 1 11,12");
@@ -346,8 +542,15 @@ fn harvests_agree_on_writes_the_programs_see() {
     assert_eq!(s.harvest, "ebpf", "{}", s.harvest_reason);
     let (data, parent) = image_pages(&img, w.pid);
     let dropped = at(a, &[11, 12]);
-    assert!(parent.is_disjoint(&dropped), "dropped pages claimed unchanged: {:?}", parent.intersection(&dropped).collect::<Vec<_>>());
-    assert!(!data.contains(&(a / PAGE + 11)), "a dropped, untouched page was copied");
+    assert!(
+        parent.is_disjoint(&dropped),
+        "dropped pages claimed unchanged: {:?}",
+        parent.intersection(&dropped).collect::<Vec<_>>()
+    );
+    assert!(
+        !data.contains(&(a / PAGE + 11)),
+        "a dropped, untouched page was copied"
+    );
     w.cmd("check");
 
     let last = format!("../p{}", chain.n);
@@ -365,7 +568,11 @@ fn remote_writes_make_the_harvest_exact() {
     let d = TempDir::new("inc-remote");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
-    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    let mut chain = Chain {
+        d: &d,
+        pid: w.pid,
+        n: 0,
+    };
     chain.pre_dump(&[]);
 
     let external = |w: &mut Dirty, p: u64, how: &str| {
@@ -386,7 +593,9 @@ fn remote_writes_make_the_harvest_exact() {
             external(w, 2, "vm");
             external(w, 30, "vm");
         }),
-        ("/proc/PID/mem from another process", &[7], &|w| external(w, 7, "mem")),
+        ("/proc/PID/mem from another process", &[7], &|w| {
+            external(w, 7, "mem")
+        }),
         ("the target's own process_vm_writev", &[9, 10], &|w| {
             w.cmd("selfvm 1 9,10");
         }),
@@ -398,13 +607,29 @@ fn remote_writes_make_the_harvest_exact() {
         act(&mut w);
         let expect = at(a, pages);
         let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
-        assert_eq!(p.written.iter().copied().collect::<BTreeSet<_>>(), expect, "{what}: PAGEMAP_SCAN set");
-        assert!(!p.unsafe_why.is_empty(), "{what}: the epoch was not flagged: eBPF saw {:?}", within(&p.ebpf.iter().copied().collect(), a, 64));
+        assert_eq!(
+            p.written.iter().copied().collect::<BTreeSet<_>>(),
+            expect,
+            "{what}: PAGEMAP_SCAN set"
+        );
+        assert!(
+            !p.unsafe_why.is_empty(),
+            "{what}: the epoch was not flagged: eBPF saw {:?}",
+            within(&p.ebpf.iter().copied().collect(), a, 64)
+        );
         let (img, s) = chain.pre_dump(&[]);
-        assert_eq!(s.harvest, "pagemap-scan", "{what}: harvest ({})", s.harvest_reason);
+        assert_eq!(
+            s.harvest, "pagemap-scan",
+            "{what}: harvest ({})",
+            s.harvest_reason
+        );
         let (data, parent) = image_pages(&img, w.pid);
         assert_eq!(within(&data, a, 64), expect, "{what}: pages copied");
-        assert_eq!(within(&parent, a, 64).len(), 64 - expect.len(), "{what}: pages in the parent");
+        assert_eq!(
+            within(&parent, a, 64).len(),
+            64 - expect.len(),
+            "{what}: pages in the parent"
+        );
     }
     // The epoch after a stranger's write is clean again (the writer has closed its file).
     w.cmd("write 1 1");
@@ -426,16 +651,31 @@ fn threads_writes_and_task_ids() {
     let a = w.region(1, 64, false);
     let tid: i32 = w.cmd("thread").parse().unwrap();
     assert_ne!(tid, w.pid);
-    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    let mut chain = Chain {
+        d: &d,
+        pid: w.pid,
+        n: 0,
+    };
     chain.pre_dump(&[]);
-    epoch(&mut w, &mut chain, &["twrite 1 4,5,40"], a, 64, at(a, &[4, 5, 40]), "writes by the second thread");
+    epoch(
+        &mut w,
+        &mut chain,
+        &["twrite 1 4,5,40"],
+        a,
+        64,
+        at(a, &[4, 5, 40]),
+        "writes by the second thread",
+    );
 
     let gen: u64 = w.cmd("gen 1 9").parse().unwrap();
     let n = cr::sys::process_vm_writev(tid, &content(1, 9, gen + 1), a + 9 * PAGE).unwrap();
     assert_eq!(n, PAGE as usize);
     w.cmd(&format!("note 1 9 {}", gen + 1));
     let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
-    assert!(!p.unsafe_why.is_empty(), "process_vm_writev to TID {tid} was not flagged");
+    assert!(
+        !p.unsafe_why.is_empty(),
+        "process_vm_writev to TID {tid} was not flagged"
+    );
     let (img, s) = chain.pre_dump(&[]);
     assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);
     let (data, _) = image_pages(&img, w.pid);
@@ -453,7 +693,11 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     let d = TempDir::new("inc-full-map");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 256, false);
-    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    let mut chain = Chain {
+        d: &d,
+        pid: w.pid,
+        n: 0,
+    };
     chain.pre_dump(&[("CR_TEST_DIRTY_MAX_ENTRIES", "16")]);
     let written: Vec<u64> = (0..256).collect();
     let list: Vec<String> = written.iter().map(|p| p.to_string()).collect();
@@ -461,7 +705,11 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     let p = cr::track::harvest::peek(w.pid, &[(a, a + 256 * PAGE)]).unwrap();
     assert!(p.ebpf.len() <= 16, "the map holds {} entries", p.ebpf.len());
     // (The ring, sized to match, holds about 170 faults: the 256 do not fit.)
-    assert!(p.unsafe_why.iter().any(|r| r.contains("lost")), "no loss seen: {:?}", p.unsafe_why);
+    assert!(
+        p.unsafe_why.iter().any(|r| r.contains("lost")),
+        "no loss seen: {:?}",
+        p.unsafe_why
+    );
     let (img, s) = chain.pre_dump(&[]);
     assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);
     assert!(s.harvest_reason.contains("lost"), "{}", s.harvest_reason);
@@ -483,12 +731,21 @@ fn a_plain_dump_does_not_consume_the_tracking_state() {
     let d = TempDir::new("inc-plain");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
-    let mut chain = Chain { d: &d, pid: w.pid, n: 0 };
+    let mut chain = Chain {
+        d: &d,
+        pid: w.pid,
+        n: 0,
+    };
     chain.pre_dump(&[]);
     w.cmd("write 1 5");
     let pid = w.pid.to_string();
     let plain = d.s("plain");
-    assert!(cr_env(&["dump", "-t", &pid, "-D", &plain, "-R", "-o", "dump.log", "-v4"], &[]).status.success());
+    assert!(cr_env(
+        &["dump", "-t", &pid, "-D", &plain, "-R", "-o", "dump.log", "-v4"],
+        &[]
+    )
+    .status
+    .success());
     let s = stats(&d.join("plain"));
     assert_eq!(s.harvest, "full");
     let (data, parent) = image_pages(&d.join("plain"), w.pid);
@@ -501,11 +758,28 @@ fn a_plain_dump_does_not_consume_the_tracking_state() {
     assert_eq!(within(&data, a, 64), at(a, &[5, 6]), "both epochs' writes");
     // A parent that is not the tracker's last checkpoint gives a full dump, not a wrong one.
     let stale = d.s("stale");
-    let out = cr_env(&["pre-dump", "-t", &pid, "-D", &stale, "--prev-images-dir", "../p1", "-o", "dump.log"], &[]);
+    let out = cr_env(
+        &[
+            "pre-dump",
+            "-t",
+            &pid,
+            "-D",
+            &stale,
+            "--prev-images-dir",
+            "../p1",
+            "-o",
+            "dump.log",
+        ],
+        &[],
+    );
     assert!(out.status.success());
     let s = stats(&d.join("stale"));
     assert_eq!(s.harvest, "full", "{}", s.harvest_reason);
-    assert!(ImageDir::open(&d.join("stale")).unwrap().inventory().parent_path.is_empty());
+    assert!(ImageDir::open(&d.join("stale"))
+        .unwrap()
+        .inventory()
+        .parent_path
+        .is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -521,7 +795,13 @@ fn start_chainer(d: &TempDir, mib: u64) -> Chainer {
     Chainer { w }
 }
 
-fn dump_cmd(d: &TempDir, pid: i32, name: &str, extra: &[&str], env: &[(&str, &str)]) -> pb::DumpStats {
+fn dump_cmd(
+    d: &TempDir,
+    pid: i32,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> pb::DumpStats {
     let img = d.s(name);
     let pid_s = pid.to_string();
     let mut args = vec![extra[0], "-t", &pid_s, "-D", &img, "-o", "dump.log", "-v4"];
@@ -530,7 +810,12 @@ fn dump_cmd(d: &TempDir, pid: i32, name: &str, extra: &[&str], env: &[(&str, &st
     let mut env = env.to_vec();
     env.push(("CR_TRACKER_LOG", &log));
     let out = cr_env(&args, &env);
-    assert!(out.status.success(), "{} failed:\n{}", extra[0], show_log(&d.join(name), "dump.log"));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        extra[0],
+        show_log(&d.join(name), "dump.log")
+    );
     let s = stats(&d.join(name));
     eprintln!(
         "{name}: harvest {} ({}), {} written, {} in parent, {} scanned, frozen {} us, harvest {} us",
@@ -542,8 +827,25 @@ fn dump_cmd(d: &TempDir, pid: i32, name: &str, extra: &[&str], env: &[(&str, &st
 fn restore_and_verify(d: &TempDir, c: &mut Chainer, name: &str) {
     let img = d.s(name);
     let pidfile = d.s(&format!("{name}.pid"));
-    let out = cr_env(&["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"], &[]);
-    assert!(out.status.success(), "restore of {name} failed:\n{}", show_log(&d.join(name), "restore.log"));
+    let out = cr_env(
+        &[
+            "restore",
+            "-D",
+            &img,
+            "-d",
+            "--pidfile",
+            &pidfile,
+            "-o",
+            "restore.log",
+            "-v4",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "restore of {name} failed:\n{}",
+        show_log(&d.join(name), "restore.log")
+    );
     let _ = std::fs::remove_file(&c.w.result);
     c.w.assert_pass();
 }
@@ -578,23 +880,50 @@ fn chain_of_pre_dumps_and_final_dump_restores_every_page() {
     std::thread::sleep(Duration::from_millis(300));
     toggle_gup();
     std::thread::sleep(Duration::from_millis(100));
-    let s2 = dump_cmd(&d, pid, "p2", &["pre-dump", "--prev-images-dir", "../p1"], &[]);
+    let s2 = dump_cmd(
+        &d,
+        pid,
+        "p2",
+        &["pre-dump", "--prev-images-dir", "../p1"],
+        &[],
+    );
     assert!(s2.pages_in_parent > 0, "nothing taken from the parent");
     assert_eq!(s2.harvest, "pagemap-scan", "{}", s2.harvest_reason);
     std::thread::sleep(Duration::from_millis(300));
-    let s3 = dump_cmd(&d, pid, "p3", &["pre-dump", "--prev-images-dir", "../p2"], &[("CR_HARVEST", "ebpf")]);
+    let s3 = dump_cmd(
+        &d,
+        pid,
+        "p3",
+        &["pre-dump", "--prev-images-dir", "../p2"],
+        &[("CR_HARVEST", "ebpf")],
+    );
     assert_eq!(s3.harvest, "ebpf", "{}", s3.harvest_reason);
     std::thread::sleep(Duration::from_millis(300));
-    let s4 = dump_cmd(&d, pid, "p4", &["pre-dump", "--prev-images-dir", "../p3"], &[]);
+    let s4 = dump_cmd(
+        &d,
+        pid,
+        "p4",
+        &["pre-dump", "--prev-images-dir", "../p3"],
+        &[],
+    );
     assert_ne!(s4.harvest, "full", "{}", s4.harvest_reason);
     toggle_gup();
     std::thread::sleep(Duration::from_millis(300));
-    let sf = dump_cmd(&d, pid, "final", &["dump", "--prev-images-dir", "../p4", "--track-mem"], &[]);
+    let sf = dump_cmd(
+        &d,
+        pid,
+        "final",
+        &["dump", "--prev-images-dir", "../p4", "--track-mem"],
+        &[],
+    );
     assert_eq!(sf.harvest, "pagemap-scan", "{}", sf.harvest_reason);
     assert!(sf.pages_in_parent > 0);
     c.w.reap_killed();
     assert_tracker_gone(pid, sf.tracker_pid);
-    assert_eq!(s4.tracker_pid, sf.tracker_pid, "one tracker for the whole chain");
+    assert_eq!(
+        s4.tracker_pid, sf.tracker_pid,
+        "one tracker for the whole chain"
+    );
     restore_and_verify(&d, &mut c, "final");
 }
 
@@ -609,10 +938,22 @@ fn leave_running_dumps_form_a_chain_of_restorable_checkpoints() {
     let s1 = dump_cmd(&d, pid, "c1", &["dump", "--track-mem", "-R"], &[]);
     assert_eq!(s1.harvest, "full");
     std::thread::sleep(Duration::from_millis(200));
-    let s2 = dump_cmd(&d, pid, "c2", &["dump", "--track-mem", "-R", "--prev-images-dir", "../c1"], &[]);
+    let s2 = dump_cmd(
+        &d,
+        pid,
+        "c2",
+        &["dump", "--track-mem", "-R", "--prev-images-dir", "../c1"],
+        &[],
+    );
     assert_ne!(s2.harvest, "full", "{}", s2.harvest_reason);
     std::thread::sleep(Duration::from_millis(200));
-    let s3 = dump_cmd(&d, pid, "c3", &["dump", "--track-mem", "-R", "--prev-images-dir", "../c2"], &[]);
+    let s3 = dump_cmd(
+        &d,
+        pid,
+        "c3",
+        &["dump", "--track-mem", "-R", "--prev-images-dir", "../c2"],
+        &[],
+    );
     assert_ne!(s3.harvest, "full", "{}", s3.harvest_reason);
     // The service ran on; stop it, then bring back the middle checkpoint, then the last.
     // SAFETY: plain kill(2) of our workload.

@@ -126,7 +126,10 @@ impl Session {
         if let Some(c) = &conn {
             let s = c.get()?;
             if s.state.pid != pid || s.state.start_time != start_time {
-                log::warn!("the tracker on @{} is for another process (PID reused): stopping it", client::socket_name(pid));
+                log::warn!(
+                    "the tracker on @{} is for another process (PID reused): stopping it",
+                    client::socket_name(pid)
+                );
                 let _ = c.stop();
                 conn = None;
             } else {
@@ -134,7 +137,9 @@ impl Session {
             }
         }
         if conn.is_none() && keep_wanted {
-            let dirty_max = std::env::var(DIRTY_MAX_ENV).ok().and_then(|v| v.parse().ok());
+            let dirty_max = std::env::var(DIRTY_MAX_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok());
             let c = client::spawn(pid, dirty_max)?;
             snap = Some(c.get()?);
             conn = Some(c);
@@ -160,7 +165,10 @@ impl Session {
                 None
             }
             (Some(rel), None) => {
-                full_reason = format!("no tracker runs for PID {pid}, so nothing says what changed since {}", rel.display());
+                full_reason = format!(
+                    "no tracker runs for PID {pid}, so nothing says what changed since {}",
+                    rel.display()
+                );
                 None
             }
             (Some(rel), Some(t)) => match check_parent(&o.images_dir, rel, pid, &t.state) {
@@ -183,7 +191,11 @@ impl Session {
                 let faults = c.write_faults.saturating_sub(t.state.baseline.write_faults);
                 pages::warm_buffers(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
             }
-            pre_smaps = Some((c.vma_events, c.exec_events, crate::proc::maps::read_smaps(pid)?));
+            pre_smaps = Some((
+                c.vma_events,
+                c.exec_events,
+                crate::proc::maps::read_smaps(pid)?,
+            ));
         }
         Ok(Session {
             pid,
@@ -216,7 +228,10 @@ impl Session {
             if ep.at_seize.vma_events == *vma_events && ep.at_seize.exec_events == *execs {
                 let now = crate::proc::maps::read_maps(self.pid)?;
                 if same_layout(&now, pre) {
-                    log::debug!("PID {}: VMA list unchanged since the smaps read before the freeze", self.pid);
+                    log::debug!(
+                        "PID {}: VMA list unchanged since the smaps read before the freeze",
+                        self.pid
+                    );
                     return Ok(pre.clone());
                 }
             }
@@ -227,7 +242,13 @@ impl Session {
     /// Everything about memory that needs the target frozen: the VMA entries, the page plan
     /// and its copy, and (when tracking goes on) the re-arming. `ip` is a `syscall`
     /// instruction in the target (found from the vDSO when None and needed).
-    pub fn memory(&mut self, t: &mut Tracee, ip: Option<u64>, vmas: &[Vma], w: &ImageWriter) -> Result<MemoryDump> {
+    pub fn memory(
+        &mut self,
+        t: &mut Tracee,
+        ip: Option<u64>,
+        vmas: &[Vma],
+        w: &ImageWriter,
+    ) -> Result<MemoryDump> {
         let t_mem = Instant::now();
         let pid = self.pid;
         if self.tracked.is_none() {
@@ -238,7 +259,12 @@ impl Session {
         for v in vmas {
             let e = memory::vma_entry(v)?;
             if e.kind == vma::KIND_UNSUPPORTED {
-                bail!("mapping {:#x}-{:#x} ({}) of PID {pid} is not supported", v.start, v.end, e.name);
+                bail!(
+                    "mapping {:#x}-{:#x} ({}) of PID {pid} is not supported",
+                    v.start,
+                    v.end,
+                    e.name
+                );
             }
             if memory::wants_pages(v, e.kind) {
                 wanted.push(v);
@@ -253,8 +279,13 @@ impl Session {
             // dies now cannot leave a state a later dump would trust.
             let t_inv = Instant::now();
             tr.conn.invalidate()?;
-            log::debug!("PID {pid}: tracker state invalidated in {:?}", t_inv.elapsed());
-            let ep = self.epoch.context("internal: the session was not told the target is frozen")?;
+            log::debug!(
+                "PID {pid}: tracker state invalidated in {:?}",
+                t_inv.elapsed()
+            );
+            let ep = self
+                .epoch
+                .context("internal: the session was not told the target is frozen")?;
             facts = harvest::read_epoch(&mut tr.maps, pid, &tr.state, &ep)?;
         }
         let armed = tr.state.armed && tr.uffd.is_some() && !facts.exec;
@@ -269,7 +300,14 @@ impl Session {
             }
         }
         let tracked_set = RangeSet::from_sorted(tracked_vmas.iter().map(|v| (v.start, v.end)));
-        let (mode, reason) = choose_mode(self.harvest, self.parent.is_some(), &self.full_reason, &facts, &tracked_set, &tracked_vmas);
+        let (mode, reason) = choose_mode(
+            self.harvest,
+            self.parent.is_some(),
+            &self.full_reason,
+            &facts,
+            &tracked_set,
+            &tracked_vmas,
+        );
         log::info!(
             "PID {pid}: harvest {} ({reason}): {} eBPF dirty pages, {} VMA events, {} tracked / {} new / {} other VMAs",
             mode_name(&mode),
@@ -283,7 +321,8 @@ impl Session {
         let parent_pages = self.parent.as_ref().map_or(&empty, |p| &p.pages);
         let rearm = mode != Mode::FullPeek;
         let swap = harvest::swap_active();
-        let mut scanner = PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
+        let mut scanner =
+            PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
         let mut plan: Vec<PlanItem> = Vec::new();
         let mut scanned = 0u64;
         let mut regions: Vec<PageRegion> = Vec::new();
@@ -305,12 +344,20 @@ impl Session {
                 scanned += (e - s) / PAGE;
             }
             if !registered {
-                log::info!("PID {pid}: {:#x}-{:#x} is no longer write-protected: copied whole", v.start, v.end);
+                log::info!(
+                    "PID {pid}: {:#x}-{:#x} is no longer write-protected: copied whole",
+                    v.start,
+                    v.end
+                );
                 new_vmas.push(v);
                 continue;
             }
             still_tracked.push((v.start, v.end));
-            let in_parent = if self.parent.is_some() { parent_pages.clip(v.start, v.end) } else { RangeSet::new() };
+            let in_parent = if self.parent.is_some() {
+                parent_pages.clip(v.start, v.end)
+            } else {
+                RangeSet::new()
+            };
             classify(&scanner, &regions, &in_parent, v.read, swap, &mut plan)?;
             if let Mode::Ebpf(_) = mode {
                 for &(s, e) in in_parent.subtract(&scan).ranges() {
@@ -325,16 +372,29 @@ impl Session {
             regions.clear();
             harvest::scan_range(&mut scanner, v.start, v.end, false, &mut regions)?;
             scanned += v.len() / PAGE;
-            classify(&scanner, &regions, &RangeSet::new(), v.read, swap, &mut plan)?;
+            classify(
+                &scanner,
+                &regions,
+                &RangeSet::new(),
+                v.read,
+                swap,
+                &mut plan,
+            )?;
         }
         // Memory cr does not track (shared, file-backed, droppable): all its data, as a full
         // dump takes it.
         for v in &other_vmas {
             let found = scanner
                 .scan(v.start, v.end, &memory::resident_query(v))
-                .with_context(|| format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end))?;
+                .with_context(|| {
+                    format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end)
+                })?;
             scanned += v.len() / PAGE;
-            plan.extend(found.iter().map(|r| PlanItem::Data { start: r.start, end: r.end, readable: v.read }));
+            plan.extend(found.iter().map(|r| PlanItem::Data {
+                start: r.start,
+                end: r.end,
+                readable: v.read,
+            }));
         }
         let plan = merge_plan(plan)?;
         let (data_pages, parent_pages_n) = plan.iter().fold((0u64, 0u64), |(d, p), i| match *i {
@@ -349,7 +409,11 @@ impl Session {
         let t_writer = t_copy.elapsed();
         let pending = pages::copy_plan(pid, &plan, writer, pages::budget(data_pages * PAGE))?;
         let memdump_us = t_mem.elapsed().as_micros() as u64;
-        log::debug!("PID {pid}: page file started in {t_writer:?}, {} plan items read in {:?}", plan.len(), t_copy.elapsed() - t_writer);
+        log::debug!(
+            "PID {pid}: page file started in {t_writer:?}, {} plan items read in {:?}",
+            plan.len(),
+            t_copy.elapsed() - t_writer
+        );
 
         // Arm or re-arm for the next checkpoint.
         let tr = self.tracked.as_mut().expect("checked above");
@@ -366,7 +430,10 @@ impl Session {
                 remote.finish()?;
                 fresh = Some(u?);
             }
-            let uffd = fresh.as_ref().or(tr.uffd.as_ref()).context("internal: armed without a userfaultfd")?;
+            let uffd = fresh
+                .as_ref()
+                .or(tr.uffd.as_ref())
+                .context("internal: armed without a userfaultfd")?;
             let fresh_ranges: Vec<(u64, u64)> = new_vmas.iter().map(|v| (v.start, v.end)).collect();
             let registered = arm::register(uffd, pid, &fresh_ranges);
             arm::protect(uffd, &registered)?;
@@ -402,7 +469,10 @@ impl Session {
             });
             let fd = fd.transpose().context("dup the userfaultfd")?;
             tr.conn.put(&state, fd.as_ref())?;
-            log::debug!("PID {pid}: re-armed and handed the tracker its state in {:?}", t_arm.elapsed());
+            log::debug!(
+                "PID {pid}: re-armed and handed the tracker its state in {:?}",
+                t_arm.elapsed()
+            );
             if let Some(u) = fresh {
                 tr.uffd = Some(u);
             }
@@ -431,7 +501,11 @@ impl Session {
             harvest_us as f64 / 1e3,
             memdump_us as f64 / 1e3
         );
-        Ok(MemoryDump { vmas: entries, pages: pending, stats })
+        Ok(MemoryDump {
+            vmas: entries,
+            pages: pending,
+            stats,
+        })
     }
 
     /// Sets the parent link and the pre-dump flag.
@@ -452,7 +526,11 @@ impl Session {
             return;
         }
         let Some(t) = &self.tracked else { return };
-        let r = t.conn.settle().and_then(|_| ImageDir::open(images_dir)).and_then(|img| t.conn.commit(&self.image, img.inventory_crc()));
+        let r = t
+            .conn
+            .settle()
+            .and_then(|_| ImageDir::open(images_dir))
+            .and_then(|img| t.conn.commit(&self.image, img.inventory_crc()));
         if let Err(e) = r {
             log::warn!("the tracker could not record this image as its base ({e:#}): the next dump will be full");
         }
@@ -490,7 +568,11 @@ fn plain_memory(pid: i32, vmas: &[Vma], w: &ImageWriter, t_mem: Instant) -> Resu
         vmas: entries.len() as u64,
         ..Default::default()
     };
-    Ok(MemoryDump { vmas: entries, pages: pending, stats })
+    Ok(MemoryDump {
+        vmas: entries,
+        pages: pending,
+        stats,
+    })
 }
 
 fn mode_name(m: &Mode) -> &'static str {
@@ -511,13 +593,19 @@ fn choose_mode(
     tracked_vmas: &[&Vma],
 ) -> (Mode, String) {
     if !harvest {
-        return (Mode::FullPeek, "a dump without --track-mem leaves the tracking state alone".into());
+        return (
+            Mode::FullPeek,
+            "a dump without --track-mem leaves the tracking state alone".into(),
+        );
     }
     if !has_parent {
         return (Mode::FullRearm, full_reason.to_string());
     }
     if f.exec {
-        return (Mode::FullRearm, "the target exec'd: its memory is new".into());
+        return (
+            Mode::FullRearm,
+            "the target exec'd: its memory is new".into(),
+        );
     }
     let forced = std::env::var(HARVEST_ENV).unwrap_or_default();
     if forced == "scan" {
@@ -527,11 +615,20 @@ fn choose_mode(
         return (Mode::Exact, f.unsafe_why.join("; "));
     }
     if f.all_vmas {
-        return (Mode::Exact, "mlockall: any page may have been populated".into());
+        return (
+            Mode::Exact,
+            "mlockall: any page may have been populated".into(),
+        );
     }
     let mut ranges = harvest::blocks_of(&f.dirty).union(&f.vma_ranges);
     if f.brk {
-        let heap = RangeSet::from_ranges(tracked_vmas.iter().filter(|v| v.name == VmaName::Heap).map(|v| (v.start, v.end)).collect());
+        let heap = RangeSet::from_ranges(
+            tracked_vmas
+                .iter()
+                .filter(|v| v.name == VmaName::Heap)
+                .map(|v| (v.start, v.end))
+                .collect(),
+        );
         ranges = ranges.union(&heap);
     }
     let ranges = ranges.intersect(tracked);
@@ -549,7 +646,11 @@ fn choose_mode(
             ),
         );
     }
-    let why = if forced == "ebpf" { format!("forced by {HARVEST_ENV}=ebpf") } else { "nothing escaped the eBPF records".to_string() };
+    let why = if forced == "ebpf" {
+        format!("forced by {HARVEST_ENV}=ebpf")
+    } else {
+        "nothing escaped the eBPF records".to_string()
+    };
     (Mode::Ebpf(ranges), why)
 }
 
@@ -564,7 +665,11 @@ fn classify(
 ) -> Result<()> {
     for w in regions.windows(2) {
         if w[1].start < w[0].end {
-            bail!("internal: PAGEMAP_SCAN regions overlap: {:x?} then {:x?}", w[0], w[1]);
+            bail!(
+                "internal: PAGEMAP_SCAN regions overlap: {:x?} then {:x?}",
+                w[0],
+                w[1]
+            );
         }
     }
     for r in regions {
@@ -574,14 +679,26 @@ fn classify(
         for (set, par) in [(&inside, true), (&outside, false)] {
             for &(s, e) in set.ranges() {
                 match harvest::fate(r.categories, par) {
-                    PageFate::Copy => plan.push(PlanItem::Data { start: s, end: e, readable }),
+                    PageFate::Copy => plan.push(PlanItem::Data {
+                        start: s,
+                        end: e,
+                        readable,
+                    }),
                     PageFate::Parent => plan.push(PlanItem::Parent { start: s, end: e }),
                     PageFate::Absent => {
                         // Unwritten "swapped" pages not in the parent are uffd-wp markers
                         // (untouched pages), unless a swap device holds real ones.
-                        if swap && r.categories & PAGE_IS_SWAPPED != 0 && r.categories & PAGE_IS_WRITTEN == 0 && !par {
+                        if swap
+                            && r.categories & PAGE_IS_SWAPPED != 0
+                            && r.categories & PAGE_IS_WRITTEN == 0
+                            && !par
+                        {
                             for &(a, b) in harvest::real_swapped(scanner, s, e)?.ranges() {
-                                plan.push(PlanItem::Data { start: a, end: b, readable });
+                                plan.push(PlanItem::Data {
+                                    start: a,
+                                    end: b,
+                                    readable,
+                                });
                             }
                         }
                     }
@@ -601,11 +718,20 @@ fn merge_plan(mut plan: Vec<PlanItem>) -> Result<Vec<PlanItem>> {
     let mut out: Vec<PlanItem> = Vec::with_capacity(plan.len());
     for item in plan {
         let merged = match (out.last_mut(), item) {
-            (Some(PlanItem::Data { end, readable, .. }), PlanItem::Data { start, end: e2, readable: r2 }) if *end == start && *readable == r2 => {
+            (
+                Some(PlanItem::Data { end, readable, .. }),
+                PlanItem::Data {
+                    start,
+                    end: e2,
+                    readable: r2,
+                },
+            ) if *end == start && *readable == r2 => {
                 *end = e2;
                 true
             }
-            (Some(PlanItem::Parent { end, .. }), PlanItem::Parent { start, end: e2 }) if *end == start => {
+            (Some(PlanItem::Parent { end, .. }), PlanItem::Parent { start, end: e2 })
+                if *end == start =>
+            {
                 *end = e2;
                 true
             }
@@ -644,15 +770,32 @@ fn check_parent(images_dir: &Path, rel: &Path, pid: i32, state: &TrackerState) -
         bail!("{canon} was not committed by the checkpoint the tracker remembers (its inventory differs)");
     }
     if img.inventory().root_pid != pid {
-        bail!("{canon} is an image of PID {}, not {pid}", img.inventory().root_pid);
+        bail!(
+            "{canon} is an image of PID {}, not {pid}",
+            img.inventory().root_pid
+        );
     }
-    let pm = img.page_map(pid).with_context(|| format!("the page map of PID {pid} in {canon}"))?;
-    let pages = RangeSet::from_ranges(pm.runs.iter().map(|r| (r.vaddr, r.vaddr + u64::from(r.nr_pages) * PAGE)).collect());
-    Ok(Parent { rel: rel.to_string_lossy().into_owned(), crc: img.inventory_crc(), pages })
+    let pm = img
+        .page_map(pid)
+        .with_context(|| format!("the page map of PID {pid} in {canon}"))?;
+    let pages = RangeSet::from_ranges(
+        pm.runs
+            .iter()
+            .map(|r| (r.vaddr, r.vaddr + u64::from(r.nr_pages) * PAGE))
+            .collect(),
+    );
+    Ok(Parent {
+        rel: rel.to_string_lossy().into_owned(),
+        crc: img.inventory_crc(),
+        pages,
+    })
 }
 
 fn canonical(p: &Path) -> Result<String> {
-    Ok(std::fs::canonicalize(p).with_context(|| format!("resolve {}", p.display()))?.to_string_lossy().into_owned())
+    Ok(std::fs::canonicalize(p)
+        .with_context(|| format!("resolve {}", p.display()))?
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// Whether two VMA lists describe the same layout (boundaries, protection, what is mapped).
@@ -674,7 +817,9 @@ fn syscall_ip(pid: i32, vmas: &[Vma]) -> Result<u64> {
     let vdso = vmas
         .iter()
         .find(|v| v.name == VmaName::Vdso)
-        .with_context(|| format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls"))?;
+        .with_context(|| {
+            format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
+        })?;
     ptrace::locate_syscall(pid, vdso.start, vdso.end)
 }
 
@@ -690,10 +835,15 @@ pub fn pre_dump(o: &DumpOpts) -> Result<()> {
     let target = target::check_root(o.pid)?;
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
-    log::info!("pre-dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
+    log::info!(
+        "pre-dumping PID {pid} ({}) into {}",
+        target.stat.comm,
+        o.images_dir.display()
+    );
     let mut session = Session::prepare(o, true, pid)?;
     interrupt::check()?;
-    let mut tree = super::tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
+    let mut tree =
+        super::tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
     let mem = session.frozen().and_then(|_| {
         let vmas = session.vmas()?;
@@ -711,9 +861,15 @@ pub fn pre_dump(o: &DumpOpts) -> Result<()> {
     let frozen_us = t_frozen.elapsed().as_micros() as u64;
     let mut mem = mem;
     mem.pages.start_writing();
-    log::info!("PID {pid} runs on (frozen {:.2} ms); writing the pre-dump", frozen_us as f64 / 1e3);
+    log::info!(
+        "PID {pid} runs on (frozen {:.2} ms); writing the pre-dump",
+        frozen_us as f64 / 1e3
+    );
     let pagemap = mem.pages.finish()?;
-    let mm = pb::Mm { vmas: mem.vmas, ..Default::default() };
+    let mm = pb::Mm {
+        vmas: mem.vmas,
+        ..Default::default()
+    };
     writer.write_msg(&imgdir::mm_file(pid), Kind::Mm, &mm)?;
     writer.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
     let mut stats = mem.stats;
@@ -733,7 +889,10 @@ pub fn pre_dump(o: &DumpOpts) -> Result<()> {
     session.fill_inventory(&mut inventory);
     writer.commit(inventory)?;
     session.committed(&o.images_dir);
-    log::info!("pre-dump of PID {pid} complete in {:.1} ms", t_start.elapsed().as_secs_f64() * 1e3);
+    log::info!(
+        "pre-dump of PID {pid} complete in {:.1} ms",
+        t_start.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -744,43 +903,101 @@ mod tests {
     #[test]
     fn plan_merges_and_refuses_overlaps() {
         let p = merge_plan(vec![
-            PlanItem::Parent { start: 0x3000, end: 0x5000 },
-            PlanItem::Data { start: 0x1000, end: 0x2000, readable: true },
-            PlanItem::Data { start: 0x2000, end: 0x3000, readable: true },
-            PlanItem::Parent { start: 0x5000, end: 0x6000 },
-            PlanItem::Data { start: 0x6000, end: 0x7000, readable: false },
+            PlanItem::Parent {
+                start: 0x3000,
+                end: 0x5000,
+            },
+            PlanItem::Data {
+                start: 0x1000,
+                end: 0x2000,
+                readable: true,
+            },
+            PlanItem::Data {
+                start: 0x2000,
+                end: 0x3000,
+                readable: true,
+            },
+            PlanItem::Parent {
+                start: 0x5000,
+                end: 0x6000,
+            },
+            PlanItem::Data {
+                start: 0x6000,
+                end: 0x7000,
+                readable: false,
+            },
         ])
         .unwrap();
         assert_eq!(
             p,
             vec![
-                PlanItem::Data { start: 0x1000, end: 0x3000, readable: true },
-                PlanItem::Parent { start: 0x3000, end: 0x6000 },
-                PlanItem::Data { start: 0x6000, end: 0x7000, readable: false },
+                PlanItem::Data {
+                    start: 0x1000,
+                    end: 0x3000,
+                    readable: true
+                },
+                PlanItem::Parent {
+                    start: 0x3000,
+                    end: 0x6000
+                },
+                PlanItem::Data {
+                    start: 0x6000,
+                    end: 0x7000,
+                    readable: false
+                },
             ]
         );
-        assert!(merge_plan(vec![PlanItem::Parent { start: 0, end: 0x2000 }, PlanItem::Data { start: 0x1000, end: 0x3000, readable: true }]).is_err());
+        assert!(merge_plan(vec![
+            PlanItem::Parent {
+                start: 0,
+                end: 0x2000
+            },
+            PlanItem::Data {
+                start: 0x1000,
+                end: 0x3000,
+                readable: true
+            }
+        ])
+        .is_err());
     }
 
     #[test]
     fn mode_choice() {
         let tracked = RangeSet::from_ranges(vec![(0, 1 << 30)]);
-        let f = EpochFacts { dirty: vec![1, 2, 3], ..Default::default() };
+        let f = EpochFacts {
+            dirty: vec![1, 2, 3],
+            ..Default::default()
+        };
         let (m, _) = choose_mode(true, true, "", &f, &tracked, &[]);
         assert_eq!(m, Mode::Ebpf(RangeSet::from_ranges(vec![(0, 2 << 20)])));
         let (m, why) = choose_mode(true, false, "no --prev-images-dir", &f, &tracked, &[]);
         assert_eq!((m, why.as_str()), (Mode::FullRearm, "no --prev-images-dir"));
-        let lost = EpochFacts { unsafe_why: vec!["3 write faults lost".into()], ..Default::default() };
+        let lost = EpochFacts {
+            unsafe_why: vec!["3 write faults lost".into()],
+            ..Default::default()
+        };
         let (m, why) = choose_mode(true, true, "", &lost, &tracked, &[]);
         assert_eq!(m, Mode::Exact);
         assert!(why.contains("lost"));
         // Many scattered dirty blocks over most of the memory: one exact scan. (4 GiB; two
         // blocks of every three: 683 ranges, 2/3 of it.)
         let big = RangeSet::from_ranges(vec![(0, 4 << 30)]);
-        let many = EpochFacts { dirty: (0..(1u64 << 20)).step_by(512).filter(|p| (p / 512) % 3 != 2).collect(), ..Default::default() };
+        let many = EpochFacts {
+            dirty: (0..(1u64 << 20))
+                .step_by(512)
+                .filter(|p| (p / 512) % 3 != 2)
+                .collect(),
+            ..Default::default()
+        };
         assert_eq!(choose_mode(true, true, "", &many, &big, &[]).0, Mode::Exact);
         // Few blocks, even covering most of a small memory: the eBPF harvest.
-        assert!(matches!(choose_mode(true, true, "", &many, &tracked, &[]).0, Mode::Ebpf(_)));
-        assert_eq!(choose_mode(false, true, "", &f, &tracked, &[]).0, Mode::FullPeek);
+        assert!(matches!(
+            choose_mode(true, true, "", &many, &tracked, &[]).0,
+            Mode::Ebpf(_)
+        ));
+        assert_eq!(
+            choose_mode(false, true, "", &f, &tracked, &[]).0,
+            Mode::FullPeek
+        );
     }
 }

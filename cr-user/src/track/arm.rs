@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 
 use super::ranges::RangeSet;
 use super::uffd::{Userfaultfd, UFFD_FEATURE_WP_ASYNC};
-use crate::proc::maps::{Vma, VmaName, VmFlags};
+use crate::proc::maps::{VmFlags, Vma, VmaName};
 use crate::ptrace::Remote;
 use crate::sys::{pidfd_getfd, pidfd_open};
 
@@ -35,7 +35,10 @@ pub const FEATURES: u64 = UFFD_FEATURE_WP_ASYNC;
 pub fn trackable(v: &Vma) -> bool {
     !v.shared
         && v.path.is_none()
-        && matches!(v.name, VmaName::Anonymous | VmaName::Anon(_) | VmaName::Heap | VmaName::Stack)
+        && matches!(
+            v.name,
+            VmaName::Anonymous | VmaName::Anon(_) | VmaName::Heap | VmaName::Stack
+        )
         && !v.vm_flags.contains(VmFlags::DROPPABLE)
         && !v.vm_flags.contains(VmFlags::IO)
         && !v.vm_flags.contains(VmFlags::PFNMAP)
@@ -63,7 +66,10 @@ pub fn take_userfaultfd(remote: &mut Remote, pid: i32) -> Result<Userfaultfd> {
     let uffd = Userfaultfd::from_fd(ours);
     uffd.handshake(FEATURES)
         .with_context(|| format!("userfaultfd of PID {pid}"))?;
-    log::debug!("PID {pid}: took its userfaultfd (fd {fd} there, {} here, closed there)", uffd_raw(&uffd));
+    log::debug!(
+        "PID {pid}: took its userfaultfd (fd {fd} there, {} here, closed there)",
+        uffd_raw(&uffd)
+    );
     Ok(uffd)
 }
 

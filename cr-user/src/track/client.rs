@@ -104,8 +104,14 @@ pub fn send(sock: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
     let iov = [IoSlice::new(bytes)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
-        .context("send to the tracker socket")?;
+    sendmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .context("send to the tracker socket")?;
     Ok(())
 }
 
@@ -115,7 +121,11 @@ pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     // the buffer fits it instead of a large zeroed one per message.
     let mut probe = [0u8; 1];
     let len = loop {
-        match nix::sys::socket::recv(sock.as_fd().as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+        match nix::sys::socket::recv(
+            sock.as_fd().as_raw_fd(),
+            &mut probe,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
             Ok(n) => break n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context("peek at the tracker socket"),
@@ -177,15 +187,21 @@ pub struct Snapshot {
 impl TrackerConn {
     /// Connects to the tracker of `pid`. Ok(None) if there is none.
     pub fn connect(pid: i32) -> Result<Option<TrackerConn>> {
-        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-            .context("create a unix socket")?;
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("create a unix socket")?;
         let addr = UnixAddr::new_abstract(socket_name(pid).as_bytes()).context("socket name")?;
         match connect(sock.as_raw_fd(), &addr) {
             Ok(()) => {
                 // Abstract names are open to anyone: only a tracker of our own uid is trusted
                 // with the target's fds and with saying what changed.
-                let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
-                    .context("credentials of the tracker socket's owner")?;
+                let cred =
+                    nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+                        .context("credentials of the tracker socket's owner")?;
                 let me = nix::unistd::geteuid().as_raw();
                 if cred.uid() != me {
                     bail!(
@@ -195,10 +211,16 @@ impl TrackerConn {
                         cred.uid()
                     );
                 }
-                Ok(Some(TrackerConn { sock, pid, pending: std::cell::Cell::new(0) }))
+                Ok(Some(TrackerConn {
+                    sock,
+                    pid,
+                    pending: std::cell::Cell::new(0),
+                }))
             }
             Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
-            Err(e) => Err(anyhow!(e)).with_context(|| format!("connect to the tracker of PID {pid}")),
+            Err(e) => {
+                Err(anyhow!(e)).with_context(|| format!("connect to the tracker of PID {pid}"))
+            }
         }
     }
 
@@ -234,7 +256,10 @@ impl TrackerConn {
 
     fn read_reply(&self) -> Result<(Reply, Vec<OwnedFd>)> {
         let Some((bytes, fds)) = recv(&self.sock)? else {
-            bail!("the tracker of PID {} closed the connection (it exited?)", self.pid);
+            bail!(
+                "the tracker of PID {} closed the connection (it exited?)",
+                self.pid
+            );
         };
         let reply: Reply = serde_json::from_slice(&bytes).context("decode the tracker's reply")?;
         if !reply.ok {
@@ -252,7 +277,11 @@ impl TrackerConn {
         let (reply, mut fds) = self.call(&Request::Get, &[])?;
         let state = reply.state.context("the tracker sent no state")?;
         if fds.len() != reply.fds {
-            bail!("the tracker announced {} fds and sent {}", reply.fds, fds.len());
+            bail!(
+                "the tracker announced {} fds and sent {}",
+                reply.fds,
+                fds.len()
+            );
         }
         let uffd = if state.armed {
             if fds.len() <= super::maps::MAP_FDS {
@@ -262,7 +291,11 @@ impl TrackerConn {
         } else {
             None
         };
-        Ok(Snapshot { state, map_fds: fds, uffd })
+        Ok(Snapshot {
+            state,
+            map_fds: fds,
+            uffd,
+        })
     }
 
     pub fn register(&self) -> Result<()> {
@@ -279,11 +312,23 @@ impl TrackerConn {
     /// by [`TrackerConn::settle`] (or the next call).
     pub fn put(&self, state: &TrackerState, uffd: Option<&OwnedFd>) -> Result<()> {
         let fds: Vec<RawFd> = uffd.iter().map(|f| f.as_raw_fd()).collect();
-        self.post(&Request::Put { state: state.clone() }, &fds)
+        self.post(
+            &Request::Put {
+                state: state.clone(),
+            },
+            &fds,
+        )
     }
 
     pub fn commit(&self, image: &str, crc: u32) -> Result<()> {
-        self.call(&Request::Commit { image: image.to_string(), crc }, &[]).map(drop)
+        self.call(
+            &Request::Commit {
+                image: image.to_string(),
+                crc,
+            },
+            &[],
+        )
+        .map(drop)
     }
 
     /// Asks the tracker to exit (it answers first).
@@ -298,7 +343,12 @@ impl TrackerConn {
 fn dirty_map_size(pid: i32) -> u32 {
     let rss_anon_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("RssAnon:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("RssAnon:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
         .unwrap_or(0);
     ((rss_anon_kb / 4) / 4).clamp(16 << 10, 1 << 20) as u32
 }
@@ -320,11 +370,17 @@ fn criu_level() -> u8 {
 /// started recording `pid` and listens.
 pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
     let dirty_max_entries = dirty_max_entries.or_else(|| Some(dirty_map_size(pid)));
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the tracker's ready message")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("pipe for the tracker's ready message")?;
     let wfd = w.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(format!("-v{}", criu_level()))
-        .args(["__tracker", "--pid", &pid.to_string(), "--ready-fd", "3"]);
+    cmd.arg(format!("-v{}", criu_level())).args([
+        "__tracker",
+        "--pid",
+        &pid.to_string(),
+        "--ready-fd",
+        "3",
+    ]);
     if let Some(n) = dirty_max_entries {
         cmd.args(["--dirty-max-entries", &n.to_string()]);
     }
@@ -333,7 +389,10 @@ pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
     } else {
         cmd.args(["-o", "/dev/null"]);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).current_dir("/");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/");
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -346,7 +405,9 @@ pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
             Ok(())
         });
     }
-    let child = cmd.spawn().context("start the tracker process (cr __tracker)")?;
+    let child = cmd
+        .spawn()
+        .context("start the tracker process (cr __tracker)")?;
     drop(w);
     let mut msg = String::new();
     std::fs::File::from(r)
@@ -358,9 +419,14 @@ pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
     if !msg.starts_with("READY") {
         bail!(
             "the tracker for PID {pid} did not start: {}",
-            if msg.is_empty() { "it exited without a word (set CR_TRACKER_LOG=FILE to see its log)" } else { msg }
+            if msg.is_empty() {
+                "it exited without a word (set CR_TRACKER_LOG=FILE to see its log)"
+            } else {
+                msg
+            }
         );
     }
     log::debug!("tracker for PID {pid} started: {msg}");
-    TrackerConn::connect(pid)?.with_context(|| format!("the tracker of PID {pid} said it was ready but does not answer"))
+    TrackerConn::connect(pid)?
+        .with_context(|| format!("the tracker of PID {pid} said it was ready but does not answer"))
 }

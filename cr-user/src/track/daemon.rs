@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept4, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, UnixAddr,
+    accept4, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    UnixAddr,
 };
 
 use super::client::{recv, send, socket_name, Reply, Request, TrackerState};
@@ -44,7 +44,10 @@ pub fn run(pid: i32, ready_fd: Option<RawFd>, dirty_max_entries: Option<u32>) ->
     if let Some(mut r) = ready.take() {
         writeln!(r, "READY {}", std::process::id()).context("write the ready message")?;
     }
-    log::info!("tracker of PID {pid} ready (tracker PID {})", std::process::id());
+    log::info!(
+        "tracker of PID {pid} ready (tracker PID {})",
+        std::process::id()
+    );
     tracker.serve()
 }
 
@@ -61,16 +64,24 @@ impl Tracker {
     fn setup(pid: i32, dirty_max_entries: Option<u32>) -> Result<Tracker> {
         let pidfd = pidfd_open(pid).with_context(|| format!("PID {pid} to track"))?;
         let start_time = crate::proc::stat::read_stat(pid)?.starttime;
-        let listener = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-            .context("create the tracker socket")?;
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("create the tracker socket")?;
         let name = socket_name(pid);
         let addr = UnixAddr::new_abstract(name.as_bytes()).context("socket name")?;
         match bind(listener.as_raw_fd(), &addr) {
             Ok(()) => {}
-            Err(nix::errno::Errno::EADDRINUSE) => bail!("PID {pid} already has a tracker (@{name} is taken)"),
+            Err(nix::errno::Errno::EADDRINUSE) => {
+                bail!("PID {pid} already has a tracker (@{name} is taken)")
+            }
             Err(e) => return Err(e).with_context(|| format!("bind @{name}")),
         }
-        listen(&listener, Backlog::new(4).context("backlog")?).with_context(|| format!("listen on @{name}"))?;
+        listen(&listener, Backlog::new(4).context("backlog")?)
+            .with_context(|| format!("listen on @{name}"))?;
         let mut maps = TrackMaps::load(dirty_max_entries)?;
         maps.add_target(pid as u32)?;
         let state = TrackerState {
@@ -79,7 +90,14 @@ impl Tracker {
             daemon_pid: std::process::id() as i32,
             ..Default::default()
         };
-        Ok(Tracker { pid, pidfd, listener, maps, uffd: None, state })
+        Ok(Tracker {
+            pid,
+            pidfd,
+            listener,
+            maps,
+            uffd: None,
+            state,
+        })
     }
 
     fn serve(mut self) -> Result<i32> {
@@ -101,7 +119,9 @@ impl Tracker {
                 let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                     // SAFETY: accept4 returned a new fd that nobody else owns.
                     Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
+                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => {
+                        continue
+                    }
                     Err(e) => return Err(e).context("accept on the tracker socket"),
                 };
                 match self.connection(&conn) {
@@ -120,10 +140,15 @@ impl Tracker {
     /// tracker's own effective uid (root: cr's) is served: the fds handed out can rewrite the
     /// tracking state and write-protect the target's memory.
     fn connection(&mut self, conn: &OwnedFd) -> Result<bool> {
-        let cred = getsockopt(conn, sockopt::PeerCredentials).context("credentials of a tracker client")?;
+        let cred = getsockopt(conn, sockopt::PeerCredentials)
+            .context("credentials of a tracker client")?;
         let me = nix::unistd::geteuid().as_raw();
         if cred.uid() != me {
-            log::warn!("refused a tracker client with uid {} (PID {})", cred.uid(), cred.pid());
+            log::warn!(
+                "refused a tracker client with uid {} (PID {})",
+                cred.uid(),
+                cred.pid()
+            );
             return Ok(false);
         }
         while let Some((bytes, fds)) = recv(conn)? {
@@ -196,13 +221,22 @@ impl Tracker {
         Ok(false)
     }
 
-    fn reply(&self, conn: &OwnedFd, r: std::result::Result<(), String>, fds: &[RawFd]) -> Result<()> {
+    fn reply(
+        &self,
+        conn: &OwnedFd,
+        r: std::result::Result<(), String>,
+        fds: &[RawFd],
+    ) -> Result<()> {
         let reply = Reply {
             ok: r.is_ok(),
             error: r.err(),
             state: Some(self.state.clone()),
             fds: fds.len(),
         };
-        send(conn, &serde_json::to_vec(&reply).context("encode a reply")?, fds)
+        send(
+            conn,
+            &serde_json::to_vec(&reply).context("encode a reply")?,
+            fds,
+        )
     }
 }

@@ -45,7 +45,10 @@ pub struct Epoch {
 
 /// CLOCK_MONOTONIC now, in ns.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -85,7 +88,12 @@ pub struct EpochFacts {
 /// Reads and consumes the epoch's records: the dirty set (taken out of CR_DIRTY), the VMA
 /// events, the counters against the tracker's baseline, the mem-file writers, and the target's
 /// lasting sources of fault-less writes.
-pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &Epoch) -> Result<EpochFacts> {
+pub fn read_epoch(
+    maps: &mut TrackMaps,
+    pid: i32,
+    state: &TrackerState,
+    epoch: &Epoch,
+) -> Result<EpochFacts> {
     let t0 = std::time::Instant::now();
     let mut f = EpochFacts::default();
     let now = &epoch.at_seize;
@@ -99,7 +107,8 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
     f.unsafe_why.extend(moved);
     f.sticky_next = now.sticky_events != base.sticky_events;
     if state.sticky {
-        f.unsafe_why.push("the last checkpoint saw a lasting source of fault-less writes".into());
+        f.unsafe_why
+            .push("the last checkpoint saw a lasting source of fault-less writes".into());
     }
     f.vma_events = now.vma_events.wrapping_sub(base.vma_events);
 
@@ -115,7 +124,11 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
             f.unsafe_why.push(format!(
                 "PID {} opened {} for writing ({count} times)",
                 k.opener,
-                if k.target == 0 { "a mem file".to_string() } else { format!("/proc/{}/mem", k.target) }
+                if k.target == 0 {
+                    "a mem file".to_string()
+                } else {
+                    format!("/proc/{}/mem", k.target)
+                }
             ));
             // While it still holds such a file open, it can write at any time.
             if holds_mem_file(k.opener as i32, k.target) {
@@ -138,14 +151,23 @@ pub fn read_epoch(maps: &mut TrackMaps, pid: i32, state: &TrackerState, epoch: &
             continue; // another target, or cr's own remote calls during the freeze
         }
         match ev.kind {
-            vma_ev::RANGE => f.vma_ranges = f.vma_ranges.union(&RangeSet::from_ranges(vec![(ev.start, ev.end)])),
+            vma_ev::RANGE => {
+                f.vma_ranges = f
+                    .vma_ranges
+                    .union(&RangeSet::from_ranges(vec![(ev.start, ev.end)]))
+            }
             vma_ev::BRK => f.brk = true,
             _ => f.all_vmas = true,
         }
     }
 
     let t_ring = t0.elapsed();
-    f.dirty = maps.drain_dirty().into_iter().filter(|(t, _)| *t == pid as u32).map(|(_, p)| p).collect();
+    f.dirty = maps
+        .drain_dirty()
+        .into_iter()
+        .filter(|(t, _)| *t == pid as u32)
+        .map(|(_, p)| p)
+        .collect();
     f.dirty.sort_unstable();
     f.dirty.dedup();
     // Writes from now on are the next epoch's (for looks at CR_DIRTY: `peek`, hotness).
@@ -169,16 +191,24 @@ pub fn lasting_sources(pid: i32) -> Vec<String> {
         return vec![];
     };
     for e in rd.flatten() {
-        let link = std::fs::read_link(e.path()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let link = std::fs::read_link(e.path())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if link == "anon_inode:[io_uring]" {
             why.insert("an io_uring fd".to_string());
-        } else if link.starts_with("anon_inode:kvm") || link == "/dev/kvm" || link.starts_with("/dev/vfio") || link.starts_with("/dev/infiniband") {
+        } else if link.starts_with("anon_inode:kvm")
+            || link == "/dev/kvm"
+            || link.starts_with("/dev/vfio")
+            || link.starts_with("/dev/infiniband")
+        {
             why.insert(format!("a device fd ({link})"));
         } else if link.starts_with("/proc/") && link.ends_with("/mem") {
             why.insert(format!("an open {link}"));
         }
         let name = e.file_name();
-        if let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", name.to_string_lossy())) {
+        if let Ok(info) =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", name.to_string_lossy()))
+        {
             let flags = info
                 .lines()
                 .find_map(|l| l.strip_prefix("flags:"))
@@ -201,7 +231,9 @@ fn holds_mem_file(opener: i32, target: u32) -> bool {
         return false; // gone
     };
     rd.flatten().any(|e| {
-        let l = std::fs::read_link(e.path()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let l = std::fs::read_link(e.path())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         l.ends_with("/mem") && (target == 0 || l == format!("/proc/{target}/mem"))
     })
 }
@@ -220,7 +252,11 @@ pub fn blocks_of(pages: &[u64]) -> RangeSet {
 pub fn harvest_query(rearm: bool) -> ScanQuery {
     ScanQuery {
         category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN | PAGE_IS_FILE | PAGE_IS_PFNZERO,
+        return_mask: PAGE_IS_PRESENT
+            | PAGE_IS_SWAPPED
+            | PAGE_IS_WRITTEN
+            | PAGE_IS_FILE
+            | PAGE_IS_PFNZERO,
         wp_matching: rearm,
         check_wpasync: rearm,
         ..Default::default()
@@ -229,13 +265,21 @@ pub fn harvest_query(rearm: bool) -> ScanQuery {
 
 /// Scans `[start, end)` with [`harvest_query`]. Ok(None) if the range is not registered for
 /// write-protection (the caller treats the VMA as new).
-pub fn scan_range(s: &mut PagemapScanner, start: u64, end: u64, rearm: bool, out: &mut Vec<PageRegion>) -> Result<Option<()>> {
+pub fn scan_range(
+    s: &mut PagemapScanner,
+    start: u64,
+    end: u64,
+    rearm: bool,
+    out: &mut Vec<PageRegion>,
+) -> Result<Option<()>> {
     match s.scan_into(start, end, &harvest_query(rearm), out) {
         Ok(()) => Ok(Some(())),
         Err(e) => {
-            let eperm = e
-                .chain()
-                .any(|c| c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::EPERM));
+            let eperm = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.raw_os_error())
+                    == Some(libc::EPERM)
+            });
             if rearm && eperm {
                 Ok(None)
             } else {
@@ -248,7 +292,9 @@ pub fn scan_range(s: &mut PagemapScanner, start: u64, end: u64, rearm: bool, out
 /// Whether a swap device is active: if not, every "swapped" page PAGEMAP_SCAN reports in a
 /// write-protected VMA is a uffd-wp pte marker (an untouched page), not data.
 pub fn swap_active() -> bool {
-    std::fs::read_to_string("/proc/swaps").map(|t| t.lines().count() > 1).unwrap_or(true)
+    std::fs::read_to_string("/proc/swaps")
+        .map(|t| t.lines().count() > 1)
+        .unwrap_or(true)
 }
 
 /// `SWP_PTE_MARKER` as /proc/PID/pagemap shows it: swap type 31 in the low 5 bits of the
@@ -260,11 +306,19 @@ const SWP_TYPE_PTE_MARKER: u64 = 31;
 /// cr has; without it nothing is a marker and the pages are kept).
 pub fn real_swapped(s: &PagemapScanner, start: u64, end: u64) -> Result<RangeSet> {
     let n = ((end - start) >> PAGE_SHIFT) as usize;
-    let entries = s.read_entries(start, n).with_context(|| format!("raw pagemap of {start:#x}-{end:#x}"))?;
-    Ok(RangeSet::from_sorted(entries.iter().enumerate().filter(|(_, e)| !is_marker(**e)).map(|(i, _)| {
-        let a = start + ((i as u64) << PAGE_SHIFT);
-        (a, a + (1 << PAGE_SHIFT))
-    })))
+    let entries = s
+        .read_entries(start, n)
+        .with_context(|| format!("raw pagemap of {start:#x}-{end:#x}"))?;
+    Ok(RangeSet::from_sorted(
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !is_marker(**e))
+            .map(|(i, _)| {
+                let a = start + ((i as u64) << PAGE_SHIFT);
+                (a, a + (1 << PAGE_SHIFT))
+            }),
+    ))
 }
 
 fn is_marker(e: PagemapEntry) -> bool {
@@ -304,7 +358,9 @@ pub fn fate(categories: u64, in_parent: bool) -> PageFate {
 pub fn written_pages(regions: &[PageRegion]) -> Vec<u64> {
     let mut v = Vec::new();
     for r in regions {
-        if r.categories & PAGE_IS_WRITTEN != 0 && r.categories & (PAGE_IS_PFNZERO | PAGE_IS_FILE) == 0 {
+        if r.categories & PAGE_IS_WRITTEN != 0
+            && r.categories & (PAGE_IS_PFNZERO | PAGE_IS_FILE) == 0
+        {
             v.extend((r.start >> PAGE_SHIFT)..(r.end >> PAGE_SHIFT));
         }
     }
@@ -319,18 +375,30 @@ mod tests {
     fn blocks_widen_and_merge() {
         let b = blocks_of(&[0x200, 0x201, 0x3ff, 0x400, 0x1000]);
         // 0x200 pages = 2 MiB: pages 0x200..0x400 are one block, 0x400 the next (merged).
-        assert_eq!(b.ranges(), &[(0x20_0000, 0x60_0000), (0x100_0000, 0x120_0000)]);
+        assert_eq!(
+            b.ranges(),
+            &[(0x20_0000, 0x60_0000), (0x100_0000, 0x120_0000)]
+        );
     }
 
     #[test]
     fn fates() {
-        assert_eq!(fate(PAGE_IS_PRESENT | PAGE_IS_WRITTEN, true), PageFate::Copy);
+        assert_eq!(
+            fate(PAGE_IS_PRESENT | PAGE_IS_WRITTEN, true),
+            PageFate::Copy
+        );
         assert_eq!(fate(PAGE_IS_PRESENT, true), PageFate::Parent);
         assert_eq!(fate(PAGE_IS_SWAPPED, true), PageFate::Parent);
         assert_eq!(fate(PAGE_IS_PRESENT, false), PageFate::Copy);
         assert_eq!(fate(PAGE_IS_SWAPPED, false), PageFate::Absent);
-        assert_eq!(fate(PAGE_IS_PRESENT | PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, false), PageFate::Absent);
-        assert_eq!(fate(PAGE_IS_SWAPPED | PAGE_IS_WRITTEN, false), PageFate::Copy);
+        assert_eq!(
+            fate(PAGE_IS_PRESENT | PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, false),
+            PageFate::Absent
+        );
+        assert_eq!(
+            fate(PAGE_IS_SWAPPED | PAGE_IS_WRITTEN, false),
+            PageFate::Copy
+        );
     }
 
     #[test]
@@ -362,13 +430,20 @@ pub struct Peek {
 /// Reads the tracker of `pid` and the written bits of `ranges` (which must be tracked VMAs),
 /// changing nothing.
 pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
-    let conn = super::client::TrackerConn::connect(pid)?.with_context(|| format!("PID {pid} has no tracker"))?;
+    let conn = super::client::TrackerConn::connect(pid)?
+        .with_context(|| format!("PID {pid} has no tracker"))?;
     let snap = conn.get()?;
     let maps = TrackMaps::from_fds(snap.map_fds)?;
     let state = snap.state;
     // The hash keeps pages of earlier epochs too; this epoch's carry its number.
     let epoch = maps.tracker.epoch(pid as u32)?;
-    let ebpf = maps.tracker.dirty(pid as u32)?.into_iter().filter(|p| p.epoch == epoch).map(|p| p.page).collect();
+    let ebpf = maps
+        .tracker
+        .dirty(pid as u32)?
+        .into_iter()
+        .filter(|p| p.epoch == epoch)
+        .map(|p| p.page)
+        .collect();
     let mut scanner = PagemapScanner::open(pid)?;
     let mut regions = Vec::new();
     for &(s, e) in ranges {
@@ -384,9 +459,18 @@ pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
     for (k, n) in maps.mem_writers()? {
         let ours = k.target == pid as u32 || k.target == 0;
         if ours && !state.dumpers.contains(&(k.opener as i32)) {
-            unsafe_why.push(format!("PID {} opened a mem file for writing ({n} times)", k.opener));
+            unsafe_why.push(format!(
+                "PID {} opened a mem file for writing ({n} times)",
+                k.opener
+            ));
         }
     }
     unsafe_why.extend(lasting_sources(pid));
-    Ok(Peek { ebpf, written, unsafe_why, vma_events: now.vma_events.wrapping_sub(state.baseline.vma_events), state })
+    Ok(Peek {
+        ebpf,
+        written,
+        unsafe_why,
+        vma_events: now.vma_events.wrapping_sub(state.baseline.vma_events),
+        state,
+    })
 }

@@ -8,7 +8,10 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
-use cr_common::{names, stat, DirtyEvent, MemWriterKey, TrackState, VmaEvent, TARGET_F_RING, TARGET_F_TRACK_WRITES};
+use cr_common::{
+    names, stat, DirtyEvent, MemWriterKey, TrackState, VmaEvent, TARGET_F_RING,
+    TARGET_F_TRACK_WRITES,
+};
 use serde::{Deserialize, Serialize};
 
 use super::dirty::Tracker;
@@ -57,13 +60,33 @@ impl Counters {
                 why.push(format!("{} {what}", now.wrapping_sub(was)));
             }
         };
-        d(self.dirty_lost, then.dirty_lost, "write faults lost (dirty map full)");
-        d(self.gup_events, then.gup_events, "remote-write syscalls (process_vm_writev, ptrace POKE, AIO)");
-        d(self.sticky_events, then.sticky_events, "O_DIRECT/io_uring/AIO setups");
+        d(
+            self.dirty_lost,
+            then.dirty_lost,
+            "write faults lost (dirty map full)",
+        );
+        d(
+            self.gup_events,
+            then.gup_events,
+            "remote-write syscalls (process_vm_writev, ptrace POKE, AIO)",
+        );
+        d(
+            self.sticky_events,
+            then.sticky_events,
+            "O_DIRECT/io_uring/AIO setups",
+        );
         d(self.exec_events, then.exec_events, "execs");
         d(self.vma_lost, then.vma_lost, "VMA events lost (ring full)");
-        d(self.mem_writers_lost, then.mem_writers_lost, "mem-file openers lost (map full)");
-        d(self.track_missing, then.track_missing, "events of an unregistered target");
+        d(
+            self.mem_writers_lost,
+            then.mem_writers_lost,
+            "mem-file openers lost (map full)",
+        );
+        d(
+            self.track_missing,
+            then.track_missing,
+            "events of an unregistered target",
+        );
         why
     }
 }
@@ -175,7 +198,8 @@ impl TrackMaps {
         self.track
             .insert(&tgid, &TrackState::default(), 0)
             .with_context(|| format!("add process {tgid} to CR_TRACK"))?;
-        self.tracker.add_target(tgid, TARGET_F_TRACK_WRITES | TARGET_F_RING)?;
+        self.tracker
+            .add_target(tgid, TARGET_F_TRACK_WRITES | TARGET_F_RING)?;
         for tid in crate::proc::task::threads(tgid as i32).unwrap_or_default() {
             if tid as u32 != tgid {
                 self.tids

@@ -151,8 +151,14 @@ mod tests {
 
     #[test]
     fn builds_merged_sets() {
-        assert_eq!(rs(&[(5, 7), (1, 3), (3, 4), (6, 9), (10, 10)]).ranges(), &[(1, 4), (5, 9)]);
-        assert_eq!(RangeSet::from_sorted([(1, 2), (2, 3), (5, 6)]).ranges(), &[(1, 3), (5, 6)]);
+        assert_eq!(
+            rs(&[(5, 7), (1, 3), (3, 4), (6, 9), (10, 10)]).ranges(),
+            &[(1, 4), (5, 9)]
+        );
+        assert_eq!(
+            RangeSet::from_sorted([(1, 2), (2, 3), (5, 6)]).ranges(),
+            &[(1, 3), (5, 6)]
+        );
         assert!(rs(&[]).is_empty());
         assert_eq!(rs(&[(0, 10), (20, 25)]).len_bytes(), 15);
     }
@@ -176,7 +182,12 @@ mod tests {
         assert_eq!(a.subtract(&rs(&[])).ranges(), a.ranges());
         assert!(a.subtract(&rs(&[(0, 100)])).is_empty());
         // One range of `other` splitting one of `self` in three.
-        assert_eq!(rs(&[(0, 100)]).subtract(&rs(&[(10, 20), (30, 40)])).ranges(), &[(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(
+            rs(&[(0, 100)])
+                .subtract(&rs(&[(10, 20), (30, 40)]))
+                .ranges(),
+            &[(0, 10), (20, 30), (40, 100)]
+        );
         assert_eq!(a.clip(8, 42).ranges(), &[(8, 10), (20, 30), (40, 42)]);
     }
 }

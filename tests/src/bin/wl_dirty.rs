@@ -47,7 +47,9 @@ fn word(id: u64, p: u64, gen: u64, k: u64) -> u64 {
         return 0;
     }
     let x = (id << 40) ^ (p << 12) ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left((k % 61) as u32) ^ k
+    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        .rotate_left((k % 61) as u32)
+        ^ k
 }
 
 fn content(id: u64, p: u64, gen: u64) -> Vec<u8> {
@@ -113,9 +115,24 @@ fn start_worker() -> Worker {
 }
 
 fn mmap_anon(len: usize, at: usize) -> Result<usize, String> {
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if at != 0 { libc::MAP_FIXED_NOREPLACE } else { 0 };
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | if at != 0 {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            0
+        };
     // SAFETY: a fresh anonymous mapping; no Rust references point into it.
-    let p = unsafe { libc::mmap(at as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
     if p == libc::MAP_FAILED {
         return Err(format!("mmap: {}", std::io::Error::last_os_error()));
     }
@@ -124,7 +141,10 @@ fn mmap_anon(len: usize, at: usize) -> Result<usize, String> {
 
 impl State {
     fn region(&mut self, id: u64) -> Result<&mut Region, String> {
-        self.regions.iter_mut().find(|r| r.id == id).ok_or_else(|| format!("no region {id}"))
+        self.regions
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| format!("no region {id}"))
     }
 
     fn new_region(&mut self, id: u64, n: usize, thp: bool) -> Result<usize, String> {
@@ -148,7 +168,11 @@ impl State {
             unsafe { libc::madvise(a as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
             a
         };
-        let mut r = Region { id, addr, gen: vec![0; n] };
+        let mut r = Region {
+            id,
+            addr,
+            gen: vec![0; n],
+        };
         for p in 0..n {
             write_page(&mut r, p);
         }
@@ -187,7 +211,11 @@ fn errno(what: &str) -> String {
 
 fn run(st: &mut State, line: &str) -> Result<String, String> {
     let a: Vec<&str> = line.split_whitespace().collect();
-    let num = |i: usize| -> Result<u64, String> { a.get(i).and_then(|s| s.parse().ok()).ok_or_else(|| format!("argument {i} missing or bad")) };
+    let num = |i: usize| -> Result<u64, String> {
+        a.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("argument {i} missing or bad"))
+    };
     let list = |i: usize| a.get(i).copied().unwrap_or("");
     match a.first().copied() {
         Some("region") => {
@@ -236,12 +264,21 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
                             libc::pread(file, dst.cast(), PAGE, 0)
                         }
                         "selfvm" => {
-                            let l = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: PAGE };
-                            let rv = libc::iovec { iov_base: dst.cast(), iov_len: PAGE };
+                            let l = libc::iovec {
+                                iov_base: data.as_ptr() as *mut _,
+                                iov_len: PAGE,
+                            };
+                            let rv = libc::iovec {
+                                iov_base: dst.cast(),
+                                iov_len: PAGE,
+                            };
                             libc::process_vm_writev(libc::getpid(), &l, 1, &rv, 1, 0)
                         }
                         _ => {
-                            let f = libc::open(c"/proc/self/mem".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                            let f = libc::open(
+                                c"/proc/self/mem".as_ptr(),
+                                libc::O_RDWR | libc::O_CLOEXEC,
+                            );
                             if f < 0 {
                                 return Err(errno("open /proc/self/mem"));
                             }
@@ -261,7 +298,10 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
         Some("gen") => {
             let r = st.region(num(1)?)?;
             let p = num(2)? as usize;
-            r.gen.get(p).map(|g| g.to_string()).ok_or_else(|| "no such page".into())
+            r.gen
+                .get(p)
+                .map(|g| g.to_string())
+                .ok_or_else(|| "no such page".into())
         }
         Some("note") => {
             let r = st.region(num(1)?)?;
@@ -271,7 +311,11 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
         }
         Some(k @ ("dontneed" | "populate")) => {
             let r = st.region(num(1)?)?;
-            let advice = if k == "dontneed" { libc::MADV_DONTNEED } else { libc::MADV_POPULATE_WRITE };
+            let advice = if k == "dontneed" {
+                libc::MADV_DONTNEED
+            } else {
+                libc::MADV_POPULATE_WRITE
+            };
             for p in pages(list(2), r)? {
                 // SAFETY: advice on one page of our own mapping.
                 if unsafe { libc::madvise(r.page(p).cast(), PAGE, advice) } != 0 {
@@ -303,7 +347,13 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
             let to = mmap_anon(len, 0)?;
             // SAFETY: moving our own mapping onto our own reservation.
             let p = unsafe {
-                libc::mremap(r.addr as *mut libc::c_void, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut libc::c_void)
+                libc::mremap(
+                    r.addr as *mut libc::c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to as *mut libc::c_void,
+                )
             };
             if p == libc::MAP_FAILED {
                 return Err(errno("mremap"));
@@ -361,12 +411,23 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
             if st.worker.is_none() {
                 st.worker = Some(start_worker());
             }
-            let r = st.regions.iter_mut().find(|r| r.id == id).ok_or_else(|| format!("no region {id}"))?;
+            let r = st
+                .regions
+                .iter_mut()
+                .find(|r| r.id == id)
+                .ok_or_else(|| format!("no region {id}"))?;
             let list = pages(list(2), r)?;
-            let job: Vec<(usize, u64, u64, u64)> = list.iter().map(|&p| (r.page(p) as usize, id, p as u64, r.gen[p] + 1)).collect();
+            let job: Vec<(usize, u64, u64, u64)> = list
+                .iter()
+                .map(|&p| (r.page(p) as usize, id, p as u64, r.gen[p] + 1))
+                .collect();
             let w = st.worker.as_ref().expect("just started");
-            w.jobs.send(job).map_err(|_| "the worker thread is gone".to_string())?;
-            w.done.recv().map_err(|_| "the worker thread is gone".to_string())?;
+            w.jobs
+                .send(job)
+                .map_err(|_| "the worker thread is gone".to_string())?;
+            w.done
+                .recv()
+                .map_err(|_| "the worker thread is gone".to_string())?;
             for p in list {
                 r.gen[p] += 1;
             }
@@ -398,7 +459,10 @@ fn verify(st: &State) -> Vec<String> {
                 let got = unsafe { std::ptr::read_volatile(src.add(k)) };
                 if got != word(r.id, p as u64, gen, k as u64) {
                     if bad.len() < 10 {
-                        bad.push(format!("region {} page {p} word {k}: {got:#x}, expected generation {gen}", r.id));
+                        bad.push(format!(
+                            "region {} page {p} word {k}: {got:#x}, expected generation {gen}",
+                            r.id
+                        ));
                     }
                     break;
                 }
@@ -423,9 +487,20 @@ fn main() {
     // SAFETY: fresh fds from pipe2.
     let pipe = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let path = std::env::temp_dir().join(format!("wl_dirty-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("scratch file");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("scratch file");
     let _ = std::fs::remove_file(&path);
-    let mut st = State { regions: Vec::new(), pipe, file, worker: None };
+    let mut st = State {
+        regions: Vec::new(),
+        pipe,
+        file,
+        worker: None,
+    };
     ready(&std::process::id().to_string());
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();

@@ -47,7 +47,12 @@ fn word(id: u64, gen: u32, k: usize) -> u64 {
     match k {
         0 => id,
         1 => gen as u64,
-        _ => (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (gen as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)).rotate_left((k % 63) as u32) ^ k as u64,
+        _ => {
+            (id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ (gen as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
+            .rotate_left((k % 63) as u32)
+                ^ k as u64
+        }
     }
 }
 
@@ -88,8 +93,22 @@ struct W {
 
 fn mmap_anon(len: usize) -> usize {
     // SAFETY: a fresh anonymous mapping chosen by the kernel.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     p as usize
 }
 
@@ -115,22 +134,39 @@ impl W {
                 fill(&mut self.buf, p as u64, gen);
                 // SAFETY: a 4 KiB buffer of ours into the pipe, then out of it into our page.
                 unsafe {
-                    assert_eq!(libc::write(self.pipe_w, self.buf.as_ptr().cast(), PAGE), PAGE as isize);
+                    assert_eq!(
+                        libc::write(self.pipe_w, self.buf.as_ptr().cast(), PAGE),
+                        PAGE as isize
+                    );
                     assert_eq!(libc::read(self.pipe_r, dst.cast(), PAGE), PAGE as isize);
                 }
             }
             85..95 if GUP_WRITES.load(Ordering::SeqCst) => {
                 fill(&mut self.buf, p as u64, gen);
-                let l = libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: PAGE };
-                let r = libc::iovec { iov_base: dst.cast(), iov_len: PAGE };
+                let l = libc::iovec {
+                    iov_base: self.buf.as_mut_ptr().cast(),
+                    iov_len: PAGE,
+                };
+                let r = libc::iovec {
+                    iov_base: dst.cast(),
+                    iov_len: PAGE,
+                };
                 // SAFETY: copies our buffer into our own page.
                 let n = unsafe { libc::process_vm_writev(libc::getpid(), &l, 1, &r, 1, 0) };
-                assert_eq!(n, PAGE as isize, "process_vm_writev: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    n,
+                    PAGE as isize,
+                    "process_vm_writev: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             85..95 => Self::user_write(dst, p as u64, gen),
             _ => {
                 // SAFETY: advice on one page of our own mapping.
-                assert_eq!(unsafe { libc::madvise(dst.cast(), PAGE, libc::MADV_DONTNEED) }, 0);
+                assert_eq!(
+                    unsafe { libc::madvise(dst.cast(), PAGE, libc::MADV_DONTNEED) },
+                    0
+                );
                 self.gen[p] = 0;
                 return;
             }
@@ -150,22 +186,41 @@ impl W {
                 self.slots[s].addr = mmap_anon(len);
                 self.slots[s].gen += 1;
                 for i in 0..SLOT_PAGES {
-                    Self::user_write((self.slots[s].addr + i * PAGE) as *mut u64, id + ((i as u64) << 40), self.slots[s].gen);
+                    Self::user_write(
+                        (self.slots[s].addr + i * PAGE) as *mut u64,
+                        id + ((i as u64) << 40),
+                        self.slots[s].gen,
+                    );
                 }
             }
             1 => {
                 let to = mmap_anon(len);
                 // SAFETY: moving our own slot onto our own fresh reservation.
                 let p = unsafe {
-                    libc::mremap(self.slots[s].addr as *mut libc::c_void, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut libc::c_void)
+                    libc::mremap(
+                        self.slots[s].addr as *mut libc::c_void,
+                        len,
+                        len,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        to as *mut libc::c_void,
+                    )
                 };
-                assert_ne!(p, libc::MAP_FAILED, "mremap: {}", std::io::Error::last_os_error());
+                assert_ne!(
+                    p,
+                    libc::MAP_FAILED,
+                    "mremap: {}",
+                    std::io::Error::last_os_error()
+                );
                 self.slots[s].addr = p as usize;
             }
             _ => {
                 self.slots[s].gen += 1;
                 for i in 0..SLOT_PAGES {
-                    Self::user_write((self.slots[s].addr + i * PAGE) as *mut u64, id + ((i as u64) << 40), self.slots[s].gen);
+                    Self::user_write(
+                        (self.slots[s].addr + i * PAGE) as *mut u64,
+                        id + ((i as u64) << 40),
+                        self.slots[s].gen,
+                    );
                 }
             }
         }
@@ -183,7 +238,12 @@ impl W {
                     bad += 1;
                     if bad <= 5 {
                         // SAFETY: as above.
-                        let (w0, w1) = unsafe { (std::ptr::read_volatile(src), std::ptr::read_volatile(src.add(1))) };
+                        let (w0, w1) = unsafe {
+                            (
+                                std::ptr::read_volatile(src),
+                                std::ptr::read_volatile(src.add(1)),
+                            )
+                        };
                         c.check(false, format!("page {p} word {k}: {got:#x}; table says generation {gen}, page says id {w0} generation {w1}"));
                     }
                     break;
@@ -195,32 +255,58 @@ impl W {
                 let src = (slot.addr + i * PAGE) as *const u64;
                 let id = SLOT_ID + s as u64 + ((i as u64) << 40);
                 // SAFETY: a page of a mapped slot.
-                let ok = (0..WORDS).all(|k| unsafe { std::ptr::read_volatile(src.add(k)) } == word(id, slot.gen, k));
-                c.check(ok, format!("churn region {s} page {i} (generation {})", slot.gen));
+                let ok = (0..WORDS).all(
+                    |k| unsafe { std::ptr::read_volatile(src.add(k)) } == word(id, slot.gen, k),
+                );
+                c.check(
+                    ok,
+                    format!("churn region {s} page {i} (generation {})", slot.gen),
+                );
             }
         }
-        c.check(bad == 0, format!("{bad} pages differ from the generation table"));
+        c.check(
+            bad == 0,
+            format!("{bad} pages differ from the generation table"),
+        );
         c
     }
 }
 
 fn main() {
-    let mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
     let pages = mib * 256;
     let raw = mmap_anon(pages * PAGE + HUGE);
     let base = (raw + HUGE - 1) & !(HUGE - 1);
     // SAFETY: advice on our own fresh mapping: huge pages in the first half, none in the second.
     unsafe {
-        libc::madvise(base as *mut libc::c_void, pages * PAGE / 2, libc::MADV_HUGEPAGE);
-        libc::madvise((base + pages * PAGE / 2) as *mut libc::c_void, pages * PAGE / 2, libc::MADV_NOHUGEPAGE);
+        libc::madvise(
+            base as *mut libc::c_void,
+            pages * PAGE / 2,
+            libc::MADV_HUGEPAGE,
+        );
+        libc::madvise(
+            (base + pages * PAGE / 2) as *mut libc::c_void,
+            pages * PAGE / 2,
+            libc::MADV_NOHUGEPAGE,
+        );
     }
     let mut fds = [0; 2];
     // SAFETY: a valid out-array.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let seed = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        t ^ std::process::id() as u64
-    }) | 1;
+    let seed = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            t ^ std::process::id() as u64
+        })
+        | 1;
     eprintln!("wl_dirty_chain: {mib} MiB, seed {seed}");
     let mut w = W {
         base,
@@ -237,7 +323,11 @@ fn main() {
     for s in 0..SLOTS {
         let addr = mmap_anon(SLOT_PAGES * PAGE);
         for i in 0..SLOT_PAGES {
-            W::user_write((addr + i * PAGE) as *mut u64, SLOT_ID + s as u64 + ((i as u64) << 40), 1);
+            W::user_write(
+                (addr + i * PAGE) as *mut u64,
+                SLOT_ID + s as u64 + ((i as u64) << 40),
+                1,
+            );
         }
         w.slots.push(Slot { addr, gen: 1 });
     }
@@ -255,7 +345,11 @@ fn main() {
     while !check_requested() {
         let n = 1 + w.rng.below(32) as usize;
         for _ in 0..n {
-            let p = if w.rng.below(100) == 0 { w.rng.below(pages as u64) as usize } else { hot + w.rng.below(HOT as u64) as usize };
+            let p = if w.rng.below(100) == 0 {
+                w.rng.below(pages as u64) as usize
+            } else {
+                hot + w.rng.below(HOT as u64) as usize
+            };
             w.dirty(p);
         }
         bursts += 1;
