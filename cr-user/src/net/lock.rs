@@ -145,7 +145,16 @@ impl NetLock {
     /// Loads and pins a fresh lock; `record_dir` is the image directory.
     pub fn create(tag: &str, record_dir: &Path) -> Result<NetLock> {
         let pin_dir = PathBuf::from(PIN_ROOT).join(format!("netlock-{tag}"));
-        std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {} (is bpffs mounted at /sys/fs/bpf?)", pin_dir.display()))?;
+        // Another cr releasing the last lock may remove the parent directory between
+        // create_dir_all's two mkdirs: try again then.
+        let mut made = std::fs::create_dir_all(&pin_dir);
+        for _ in 0..3 {
+            match &made {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => made = std::fs::create_dir_all(&pin_dir),
+                _ => break,
+            }
+        }
+        made.with_context(|| format!("create {} (is bpffs mounted at /sys/fs/bpf?)", pin_dir.display()))?;
         let mut obj = crate::track::BpfObject::load()?;
         let raw = obj.ebpf_mut().take_map(MAP).ok_or_else(|| anyhow!("the eBPF object has no map {MAP} (stale build? run cargo xtask build)"))?;
         let _ = std::fs::remove_file(pin_dir.join("map"));
@@ -268,6 +277,9 @@ pub fn release(rec: &Record, images_dir: Option<&Path>) {
     if let Err(e) = std::fs::remove_dir(dir) {
         log::warn!("removing {}: {e}", dir.display());
     }
+    // The last lock also takes cr's pin directory with it (another dump's lock keeps it:
+    // remove_dir fails on a non-empty directory, which is fine).
+    let _ = std::fs::remove_dir(PIN_ROOT);
     if let Some(d) = images_dir {
         let _ = std::fs::remove_file(d.join(RECORD));
     }
