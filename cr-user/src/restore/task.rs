@@ -83,27 +83,7 @@ pub fn restore_state(
         &[st.personality as u64],
     )
     .with_context(|| format!("set personality {:#x}", st.personality))?;
-    if core.clear_child_tid != 0 {
-        r.syscall(
-            "set_tid_address",
-            libc::SYS_set_tid_address,
-            &[core.clear_child_tid],
-        )?;
-    }
-    let p = put_str(r, scratch, 0, &core.comm)?;
-    r.syscall(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, p],
-    )?;
-    if let Some(rs) = &core.rseq {
-        r.syscall(
-            "rseq",
-            libc::SYS_rseq,
-            &[rs.addr, rs.len as u64, 0, rs.signature as u64],
-        )
-        .with_context(|| format!("register rseq at {:#x}", rs.addr))?;
-    }
+    restore_thread_identity(r, scratch, core)?;
     if st.child_subreaper {
         r.syscall(
             "prctl(PR_SET_CHILD_SUBREAPER)",
@@ -622,5 +602,20 @@ pub fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> R
     r.write_mem(scratch, &b)?;
     r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
         .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x} of thread {}", ss.sp, ss.size, r.t.tid))?;
+    Ok(())
+}
+
+/// The per-thread identity the kernel keeps: clear_child_tid, name, rseq registration (of the
+/// thread `r` drives).
+pub fn restore_thread_identity(r: &mut Remote, scratch: u64, core: &pb::Core) -> Result<()> {
+    if core.clear_child_tid != 0 {
+        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
+    }
+    let p = put_str(r, scratch, 0, &core.comm)?;
+    r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
+    if let Some(rs) = &core.rseq {
+        r.syscall("rseq", libc::SYS_rseq, &[rs.addr, rs.len as u64, 0, rs.signature as u64])
+            .with_context(|| format!("register rseq at {:#x} for thread {}", rs.addr, r.t.tid))?;
+    }
     Ok(())
 }

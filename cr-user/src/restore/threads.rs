@@ -17,7 +17,6 @@ use anyhow::{bail, Context, Result};
 use crate::image::pb;
 use crate::ptrace::{Remote, Tracee};
 
-use super::memory::put_str;
 use super::task;
 use super::tree::remote_clone3;
 
@@ -75,27 +74,7 @@ pub fn restore_thread(
         libc::SYS_personality,
         &[st.personality as u64],
     )?;
-    if core.clear_child_tid != 0 {
-        r.syscall(
-            "set_tid_address",
-            libc::SYS_set_tid_address,
-            &[core.clear_child_tid],
-        )?;
-    }
-    let p = put_str(r, scratch, 0, &core.comm)?;
-    r.syscall(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, p],
-    )?;
-    if let Some(rs) = &core.rseq {
-        r.syscall(
-            "rseq",
-            libc::SYS_rseq,
-            &[rs.addr, rs.len as u64, 0, rs.signature as u64],
-        )
-        .with_context(|| format!("register rseq at {:#x} for thread {tid}", rs.addr))?;
-    }
+    super::task::restore_thread_identity(r, scratch, core)?;
     if st.timer_slack_ns != 0 {
         r.syscall(
             "prctl(PR_SET_TIMERSLACK)",
