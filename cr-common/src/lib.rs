@@ -4,6 +4,9 @@
 //! both sides of a BPF map. Keep fields ordered largest-first and pad explicitly.
 #![no_std]
 
+pub mod lock;
+pub mod sock;
+
 /// Page size assumed by the trackers (x86_64).
 pub const PAGE_SHIFT: u64 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;

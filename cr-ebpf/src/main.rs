@@ -8,8 +8,10 @@
 #![no_main]
 
 mod fault;
+mod locks;
 mod netlock;
 mod probe;
+mod sock;
 mod sys;
 
 #[cfg(not(test))]

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::dirty::Tracker;
 use super::loader::BpfObject;
+use super::locks::LockMaps;
+use super::sockets::SockMaps;
 
 /// Map fds are handed over in this order.
 const FD_ORDER: [&str; 8] = [
@@ -29,8 +31,9 @@ const FD_ORDER: [&str; 8] = [
     names::DIRTY_RING,
 ];
 
-/// How many map fds the tracker hands over.
-pub const MAP_FDS: usize = FD_ORDER.len();
+/// How many map fds the tracker hands over: the core maps (FD_ORDER), then the socket
+/// table's, then the lock table's.
+pub const MAP_FDS: usize = FD_ORDER.len() + SockMaps::FDS + LockMaps::FDS;
 
 /// Counters of one target at one moment: the syscall programs' CR_TRACK entry and the global
 /// loss counters of CR_STATS. Compared between checkpoints (see [`Counters::moved`]).
@@ -99,6 +102,10 @@ pub struct TrackMaps {
     mem_writers: HashMap<MapData, MemWriterKey, u64>,
     tids: HashMap<MapData, u32, u32>,
     dirty_ring: RingBuf<MapData>,
+    /// The TCP socket table (cr-ebpf/src/sock.rs).
+    pub sockets: SockMaps,
+    /// The file-lock table (cr-ebpf/src/locks.rs).
+    pub locks: LockMaps,
 }
 
 impl TrackMaps {
@@ -114,8 +121,12 @@ impl TrackMaps {
         let mem_writers = obj.take_map(names::MEM_WRITERS)?;
         let tids = obj.take_map(names::TIDS)?;
         let dirty_ring = obj.take_map(names::DIRTY_RING)?;
+        let mut sockets = SockMaps::take(&mut obj)?;
+        let mut locks = LockMaps::take(&mut obj)?;
         obj.attach_fault_tracepoints()?;
         obj.attach_syscall_tracepoints()?;
+        sockets.attach(&mut obj)?;
+        locks.attach(&mut obj)?;
         Ok(TrackMaps {
             tracker: Tracker::from_maps(targets, dirty, stats, Some(obj)),
             track,
@@ -123,6 +134,8 @@ impl TrackMaps {
             mem_writers,
             tids,
             dirty_ring,
+            sockets,
+            locks,
         })
     }
 
@@ -139,25 +152,30 @@ impl TrackMaps {
             self.tids.map().fd().as_fd(),
             self.dirty_ring.as_fd(),
         ];
-        fds.iter()
+        let mut out = fds
+            .iter()
             .zip(FD_ORDER)
             .map(|(fd, name)| {
                 fd.try_clone_to_owned()
                     .with_context(|| format!("dup the fd of map {name}"))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        out.extend(self.sockets.fds()?);
+        out.extend(self.locks.fds()?);
+        Ok(out)
     }
 
     /// The maps of an object loaded by another process, from the fds it sent (in
     /// [`TrackMaps::fds`] order). Each is checked to be the map it claims to be.
-    pub fn from_fds(fds: Vec<OwnedFd>) -> Result<TrackMaps> {
-        if fds.len() != FD_ORDER.len() {
+    pub fn from_fds(mut fds: Vec<OwnedFd>) -> Result<TrackMaps> {
+        if fds.len() != MAP_FDS {
             bail!(
-                "the tracker sent {} map fds, expected {}",
+                "the tracker sent {} map fds, expected {MAP_FDS}",
                 fds.len(),
-                FD_ORDER.len()
             );
         }
+        let lock_fds = fds.split_off(FD_ORDER.len() + SockMaps::FDS);
+        let sock_fds = fds.split_off(FD_ORDER.len());
         let mut maps = Vec::with_capacity(fds.len());
         for (fd, name) in fds.into_iter().zip(FD_ORDER) {
             let data =
@@ -188,6 +206,8 @@ impl TrackMaps {
             mem_writers,
             tids,
             dirty_ring,
+            sockets: SockMaps::from_fds(sock_fds)?,
+            locks: LockMaps::from_fds(lock_fds)?,
         })
     }
 

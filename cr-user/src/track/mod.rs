@@ -17,8 +17,10 @@ pub mod daemon;
 pub mod dirty;
 pub mod harvest;
 pub mod loader;
+pub mod locks;
 pub mod maps;
 pub mod ranges;
+pub mod sockets;
 pub mod tracefs;
 pub mod uffd;
 
