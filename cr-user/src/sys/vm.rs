@@ -207,46 +207,69 @@ fn check_total(ranges: &[(u64, usize)], local_len: usize, op: &str, pid: i32) ->
     Ok(())
 }
 
+/// One process_vm_* call for one segment (nothing for an empty one), its error naming the
+/// range: the single-range forms below differ only in direction.
+fn transfer_one(pid: i32, dir: Dir, seg: Seg) -> Result<usize> {
+    if seg.len == 0 {
+        return Ok(0);
+    }
+    raw_call(pid, dir, &[seg])
+        .with_context(|| format!("{} pid {pid}: {:#x}+{:#x}", dir.name(), seg.remote, seg.len))
+}
+
 /// One process_vm_readv of `local.len()` bytes at `remote_addr`. Returns the bytes read, which
 /// is short only when the range runs into an inaccessible page (EFAULT at the very start is an
 /// error).
 pub fn process_vm_readv(pid: i32, local: &mut [u8], remote_addr: u64) -> Result<usize> {
-    if local.is_empty() {
-        return Ok(0);
-    }
     let seg = Seg {
         remote: remote_addr,
         local: local.as_mut_ptr(),
         len: local.len(),
     };
-    raw_call(pid, Dir::Read, &[seg]).with_context(|| {
-        format!(
-            "process_vm_readv pid {pid}: {:#x}+{:#x}",
-            remote_addr,
-            local.len()
-        )
-    })
+    transfer_one(pid, Dir::Read, seg)
 }
 
 /// One process_vm_writev of `local` to `remote_addr`. Returns the bytes written (short only at
 /// an inaccessible page).
 pub fn process_vm_writev(pid: i32, local: &[u8], remote_addr: u64) -> Result<usize> {
-    if local.is_empty() {
-        return Ok(0);
-    }
     // The kernel only reads local memory for writev; the *mut is what iovec wants.
     let seg = Seg {
         remote: remote_addr,
         local: local.as_ptr().cast_mut(),
         len: local.len(),
     };
-    raw_call(pid, Dir::Write, &[seg]).with_context(|| {
-        format!(
-            "process_vm_writev pid {pid}: {:#x}+{:#x}",
-            remote_addr,
-            local.len()
-        )
-    })
+    transfer_one(pid, Dir::Write, seg)
+}
+
+/// Transfers one contiguous local buffer (`base`, `local_len` bytes) from or to many remote
+/// `(addr, len)` ranges, back to back: what both `*_ranges` forms do, in their direction.
+/// Ranges whose lengths do not add up to the buffer's are refused before any syscall, which is
+/// what keeps every segment inside the buffer.
+fn transfer_contiguous(
+    pid: i32,
+    dir: Dir,
+    ranges: &[(u64, usize)],
+    base: *mut u8,
+    local_len: usize,
+) -> Result<()> {
+    check_total(ranges, local_len, dir.name(), pid)?;
+    let mut at = 0usize;
+    let segs: Vec<(usize, Seg)> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &(remote, len))| {
+            // SAFETY: at + len <= local_len (checked by check_total above), so the pointer
+            // stays inside the caller's buffer.
+            let s = Seg {
+                remote,
+                local: unsafe { base.add(at) },
+                len,
+            };
+            at += len;
+            (i, s)
+        })
+        .collect();
+    transfer(pid, dir, &segs, ranges)
 }
 
 /// Reads many remote `(addr, len)` ranges into one contiguous local buffer, back to back
@@ -254,48 +277,20 @@ pub fn process_vm_writev(pid: i32, local: &[u8], remote_addr: u64) -> Result<usi
 /// resumes after partial transfers; an inaccessible range fails with a [`RemoteFault`]
 /// naming it.
 pub fn process_vm_readv_ranges(pid: i32, ranges: &[(u64, usize)], local: &mut [u8]) -> Result<()> {
-    check_total(ranges, local.len(), "process_vm_readv", pid)?;
-    let base = local.as_mut_ptr();
-    let mut at = 0usize;
-    let segs: Vec<(usize, Seg)> = ranges
-        .iter()
-        .enumerate()
-        .map(|(i, &(remote, len))| {
-            // SAFETY: at + len <= local.len() (checked by check_total), so the pointer stays
-            // inside `local`.
-            let s = Seg {
-                remote,
-                local: unsafe { base.add(at) },
-                len,
-            };
-            at += len;
-            (i, s)
-        })
-        .collect();
-    transfer(pid, Dir::Read, &segs, ranges)
+    transfer_contiguous(pid, Dir::Read, ranges, local.as_mut_ptr(), local.len())
 }
 
 /// Writes one contiguous local buffer to many remote `(addr, len)` ranges, back to back.
 /// Same batching and fault reporting as [`process_vm_readv_ranges`].
 pub fn process_vm_writev_ranges(pid: i32, local: &[u8], ranges: &[(u64, usize)]) -> Result<()> {
-    check_total(ranges, local.len(), "process_vm_writev", pid)?;
-    let base = local.as_ptr().cast_mut();
-    let mut at = 0usize;
-    let segs: Vec<(usize, Seg)> = ranges
-        .iter()
-        .enumerate()
-        .map(|(i, &(remote, len))| {
-            // SAFETY: at + len <= local.len() (checked by check_total); writev only reads it.
-            let s = Seg {
-                remote,
-                local: unsafe { base.add(at) },
-                len,
-            };
-            at += len;
-            (i, s)
-        })
-        .collect();
-    transfer(pid, Dir::Write, &segs, ranges)
+    // writev only reads the local buffer; the *mut is what iovec wants.
+    transfer_contiguous(
+        pid,
+        Dir::Write,
+        ranges,
+        local.as_ptr().cast_mut(),
+        local.len(),
+    )
 }
 
 /// Writes separate local slices to their remote addresses: `(remote_addr, bytes)` pairs.
