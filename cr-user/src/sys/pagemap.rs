@@ -440,12 +440,78 @@ mod tests {
         s
     }
 
-    fn mmap(len: usize, prot: i32, flags: i32, fd: i32) -> u64 {
-        // SAFETY: a fresh mapping; no Rust references are made into it except raw writes and
-        // reads in these tests while it is mapped.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
-        assert_ne!(p, libc::MAP_FAILED);
-        p as u64
+    /// A read/write private mapping of `npages` pages for one test, unmapped when dropped.
+    struct TestMap {
+        base: u64,
+        npages: u64,
+    }
+
+    impl TestMap {
+        /// Anonymous memory with THP off, so that touching a page makes that page present and
+        /// not the whole 2 MiB run around it.
+        fn anon(npages: u64) -> TestMap {
+            let m = TestMap::new(npages, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+            // SAFETY: madvise on our own fresh mapping.
+            unsafe { libc::madvise(m.base as *mut libc::c_void, m.len(), libc::MADV_NOHUGEPAGE) };
+            m
+        }
+
+        /// `fd`'s first pages, MAP_PRIVATE: written pages become anonymous copies.
+        fn private_file(npages: u64, fd: i32) -> TestMap {
+            TestMap::new(npages, libc::MAP_PRIVATE, fd)
+        }
+
+        fn new(npages: u64, flags: i32, fd: i32) -> TestMap {
+            let len = (npages * page_size()) as usize;
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            // SAFETY: a fresh mapping; no Rust references are made into it except raw writes
+            // and reads in these tests while it is mapped.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+            assert_ne!(p, libc::MAP_FAILED);
+            TestMap {
+                base: p as u64,
+                npages,
+            }
+        }
+
+        fn len(&self) -> usize {
+            (self.npages * page_size()) as usize
+        }
+
+        fn end(&self) -> u64 {
+            self.base + self.npages * page_size()
+        }
+
+        /// The address of page `p`.
+        fn page(&self, p: u64) -> u64 {
+            assert!(p < self.npages);
+            self.base + p * page_size()
+        }
+
+        /// Writes a byte into each of `pages`, making it present (and, in a private file
+        /// mapping, an anonymous copy).
+        fn touch(&self, pages: impl IntoIterator<Item = u64>) {
+            for p in pages {
+                // SAFETY: the page is inside our read/write mapping.
+                unsafe { std::ptr::write_volatile((self.page(p) + 7) as *mut u8, 0x5a) };
+            }
+        }
+    }
+
+    impl Drop for TestMap {
+        fn drop(&mut self) {
+            // SAFETY: unmapping our own mapping; nothing refers into it any more.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len()) };
+        }
+    }
+
+    /// Pages that are present, reporting `return_mask`: the query most tests ask.
+    fn present_query(return_mask: u64) -> ScanQuery {
+        ScanQuery {
+            category_mask: PAGE_IS_PRESENT,
+            return_mask,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -502,30 +568,16 @@ mod tests {
     fn anon_present_pages_exact() {
         let ps = page_size();
         let npages = 64u64;
-        let len = (npages * ps) as usize;
-        let base = mmap(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-        );
-        // SAFETY: our own fresh mapping; keep THP from populating whole 2 MiB runs.
-        unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+        let m = TestMap::anon(npages);
+        let (base, end) = (m.base, m.end());
         let touched: BTreeSet<u64> = [0, 3, 4, 5, 9, 31, 32, 63].into_iter().collect();
-        for p in &touched {
-            // SAFETY: the page is inside our read/write mapping.
-            unsafe { std::ptr::write_volatile((base + p * ps + 7) as *mut u8, 0x5a) };
-        }
+        m.touch(touched.iter().copied());
         let me = std::process::id() as i32;
 
         let mut s = PagemapScanner::open(me).unwrap();
         assert!(s.is_supported().unwrap());
-        let q = ScanQuery {
-            category_mask: PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
-            ..Default::default()
-        };
-        let regions = s.scan(base, base + npages * ps, &q).unwrap();
+        let q = present_query(PAGE_IS_PRESENT | PAGE_IS_FILE);
+        let regions = s.scan(base, end, &q).unwrap();
         assert_eq!(
             pages_of(&regions, base, PAGE_IS_PRESENT),
             touched,
@@ -539,7 +591,7 @@ mod tests {
         assert_eq!(regions.len(), 5, "{regions:x?}");
 
         let mut tiny = PagemapScanner::with_capacity(me, 1).unwrap();
-        assert_eq!(tiny.scan(base, base + npages * ps, &q).unwrap(), regions);
+        assert_eq!(tiny.scan(base, end, &q).unwrap(), regions);
 
         // Inverted: the untouched pages.
         let qi = ScanQuery {
@@ -548,11 +600,11 @@ mod tests {
             return_mask: PAGE_IS_PRESENT,
             ..Default::default()
         };
-        let holes = s.scan(base, base + npages * ps, &qi).unwrap();
+        let holes = s.scan(base, end, &qi).unwrap();
         let untouched: BTreeSet<u64> = (0..npages).filter(|p| !touched.contains(p)).collect();
         assert_eq!(pages_of(&holes, base, 0), untouched);
 
-        let fb = s.scan_fallback(base, base + npages * ps, &q).unwrap();
+        let fb = s.scan_fallback(base, end, &q).unwrap();
         assert_eq!(fb, regions);
         let entries = s.read_entries(base, npages as usize).unwrap();
         for (i, e) in entries.iter().enumerate() {
@@ -572,45 +624,25 @@ mod tests {
             )
             .is_err());
         assert!(s.scan(base + 1, base + ps, &q).is_err());
-
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 
     /// More regions than the kernel's internal 512-entry buffer, in one ioctl: every region
     /// exactly once (the kernel's walk_end is stale in that case and must not be resumed from).
     #[test]
     fn many_regions_reported_once() {
-        let ps = page_size();
         let npages = 4096u64;
-        let len = (npages * ps) as usize;
-        let base = mmap(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-        );
-        // SAFETY: our own fresh mapping.
-        unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+        let m = TestMap::anon(npages);
+        let base = m.base;
         let touched: BTreeSet<u64> = (0..npages).step_by(2).collect();
-        for p in &touched {
-            // SAFETY: inside our read/write mapping.
-            unsafe { std::ptr::write_volatile((base + p * ps) as *mut u8, 1) };
-        }
-        let q = ScanQuery {
-            category_mask: PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_PRESENT,
-            ..Default::default()
-        };
+        m.touch(touched.iter().copied());
+        let q = present_query(PAGE_IS_PRESENT);
         for cap in [4096usize, 1000, 512, 7] {
             let mut s = PagemapScanner::with_capacity(std::process::id() as i32, cap).unwrap();
-            let r = s.scan(base, base + npages * ps, &q).unwrap();
+            let r = s.scan(base, m.end(), &q).unwrap();
             assert_eq!(r.len(), touched.len(), "capacity {cap}");
             assert!(r.windows(2).all(|w| w[0].end <= w[1].start), "capacity {cap}: regions overlap or go back");
             assert_eq!(pages_of(&r, base, PAGE_IS_PRESENT), touched, "capacity {cap}");
         }
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 
     /// MAP_PRIVATE file mapping: written pages become anonymous copies (not FILE), pages only
@@ -625,31 +657,19 @@ mod tests {
         f.sync_all().unwrap();
         let f = std::fs::File::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        let len = (npages * ps) as usize;
-        let base = mmap(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-        );
+        let m = TestMap::private_file(npages, f.as_raw_fd());
+        let base = m.base;
         let read_only = [0u64, 2, 6];
         let written = [1u64, 3, 4];
         for p in read_only {
             // SAFETY: inside our mapping.
-            let v = unsafe { std::ptr::read_volatile((base + p * ps) as *const u8) };
+            let v = unsafe { std::ptr::read_volatile(m.page(p) as *const u8) };
             assert_eq!(v, 0x11);
         }
-        for p in written {
-            // SAFETY: inside our read/write private mapping.
-            unsafe { std::ptr::write_volatile((base + p * ps + 1) as *mut u8, 0x22) };
-        }
+        m.touch(written);
         let mut s = PagemapScanner::open(std::process::id() as i32).unwrap();
-        let q = ScanQuery {
-            category_mask: PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
-            ..Default::default()
-        };
-        let regions = s.scan(base, base + npages * ps, &q).unwrap();
+        let q = present_query(PAGE_IS_PRESENT | PAGE_IS_FILE);
+        let regions = s.scan(base, m.end(), &q).unwrap();
         let file = pages_of(&regions, base, PAGE_IS_PRESENT | PAGE_IS_FILE);
         let present = pages_of(&regions, base, PAGE_IS_PRESENT);
         for p in read_only {
@@ -665,36 +685,25 @@ mod tests {
             );
         }
         // The fallback agrees on those pages (fault-around may have mapped others as FILE too).
-        let fb = s.scan_fallback(base, base + npages * ps, &q).unwrap();
+        let fb = s.scan_fallback(base, m.end(), &q).unwrap();
         assert_eq!(pages_of(&fb, base, PAGE_IS_PRESENT | PAGE_IS_FILE), file);
         assert_eq!(pages_of(&fb, base, PAGE_IS_PRESENT), present);
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 
     /// Scanning another process works the same way (here: a forked copy whose pages we know).
     #[test]
     fn scan_other_process() {
-        let ps = page_size();
-        let len = (16 * ps) as usize;
-        let base = mmap(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-        );
-        // SAFETY: our own mapping.
-        unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+        let m = TestMap::anon(16);
         let (rfd, wfd) = nix::unistd::pipe().unwrap();
         // SAFETY: the child makes raw syscalls only (writes to its mapping, write, close_range,
         // pause); closing every fd keeps other tests' pipes from staying open through it.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            // SAFETY: child: touch pages 2 and 7 of the mapping, say ready, wait to be killed.
+            // Child: touch pages 2 and 7 of the mapping, say ready, wait to be killed.
+            m.touch([2, 7]);
+            // SAFETY: raw syscalls only; the child never returns into Rust code.
             unsafe {
-                std::ptr::write_volatile((base + 2 * ps) as *mut u8, 1);
-                std::ptr::write_volatile((base + 7 * ps) as *mut u8, 1);
                 libc::write(wfd.as_raw_fd(), b"r".as_ptr().cast(), 1);
                 libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
                 loop {
@@ -706,20 +715,14 @@ mod tests {
         let mut b = [0u8; 1];
         nix::unistd::read(&rfd, &mut b).unwrap();
         let mut s = PagemapScanner::open(pid).unwrap();
-        let q = ScanQuery {
-            category_mask: PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_PRESENT,
-            ..Default::default()
-        };
-        let r = s.scan(base, base + 16 * ps, &q);
-        // SAFETY: killing and reaping our child; unmapping our mapping.
+        let r = s.scan(m.base, m.end(), &present_query(PAGE_IS_PRESENT));
+        // SAFETY: killing and reaping our child.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
             libc::waitpid(pid, std::ptr::null_mut(), 0);
-            libc::munmap(base as *mut libc::c_void, len);
         }
         assert_eq!(
-            pages_of(&r.unwrap(), base, PAGE_IS_PRESENT),
+            pages_of(&r.unwrap(), m.base, PAGE_IS_PRESENT),
             [2u64, 7].into_iter().collect()
         );
     }

@@ -93,28 +93,23 @@ fn raw_call(pid: i32, dir: Dir, segs: &[Seg]) -> std::io::Result<usize> {
             iov_len: s.len,
         })
         .collect();
+    // The two calls take the same arguments; only the direction differs.
+    let call = match dir {
+        Dir::Read => libc::process_vm_readv,
+        Dir::Write => libc::process_vm_writev,
+    };
     // SAFETY: the iovec arrays live across the call and hold at most IOV_MAX entries (callers
     // chunk); local iovecs point at memory the caller guarantees valid (see above); remote
     // iovecs are only addresses in the other process, which the kernel checks.
     let r = unsafe {
-        match dir {
-            Dir::Read => libc::process_vm_readv(
-                pid,
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote.as_ptr(),
-                remote.len() as libc::c_ulong,
-                0,
-            ),
-            Dir::Write => libc::process_vm_writev(
-                pid,
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote.as_ptr(),
-                remote.len() as libc::c_ulong,
-                0,
-            ),
-        }
+        call(
+            pid,
+            local.as_ptr(),
+            local.len() as libc::c_ulong,
+            remote.as_ptr(),
+            remote.len() as libc::c_ulong,
+            0,
+        )
     };
     if r < 0 {
         Err(std::io::Error::last_os_error())
