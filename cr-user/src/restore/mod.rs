@@ -213,7 +213,7 @@ fn build(t: &mut Tracee, img: &ProcImage, ctx: &BuildCtx, tree_files: &mut files
         threads::restore_thread(&mut tr, scratch, pid, core, st).with_context(|| format!("restoring thread {tid}"))?;
         tr.done_without_restoring_regs();
     }
-    task::restore_task(&mut r, scratch, pid, main_core, &img.entry)?;
+    task::restore_task(&mut r, scratch, pid, main_core)?;
     r.release_scratch()?;
     r.done_without_restoring_regs();
     task::restore_cpu(t, main_core)?;

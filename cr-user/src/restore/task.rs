@@ -1,17 +1,20 @@
 //! Restoring per-task state through remote syscalls, and finally the registers.
 //!
 //! [`restore_task`] runs everything in the one order that works:
-//! 1. state that needs no privilege and nothing else: cwd, umask, signal dispositions,
-//!    sigaltstack, personality, comm, rseq, subreaper, timer slack (sessions and groups are
-//!    set by restore::tree while the tree is created);
+//! 1. state that needs no privilege and nothing else: of the process, cwd, umask, signal
+//!    dispositions and subreaper ([`restore_process_state`]); of the thread, sigaltstack,
+//!    personality, clear_child_tid, comm, rseq and timer slack ([`restore_thread_state`]).
+//!    Sessions and groups are set by restore::tree while the tree is created: they depend on
+//!    the order the processes are made in;
 //! 2. pending signals, queued by the task to itself (only the task itself may queue a siginfo
 //!    that claims to come from the kernel or from kill()), while every signal is blocked;
 //! 3. resource limits, after the signals (a lowered RLIMIT_SIGPENDING would refuse them);
-//! 4. credentials (after them the task may no longer be privileged);
-//! 5. dumpable and the parent-death signal, which every credential change resets, and
-//!    no_new_privs.
+//! 4. credentials (after them the task may no longer be privileged), then dumpable and the
+//!    parent-death signal, which every credential change resets, and no_new_privs
+//!    ([`restore_creds_and_resets`]).
 //!
-//! [`restore_cpu`] comes last, once no further remote syscall is needed.
+//! The other threads of a process go through the per-thread steps of the same order
+//! (restore::threads). [`restore_cpu`] comes last, once no further remote syscall is needed.
 
 use anyhow::{bail, Context, Result};
 
@@ -21,37 +24,22 @@ use crate::ptrace::{Remote, Tracee};
 
 use super::memory::put_str;
 
-/// Restores everything about the task but its memory, files and registers (see the module docs
-/// for the order).
-pub fn restore_task(
-    r: &mut Remote,
-    scratch: u64,
-    pid: i32,
-    core: &pb::Core,
-    ps: &pb::PsTreeEntry,
-) -> Result<()> {
+/// Restores everything about the main thread's task but its memory, files and registers (see
+/// the module docs for the order).
+pub fn restore_task(r: &mut Remote, scratch: u64, pid: i32, core: &pb::Core) -> Result<()> {
     let st = core.task.as_ref().context("core image has no task state")?;
     check_xsave(&core.xsave, &r.t.xstate()?)?;
     request_xcomp_perm(r, pid, st.xcomp_perm, &core.xsave)?;
-    restore_state(r, scratch, pid, core, ps)?;
+    restore_process_state(r, scratch, st)?;
+    restore_thread_state(r, scratch, core, st)?;
     queue_pending(r, scratch, pid, pid, core)?;
     restore_rlimits(r, scratch, st)?;
-    if let Some(c) = &st.creds {
-        restore_creds(r, scratch, pid, c)?;
-    }
-    restore_after_creds(r, scratch, pid, st)
+    restore_creds_and_resets(r, scratch, pid, st)
 }
 
-/// Everything but signals, credentials and registers: cwd, umask, dispositions, altstack,
-/// personality, clear_child_tid, comm, rseq, subreaper, timer slack.
-pub fn restore_state(
-    r: &mut Remote,
-    scratch: u64,
-    pid: i32,
-    core: &pb::Core,
-    ps: &pb::PsTreeEntry,
-) -> Result<()> {
-    let st = core.task.as_ref().context("core image has no task state")?;
+/// What the process shares between its threads, and that needs no privilege: cwd, umask,
+/// signal dispositions, subreaper. Set once, by the main thread.
+fn restore_process_state(r: &mut Remote, scratch: u64, st: &pb::TaskState) -> Result<()> {
     let p = put_str(r, scratch, 0, &st.cwd)?;
     r.syscall("chdir", libc::SYS_chdir, &[p])
         .with_context(|| format!("change directory to {}", st.cwd))?;
@@ -74,6 +62,27 @@ pub fn restore_state(
         )
         .with_context(|| format!("restore the action of signal {}", sa.signo))?;
     }
+    if st.child_subreaper {
+        r.syscall(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_CHILD_SUBREAPER as u64, 1],
+        )?;
+    }
+    Ok(())
+}
+
+/// What every thread has of its own and that needs no privilege, for the thread `r` drives:
+/// alternate signal stack, personality, clear_child_tid, name, rseq, timer slack. The same
+/// steps for the main thread and for the others (restore::threads), from the thread's core and
+/// the process's task state (which holds personality and timer slack as the main thread had
+/// them; the image keeps no per-thread copy).
+pub fn restore_thread_state(
+    r: &mut Remote,
+    scratch: u64,
+    core: &pb::Core,
+    st: &pb::TaskState,
+) -> Result<()> {
     if let Some(ss) = &core.sigaltstack {
         restore_altstack(r, scratch, ss)?;
     }
@@ -84,13 +93,6 @@ pub fn restore_state(
     )
     .with_context(|| format!("set personality {:#x}", st.personality))?;
     restore_thread_identity(r, scratch, core)?;
-    if st.child_subreaper {
-        r.syscall(
-            "prctl(PR_SET_CHILD_SUBREAPER)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_CHILD_SUBREAPER as u64, 1],
-        )?;
-    }
     // 0 would mean "back to the default", which is what a task with slack 0 (real-time
     // scheduling) does not have: leave those alone.
     if st.timer_slack_ns != 0 {
@@ -100,9 +102,38 @@ pub fn restore_state(
             &[libc::PR_SET_TIMERSLACK as u64, st.timer_slack_ns],
         )?;
     }
-    // Sessions and process groups are set by restore::tree while the tree is created: they
-    // depend on the order the processes are made in.
-    let _ = (pid, ps);
+    Ok(())
+}
+
+/// sigaltstack() of the thread `r` drives, as dumped (nothing when it had none).
+fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> Result<()> {
+    if ss.flags & libc::SS_DISABLE != 0 {
+        return Ok(());
+    }
+    // SS_ONSTACK is a state, not a flag one can set: the thread is on the stack again as soon
+    // as its rsp is back.
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
+    b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
+    b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
+    r.write_mem(scratch, &b)?;
+    r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
+        .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x} of thread {}", ss.sp, ss.size, r.t.tid))?;
+    Ok(())
+}
+
+/// The per-thread identity the kernel keeps: clear_child_tid, name, rseq registration (of the
+/// thread `r` drives).
+fn restore_thread_identity(r: &mut Remote, scratch: u64, core: &pb::Core) -> Result<()> {
+    if core.clear_child_tid != 0 {
+        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
+    }
+    let p = put_str(r, scratch, 0, &core.comm)?;
+    r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
+    if let Some(rs) = &core.rseq {
+        r.syscall("rseq", libc::SYS_rseq, &[rs.addr, rs.len as u64, 0, rs.signature as u64])
+            .with_context(|| format!("register rseq at {:#x} for thread {}", rs.addr, r.t.tid))?;
+    }
     Ok(())
 }
 
@@ -253,7 +284,7 @@ fn creds_mismatch(now: &crate::proc::status::Status, c: &pb::Creds) -> Vec<Strin
 /// 5. the image's securebits, then its exact effective/permitted/inheritable sets.
 ///
 /// The result is checked against /proc/PID/status: a difference is an error.
-pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> Result<()> {
+fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> Result<()> {
     let now = crate::proc::status::read_status(pid)?;
     let cur_secbits = r.syscall(
         "prctl(PR_GET_SECUREBITS)",
@@ -361,15 +392,25 @@ pub fn restore_creds(r: &mut Remote, scratch: u64, pid: i32, c: &pb::Creds) -> R
     Ok(())
 }
 
-/// What every credential change resets (commit_creds clears the parent-death signal and sets
-/// dumpable to the suid_dumpable sysctl), so it comes after [`restore_creds`]; and
-/// no_new_privs, which cannot be cleared once set.
-pub fn restore_after_creds(
+/// The last remote steps of every thread, main or not: its credentials (each thread has its
+/// own, and [`restore_creds`] checks them in /proc/TID/status), then what every credential
+/// change resets (commit_creds clears the parent-death signal and sets dumpable to the
+/// suid_dumpable sysctl), and no_new_privs, which cannot be cleared once set. After this the
+/// thread may no longer be privileged enough for anything else cr would ask of it.
+pub fn restore_creds_and_resets(
     r: &mut Remote,
     scratch: u64,
-    pid: i32,
+    tid: i32,
     st: &pb::TaskState,
 ) -> Result<()> {
+    if let Some(c) = &st.creds {
+        restore_creds(r, scratch, tid, c).with_context(|| format!("credentials of task {tid}"))?;
+    }
+    restore_after_creds(r, tid, st)
+}
+
+/// See [`restore_creds_and_resets`].
+fn restore_after_creds(r: &mut Remote, pid: i32, st: &pb::TaskState) -> Result<()> {
     // PR_GET_DUMPABLE may say 2 (SUID_DUMP_ROOT), which prctl cannot set; the image keeps a bool.
     r.syscall(
         "prctl(PR_SET_DUMPABLE)",
@@ -397,7 +438,6 @@ pub fn restore_after_creds(
             &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
         )?;
     }
-    let _ = scratch;
     Ok(())
 }
 
@@ -588,34 +628,3 @@ mod tests {
     }
 }
 
-/// sigaltstack() of the thread `r` drives, as dumped (nothing when it had none).
-pub fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> Result<()> {
-    if ss.flags & libc::SS_DISABLE != 0 {
-        return Ok(());
-    }
-    // SS_ONSTACK is a state, not a flag one can set: the thread is on the stack again as soon
-    // as its rsp is back.
-    let mut b = [0u8; 24];
-    b[0..8].copy_from_slice(&ss.sp.to_ne_bytes());
-    b[8..12].copy_from_slice(&(ss.flags & !libc::SS_ONSTACK).to_ne_bytes());
-    b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
-    r.write_mem(scratch, &b)?;
-    r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
-        .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x} of thread {}", ss.sp, ss.size, r.t.tid))?;
-    Ok(())
-}
-
-/// The per-thread identity the kernel keeps: clear_child_tid, name, rseq registration (of the
-/// thread `r` drives).
-pub fn restore_thread_identity(r: &mut Remote, scratch: u64, core: &pb::Core) -> Result<()> {
-    if core.clear_child_tid != 0 {
-        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
-    }
-    let p = put_str(r, scratch, 0, &core.comm)?;
-    r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
-    if let Some(rs) = &core.rseq {
-        r.syscall("rseq", libc::SYS_rseq, &[rs.addr, rs.len as u64, 0, rs.signature as u64])
-            .with_context(|| format!("register rseq at {:#x} for thread {}", rs.addr, r.t.tid))?;
-    }
-    Ok(())
-}

@@ -56,8 +56,9 @@ pub fn create(r: &mut Remote, scratch: u64, pid: i32, cores: &[pb::Core]) -> Res
 }
 
 /// Restores the per-thread state of thread `r.t` from its core and the process's task state
-/// (see the module docs), through remote syscalls in the thread. `scratch` is memory of the
-/// process (shared with the main thread).
+/// (see the module docs), through remote syscalls in the thread: the per-thread steps of
+/// [`task::restore_task`], in the same order. `scratch` is memory of the process (shared with
+/// the main thread).
 pub fn restore_thread(
     r: &mut Remote,
     scratch: u64,
@@ -66,26 +67,7 @@ pub fn restore_thread(
     st: &pb::TaskState,
 ) -> Result<()> {
     let tid = r.t.tid;
-    if let Some(ss) = &core.sigaltstack {
-        super::task::restore_altstack(r, scratch, ss)?;
-    }
-    r.syscall(
-        "personality",
-        libc::SYS_personality,
-        &[st.personality as u64],
-    )?;
-    super::task::restore_thread_identity(r, scratch, core)?;
-    if st.timer_slack_ns != 0 {
-        r.syscall(
-            "prctl(PR_SET_TIMERSLACK)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_TIMERSLACK as u64, st.timer_slack_ns],
-        )?;
-    }
+    task::restore_thread_state(r, scratch, core, st)?;
     task::queue_pending(r, scratch, pid, tid, core)?;
-    if let Some(c) = &st.creds {
-        task::restore_creds(r, scratch, tid, c)
-            .with_context(|| format!("credentials of thread {tid}"))?;
-    }
-    task::restore_after_creds(r, scratch, tid, st)
+    task::restore_creds_and_resets(r, scratch, tid, st)
 }
