@@ -643,18 +643,6 @@ fn refill(fd: &OwnedFd, data: &[u8], capacity: u32, what: &str) -> Result<()> {
         .with_context(|| format!("put the {} saved bytes back into {what}", data.len()))
 }
 
-/// Rebuilds the fd table of `pid` (a process on its own).
-pub fn restore_fds(
-    r: &mut Remote,
-    scratch: u64,
-    pid: i32,
-    dir: &ImageDir,
-    fds: &pb::Fds,
-    files: &pb::Files,
-) -> Result<Keepalive> {
-    restore_fds_in_tree(r, scratch, pid, dir, fds, files, &mut TreeFiles::default())
-}
-
 /// Rebuilds the fd table of `pid`, one process of a tree: what `tree` says is shared is taken
 /// from the process that made it, or made here and kept by cr for the others.
 pub fn restore_fds_in_tree(

@@ -202,18 +202,29 @@ pub fn map_vmas_linked(r: &mut Remote, scratch: u64, vmas: &[pb::Vma], links: &H
         if got != v.start {
             bail!("mapping {what} landed at {got:#x}, not {:#x}", v.start);
         }
-        if !v.name.is_empty() && !file_backed && v.kind != vma::KIND_HEAP && v.kind != vma::KIND_STACK {
-            let name = put_str(r, scratch, 0, &v.name)?;
-            r.syscall(
-                "prctl(PR_SET_VMA_ANON_NAME)",
-                libc::SYS_prctl,
-                &[libc::PR_SET_VMA as u64, libc::PR_SET_VMA_ANON_NAME as u64, v.start, len, name],
-            )?;
-        }
-        madvise(r, v)?;
-        if v.locked {
-            r.syscall("mlock", libc::SYS_mlock, &[v.start, len])?;
-        }
+        // [heap] and [stack] are names the kernel gives, not anonymous names one can set.
+        let anon_named = !file_backed && v.kind != vma::KIND_HEAP && v.kind != vma::KIND_STACK;
+        finish_vma(r, scratch, v, anon_named)?;
+    }
+    Ok(())
+}
+
+/// What a VMA gets once it is mapped, however it was mapped: its anonymous name (`[anon:NAME]`,
+/// when the caller says it carries one: not for files, heap or stack), its madvise flags, its
+/// mlock. One place, so that a VMA mapped from a linked shared object ends up like any other.
+fn finish_vma(r: &mut Remote, scratch: u64, v: &pb::Vma, anon_named: bool) -> Result<()> {
+    let len = v.end - v.start;
+    if anon_named && !v.name.is_empty() {
+        let name = put_str(r, scratch, 0, &v.name)?;
+        r.syscall(
+            "prctl(PR_SET_VMA_ANON_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_VMA as u64, libc::PR_SET_VMA_ANON_NAME as u64, v.start, len, name],
+        )?;
+    }
+    madvise(r, v)?;
+    if v.locked {
+        r.syscall("mlock", libc::SYS_mlock, &[v.start, len])?;
     }
     Ok(())
 }
@@ -234,18 +245,7 @@ fn map_linked(r: &mut Remote, scratch: u64, v: &pb::Vma, l: &ShmemLink) -> Resul
     if got != v.start {
         bail!("shared memory of {path} landed at {got:#x}, not {:#x}", v.start);
     }
-    if !v.name.is_empty() {
-        let name = put_str(r, scratch, 0, &v.name)?;
-        r.syscall(
-            "prctl(PR_SET_VMA_ANON_NAME)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_VMA as u64, libc::PR_SET_VMA_ANON_NAME as u64, v.start, len, name],
-        )?;
-    }
-    madvise(r, v)?;
-    if v.locked {
-        r.syscall("mlock", libc::SYS_mlock, &[v.start, len])?;
-    }
+    finish_vma(r, scratch, v, true)?;
     log::debug!("{:#x}-{:#x} shares {path} (offset {:#x})", v.start, v.end, l.offset);
     Ok(())
 }

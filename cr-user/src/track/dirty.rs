@@ -46,6 +46,18 @@ pub struct DirtyPage {
     pub epoch: u64,
 }
 
+impl DirtyPage {
+    /// One entry of CR_DIRTY as the callers see it: every way of reading the map (walk, take,
+    /// batch take) returns the same thing.
+    fn of_entry(k: &PageKey, v: &PageInfo) -> DirtyPage {
+        DirtyPage {
+            page: k.page,
+            writes: v.writes,
+            epoch: v.epoch,
+        }
+    }
+}
+
 /// The maps of a [`Tracker`]: targets, dirty pages, counters.
 pub type TrackerMaps<'a> = (
     &'a HashMap<MapData, u32, TargetInfo>,
@@ -158,11 +170,7 @@ impl Tracker {
                 Err(e) => return Err(e).context("read the dirty-page map"),
             };
             if k.tgid == tgid {
-                out.push(DirtyPage {
-                    page: k.page,
-                    writes: v.writes,
-                    epoch: v.epoch,
-                });
+                out.push(DirtyPage::of_entry(&k, &v));
             }
         }
         out.sort_unstable_by_key(|p| p.page);
@@ -184,11 +192,7 @@ impl Tracker {
         for k in keys {
             if let Some(v) = lookup_and_delete::<PageKey, PageInfo>(fd.as_raw_fd(), &k, "CR_DIRTY")?
             {
-                out.push(DirtyPage {
-                    page: k.page,
-                    writes: v.writes,
-                    epoch: v.epoch,
-                });
+                out.push(DirtyPage::of_entry(&k, &v));
             }
         }
         out.sort_unstable_by_key(|p| p.page);
@@ -209,14 +213,7 @@ impl Tracker {
         loop {
             let (n, next, done) = lookup_and_delete_batch(fd, token, &mut keys, &mut values)?;
             for (k, v) in keys[..n].iter().zip(&values[..n]) {
-                out.push((
-                    k.tgid,
-                    DirtyPage {
-                        page: k.page,
-                        writes: v.writes,
-                        epoch: v.epoch,
-                    },
-                ));
+                out.push((k.tgid, DirtyPage::of_entry(k, v)));
             }
             if done {
                 return Ok(out);
