@@ -53,6 +53,17 @@ pub struct Filter {
 pub struct Record {
     pub pin_dir: String,
     pub filters: Vec<Filter>,
+    /// When the first connection became locked (CLOCK_REALTIME, ns since the epoch; 0 in a
+    /// record without it): [`release`] logs how long the connections stayed locked, the
+    /// downtime the lock itself cost (cr-bench's tcp section reads that line).
+    #[serde(default)]
+    pub locked_at_ns: u64,
+}
+
+/// Wall-clock time in ns since the epoch: dump and restore are different processes, possibly
+/// on different machines, so a monotonic clock would not do.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// A lock being built by a dump.
@@ -174,7 +185,7 @@ impl NetLock {
         prog.pin(pin_dir.join("prog")).with_context(|| format!("pin the lock program in {}", pin_dir.display()))?;
         let prog = SchedClassifier::from_pin(pin_dir.join("prog")).context("reopen the pinned lock program")?;
         let lock = NetLock {
-            rec: Record { pin_dir: pin_dir.display().to_string(), filters: Vec::new() },
+            rec: Record { pin_dir: pin_dir.display().to_string(), filters: Vec::new(), locked_at_ns: 0 },
             map,
             prog,
             _obj: obj,
@@ -220,6 +231,11 @@ impl NetLock {
         }
         for ifname in interfaces(s.family, &s.src_addr) {
             self.attach(&ifname)?;
+        }
+        // Map entry and filters in place: from here the first connection drops its packets.
+        if self.rec.locked_at_ns == 0 {
+            self.rec.locked_at_ns = now_ns();
+            self.save()?;
         }
         Ok(())
     }
@@ -270,6 +286,8 @@ pub fn release(rec: &Record, images_dir: Option<&Path>) {
             log::warn!("removing the network lock's filter on {} ({}): {e:#}", f.ifname, if f.ingress { "ingress" } else { "egress" });
         }
     }
+    // Every filter gone: the connections pass packets again.
+    let unlocked_at = now_ns();
     let dir = Path::new(&rec.pin_dir);
     for n in ["map", "prog"] {
         let _ = std::fs::remove_file(dir.join(n));
@@ -283,7 +301,12 @@ pub fn release(rec: &Record, images_dir: Option<&Path>) {
     if let Some(d) = images_dir {
         let _ = std::fs::remove_file(d.join(RECORD));
     }
-    log::info!("network lock {} removed", rec.pin_dir);
+    if rec.locked_at_ns > 0 && unlocked_at >= rec.locked_at_ns {
+        let ms = (unlocked_at - rec.locked_at_ns) as f64 / 1e6;
+        log::info!("network lock {} removed: the connections were locked for {ms:.3} ms", rec.pin_dir);
+    } else {
+        log::info!("network lock {} removed", rec.pin_dir);
+    }
 }
 
 #[cfg(test)]
@@ -300,5 +323,13 @@ mod tests {
         assert_eq!(b.dport, a.sport);
         assert_eq!(a.family, 4);
         assert_eq!(std::mem::size_of::<FlowKey>(), 40);
+    }
+
+    #[test]
+    fn record_without_lock_time_parses() {
+        let t = r#"{"pin_dir": "/sys/fs/bpf/cr/netlock-1-2", "filters": [{"ifname": "lo", "ingress": true, "priority": 1, "handle": 2}]}"#;
+        let r: Record = serde_json::from_str(t).unwrap();
+        assert_eq!(r.locked_at_ns, 0);
+        assert_eq!(r.filters[0].ifname, "lo");
     }
 }

@@ -10,7 +10,12 @@
 //! the first pre-dump (which arms tracking), and of `dump -R --track-mem --prev-images-dir`
 //! after it with each harvest (the exact PAGEMAP_SCAN forced with CR_HARVEST=scan, and the
 //! eBPF one); then the workload's write throughput untracked, tracked, and tracked with a
-//! pre-dump every 0.5 s. `--only full|incremental` runs one section.
+//! pre-dump every 0.5 s.
+//!
+//! Third section (issue 6), in cr-bench/tcp.rs: 100 established connections to a peer that is
+//! not dumped, echoing its messages across `dump --tcp-established` and `restore
+//! --tcp-established`: how long the connections were locked, the longest gap the peer saw,
+//! every stream checked message by message. `--only full|incremental|tcp` runs one section.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,16 +23,20 @@ use std::time::Instant;
 
 use cr_tests::{become_subreaper, cr_bin, wait_exit, TempDir, Workload};
 
+#[path = "cr-bench/tcp.rs"]
+mod tcp;
+
 struct Args {
     criu: Option<PathBuf>,
     size_mib: usize,
     rounds: usize,
     only: Option<String>,
     dirty: Vec<usize>,
+    tcp: tcp::TcpArgs,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { criu: None, size_mib: 1024, rounds: 3, only: None, dirty: vec![1, 10] };
+    let mut a = Args { criu: None, size_mib: 1024, rounds: 3, only: None, dirty: vec![1, 10], tcp: tcp::TcpArgs::default() };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -36,8 +45,13 @@ fn parse_args() -> Args {
             "--rounds" => a.rounds = it.next().and_then(|s| s.parse().ok()).expect("--rounds N"),
             "--only" => a.only = it.next(),
             "--dirty" => a.dirty = it.next().map(|s| s.split(',').filter_map(|p| p.parse().ok()).collect()).expect("--dirty P,P"),
+            "--tcp-conns" => a.tcp.conns = it.next().and_then(|s| s.parse().ok()).expect("--tcp-conns N"),
+            "--tcp-interval-us" => a.tcp.interval = it.next().and_then(|s| s.parse().ok()).map(std::time::Duration::from_micros).expect("--tcp-interval-us N"),
+            "--tcp-window" => a.tcp.window = it.next().and_then(|s| s.parse().ok()).filter(|&w| w > 0).expect("--tcp-window N (1 or more)"),
+            "--tcp-loopback" => a.tcp.loopback = true,
             "-h" | "--help" => {
-                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental] [--dirty 1,10]");
+                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental|tcp] [--dirty 1,10]");
+                println!("         [--tcp-conns N (100)] [--tcp-interval-us N (1000)] [--tcp-window N (1)] [--tcp-loopback]");
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other}"),
@@ -172,11 +186,15 @@ fn main() {
         Some(p) => tools.push(Tool { name: "criu", bin: p.clone() }),
         None => println!("cr-bench: no criu given (--criu PATH) or on PATH: cr only"),
     }
-    if a.only.as_deref() != Some("incremental") {
+    let run = |section: &str| a.only.as_deref().is_none_or(|o| o == section);
+    if run("full") {
         full_section(&a, &tools);
     }
-    if a.only.as_deref() != Some("full") {
+    if run("incremental") {
         incremental::section(&a);
+    }
+    if run("tcp") {
+        tcp::section(&a);
     }
 }
 

@@ -1,0 +1,711 @@
+//! The tcp section of cr-bench (issue 6): how long 100 established connections stay locked
+//! across `dump --tcp-established` and `restore --tcp-established`, and the downtime their peer
+//! actually sees.
+//!
+//! Setup: two network namespaces joined by a veth pair, created for the section and removed
+//! after it (loopback in this namespace when that fails or with `--tcp-loopback`). In one, a
+//! peer thread of cr-bench (never dumped); in the other, `wl_tcp_echo`, which holds N
+//! connections to the peer and echoes every byte back, and the tool dumping and restoring it.
+//!
+//! The peer sends, on every connection, a 16-byte message (sequence number, send time) every
+//! interval, keeping at most `window` (1 by default) unanswered on each; every echo must be the
+//! oldest message in flight, byte for byte, or the stream is broken. The peer's view of the
+//! downtime of a connection is the longest gap between two echoes on it, from a mark set just
+//! before the dump until every connection has echoed again after the restore. With one message
+//! in flight, nothing the peer sends can be lost to the lock (it waits for the echo), so the
+//! gap is the time the service was away; with a larger window the peer streams into the locked
+//! connection and the gap then includes its retransmission timer (200 ms and more).
+//!
+//! The time the connections were locked: cr logs it when restore removes its lock (from the
+//! lock's creation stamp in netlock.json, net/lock.rs). criu logs no such figure: its lock
+//! starts at its first `nft add element` (dump.log, -v4) and ends at `Unlock network`
+//! (restore.log), each stamped relative to the start of its own process; cr-bench adds them to
+//! the instants it started the two processes. The same estimate for cr is printed beside cr's
+//! own figure, as a check of the method.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use super::{cr_bin, median, Args, TempDir, Workload};
+
+/// Bytes of one message: sequence number and send time (ns since the peer started), LE.
+const MSG: usize = 16;
+/// Echoes every connection must deliver after a restore before its gap is read.
+const SETTLE_ECHOES: u64 = 3;
+/// How long the peer waits for something it expects (all echoes back, every connection echoing).
+const PEER_LIMIT: Duration = Duration::from_secs(15);
+
+/// Options of the section (from cr-bench's command line).
+#[derive(Clone)]
+pub struct TcpArgs {
+    pub conns: usize,
+    pub interval: Duration,
+    pub window: usize,
+    pub loopback: bool,
+}
+
+impl Default for TcpArgs {
+    fn default() -> TcpArgs {
+        TcpArgs { conns: 100, interval: Duration::from_millis(1), window: 1, loopback: false }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces
+
+/// Two network namespaces joined by a veth pair (10.214.0.1 in `a`, 10.214.0.2 in `b`),
+/// removed when dropped.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+impl NetPair {
+    fn new() -> Result<NetPair, String> {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("crbench-a{id}"), format!("crbench-b{id}"));
+        let (va, vb) = (format!("crbva{id}"), format!("crbvb{id}"));
+        ip(&["netns", "add", &a])?;
+        // From here the drop removes what was made.
+        let pair = NetPair { a: a.clone(), b: b.clone() };
+        ip(&["netns", "add", &b])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &a])?;
+        ip(&["link", "set", &vb, "netns", &b])?;
+        for (ns, dev, addr) in [(&a, &va, "10.214.0.1/24"), (&b, &vb, "10.214.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Moves the calling thread (and the threads and processes it starts afterwards) into the
+/// network namespace `name`.
+fn enter_netns(name: &str) -> Result<(), String> {
+    let f = std::fs::File::open(format!("/run/netns/{name}")).map_err(|e| format!("open netns {name}: {e}"))?;
+    // SAFETY: setns on a namespace fd we hold open; it changes this thread only.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {name}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Where the two sides live.
+struct Net {
+    pair: Option<NetPair>,
+}
+
+impl Net {
+    /// Namespace of the dumped side, if not this one.
+    fn target_ns(&self) -> Option<&str> {
+        self.pair.as_ref().map(|p| p.a.as_str())
+    }
+    fn peer_ns(&self) -> Option<&str> {
+        self.pair.as_ref().map(|p| p.b.as_str())
+    }
+    fn peer_bind(&self) -> &'static str {
+        if self.pair.is_some() {
+            "10.214.0.2:0"
+        } else {
+            "127.0.0.1:0"
+        }
+    }
+    fn describe(&self) -> &'static str {
+        if self.pair.is_some() {
+            "over a veth pair to a peer in another network namespace"
+        } else {
+            "over loopback to a peer thread of cr-bench"
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer
+
+/// The peer's side of one connection.
+struct Conn {
+    s: TcpStream,
+    next_seq: u64,
+    /// Messages sent and not yet echoed: (sequence number, send time).
+    inflight: VecDeque<(u64, u64)>,
+    rbuf: Vec<u8>,
+    last_echo: Option<Instant>,
+    /// Longest gap between two echoes since the last mark.
+    max_gap: Duration,
+    /// Echoes since the last settle request.
+    since_settle: u64,
+    err: Option<String>,
+}
+
+impl Conn {
+    fn send(&mut self, t0: Instant) {
+        let t = t0.elapsed().as_nanos() as u64;
+        let mut m = [0u8; MSG];
+        m[..8].copy_from_slice(&self.next_seq.to_le_bytes());
+        m[8..].copy_from_slice(&t.to_le_bytes());
+        // 16 bytes into a socket with at most `window` messages unanswered: a short write
+        // would mean a window of kilobytes; counted as a broken stream.
+        match self.s.write(&m) {
+            Ok(MSG) => {
+                self.inflight.push_back((self.next_seq, t));
+                self.next_seq += 1;
+            }
+            Ok(n) => self.err = Some(format!("short write of {n} bytes at message {}", self.next_seq)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => self.err = Some(format!("write of message {}: {e}", self.next_seq)),
+        }
+    }
+
+    /// Reads the echoes that arrived (at `now`) and checks each against the oldest message in
+    /// flight.
+    fn receive(&mut self, now: Instant, buf: &mut [u8]) {
+        loop {
+            match self.s.read(buf) {
+                Ok(0) => {
+                    self.err = Some(format!("end of stream after {} echoes", self.next_seq - self.inflight.len() as u64));
+                    return;
+                }
+                Ok(n) => self.rbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.err = Some(format!("read: {e}"));
+                    return;
+                }
+            }
+        }
+        let whole = self.rbuf.len() / MSG * MSG;
+        for m in self.rbuf[..whole].chunks_exact(MSG) {
+            let seq = u64::from_le_bytes(m[..8].try_into().unwrap_or_default());
+            let t = u64::from_le_bytes(m[8..].try_into().unwrap_or_default());
+            match self.inflight.pop_front() {
+                Some((s, st)) if s == seq && st == t => {}
+                Some((s, _)) => {
+                    self.err = Some(format!("echo of message {s} reads as message {seq} (time {t})"));
+                    return;
+                }
+                None => {
+                    self.err = Some(format!("echo of message {seq} that was never sent"));
+                    return;
+                }
+            }
+            if let Some(l) = self.last_echo {
+                self.max_gap = self.max_gap.max(now - l);
+            }
+            self.last_echo = Some(now);
+            self.since_settle += 1;
+        }
+        self.rbuf.drain(..whole);
+    }
+}
+
+/// What the bench asks of the peer thread.
+enum Cmd {
+    /// Longest gaps count from now.
+    Mark,
+    /// Reply with every connection's longest gap since the mark once each has echoed `n` more
+    /// times (or broke).
+    Settle(u64, Sender<Result<Vec<Duration>, String>>),
+    /// Stop sending; reply once every message in flight is echoed (Ok: messages echoed in all)
+    /// and end the thread, handing the sockets back.
+    Finish(Sender<Result<u64, String>>),
+}
+
+struct Peer {
+    addr: String,
+    cmd: Sender<Cmd>,
+    handle: std::thread::JoinHandle<Vec<Conn>>,
+}
+
+impl Peer {
+    /// Starts the peer thread (in namespace `ns`), listening; it accepts `a.conns` connections
+    /// and then talks on them.
+    fn start(net: &Net, a: &TcpArgs) -> Result<Peer, String> {
+        let (tx, rx) = channel();
+        let (atx, arx) = channel();
+        let ns = net.peer_ns().map(str::to_string);
+        let bind = net.peer_bind();
+        let a = a.clone();
+        let handle = std::thread::spawn(move || {
+            let l = ns
+                .as_deref()
+                .map_or(Ok(()), enter_netns)
+                .and_then(|_| TcpListener::bind(bind).map_err(|e| format!("peer: bind {bind}: {e}")))
+                .and_then(|l| l.local_addr().map(|ad| (l, ad.to_string())).map_err(|e| format!("peer: {e}")));
+            let l = match l {
+                Ok((l, addr)) => {
+                    let _ = atx.send(Ok(addr));
+                    l
+                }
+                Err(e) => {
+                    let _ = atx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            peer_main(l, &a, rx)
+        });
+        let addr = arx.recv().map_err(|_| "the peer thread died".to_string())??;
+        Ok(Peer { addr, cmd: tx, handle })
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Cmd) -> Result<T, String> {
+        let (tx, rx) = channel();
+        self.cmd.send(make(tx)).map_err(|_| "the peer thread is gone".to_string())?;
+        rx.recv_timeout(PEER_LIMIT + Duration::from_secs(5)).map_err(|_| "the peer does not answer".to_string())
+    }
+
+    fn mark(&self) {
+        let _ = self.cmd.send(Cmd::Mark);
+    }
+
+    fn settle(&self, n: u64) -> Result<Vec<Duration>, String> {
+        self.ask(|tx| Cmd::Settle(n, tx))?
+    }
+
+    /// Stops the traffic; Ok(messages echoed) when every stream came back whole.
+    fn finish(&self) -> Result<u64, String> {
+        self.ask(Cmd::Finish)?
+    }
+}
+
+/// The peer thread: accept, then a message on every idle connection each interval, echoes read
+/// and checked in between.
+fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(a.conns);
+    while conns.len() < a.conns {
+        match l.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                if s.set_nonblocking(true).is_err() {
+                    return conns;
+                }
+                conns.push(Conn { s, next_seq: 0, inflight: VecDeque::new(), rbuf: Vec::new(), last_echo: None, max_gap: Duration::ZERO, since_settle: 0, err: None });
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return conns,
+        }
+    }
+    let mut fds: Vec<libc::pollfd> = conns.iter().map(|c| libc::pollfd { fd: c.s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut next_tick = Instant::now();
+    let mut settle: Option<(u64, Sender<Result<Vec<Duration>, String>>, Instant)> = None;
+    let mut finish: Option<(Sender<Result<u64, String>>, Instant)> = None;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(Cmd::Mark) => conns.iter_mut().for_each(|c| c.max_gap = Duration::ZERO),
+                Ok(Cmd::Settle(n, tx)) => {
+                    conns.iter_mut().for_each(|c| c.since_settle = 0);
+                    settle = Some((n, tx, Instant::now() + PEER_LIMIT));
+                }
+                Ok(Cmd::Finish(tx)) => finish = Some((tx, Instant::now() + PEER_LIMIT)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return conns,
+            }
+        }
+        let now = Instant::now();
+        if finish.is_none() && now >= next_tick {
+            for c in conns.iter_mut().filter(|c| c.err.is_none() && c.inflight.len() < a.window) {
+                c.send(t0);
+            }
+            next_tick += a.interval;
+            if next_tick < now {
+                next_tick = now + a.interval;
+            }
+        }
+        let wait = if finish.is_some() { Duration::from_millis(10) } else { next_tick.saturating_duration_since(Instant::now()) };
+        let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
+        fds.iter_mut().for_each(|p| p.revents = 0);
+        // SAFETY: fds is a valid array of fds.len() pollfds; ts a valid timespec; no sigmask.
+        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+        let now = Instant::now();
+        if r > 0 {
+            for (p, c) in fds.iter_mut().zip(conns.iter_mut()) {
+                if p.revents != 0 && c.err.is_none() {
+                    c.receive(now, &mut buf);
+                }
+                if c.err.is_some() {
+                    // A broken connection is not polled again (it would report forever).
+                    p.fd = -1;
+                }
+            }
+        }
+        if let Some((n, _, deadline)) = &settle {
+            let done = conns.iter().all(|c| c.err.is_some() || c.since_settle >= *n);
+            if done || now > *deadline {
+                let res = match conns.iter().enumerate().find_map(|(i, c)| c.err.as_ref().map(|e| (i, e))) {
+                    Some((i, e)) => Err(format!("connection {i}: {e}")),
+                    None if !done => {
+                        let silent = conns.iter().filter(|c| c.since_settle < *n).count();
+                        Err(format!("{silent} connections did not echo {n} times within {PEER_LIMIT:?}"))
+                    }
+                    None => Ok(conns.iter().map(|c| c.max_gap).collect()),
+                };
+                if let Some((_, tx, _)) = settle.take() {
+                    let _ = tx.send(res);
+                }
+            }
+        }
+        if let Some((_, deadline)) = &finish {
+            let drained = conns.iter().all(|c| c.err.is_some() || c.inflight.is_empty());
+            if drained || now > *deadline {
+                let res = match conns.iter().enumerate().find_map(|(i, c)| c.err.as_ref().map(|e| (i, e))) {
+                    Some((i, e)) => Err(format!("connection {i}: {e}")),
+                    None if !drained => Err(format!("messages still unanswered after {PEER_LIMIT:?}")),
+                    None => Ok(conns.iter().map(|c| c.next_seq).sum()),
+                };
+                if let Some((tx, _)) = finish.take() {
+                    let _ = tx.send(res);
+                }
+                return conns;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tools
+
+/// A checkpoint tool and the flags it needs here.
+struct Tool {
+    name: &'static str,
+    bin: PathBuf,
+    dump_extra: Vec<&'static str>,
+    restore_extra: Vec<&'static str>,
+}
+
+/// (the log's clock at the first line containing `needle`, in s) for logs of the form
+/// `(SSS.UUUUUU) text` (cr's and criu's).
+fn log_time(log: &Path, needle: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.contains(needle))?;
+    let stamp = line.strip_prefix('(')?.split(')').next()?;
+    stamp.trim().parse().ok()
+}
+
+/// cr's own figure: "the connections were locked for X ms" in restore.log.
+fn cr_locked_ms(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let pat = "the connections were locked for ";
+    let line = text.lines().find(|l| l.contains(pat))?;
+    line.split(pat).nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// The last error line of a log, for a one-line reason.
+fn last_error(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("Error"))
+        .last()
+        .map(|l| l.split_once(") ").map_or(l, |x| x.1).trim().to_string())
+        .unwrap_or_else(|| format!("see {}", log.display()))
+}
+
+/// A lock a failed restore left: its pins removed (its filters go with the namespace).
+fn remove_lock_pins(img: &Path) {
+    let Ok(text) = std::fs::read_to_string(img.join("netlock.json")) else { return };
+    let Some(dir) = text.split("\"pin_dir\": \"").nth(1).and_then(|r| r.split('"').next()) else { return };
+    let dir = Path::new(dir);
+    if !dir.starts_with("/sys/fs/bpf/cr") {
+        return;
+    }
+    for n in ["map", "prog"] {
+        let _ = std::fs::remove_file(dir.join(n));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// One dump and restore as measured.
+#[derive(Default, Clone)]
+struct Round {
+    dump_ms: f64,
+    restore_ms: f64,
+    /// The tool's own figure (cr only).
+    locked_ms: Option<f64>,
+    /// From the two logs' clocks and the instants the processes started.
+    locked_logs_ms: Option<f64>,
+    gap_max_ms: f64,
+    gap_median_ms: f64,
+    /// Messages echoed over the whole round.
+    echoed: u64,
+    /// Why the round's streams are not intact.
+    fail: Option<String>,
+}
+
+/// Starts the workload and the peer, dumps and restores, reads the peer's gaps.
+/// Err: the tool failed (one line).
+fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
+    let d = TempDir::new(&format!("bench-tcp-{}", tool.name));
+    let peer = Peer::start(net, a)?;
+    let mut w = Workload::start("wl_tcp_echo", &[&peer.addr, &a.conns.to_string()], &d);
+    // Every connection accepted and echoing.
+    peer.settle(SETTLE_ECHOES)?;
+    let img = d.join("img");
+    std::fs::create_dir_all(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
+    let pid = w.pid.to_string();
+    peer.mark();
+    let t_dump = Instant::now();
+    let st = Command::new(&tool.bin)
+        .args(["dump", "-t", &pid, "-D"])
+        .arg(&img)
+        .args(["--tcp-established", "-o", "dump.log"])
+        .args(&tool.dump_extra)
+        .status()
+        .map_err(|e| format!("run {}: {e}", tool.bin.display()))?;
+    let dump_ms = t_dump.elapsed().as_secs_f64() * 1e3;
+    if !st.success() {
+        return Err(format!("dump failed: {}", last_error(&img.join("dump.log"))));
+    }
+    w.reap_killed();
+    let t_restore = Instant::now();
+    let st = Command::new(&tool.bin)
+        .args(["restore", "-D"])
+        .arg(&img)
+        .args(["-d", "--tcp-established", "-o", "restore.log"])
+        .args(&tool.restore_extra)
+        .status()
+        .map_err(|e| format!("run {}: {e}", tool.bin.display()))?;
+    let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
+    if !st.success() {
+        remove_lock_pins(&img);
+        return Err(format!("restore failed: {}", last_error(&img.join("restore.log"))));
+    }
+    let mut r = Round { dump_ms, restore_ms, ..Round::default() };
+    let (lock_mark, unlock_mark) = if tool.name == "cr" {
+        r.locked_ms = cr_locked_ms(&img.join("restore.log"));
+        ("network lock pinned", "network lock /")
+    } else {
+        ("Running nftables [add element", "Unlock network")
+    };
+    if let (Some(l), Some(u)) = (log_time(&img.join("dump.log"), lock_mark), log_time(&img.join("restore.log"), unlock_mark)) {
+        let start = (t_restore - t_dump).as_secs_f64();
+        r.locked_logs_ms = Some((start + u - l) * 1e3);
+    }
+    match peer.settle(SETTLE_ECHOES) {
+        Ok(gaps) => {
+            let ms: Vec<f64> = gaps.iter().map(|g| g.as_secs_f64() * 1e3).collect();
+            r.gap_max_ms = ms.iter().cloned().fold(0.0, f64::max);
+            r.gap_median_ms = median(ms);
+        }
+        Err(e) => r.fail = Some(e),
+    }
+    match peer.finish() {
+        Ok(n) => r.echoed = n,
+        Err(e) => r.fail = r.fail.or(Some(e)),
+    }
+    let (st, res) = w.verify();
+    if st != 0 || !res.starts_with("PASS") {
+        r.fail = r.fail.or(Some(format!("the workload: {}", res.trim())));
+    }
+    // The peer's sockets close only now, after the workload's FIN.
+    let _ = peer.handle.join();
+    Ok(r)
+}
+
+/// The peer's gaps with nobody touching the workload (the measurement's own floor).
+fn noise(net: &Net, a: &TcpArgs) -> Result<f64, String> {
+    let d = TempDir::new("bench-tcp-noise");
+    let peer = Peer::start(net, a)?;
+    let mut w = Workload::start("wl_tcp_echo", &[&peer.addr, &a.conns.to_string()], &d);
+    peer.settle(SETTLE_ECHOES)?;
+    peer.mark();
+    // A measurement window about as long as a dump and restore.
+    std::thread::sleep(Duration::from_millis(300));
+    let gaps = peer.settle(1)?;
+    peer.finish()?;
+    w.verify();
+    let _ = peer.handle.join();
+    Ok(gaps.iter().map(|g| g.as_secs_f64() * 1e3).fold(0.0, f64::max))
+}
+
+/// The medians of a tool's rounds and how many of them kept every stream whole.
+struct Summary {
+    r: Round,
+    rounds: usize,
+    intact: usize,
+    fail: Option<String>,
+}
+
+fn summarize(rounds: &[Round]) -> Summary {
+    let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let opt = |f: &dyn Fn(&Round) -> Option<f64>| {
+        let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    Summary {
+        r: Round {
+            dump_ms: med(&|r| r.dump_ms),
+            restore_ms: med(&|r| r.restore_ms),
+            locked_ms: opt(&|r| r.locked_ms),
+            locked_logs_ms: opt(&|r| r.locked_logs_ms),
+            gap_max_ms: med(&|r| r.gap_max_ms),
+            gap_median_ms: med(&|r| r.gap_median_ms),
+            echoed: rounds.iter().map(|r| r.echoed).sum(),
+            fail: None,
+        },
+        rounds: rounds.len(),
+        intact: rounds.iter().filter(|r| r.fail.is_none()).count(),
+        fail: rounds.iter().find_map(|r| r.fail.clone()),
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// Runs the section: every tool `a.rounds` times, then the table and the summary line.
+pub fn section(a: &Args) {
+    let t = &a.tcp;
+    let net = Net {
+        pair: if t.loopback {
+            None
+        } else {
+            match NetPair::new() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    println!("tcp: no network namespace pair ({e}): loopback instead");
+                    None
+                }
+            }
+        },
+    };
+    let mut tools = vec![Tool { name: "cr", bin: cr_bin(), dump_extra: vec![], restore_extra: vec![] }];
+    if let Some(c) = &a.criu {
+        tools.push(Tool {
+            name: "criu",
+            bin: c.clone(),
+            // -v4: the lock's first `nft add element` is a debug line.
+            dump_extra: vec!["--network-lock", "nftables", "-v4"],
+            restore_extra: vec!["--network-lock", "nftables", "-v4"],
+        });
+    }
+    println!();
+    println!(
+        "tcp: {} established connections {}; one {MSG}-byte message in flight per connection (window {}) every {:.1} ms; median of {} rounds",
+        t.conns,
+        net.describe(),
+        t.window,
+        t.interval.as_secs_f64() * 1e3,
+        a.rounds
+    );
+    // Everything on the dumped side (workload, tool) runs from a thread inside its namespace.
+    let results = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            if let Some(ns) = net.target_ns() {
+                enter_netns(ns)?;
+            }
+            let floor = noise(&net, t);
+            let mut out = Vec::new();
+            for tool in &tools {
+                let mut rounds = Vec::new();
+                let mut why = None;
+                for _ in 0..a.rounds {
+                    match round(tool, &net, t) {
+                        Ok(r) => rounds.push(r),
+                        Err(e) => {
+                            why = Some(e);
+                            break;
+                        }
+                    }
+                }
+                out.push((tool.name, rounds, why));
+            }
+            Ok::<_, String>((floor, out))
+        })
+        .join()
+    });
+    let (floor, results) = match results {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            println!("tcp: {e}");
+            return;
+        }
+        Err(_) => {
+            println!("tcp: the section panicked (see above)");
+            return;
+        }
+    };
+    println!(
+        "  {:<6} {:>10} {:>14} {:>13} {:>14} {:>9} {:>11}  streams",
+        "tool", "locked ms", "(from logs ms)", "peer max gap", "peer med. gap", "dump ms", "restore ms"
+    );
+    let mut sums: Vec<(&str, Summary)> = Vec::new();
+    for (name, rounds, why) in &results {
+        if rounds.is_empty() {
+            println!("  {name:<6} failed: {}", why.as_deref().unwrap_or("no round"));
+            continue;
+        }
+        let s = summarize(rounds);
+        let streams = match &s.fail {
+            None => format!("intact ({} of {} rounds, {} echoes)", s.intact, s.rounds, s.r.echoed),
+            Some(f) => format!("FAIL ({} of {} rounds intact): {f}", s.intact, s.rounds),
+        };
+        println!(
+            "  {:<6} {:>10} {:>14} {:>13.1} {:>14.1} {:>9.1} {:>11.1}  {streams}",
+            name,
+            fmt_ms(s.r.locked_ms),
+            fmt_ms(s.r.locked_logs_ms),
+            s.r.gap_max_ms,
+            s.r.gap_median_ms,
+            s.r.dump_ms,
+            s.r.restore_ms
+        );
+        if let Some(w) = why {
+            println!("  {name:<6} stopped after {} rounds: {w}", rounds.len());
+        }
+        sums.push((name, s));
+    }
+    match &floor {
+        Ok(f) => println!("  (peer gap with no dump: {f:.1} ms; locked = cr's lock stamp to its removal; from logs = the tools' log clocks)"),
+        Err(e) => println!("  (no noise floor: {e})"),
+    }
+    // The one line.
+    let part = |s: &Summary| {
+        let locked = s.r.locked_ms.or(s.r.locked_logs_ms);
+        let verdict = if s.fail.is_some() { " FAIL" } else { "" };
+        format!("locked {} ms (peer max gap {:.1} ms){verdict}", fmt_ms(locked), s.r.gap_max_ms)
+    };
+    let mut line = format!("tcp  {} conns ", t.conns);
+    for (name, s) in &sums {
+        line.push_str(&format!(" {name}: {}", part(s)));
+    }
+    for (name, _, why) in &results {
+        if let (true, Some(w)) = (!sums.iter().any(|(n, _)| n == name), why) {
+            line.push_str(&format!("  {name}: failed ({w})"));
+        }
+    }
+    if let (Some((_, c)), Some((_, k))) = (sums.iter().find(|s| s.0 == "cr"), sums.iter().find(|s| s.0 == "criu")) {
+        // Like for like: both locks as read from the logs' clocks.
+        let locked = match (k.r.locked_logs_ms, c.r.locked_logs_ms) {
+            (Some(k), Some(c)) if c > 0.0 => format!("locked {:.1}x, ", k / c),
+            _ => String::new(),
+        };
+        line.push_str(&format!("  criu/cr: {locked}peer gap {:.1}x", k.r.gap_max_ms / c.r.gap_max_ms.max(0.001)));
+    }
+    println!("{line}");
+}
