@@ -180,13 +180,15 @@ fn baseline(size_mib: usize) -> f64 {
 fn main() {
     let a = parse_args();
     become_subreaper();
-    println!("cr-bench: {} MiB of touched anonymous memory, median of {} rounds", a.size_mib, a.rounds);
+    let run = |section: &str| a.only.as_deref().is_none_or(|o| o == section);
+    if run("full") || run("incremental") {
+        println!("cr-bench: {} MiB of touched anonymous memory, median of {} rounds", a.size_mib, a.rounds);
+    }
     let mut tools = vec![Tool { name: "cr", bin: cr_bin() }];
     match &a.criu {
         Some(p) => tools.push(Tool { name: "criu", bin: p.clone() }),
         None => println!("cr-bench: no criu given (--criu PATH) or on PATH: cr only"),
     }
-    let run = |section: &str| a.only.as_deref().is_none_or(|o| o == section);
     if run("full") {
         full_section(&a, &tools);
     }

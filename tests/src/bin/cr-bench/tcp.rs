@@ -16,12 +16,14 @@
 //! gap is the time the service was away; with a larger window the peer streams into the locked
 //! connection and the gap then includes its retransmission timer (200 ms and more).
 //!
-//! The time the connections were locked: cr logs it when restore removes its lock (from the
-//! lock's creation stamp in netlock.json, net/lock.rs). criu logs no such figure: its lock
-//! starts at its first `nft add element` (dump.log, -v4) and ends at `Unlock network`
-//! (restore.log), each stamped relative to the start of its own process; cr-bench adds them to
-//! the instants it started the two processes. The same estimate for cr is printed beside cr's
-//! own figure, as a check of the method.
+//! The time the connections were locked, measured the same way for both tools from the
+//! kernel's own notifications in the dumped side's namespace: cr's lock is tc filters (rtnetlink
+//! RTM_NEWTFILTER / RTM_DELTFILTER), criu's (`--network-lock nftables`) elements of an
+//! nftables set and the table holding it (nfnetlink NEWSETELEM / DELTABLE). Locked = first
+//! filter or element added during the dump to the last filter or the table removed by the
+//! restore. cr's own figure (the stamp of its lock record to the removal, logged by restore,
+//! net/lock.rs) is printed beside it as a check. With `CR_BENCH_LOGS=DIR` the last round's logs
+//! of each tool are kept in DIR.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -199,7 +201,7 @@ impl Conn {
             }
         }
         let whole = self.rbuf.len() / MSG * MSG;
-        for m in self.rbuf[..whole].chunks_exact(MSG) {
+        for m in self.rbuf[..whole].as_chunks::<MSG>().0 {
             let seq = u64::from_le_bytes(m[..8].try_into().unwrap_or_default());
             let t = u64::from_le_bytes(m[8..].try_into().unwrap_or_default());
             match self.inflight.pop_front() {
@@ -223,13 +225,16 @@ impl Conn {
     }
 }
 
+/// Where the peer sends the longest gaps (Err: a stream broke or went silent).
+type GapsReply = Sender<Result<Vec<Duration>, String>>;
+
 /// What the bench asks of the peer thread.
 enum Cmd {
     /// Longest gaps count from now.
     Mark,
     /// Reply with every connection's longest gap since the mark once each has echoed `n` more
     /// times (or broke).
-    Settle(u64, Sender<Result<Vec<Duration>, String>>),
+    Settle(u64, GapsReply),
     /// Stop sending; reply once every message in flight is echoed (Ok: messages echoed in all)
     /// and end the thread, handing the sockets back.
     Finish(Sender<Result<u64, String>>),
@@ -313,7 +318,7 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
     let mut fds: Vec<libc::pollfd> = conns.iter().map(|c| libc::pollfd { fd: c.s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let mut buf = vec![0u8; 64 << 10];
     let mut next_tick = Instant::now();
-    let mut settle: Option<(u64, Sender<Result<Vec<Duration>, String>>, Instant)> = None;
+    let mut settle: Option<(u64, GapsReply, Instant)> = None;
     let mut finish: Option<(Sender<Result<u64, String>>, Instant)> = None;
     loop {
         loop {
@@ -389,6 +394,119 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The lock, as the kernel announces it
+
+/// nlmsg types of the events that make or unmake a lock: tc filters (cr), and nftables set
+/// elements and tables (criu): nfnetlink types are (subsystem << 8) | message.
+const NFT: u16 = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
+const NFT_NEWSETELEM: u16 = NFT | libc::NFT_MSG_NEWSETELEM as u16;
+const NFT_DELTABLE: u16 = NFT | libc::NFT_MSG_DELTABLE as u16;
+
+/// Listens, from the calling thread's network namespace, to the tc and nftables notifications
+/// (subscribing is synchronous: whatever changes after `start` returns is heard).
+struct LockWatch {
+    stop: std::os::fd::OwnedFd,
+    handle: std::thread::JoinHandle<Vec<(Instant, u16)>>,
+}
+
+/// A netlink socket of `protocol` subscribed to multicast `group`.
+fn netlink(protocol: libc::c_int, group: u32) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(format!("netlink socket ({protocol}): {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // A burst of 200 element notifications must not overflow the queue (root may force it).
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt with a valid int; failure only means a smaller buffer.
+    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), 4) };
+    // SAFETY: an all-zero sockaddr_nl is valid; the fields that matter are set below.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = 1 << (group - 1);
+    // SAFETY: sa is a valid sockaddr_nl of the size given.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32) } != 0 {
+        return Err(format!("bind the netlink socket ({protocol}) to group {group}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+impl LockWatch {
+    fn start() -> Result<LockWatch, String> {
+        let tc = netlink(libc::NETLINK_ROUTE, libc::RTNLGRP_TC)?;
+        let nft = netlink(libc::NETLINK_NETFILTER, libc::NFNLGRP_NFTABLES as u32)?;
+        let (stop_r, stop_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let handle = std::thread::spawn(move || {
+            let mut events = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut fds = [tc.as_raw_fd(), nft.as_raw_fd(), stop_r.as_raw_fd()].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            loop {
+                fds.iter_mut().for_each(|p| p.revents = 0);
+                // SAFETY: three valid pollfds.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) } < 0 {
+                    if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return events;
+                }
+                let now = Instant::now();
+                for p in &fds[..2] {
+                    if p.revents == 0 {
+                        continue;
+                    }
+                    // SAFETY: recv into a buffer of the length given.
+                    let n = unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                    if n <= 0 {
+                        // ENOBUFS (events lost) or nothing after all: the figures of this round
+                        // may be off; nothing better to do than to go on.
+                        continue;
+                    }
+                    let mut msg = &buf[..n as usize];
+                    while msg.len() >= 16 {
+                        let len = u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
+                        events.push((now, u16::from_ne_bytes([msg[4], msg[5]])));
+                        let next = (len + 3) & !3;
+                        if len < 16 || next > msg.len() {
+                            break;
+                        }
+                        msg = &msg[next..];
+                    }
+                }
+                if fds[2].revents != 0 {
+                    return events;
+                }
+            }
+        });
+        Ok(LockWatch { stop: stop_w.into(), handle })
+    }
+
+    /// Stops listening: the events heard, in order.
+    fn finish(self) -> LockEvents {
+        drop(self.stop);
+        LockEvents(self.handle.join().unwrap_or_default())
+    }
+}
+
+struct LockEvents(Vec<(Instant, u16)>);
+
+impl LockEvents {
+    /// First lock rule added to the last one removed (cr: tc filters; criu: nftables set
+    /// elements, then the table), in ms.
+    fn locked_ms(&self) -> Option<f64> {
+        let first = |ty: u16| self.0.iter().find(|e| e.1 == ty).map(|e| e.0);
+        let last = |ty: u16| self.0.iter().rev().find(|e| e.1 == ty).map(|e| e.0);
+        let (a, b) = match first(libc::RTM_NEWTFILTER) {
+            Some(a) => (a, last(libc::RTM_DELTFILTER)?),
+            None => (first(NFT_NEWSETELEM)?, last(NFT_DELTABLE)?),
+        };
+        (b > a).then(|| (b - a).as_secs_f64() * 1e3)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The tools
 
 /// A checkpoint tool and the flags it needs here.
@@ -397,15 +515,6 @@ struct Tool {
     bin: PathBuf,
     dump_extra: Vec<&'static str>,
     restore_extra: Vec<&'static str>,
-}
-
-/// (the log's clock at the first line containing `needle`, in s) for logs of the form
-/// `(SSS.UUUUUU) text` (cr's and criu's).
-fn log_time(log: &Path, needle: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let line = text.lines().find(|l| l.contains(needle))?;
-    let stamp = line.strip_prefix('(')?.split(')').next()?;
-    stamp.trim().parse().ok()
 }
 
 /// cr's own figure: "the connections were locked for X ms" in restore.log.
@@ -420,8 +529,7 @@ fn cr_locked_ms(log: &Path) -> Option<f64> {
 fn last_error(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .filter(|l| l.contains("Error"))
-        .last()
+        .rfind(|l| l.contains("Error"))
         .map(|l| l.split_once(") ").map_or(l, |x| x.1).trim().to_string())
         .unwrap_or_else(|| format!("see {}", log.display()))
 }
@@ -445,12 +553,13 @@ fn remove_lock_pins(img: &Path) {
 struct Round {
     dump_ms: f64,
     restore_ms: f64,
-    /// The tool's own figure (cr only).
+    /// From the kernel's notifications: first lock rule added to the last one removed.
     locked_ms: Option<f64>,
-    /// From the two logs' clocks and the instants the processes started.
-    locked_logs_ms: Option<f64>,
-    gap_max_ms: f64,
-    gap_median_ms: f64,
+    /// The tool's own figure (cr only).
+    says_ms: Option<f64>,
+    /// None when the peer could not tell (a stream broke).
+    gap_max_ms: Option<f64>,
+    gap_median_ms: Option<f64>,
     /// Messages echoed over the whole round.
     echoed: u64,
     /// Why the round's streams are not intact.
@@ -468,6 +577,7 @@ fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
     let img = d.join("img");
     std::fs::create_dir_all(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
     let pid = w.pid.to_string();
+    let watch = LockWatch::start()?;
     peer.mark();
     let t_dump = Instant::now();
     let st = Command::new(&tool.bin)
@@ -495,22 +605,24 @@ fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
         remove_lock_pins(&img);
         return Err(format!("restore failed: {}", last_error(&img.join("restore.log"))));
     }
+    if let Some(keep) = std::env::var_os("CR_BENCH_LOGS") {
+        // The last round's logs, to read what the tools did.
+        let keep = Path::new(&keep);
+        let _ = std::fs::create_dir_all(keep);
+        for l in ["dump.log", "restore.log"] {
+            let _ = std::fs::copy(img.join(l), keep.join(format!("tcp-{}-{l}", tool.name)));
+        }
+    }
     let mut r = Round { dump_ms, restore_ms, ..Round::default() };
-    let (lock_mark, unlock_mark) = if tool.name == "cr" {
-        r.locked_ms = cr_locked_ms(&img.join("restore.log"));
-        ("network lock pinned", "network lock /")
-    } else {
-        ("Running nftables [add element", "Unlock network")
-    };
-    if let (Some(l), Some(u)) = (log_time(&img.join("dump.log"), lock_mark), log_time(&img.join("restore.log"), unlock_mark)) {
-        let start = (t_restore - t_dump).as_secs_f64();
-        r.locked_logs_ms = Some((start + u - l) * 1e3);
+    r.locked_ms = watch.finish().locked_ms();
+    if tool.name == "cr" {
+        r.says_ms = cr_locked_ms(&img.join("restore.log"));
     }
     match peer.settle(SETTLE_ECHOES) {
         Ok(gaps) => {
             let ms: Vec<f64> = gaps.iter().map(|g| g.as_secs_f64() * 1e3).collect();
-            r.gap_max_ms = ms.iter().cloned().fold(0.0, f64::max);
-            r.gap_median_ms = median(ms);
+            r.gap_max_ms = Some(ms.iter().cloned().fold(0.0, f64::max));
+            r.gap_median_ms = Some(median(ms));
         }
         Err(e) => r.fail = Some(e),
     }
@@ -562,9 +674,9 @@ fn summarize(rounds: &[Round]) -> Summary {
             dump_ms: med(&|r| r.dump_ms),
             restore_ms: med(&|r| r.restore_ms),
             locked_ms: opt(&|r| r.locked_ms),
-            locked_logs_ms: opt(&|r| r.locked_logs_ms),
-            gap_max_ms: med(&|r| r.gap_max_ms),
-            gap_median_ms: med(&|r| r.gap_median_ms),
+            says_ms: opt(&|r| r.says_ms),
+            gap_max_ms: opt(&|r| r.gap_max_ms),
+            gap_median_ms: opt(&|r| r.gap_median_ms),
             echoed: rounds.iter().map(|r| r.echoed).sum(),
             fail: None,
         },
@@ -599,9 +711,8 @@ pub fn section(a: &Args) {
         tools.push(Tool {
             name: "criu",
             bin: c.clone(),
-            // -v4: the lock's first `nft add element` is a debug line.
-            dump_extra: vec!["--network-lock", "nftables", "-v4"],
-            restore_extra: vec!["--network-lock", "nftables", "-v4"],
+            dump_extra: vec!["--network-lock", "nftables"],
+            restore_extra: vec!["--network-lock", "nftables"],
         });
     }
     println!();
@@ -651,8 +762,8 @@ pub fn section(a: &Args) {
         }
     };
     println!(
-        "  {:<6} {:>10} {:>14} {:>13} {:>14} {:>9} {:>11}  streams",
-        "tool", "locked ms", "(from logs ms)", "peer max gap", "peer med. gap", "dump ms", "restore ms"
+        "  {:<6} {:>10} {:>13} {:>13} {:>14} {:>9} {:>11}  streams",
+        "tool", "locked ms", "(cr says ms)", "peer max gap", "peer med. gap", "dump ms", "restore ms"
     );
     let mut sums: Vec<(&str, Summary)> = Vec::new();
     for (name, rounds, why) in &results {
@@ -666,12 +777,12 @@ pub fn section(a: &Args) {
             Some(f) => format!("FAIL ({} of {} rounds intact): {f}", s.intact, s.rounds),
         };
         println!(
-            "  {:<6} {:>10} {:>14} {:>13.1} {:>14.1} {:>9.1} {:>11.1}  {streams}",
+            "  {:<6} {:>10} {:>13} {:>13} {:>14} {:>9.1} {:>11.1}  {streams}",
             name,
             fmt_ms(s.r.locked_ms),
-            fmt_ms(s.r.locked_logs_ms),
-            s.r.gap_max_ms,
-            s.r.gap_median_ms,
+            fmt_ms(s.r.says_ms),
+            fmt_ms(s.r.gap_max_ms),
+            fmt_ms(s.r.gap_median_ms),
             s.r.dump_ms,
             s.r.restore_ms
         );
@@ -681,31 +792,33 @@ pub fn section(a: &Args) {
         sums.push((name, s));
     }
     match &floor {
-        Ok(f) => println!("  (peer gap with no dump: {f:.1} ms; locked = cr's lock stamp to its removal; from logs = the tools' log clocks)"),
+        Ok(f) => println!("  (locked: first lock rule added to the last removed, from the kernel's notifications; peer gap with no dump: {f:.1} ms)"),
         Err(e) => println!("  (no noise floor: {e})"),
     }
+    if net.pair.is_none() {
+        println!("  (loopback: lock rules other runs add or remove in this namespace meanwhile count too)");
+    }
     // The one line.
-    let part = |s: &Summary| {
-        let locked = s.r.locked_ms.or(s.r.locked_logs_ms);
-        let verdict = if s.fail.is_some() { " FAIL" } else { "" };
-        format!("locked {} ms (peer max gap {:.1} ms){verdict}", fmt_ms(locked), s.r.gap_max_ms)
-    };
     let mut line = format!("tcp  {} conns ", t.conns);
     for (name, s) in &sums {
-        line.push_str(&format!(" {name}: {}", part(s)));
+        let verdict = if s.fail.is_some() { " FAIL" } else { "" };
+        line.push_str(&format!(" {name}: locked {} ms (peer max gap {} ms){verdict}", fmt_ms(s.r.locked_ms), fmt_ms(s.r.gap_max_ms)));
     }
-    for (name, _, why) in &results {
-        if let (true, Some(w)) = (!sums.iter().any(|(n, _)| n == name), why) {
+    for (name, rounds, why) in &results {
+        if let (true, Some(w)) = (rounds.is_empty(), why) {
             line.push_str(&format!("  {name}: failed ({w})"));
         }
     }
     if let (Some((_, c)), Some((_, k))) = (sums.iter().find(|s| s.0 == "cr"), sums.iter().find(|s| s.0 == "criu")) {
-        // Like for like: both locks as read from the logs' clocks.
-        let locked = match (k.r.locked_logs_ms, c.r.locked_logs_ms) {
+        let locked = match (k.r.locked_ms, c.r.locked_ms) {
             (Some(k), Some(c)) if c > 0.0 => format!("locked {:.1}x, ", k / c),
             _ => String::new(),
         };
-        line.push_str(&format!("  criu/cr: {locked}peer gap {:.1}x", k.r.gap_max_ms / c.r.gap_max_ms.max(0.001)));
+        let gap = match (k.r.gap_max_ms, c.r.gap_max_ms) {
+            (Some(k), Some(c)) if c > 0.0 => format!("peer gap {:.1}x", k / c),
+            _ => "peer gap -".to_string(),
+        };
+        line.push_str(&format!("  criu/cr: {locked}{gap}"));
     }
     println!("{line}");
 }
