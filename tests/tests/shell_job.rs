@@ -1,6 +1,11 @@
 //! --shell-job: a program started from a shell on a terminal (its session leader, the shell,
 //! and its terminal are outside the dumped tree) is dumped, then restored into cr's session on
 //! cr's own terminal, where it reads and writes as before. Real terminals: ptys allocated here.
+//!
+//! Where cr itself is the session leader of the new terminal (the tests that run it straight
+//! on a pty), restore waits (no -d): a session leader's exit hangs its terminal up and sends
+//! SIGHUP to the foreground group, which the restored job has joined. In real use a shell leads
+//! the session and runs cr; `restore -j -d` is tested that way.
 
 use std::ffi::{CStr, CString};
 use std::io::{Read, Write};
@@ -9,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use cr_tests::{become_subreaper, cr, cr_bin, TempDir};
+use cr_tests::{become_subreaper, cr, cr_bin, wait_exit, TempDir};
 
 /// A pty: the master (ours) and the slave's path.
 struct Pty {
@@ -101,7 +106,8 @@ fn stat_field(pid: i32, n: usize) -> i64 {
 }
 
 /// `cr restore -j` (waiting, not -d: cr is the session leader of the new terminal, and a
-/// session leader's exit hangs up its terminal) on a fresh pty.
+/// session leader's exit hangs up its terminal) on a fresh pty. See
+/// [`detached_shell_job_keeps_the_shells_terminal`] for -d.
 fn restore_on(pty: &Pty, img: &str) -> Child {
     let mut cmd = Command::new(cr_bin());
     cmd.args(["restore", "-D", img, "-j", "-o", "restore.log", "-v4"]);
@@ -134,6 +140,37 @@ for line in sys.stdin:
     print("echo:" + line, os.getpid(), flush=True)
 "#;
 
+/// Sends SIGKILL to a process when dropped, so that a failing test leaves nothing behind.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2); the process may be gone already.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// Starts [`PROG`] from `sh` on a fresh terminal, checks that it answers there and that a dump
+/// without -j refuses it, then dumps it with -j into `img` (the shell then goes on and exits).
+/// Returns its PID, free again for the restore.
+fn dump_python_shell_job(d: &TempDir, img: &str) -> i32 {
+    let mut pty1 = Pty::open();
+    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
+    let line = pty1.expect_line("ready ");
+    let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
+    pty1.type_line("a");
+    pty1.expect(&format!("echo:a {pid}"));
+    // Its session leader (sh) and terminal are outside the tree.
+    let o = cr(&["dump", "-t", &pid.to_string(), "-D", img]);
+    assert!(!o.status.success(), "a shell job was dumped without -j");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--shell-job"));
+    let o = cr(&["dump", "-t", &pid.to_string(), "-D", img, "-j", "-o", "dump.log", "-v4"]);
+    assert!(o.status.success(), "dump -j failed:\n{}", show_log(d, "dump.log"));
+    pty1.expect("shell-after");
+    assert_eq!(wait_child(&mut sh, "the shell"), 0);
+    pid
+}
+
 /// A python3 loop started from a shell on a terminal: dumped with -j, restored with -j on
 /// another terminal, it reads what is typed there and answers there, and its exit status is
 /// cr's.
@@ -142,20 +179,7 @@ fn python_started_from_a_shell_moves_to_crs_terminal() {
     become_subreaper();
     let d = TempDir::new("shell-job-python");
     let img = d.s("img");
-    let mut pty1 = Pty::open();
-    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
-    let line = pty1.expect_line("ready ");
-    let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
-    pty1.type_line("a");
-    pty1.expect(&format!("echo:a {pid}"));
-    // Its session leader (sh) and terminal are outside the tree.
-    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &img]);
-    assert!(!o.status.success(), "a shell job was dumped without -j");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--shell-job"));
-    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &img, "-j", "-o", "dump.log", "-v4"]);
-    assert!(o.status.success(), "dump -j failed:\n{}", show_log(&d, "dump.log"));
-    pty1.expect("shell-after");
-    assert_eq!(wait_child(&mut sh, "the shell"), 0);
+    let pid = dump_python_shell_job(&d, &img);
 
     // Without -j, restore refuses the shell job.
     let o = cr(&["restore", "-D", &img, "-d"]);
@@ -213,4 +237,48 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     // SAFETY: plain kill(2) of the restored process.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(wait_child(&mut crp, "cr restore"), 128 + libc::SIGTERM);
+}
+
+/// `cr restore -j -d` as a user runs it: typed to a shell that leads the session of its
+/// terminal (here `sh -c`, which makes no process group per command, so cr runs in the shell's
+/// group, the terminal's foreground). cr returns at once; the restored python3 is in the
+/// shell's session and foreground group, no longer cr's child, and after cr's exit it still
+/// reads what is typed on that terminal and answers there (each line a new read, so none was
+/// started while cr was alive). As CRIU does, the tree joins cr's group: from a job-control
+/// shell (bash -i) that group stops being the foreground once cr, the shell's job, exits.
+#[test]
+fn detached_shell_job_keeps_the_shells_terminal() {
+    become_subreaper();
+    let d = TempDir::new("shell-job-detached");
+    let img = d.s("img");
+    let pid = dump_python_shell_job(&d, &img);
+    let _job = KillOnDrop(pid);
+
+    let mut pty2 = Pty::open();
+    // The shell stays, as an interactive one would (exec: the session leader keeps its pid).
+    let script = r#""$0" restore -j -d -D "$1" -o restore.log -v4; echo cr-exited $?; exec sleep 1000"#;
+    let cr = cr_bin();
+    let mut sh = pty2.spawn(Command::new("sh").args(["-c", script]).arg(&cr).arg(&img));
+    let _shell = KillOnDrop(sh.id() as i32);
+    let shpid = sh.id() as i64;
+    let status = pty2.expect_line("cr-exited ");
+    assert_eq!(status, "0", "cr restore -j -d failed\n{}", show_log(&d, "restore.log"));
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as i64;
+    assert_eq!(stat_field(pid, 4), me, "cr is gone: its restored child is handed to us (subreaper)");
+    assert_eq!(stat_field(pid, 6), shpid, "session of the restored process");
+    assert_eq!(stat_field(pid, 5), shpid, "process group of the restored process");
+    assert_eq!(stat_field(pid, 8), shpid, "foreground group of its terminal");
+    let tty = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+    assert_eq!(tty.as_os_str().as_encoded_bytes(), pty2.slave.as_bytes(), "stdin of the restored process");
+    for word in ["b", "c", "d"] {
+        pty2.type_line(word);
+        let seen = pty2.expect(&format!("echo:{word} {pid}"));
+        assert!(!seen.contains("echo:a"), "{seen:?}");
+    }
+    pty2.type_line("quit");
+    assert_eq!(wait_exit(pid), 7, "exit status of the restored process\n{}", show_log(&d, "restore.log"));
+    // SAFETY: plain kill(2) of the shell we started.
+    unsafe { libc::kill(sh.id() as i32, libc::SIGKILL) };
+    assert_eq!(wait_child(&mut sh, "the shell"), 128 + libc::SIGKILL);
 }

@@ -68,6 +68,9 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     } else {
         None
     };
+    if let Some((sid, pgid)) = shell.filter(|_| o.detached) {
+        warn_background_job(sid, pgid);
+    }
     let entries = tree::plan_sessions(&pstree.tasks, shell)?;
     let files: pb::Files = dir.read_msg(imgdir::FILES, Kind::Files)?;
     let net_lock = crate::net::check_restore(&files, o.tcp_established, &o.images_dir)?;
@@ -154,6 +157,24 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
         return Ok(0);
     }
     wait_for(root)
+}
+
+/// With --shell-job the tree joins cr's session and process group (as with CRIU). Run as a job
+/// of a job-control shell, cr leads a group of its own, and with -d that group is no job of the
+/// shell's once cr exits: the shell takes the terminal back, and the tree's reads from it fail
+/// (EIO) or stop it. Run by a shell without job control, or by a script, cr shares its parent's
+/// group and the tree stays in the foreground as long as that parent does. Only the first case
+/// is worth a warning.
+fn warn_background_job(sid: i32, pgid: i32) {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if pgid == me && sid != me {
+        log::warn!(
+            "cr leads its own process group {pgid} (a job of a job-control shell): the restored tree joins it, \
+             and once cr exits the shell takes the terminal back, so the tree can no longer read it; \
+             restore without -d to keep it in the foreground"
+        );
+    }
 }
 
 /// What [`build`] needs besides the process's own image.
