@@ -42,10 +42,19 @@ fn bump(index: u32) {
     }
 }
 
+// Membership is read as the stored value (always 1), not as "the lookup returned a pointer":
+// LLVM may otherwise fold `a || ptr != null` into an OR on the pointer, which the verifier
+// refuses.
 #[inline(always)]
 fn in_tree(id: u32) -> bool {
     // SAFETY: read-only look at a plain-data map value.
-    id != 0 && unsafe { CR_LOCK_TREE.get(&id) }.is_some()
+    id != 0 && unsafe { CR_LOCK_TREE.get(&id) }.copied().unwrap_or(0) != 0
+}
+
+#[inline(always)]
+fn inode_followed(key: &LockInode) -> bool {
+    // SAFETY: read-only look at a plain-data map value.
+    unsafe { CR_LOCK_INODES.get(key) }.copied().unwrap_or(0) != 0
 }
 
 /// Reads a record field (0 when unreadable: the checked layout makes that not happen).
@@ -76,8 +85,7 @@ fn on_lock(ctx: &TracePointContext, source: u32) {
         dev: field(ctx, lock_off::DEV),
         _pad: 0,
     };
-    // SAFETY: read-only look at a plain-data map value.
-    let known = unsafe { CR_LOCK_INODES.get(&key) }.is_some();
+    let known = inode_followed(&key);
     if !tree && !known {
         return;
     }

@@ -11,16 +11,25 @@
 //! tree shows (a flock kept alive by a mapping after its fd was closed, …) cannot be re-taken
 //! and is refused. Waiters (`->` lines) are not locks and are ignored. Leases are refused.
 //!
+//! With a tracker running for the tree, its lock table ([`crate::track::locks`]) replaces that
+//! survey ([`survey_tree`]): a tree holding no lock costs one request to the tracker and no read
+//! at all (opening `/proc/locks` costs an RCU grace period, while the tree is frozen); with
+//! locks, only the fds on the locked inodes have their fdinfo read, and fdinfo and the table
+//! must agree. When the table cannot tell, the survey decides and the table gets its result.
+//!
 //! Without `--file-locks` a tree holding any lock is refused, naming each lock, before anything
 //! was touched: restoring it without its locks would silently break its mutual exclusion.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use crate::image::pb;
 use crate::proc;
-use crate::proc::locks::{FileLock, LockAccess, LockKind};
+use crate::proc::locks::{FileLock, LockAccess, LockKind, LockMode};
+use crate::track::client::{self, TrackerConn};
+use crate::track::locks::{InodeId, SeedSet, TableKind, TableLock, TableView};
 
 /// The image file.
 pub const LOCKS_IMG: &str = "locks.img";
@@ -87,20 +96,245 @@ fn same_lock(a: &FileLock, b: &FileLock) -> bool {
 
 /// Every lock held through the fds of `pids` (live processes of the frozen tree), and the held
 /// locks of `/proc/locks` that belong to one of them but that no fd shows.
+#[derive(Default)]
 pub struct Survey {
     pub held: Vec<Held>,
     pub unseen: Vec<FileLock>,
+    /// Every line of `/proc/locks` (empty when the tracker's lock table was used).
+    pub all: Vec<FileLock>,
 }
 
-/// Reads the fdinfo of every fd of `pids`, then `/proc/locks`.
+/// The tree's locks while it is frozen: from the tracker's lock table when one runs for `root`
+/// (started at `root_start`, /proc/PID/stat field 22) and can tell, otherwise from fdinfo and
+/// `/proc/locks` ([`survey`]), which the table then gets back so that it can tell next time.
+/// The log says which source was used and why.
+pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
+    let t0 = Instant::now();
+    let conn = match TrackerConn::connect(root) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return slow(pids, None, &[], &format!("no tracker runs for PID {root}"), t0)
+        }
+        Err(e) => return slow(pids, None, &[], &format!("{e:#}"), t0),
+    };
+    let (state, view) = match conn.locks(pids) {
+        Ok(v) => v,
+        Err(e) => return slow(pids, None, &[], &format!("asking the tracker: {e:#}"), t0),
+    };
+    if state.pid != root || state.start_time != root_start {
+        let why = format!("the tracker on @{} follows another process", client::socket_name(root));
+        return slow(pids, None, &[], &why, t0);
+    }
+    let inodes: Vec<InodeId> = view.locks.iter().map(|l| l.inode).collect();
+    let why = if !view.usable {
+        format!("the tracker's lock table cannot tell: {}", view.why)
+    } else if !view.unknown.is_empty() {
+        let u: Vec<String> = view.unknown.iter().map(|(i, w)| format!("inode {i}: {w}")).collect();
+        format!("the tracker's lock table cannot tell the state of {}", u.join("; "))
+    } else {
+        match from_table(&view, pids)? {
+            Ok((s, fds)) => {
+                log::info!(
+                    "file locks: from the tracker's lock table ({} events so far): {} held through the tree's fds, {fds} fds read, in {:?}",
+                    view.events,
+                    s.held.len(),
+                    t0.elapsed()
+                );
+                return Ok(s);
+            }
+            Err(why) => format!("the tracker's lock table disagrees with fdinfo ({why})"),
+        }
+    };
+    slow(pids, Some(&conn), &inodes, &why, t0)
+}
+
+/// [`survey`], saying why; with a tracker, its lock table gets the exact state back (the tree is
+/// frozen: nothing it does can come between).
+fn slow(pids: &[i32], conn: Option<&TrackerConn>, inodes: &[InodeId], why: &str, t0: Instant) -> Result<Survey> {
+    let s = survey(pids)?;
+    log::info!("file locks: read from /proc/locks and every fd's fdinfo in {:?} ({why})", t0.elapsed());
+    if let Some(c) = conn {
+        let seed = seed_of(&s, pids, inodes);
+        match c.lock_seed(&seed) {
+            Ok(()) => log::debug!("file locks: the tracker's lock table was given the exact state of {} inodes", seed.inodes.len()),
+            Err(e) => log::debug!("file locks: the tracker's lock table keeps its state: {e:#}"),
+        }
+    }
+    Ok(s)
+}
+
+/// The inode of an open fd of a (frozen) process, or None if it is gone.
+fn fd_inode(pid: i32, fd: i32) -> Result<Option<InodeId>> {
+    use std::os::unix::fs::MetadataExt;
+    let path = proc::pid_path(pid, &format!("fd/{fd}"));
+    match std::fs::metadata(&path) {
+        Ok(m) => Ok(Some(InodeId {
+            major: libc::major(m.dev()),
+            minor: libc::minor(m.dev()),
+            ino: m.ino(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("stat {}", path.display())),
+    }
+}
+
+/// The survey from the lock table: nothing to read when it gives the tree no lock; otherwise
+/// the fdinfo of the fds on the locked inodes (the fd each lock is taken again through). The
+/// two must agree: Ok(Err(why)) when they do not (then /proc/locks decides). Also returns how
+/// many fdinfo files were read.
+fn from_table(view: &TableView, pids: &[i32]) -> Result<std::result::Result<(Survey, usize), String>> {
+    let tree: HashSet<i32> = pids.iter().copied().collect();
+    // POSIX locks are the process's; a flock or OFD lock is its description's, whoever took it.
+    let ours = |l: &&TableLock| l.kind != TableKind::Posix || tree.contains(&l.pid);
+    let inodes: HashSet<InodeId> = view.locks.iter().filter(ours).map(|l| l.inode).collect();
+    let mut s = Survey::default();
+    if inodes.is_empty() {
+        return Ok(Ok((s, 0)));
+    }
+    let mut read = 0;
+    for &pid in pids {
+        let fds = proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid} for their locks"))?;
+        for (fd, path) in fds {
+            if !fd_inode(pid, fd)?.is_some_and(|i| inodes.contains(&i)) {
+                continue;
+            }
+            read += 1;
+            let info = proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
+            for lock in info.locks().with_context(|| format!("the locks of fd {fd} ({path}) of PID {pid}"))? {
+                if !lock.blocked {
+                    s.held.push(Held { pid, fd, path: path.clone(), lock });
+                }
+            }
+        }
+    }
+    if let Some(h) = s.held.iter().find(|h| !view.locks.iter().any(|l| table_is(l, &h.lock))) {
+        return Ok(Err(format!("fdinfo shows that {}, which the table lacks", h.describe())));
+    }
+    // What the table gives a process of the tree must show through one of the tree's fds (a
+    // lock held through none is refused, and /proc/locks tells that for sure).
+    let must_show = |l: &&TableLock| l.kind == TableKind::Posix || (l.kind == TableKind::Flock && tree.contains(&l.pid));
+    if let Some(l) = view.locks.iter().filter(ours).filter(must_show).find(|l| !s.held.iter().any(|h| table_is(l, &h.lock))) {
+        return Ok(Err(format!(
+            "the table says PID {} holds {} on inode {}, which no fd of the tree shows",
+            l.pid,
+            describe_lock(&file_lock_of(l)),
+            l.inode
+        )));
+    }
+    Ok(Ok((s, read)))
+}
+
+/// Whether a lock of the table is the lock a `lock:` line shows.
+fn table_is(t: &TableLock, l: &FileLock) -> bool {
+    same_lock(&file_lock_of(t), l)
+}
+
+/// A lock of the table as a `/proc/locks` line would show it.
+fn file_lock_of(t: &TableLock) -> FileLock {
+    FileLock {
+        id: 0,
+        blocked: false,
+        kind: match t.kind {
+            TableKind::Posix => LockKind::Posix,
+            TableKind::Ofd => LockKind::Ofd,
+            TableKind::Flock => LockKind::Flock,
+        },
+        mode: LockMode::Advisory,
+        access: if t.write { LockAccess::Write } else { LockAccess::Read },
+        pid: t.pid,
+        dev_major: t.inode.major,
+        dev_minor: t.inode.minor,
+        inode: Some(t.inode.ino),
+        start: t.start,
+        end: t.end,
+    }
+}
+
+/// The exact state a survey of the tree `pids` shows, for the tracker's lock table: every
+/// lock `/proc/locks` shows on the inodes the tree holds locks on (whoever holds them) and on
+/// `also` (inodes the table describes). A lease, or a lock kind cr does not know, makes its
+/// inode unknown.
+pub fn seed_of(s: &Survey, pids: &[i32], also: &[InodeId]) -> SeedSet {
+    let tree: HashSet<i32> = pids.iter().copied().collect();
+    let id = |l: &FileLock| {
+        l.inode.map(|ino| InodeId {
+            major: l.dev_major,
+            minor: l.dev_minor,
+            ino,
+        })
+    };
+    let mut inodes: HashSet<InodeId> = also.iter().copied().collect();
+    inodes.extend(s.held.iter().filter_map(|h| id(&h.lock)));
+    inodes.extend(s.all.iter().filter(|l| !l.blocked && tree.contains(&l.pid)).filter_map(id));
+    let mut seed = SeedSet::default();
+    let mut unknown: HashMap<InodeId, String> = HashMap::new();
+    for l in s.all.iter().filter(|l| !l.blocked) {
+        let Some(i) = id(l).filter(|i| inodes.contains(i)) else {
+            continue;
+        };
+        let kind = match l.kind {
+            LockKind::Posix => TableKind::Posix,
+            LockKind::Ofd => TableKind::Ofd,
+            LockKind::Flock => TableKind::Flock,
+            _ => {
+                unknown.entry(i).or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
+                continue;
+            }
+        };
+        let write = match l.access {
+            LockAccess::Write => true,
+            LockAccess::Read => false,
+            _ => {
+                unknown.entry(i).or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
+                continue;
+            }
+        };
+        seed.locks.push(TableLock { inode: i, kind, write, start: l.start, end: l.end, pid: l.pid, owner: 0 });
+    }
+    // What fdinfo showed and /proc/locks did not (a lease of the tree, …).
+    for h in &s.held {
+        if let (Some(i), LockKind::Lease | LockKind::Deleg | LockKind::Other(_)) = (id(&h.lock), &h.lock.kind) {
+            unknown.entry(i).or_insert_with(|| h.describe());
+        }
+    }
+    seed.inodes = inodes.into_iter().collect();
+    seed.inodes.sort();
+    seed.unknown = unknown.into_iter().collect();
+    seed.unknown.sort();
+    seed
+}
+
+/// Reads the fdinfo of every fd of `pids` (frozen), then `/proc/locks`.
 pub fn survey(pids: &[i32]) -> Result<Survey> {
+    survey_inner(pids, false)
+}
+
+/// [`survey`] of processes that run: an fd or a process gone meanwhile is skipped.
+pub fn survey_running(pids: &[i32]) -> Result<Survey> {
+    survey_inner(pids, true)
+}
+
+fn survey_inner(pids: &[i32], running: bool) -> Result<Survey> {
+    let gone = |e: &anyhow::Error| {
+        running
+            && e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)))
+            })
+    };
     let mut held = Vec::new();
     for &pid in pids {
-        let fds = proc::fdinfo::list_fds(pid)
-            .with_context(|| format!("listing the fds of PID {pid} for their locks"))?;
+        let fds = match proc::fdinfo::list_fds(pid) {
+            Ok(f) => f,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing the fds of PID {pid} for their locks")),
+        };
         for (fd, path) in fds {
-            let info = proc::fdinfo::read_fdinfo(pid, fd)
-                .with_context(|| format!("fd {fd} of PID {pid}"))?;
+            let info = match proc::fdinfo::read_fdinfo(pid, fd) {
+                Ok(i) => i,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e).with_context(|| format!("fd {fd} of PID {pid}")),
+            };
             for lock in info
                 .locks()
                 .with_context(|| format!("the locks of fd {fd} ({path}) of PID {pid}"))?
@@ -121,6 +355,7 @@ pub fn survey(pids: &[i32]) -> Result<Survey> {
     Ok(Survey {
         unseen: unseen(&all, &held, &tree),
         held,
+        all,
     })
 }
 
@@ -263,6 +498,7 @@ mod tests {
                 held(10, 5, "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:7 0 EOF"),
             ],
             unseen: vec![],
+            all: vec![],
         };
         let e = format!("{:#}", s.check(false).unwrap_err());
         assert!(
@@ -286,6 +522,7 @@ mod tests {
                 "lock:\t1: LEASE  ACTIVE  READ 10 fe:00:5 0 EOF",
             )],
             unseen: vec![],
+            all: vec![],
         };
         assert!(format!("{:#}", lease.check(true).unwrap_err()).contains("lease"));
     }
@@ -303,6 +540,7 @@ mod tests {
                 held(10, 7, "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:7 0 4095"),
             ],
             unseen: vec![],
+            all: vec![],
         };
         let fds: HashMap<(i32, i32), u32> = [
             ((10, 3), 1),

@@ -24,6 +24,7 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::locks::{SeedSet, TableView};
 use super::maps::Counters;
 use super::ranges::RangeSet;
 
@@ -87,6 +88,12 @@ pub enum Request {
     Commit { image: String, crc: u32 },
     /// Exit now (the final dump killed the target, or tracking is no longer wanted).
     Stop,
+    /// The file-lock table, for a dump of the (frozen) processes `tree`
+    /// ([`super::locks::LockTable::view`]).
+    Locks { tree: Vec<i32> },
+    /// A dump's exact survey of the frozen tree's locks: the table describes those inodes
+    /// exactly again ([`super::locks::LockTable::reseed`]).
+    LockSeed { seed: SeedSet },
 }
 
 /// The tracker's answer.
@@ -97,6 +104,9 @@ pub struct Reply {
     pub state: Option<TrackerState>,
     /// Fds sent along: the map fds (`maps::MAP_FDS`), then the userfaultfd if `armed`.
     pub fds: usize,
+    /// The lock table (`Locks`).
+    #[serde(default)]
+    pub locks: Option<TableView>,
 }
 
 /// Sends one message with optional fds.
@@ -334,6 +344,24 @@ impl TrackerConn {
     /// Asks the tracker to exit (it answers first).
     pub fn stop(&self) -> Result<()> {
         self.call(&Request::Stop, &[]).map(drop)
+    }
+
+    /// The tracker's state and its file-lock table, for a dump of the processes `tree`.
+    pub fn locks(&self, tree: &[i32]) -> Result<(TrackerState, TableView)> {
+        let (reply, _) = self.call(
+            &Request::Locks {
+                tree: tree.to_vec(),
+            },
+            &[],
+        )?;
+        let state = reply.state.context("the tracker sent no state")?;
+        let view = reply.locks.context("the tracker sent no lock table")?;
+        Ok((state, view))
+    }
+
+    /// Hands the tracker an exact survey of the frozen tree's locks.
+    pub fn lock_seed(&self, seed: &SeedSet) -> Result<()> {
+        self.call(&Request::LockSeed { seed: seed.clone() }, &[]).map(drop)
     }
 }
 
