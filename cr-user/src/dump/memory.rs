@@ -131,8 +131,18 @@ pub fn resident_query(v: &Vma) -> ScanQuery {
     }
 }
 
-/// The VMAs of the image and the page runs to copy.
+/// Whether every page of a private VMA is an anonymous page in memory, by its smaps
+/// counters: then [`resident_query`] would report the whole VMA, and the page-table walk of
+/// PAGEMAP_SCAN (about 20 ms per GiB) can be skipped. (The shared zero page and page-cache
+/// pages do not count as `Anonymous:`; swapped pages count as `Swap:`.)
+fn fully_anonymous(v: &Vma) -> bool {
+    !v.shared && !v.is_shmem_anon() && v.len() > 0 && v.anonymous == v.len()
+}
+
+/// The VMAs of the image and the page runs to copy. `vmas` must come from smaps read while the
+/// target is frozen (their counters decide whether a VMA is scanned, see [`fully_anonymous`]).
 pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
+    let t0 = std::time::Instant::now();
     let mut scanner = PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
     let mut entries = Vec::with_capacity(vmas.len());
     let mut runs: Vec<Run> = Vec::new();
@@ -148,8 +158,12 @@ pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
             continue;
         }
         scanned += (v.end - v.start) / 4096;
-        let query = resident_query(v);
-        let regions = scanner.scan(v.start, v.end, &query).with_context(|| format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end))?;
+        let regions = if fully_anonymous(v) {
+            vec![pagemap::PageRegion { start: v.start, end: v.end, categories: 0 }]
+        } else {
+            let query = resident_query(v);
+            scanner.scan(v.start, v.end, &query).with_context(|| format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end))?
+        };
         for r in regions {
             match runs.last_mut() {
                 Some(last) if last.end == r.start && last.readable == v.read => last.end = r.end,
@@ -157,6 +171,7 @@ pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
             }
         }
     }
+    log::debug!("PID {pid}: {} VMAs scanned in {:.1} ms: {} page runs", entries.len(), t0.elapsed().as_secs_f64() * 1e3, runs.len());
     Ok((entries, runs, scanned))
 }
 
