@@ -68,7 +68,11 @@ pub const PAGE_IO_ENV: &str = "CR_PAGE_IO";
 pub enum RunPiece<'a> {
     /// `bytes` (whole pages) are the memory at `vaddr`; `crc` is their CRC32C if the caller
     /// already has it (computed here otherwise).
-    Data { vaddr: u64, bytes: &'a [u8], crc: Option<u32> },
+    Data {
+        vaddr: u64,
+        bytes: &'a [u8],
+        crc: Option<u32>,
+    },
     /// The `nr_pages` pages at `vaddr` are unchanged since the parent image.
     Parent { vaddr: u64, nr_pages: u64 },
 }
@@ -150,7 +154,9 @@ impl PageWriter {
     /// frozen for nothing, and the writes skip ext4's delayed-allocation bookkeeping (a quarter
     /// less CPU per page here). Filesystems without fallocate just allocate as they write.
     fn reserve(&mut self, nr_pages: u64) -> Result<()> {
-        let len = nr_pages.saturating_mul(PAGE_SIZE as u64).saturating_add(HEADER_PAGE);
+        let len = nr_pages
+            .saturating_mul(PAGE_SIZE as u64)
+            .saturating_add(HEADER_PAGE);
         // SAFETY: fallocate on an fd we own; integer arguments only.
         let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len as libc::off_t) };
         if r == 0 {
@@ -158,11 +164,18 @@ impl PageWriter {
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EFBIG) => {
-                Err(e).with_context(|| format!("cannot reserve {} MiB for {}", len >> 20, self.tmp.display()))
-            }
+            Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(e).with_context(|| {
+                format!(
+                    "cannot reserve {} MiB for {}",
+                    len >> 20,
+                    self.tmp.display()
+                )
+            }),
             _ => {
-                log::debug!("{}: no fallocate ({e}): blocks are allocated as pages are written", self.tmp.display());
+                log::debug!(
+                    "{}: no fallocate ({e}): blocks are allocated as pages are written",
+                    self.tmp.display()
+                );
                 Ok(())
             }
         }
@@ -182,7 +195,16 @@ impl PageWriter {
         // SAFETY: F_GETFL/F_SETFL on an fd we own; only integer arguments.
         let ok = unsafe {
             let fl = libc::fcntl(fd, libc::F_GETFL);
-            fl >= 0 && libc::fcntl(fd, libc::F_SETFL, if on { fl | libc::O_DIRECT } else { fl & !libc::O_DIRECT }) == 0
+            fl >= 0
+                && libc::fcntl(
+                    fd,
+                    libc::F_SETFL,
+                    if on {
+                        fl | libc::O_DIRECT
+                    } else {
+                        fl & !libc::O_DIRECT
+                    },
+                ) == 0
         };
         if ok {
             self.direct_on = on;
@@ -229,7 +251,11 @@ impl PageWriter {
     /// Appends `data` (whole pages) as the memory at `vaddr`; a copy-free alternative to the
     /// window when the bytes are already in memory.
     pub fn write_run(&mut self, vaddr: u64, data: &[u8]) -> Result<()> {
-        self.add(&[RunPiece::Data { vaddr, bytes: data, crc: None }])
+        self.add(&[RunPiece::Data {
+            vaddr,
+            bytes: data,
+            crc: None,
+        }])
     }
 
     /// Records that the `nr_pages` pages at `vaddr` are unchanged since the parent image: restore
@@ -249,7 +275,11 @@ impl PageWriter {
             match *p {
                 RunPiece::Data { vaddr, bytes, crc } => {
                     if !bytes.len().is_multiple_of(PAGE_SIZE) {
-                        bail!("{}: run at {vaddr:#x} is {} bytes, not whole pages", self.name, bytes.len());
+                        bail!(
+                            "{}: run at {vaddr:#x} is {} bytes, not whole pages",
+                            self.name,
+                            bytes.len()
+                        );
                     }
                     if bytes.is_empty() {
                         crcs.push(0);
@@ -257,7 +287,10 @@ impl PageWriter {
                     }
                     let nr_pages = (bytes.len() / PAGE_SIZE) as u64;
                     if nr_pages > u64::from(u32::MAX) {
-                        bail!("{}: run at {vaddr:#x} has more than 2^32 pages; write it in pieces", self.name);
+                        bail!(
+                            "{}: run at {vaddr:#x} has more than 2^32 pages; write it in pieces",
+                            self.name
+                        );
                     }
                     end = self.check_range(end, vaddr, nr_pages)?;
                     crcs.push(crc.unwrap_or_else(|| crc32c::crc32c(bytes)));
@@ -280,8 +313,12 @@ impl PageWriter {
         self.write_data(&data)?;
         for (p, crc) in pieces.iter().zip(crcs) {
             match *p {
-                RunPiece::Data { vaddr, bytes, .. } if !bytes.is_empty() => self.record_data(vaddr, bytes.len() as u64, crc),
-                RunPiece::Parent { vaddr, nr_pages } if nr_pages > 0 => self.record_parent(vaddr, nr_pages),
+                RunPiece::Data { vaddr, bytes, .. } if !bytes.is_empty() => {
+                    self.record_data(vaddr, bytes.len() as u64, crc)
+                }
+                RunPiece::Parent { vaddr, nr_pages } if nr_pages > 0 => {
+                    self.record_parent(vaddr, nr_pages)
+                }
                 _ => {}
             }
         }
@@ -307,17 +344,27 @@ impl PageWriter {
                 self.set_direct(false);
             }
             let len: u64 = data[i..j].iter().map(|d| d.len() as u64).sum();
-            let r = if direct { pwritev_all(&self.file, &data[i..j], off) } else { pwrite_pieces(&self.file, &data[i..j], off) };
+            let r = if direct {
+                pwritev_all(&self.file, &data[i..j], off)
+            } else {
+                pwrite_pieces(&self.file, &data[i..j], off)
+            };
             match r {
                 Ok(()) => {}
                 Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                     // The filesystem took the flag but not the write (alignment it wants
                     // bigger than a page): from here on, the page cache.
-                    log::debug!("{}: O_DIRECT write refused ({e}): pages go through the page cache", self.tmp.display());
+                    log::debug!(
+                        "{}: O_DIRECT write refused ({e}): pages go through the page cache",
+                        self.tmp.display()
+                    );
                     self.direct_ok = false;
                     continue;
                 }
-                Err(e) => return Err(e).with_context(|| format!("cannot write pages to {}", self.tmp.display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot write pages to {}", self.tmp.display()))
+                }
             }
             if direct {
                 self.direct_bytes += len;
@@ -327,7 +374,11 @@ impl PageWriter {
                 let written_to = off + len;
                 if written_to - self.writeback_from >= WRITEBACK_CHUNK {
                     let t = std::time::Instant::now();
-                    start_writeback(&self.file, self.writeback_from, written_to - self.writeback_from);
+                    start_writeback(
+                        &self.file,
+                        self.writeback_from,
+                        written_to - self.writeback_from,
+                    );
                     self.writeback_ns += t.elapsed().as_nanos() as u64;
                     self.writeback_from = written_to;
                 }
@@ -356,20 +407,36 @@ impl PageWriter {
                 last.crc32c = combine(last.crc32c, crc, len);
             }
             // `add` refused pieces of 2^32 pages or more.
-            _ => self.runs.push(pb::PageRun { vaddr, nr_pages: nr_pages as u32, in_parent: false, offset, crc32c: crc }),
+            _ => self.runs.push(pb::PageRun {
+                vaddr,
+                nr_pages: nr_pages as u32,
+                in_parent: false,
+                offset,
+                crc32c: crc,
+            }),
         }
     }
 
     fn record_parent(&mut self, vaddr: u64, nr_pages: u64) {
         match self.runs.last_mut() {
-            Some(last) if last.in_parent && run_end(last) == vaddr && u64::from(last.nr_pages) + nr_pages <= u64::from(u32::MAX) => {
+            Some(last)
+                if last.in_parent
+                    && run_end(last) == vaddr
+                    && u64::from(last.nr_pages) + nr_pages <= u64::from(u32::MAX) =>
+            {
                 last.nr_pages += nr_pages as u32;
             }
             _ => {
                 let (mut vaddr, mut left) = (vaddr, nr_pages);
                 while left > 0 {
                     let n = left.min(u64::from(u32::MAX)) as u32;
-                    self.runs.push(pb::PageRun { vaddr, nr_pages: n, in_parent: true, offset: 0, crc32c: 0 });
+                    self.runs.push(pb::PageRun {
+                        vaddr,
+                        nr_pages: n,
+                        in_parent: true,
+                        offset: 0,
+                        crc32c: 0,
+                    });
                     vaddr += u64::from(n) * PAGE_SIZE as u64;
                     left -= u64::from(n);
                 }
@@ -385,7 +452,12 @@ impl PageWriter {
         let end = nr_pages
             .checked_mul(PAGE_SIZE as u64)
             .and_then(|l| vaddr.checked_add(l))
-            .ok_or_else(|| anyhow!("{}: run at {vaddr:#x} of {nr_pages} pages overflows the address space", self.name))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: run at {vaddr:#x} of {nr_pages} pages overflows the address space",
+                    self.name
+                )
+            })?;
         if vaddr < prev_end {
             bail!(
                 "{}: run at {vaddr:#x} overlaps or precedes the previous run (ending at {prev_end:#x}); runs must be added in ascending address order",
@@ -466,14 +538,24 @@ fn pwritev_all(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> {
     let mut iov: Vec<libc::iovec> = data
         .iter()
         .filter(|d| !d.is_empty())
-        .map(|d| libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() })
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
         .collect();
     let mut first = 0;
     while first < iov.len() {
         let n = (iov.len() - first).min(crate::sys::IOV_MAX);
         // SAFETY: the iovecs point into slices borrowed for this call (`data`), which the
         // kernel only reads; `n` entries starting at `first` are initialised.
-        let r = unsafe { libc::pwritev(f.as_raw_fd(), iov[first..].as_ptr(), n as libc::c_int, off as libc::off_t) };
+        let r = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                iov[first..].as_ptr(),
+                n as libc::c_int,
+                off as libc::off_t,
+            )
+        };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -482,7 +564,10 @@ fn pwritev_all(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> {
             return Err(e);
         }
         if r == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
         }
         let mut left = r as usize;
         off += left as u64;
@@ -893,20 +978,57 @@ mod tests {
             let mut unaligned = vec![0u8; PAGE_SIZE + 1];
             fill(&mut unaligned[1..], 3);
             let pieces = [
-                RunPiece::Data { vaddr: 0x10_0000, bytes: a.bytes(), crc: Some(crc32c::crc32c(a.bytes())) },
-                RunPiece::Parent { vaddr: 0x10_2000, nr_pages: 3 },
-                RunPiece::Data { vaddr: 0x10_5000, bytes: &unaligned[1..], crc: None },
-                RunPiece::Data { vaddr: 0x10_6000, bytes: big.bytes(), crc: None },
+                RunPiece::Data {
+                    vaddr: 0x10_0000,
+                    bytes: a.bytes(),
+                    crc: Some(crc32c::crc32c(a.bytes())),
+                },
+                RunPiece::Parent {
+                    vaddr: 0x10_2000,
+                    nr_pages: 3,
+                },
+                RunPiece::Data {
+                    vaddr: 0x10_5000,
+                    bytes: &unaligned[1..],
+                    crc: None,
+                },
+                RunPiece::Data {
+                    vaddr: 0x10_6000,
+                    bytes: big.bytes(),
+                    crc: None,
+                },
             ];
             pw.add(&pieces).unwrap();
             // Refused as a whole: nothing of it is recorded.
             assert!(pw
-                .add(&[RunPiece::Data { vaddr: 0x20_0000, bytes: a.bytes(), crc: None }, RunPiece::Data { vaddr: 0x1f_0000, bytes: a.bytes(), crc: None }])
+                .add(&[
+                    RunPiece::Data {
+                        vaddr: 0x20_0000,
+                        bytes: a.bytes(),
+                        crc: None
+                    },
+                    RunPiece::Data {
+                        vaddr: 0x1f_0000,
+                        bytes: a.bytes(),
+                        crc: None
+                    }
+                ])
                 .is_err());
             assert_eq!(pw.direct_bytes > 0, direct, "direct {direct}");
             let pm = pw.finish().unwrap();
-            let summary: Vec<_> = pm.runs.iter().map(|r| (r.vaddr, r.nr_pages, r.in_parent, r.offset)).collect();
-            assert_eq!(summary, [(0x10_0000, 2, false, P), (0x10_2000, 3, true, 0), (0x10_5000, 201, false, 3 * P)]);
+            let summary: Vec<_> = pm
+                .runs
+                .iter()
+                .map(|r| (r.vaddr, r.nr_pages, r.in_parent, r.offset))
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    (0x10_0000, 2, false, P),
+                    (0x10_2000, 3, true, 0),
+                    (0x10_5000, 201, false, 3 * P)
+                ]
+            );
             w.write_msg(&pagemap_file(5), Kind::PageMap, &pm).unwrap();
             w.commit(pb::Inventory::default()).unwrap();
             let img = ImageDir::open(t.path()).unwrap();
