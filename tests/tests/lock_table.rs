@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cr::proc::locks::{LockKind, FileLock};
+use cr::proc::locks::{FileLock, LockKind};
 use cr::track::client::TrackerConn;
 use cr::track::locks::{InodeId, TableKind, TableLock};
 use cr_tests::{cr, dump_and_restore_tree, workload_bin, TempDir, Workload};
@@ -41,7 +41,14 @@ impl Churn {
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let pid = child.id() as i32;
-        let mut w = Churn { child, stdin, stdout, pid, kids: HashMap::new(), d };
+        let mut w = Churn {
+            child,
+            stdin,
+            stdout,
+            pid,
+            kids: HashMap::new(),
+            d,
+        };
         // The first reply means the workload runs its loop (and left our session).
         w.expect_errno("root flock nothing sh");
         w
@@ -65,7 +72,10 @@ impl Churn {
 
     fn expect_errno(&mut self, line: &str) -> String {
         let r = self.cmd(line);
-        assert!(r.starts_with("errno") || r.starts_with("err "), "{line}: expected a failure, got {r}");
+        assert!(
+            r.starts_with("errno") || r.starts_with("err "),
+            "{line}: expected a failure, got {r}"
+        );
         r
     }
 
@@ -98,8 +108,13 @@ impl Churn {
             .env("CR_TRACKER_LOG", self.d.join("tracker.log"))
             .output()
             .unwrap();
-        let log = std::fs::read_to_string(self.d.join(&format!("{img}/dump.log"))).unwrap_or_default();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), log)
+        let log =
+            std::fs::read_to_string(self.d.join(&format!("{img}/dump.log"))).unwrap_or_default();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            log,
+        )
     }
 
     /// Starts the tracker (`cr pre-dump`, as a user would).
@@ -121,7 +136,11 @@ impl Churn {
                 continue;
             }
             let m = e.metadata().unwrap();
-            let id = InodeId { major: libc::major(m.dev()), minor: libc::minor(m.dev()), ino: m.ino() };
+            let id = InodeId {
+                major: libc::major(m.dev()),
+                minor: libc::minor(m.dev()),
+                ino: m.ino(),
+            };
             out.insert(id, name);
         }
         out
@@ -134,10 +153,16 @@ impl Churn {
         loop {
             let files = self.files();
             let all = cr::proc::locks::read_locks().unwrap();
-            if all.iter().any(|l| l.blocked && name_of(&files, l).as_deref() == Some(file)) {
+            if all
+                .iter()
+                .any(|l| l.blocked && name_of(&files, l).as_deref() == Some(file))
+            {
                 return;
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "no request got blocked on {file}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no request got blocked on {file}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -150,13 +175,31 @@ impl Churn {
         let (state, view) = conn.locks(&self.tree()).unwrap();
         drop(conn);
         assert_eq!(state.pid, self.pid);
-        assert!(view.usable, "{what}: the lock table is not usable: {}\n{}", view.why, self.tracker_log());
-        let mut unk: Vec<String> = view.unknown.iter().filter_map(|(i, _)| files.get(i).cloned()).collect();
+        assert!(
+            view.usable,
+            "{what}: the lock table is not usable: {}\n{}",
+            view.why,
+            self.tracker_log()
+        );
+        let mut unk: Vec<String> = view
+            .unknown
+            .iter()
+            .filter_map(|(i, _)| files.get(i).cloned())
+            .collect();
         unk.sort();
-        assert_eq!(unk, unknown, "{what}: inodes the table cannot tell: {:?}", view.unknown);
-        let line = |name: String, kind: &str, write: bool, start: u64, end: Option<u64>, pid: i32| {
-            format!("{name} {kind} {} {start}-{} pid {pid}", if write { "W" } else { "R" }, end.map_or("EOF".into(), |e| e.to_string()))
-        };
+        assert_eq!(
+            unk, unknown,
+            "{what}: inodes the table cannot tell: {:?}",
+            view.unknown
+        );
+        let line =
+            |name: String, kind: &str, write: bool, start: u64, end: Option<u64>, pid: i32| {
+                format!(
+                    "{name} {kind} {} {start}-{} pid {pid}",
+                    if write { "W" } else { "R" },
+                    end.map_or("EOF".into(), |e| e.to_string())
+                )
+            };
         let mut table: Vec<String> = view
             .locks
             .iter()
@@ -167,7 +210,8 @@ impl Churn {
                     TableKind::Ofd => "OFD",
                     TableKind::Flock => "FLOCK",
                 };
-                (!unknown.contains(&name.as_str())).then(|| line(name, kind, l.write, l.start, l.end, l.pid))
+                (!unknown.contains(&name.as_str()))
+                    .then(|| line(name, kind, l.write, l.start, l.end, l.pid))
             })
             .collect();
         let mut kernel: Vec<String> = cr::proc::locks::read_locks()
@@ -183,18 +227,26 @@ impl Churn {
                     _ => "OTHER",
                 };
                 let write = l.access == cr::proc::locks::LockAccess::Write;
-                (!unknown.contains(&name.as_str())).then(|| line(name, kind, write, l.start, l.end, l.pid))
+                (!unknown.contains(&name.as_str()))
+                    .then(|| line(name, kind, write, l.start, l.end, l.pid))
             })
             .collect();
         table.sort();
         kernel.sort();
-        assert_eq!(table, kernel, "{what}: the lock table (left) differs from /proc/locks (right)");
+        assert_eq!(
+            table, kernel,
+            "{what}: the lock table (left) differs from /proc/locks (right)"
+        );
         eprintln!("== {what}: {} locks agree", table.len());
     }
 }
 
 fn name_of(files: &HashMap<InodeId, String>, l: &FileLock) -> Option<String> {
-    let id = InodeId { major: l.dev_major, minor: l.dev_minor, ino: l.inode? };
+    let id = InodeId {
+        major: l.dev_major,
+        minor: l.dev_minor,
+        ino: l.inode?,
+    };
     files.get(&id).cloned()
 }
 
@@ -317,18 +369,28 @@ fn lock_table_matches_proc_locks() {
     // A dump reads the exact state (the table cannot tell) and hands it back.
     let (ok, err, log) = w.cr_on(&["dump", "-R", "-l"], "d1");
     assert!(ok, "dump -R -l: {err}\n{log}");
-    assert!(log.contains("file locks: read from /proc/locks") && log.contains("cannot tell the state of"), "{log}");
+    assert!(
+        log.contains("file locks: read from /proc/locks")
+            && log.contains("cannot tell the state of"),
+        "{log}"
+    );
     w.check("after a dump gave the exact state back", &[]);
     let (ok, err, log) = w.cr_on(&["dump", "-R", "-l"], "d2");
     assert!(ok, "dump -R -l: {err}\n{log}");
-    assert!(log.contains("file locks: from the tracker's lock table"), "{log}");
+    assert!(
+        log.contains("file locks: from the tracker's lock table"),
+        "{log}"
+    );
     // The exact read named the converted flock's description: it is known from now on.
     w.ok("root flock e un");
     w.ok("root close d");
     w.check("released", &[]);
     let (ok, err, log) = w.cr_on(&["dump", "-R", "-l"], "d3");
     assert!(ok, "dump -R -l: {err}\n{log}");
-    assert!(log.contains("file locks: from the tracker's lock table"), "{log}");
+    assert!(
+        log.contains("file locks: from the tracker's lock table"),
+        "{log}"
+    );
 }
 
 /// A tracked tree that holds no lock: the dump asks the table and reads nothing else.
@@ -336,10 +398,14 @@ fn lock_table_matches_proc_locks() {
 fn no_locks_no_reads() {
     let w = Churn::start("lock-table-none");
     w.start_tracker();
-    let (ok, err, log) = w.cr_on(&["dump", "-R", "--track-mem", "--prev-images-dir", "../p0"], "d1");
+    let (ok, err, log) = w.cr_on(
+        &["dump", "-R", "--track-mem", "--prev-images-dir", "../p0"],
+        "d1",
+    );
     assert!(ok, "dump: {err}\n{log}");
     assert!(
-        log.contains("file locks: from the tracker's lock table") && log.contains("0 held through the tree's fds, 0 fds read"),
+        log.contains("file locks: from the tracker's lock table")
+            && log.contains("0 held through the tree's fds, 0 fds read"),
         "{log}"
     );
     w.check("nothing held", &[]);
@@ -358,11 +424,33 @@ fn tracked_tree_with_locks_dumped_and_restored() {
     let pids = w.tree_pids();
     assert_eq!(pids.len(), 2, "READY {}", w.info);
     let pid = w.pid.to_string();
-    let out = cr(&["pre-dump", "-t", &pid, "-D", &d.s("p0"), "-o", "dump.log", "-v4"]);
-    assert!(out.status.success(), "pre-dump: {}", log_of(&d, "p0/dump.log"));
-    dump_and_restore_tree(&mut w, &d, &pids, &["-l", "--track-mem", "--prev-images-dir", "../p0"], &["-l"]);
+    let out = cr(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("p0"),
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
+    assert!(
+        out.status.success(),
+        "pre-dump: {}",
+        log_of(&d, "p0/dump.log")
+    );
+    dump_and_restore_tree(
+        &mut w,
+        &d,
+        &pids,
+        &["-l", "--track-mem", "--prev-images-dir", "../p0"],
+        &["-l"],
+    );
     let log = log_of(&d, "img/dump.log");
-    assert!(log.contains("file locks: from the tracker's lock table"), "{log}");
+    assert!(
+        log.contains("file locks: from the tracker's lock table"),
+        "{log}"
+    );
     w.assert_pass();
 }
 
@@ -372,15 +460,46 @@ fn tracked_tree_without_file_locks_refuses() {
     let d = TempDir::new("lock-table-refused");
     let mut w = Workload::start("wl_locks", &[&d.s("")], &d);
     let pid = w.pid.to_string();
-    let out = cr(&["pre-dump", "-t", &pid, "-D", &d.s("p0"), "-o", "dump.log", "-v4"]);
-    assert!(out.status.success(), "pre-dump: {}", log_of(&d, "p0/dump.log"));
-    let out = cr(&["dump", "-R", "-t", &pid, "-D", &d.s("img"), "-o", "dump.log", "-v4"]);
+    let out = cr(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("p0"),
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
+    assert!(
+        out.status.success(),
+        "pre-dump: {}",
+        log_of(&d, "p0/dump.log")
+    );
+    let out = cr(&[
+        "dump",
+        "-R",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("img"),
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "dump without -l succeeded");
-    for want in ["a flock write lock on", "a POSIX read lock on bytes 10-19", "a POSIX write lock on bytes 100-199", "an OFD write lock on bytes 0-4095"] {
+    for want in [
+        "a flock write lock on",
+        "a POSIX read lock on bytes 10-19",
+        "a POSIX write lock on bytes 100-199",
+        "an OFD write lock on bytes 0-4095",
+    ] {
         assert!(err.contains(want), "dump error lacks {want:?}: {err}");
     }
     let log = log_of(&d, "img/dump.log");
-    assert!(log.contains("file locks: from the tracker's lock table"), "{log}");
+    assert!(
+        log.contains("file locks: from the tracker's lock table"),
+        "{log}"
+    );
     w.assert_pass();
 }

@@ -113,7 +113,13 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
     let conn = match TrackerConn::connect(root) {
         Ok(Some(c)) => c,
         Ok(None) => {
-            return slow(pids, None, &[], &format!("no tracker runs for PID {root}"), t0)
+            return slow(
+                pids,
+                None,
+                &[],
+                &format!("no tracker runs for PID {root}"),
+                t0,
+            )
         }
         Err(e) => return slow(pids, None, &[], &format!("{e:#}"), t0),
     };
@@ -122,15 +128,25 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
         Err(e) => return slow(pids, None, &[], &format!("asking the tracker: {e:#}"), t0),
     };
     if state.pid != root || state.start_time != root_start {
-        let why = format!("the tracker on @{} follows another process", client::socket_name(root));
+        let why = format!(
+            "the tracker on @{} follows another process",
+            client::socket_name(root)
+        );
         return slow(pids, None, &[], &why, t0);
     }
     let inodes: Vec<InodeId> = view.locks.iter().map(|l| l.inode).collect();
     let why = if !view.usable {
         format!("the tracker's lock table cannot tell: {}", view.why)
     } else if !view.unknown.is_empty() {
-        let u: Vec<String> = view.unknown.iter().map(|(i, w)| format!("inode {i}: {w}")).collect();
-        format!("the tracker's lock table cannot tell the state of {}", u.join("; "))
+        let u: Vec<String> = view
+            .unknown
+            .iter()
+            .map(|(i, w)| format!("inode {i}: {w}"))
+            .collect();
+        format!(
+            "the tracker's lock table cannot tell the state of {}",
+            u.join("; ")
+        )
     } else {
         match from_table(&view, pids)? {
             Ok((s, fds)) => {
@@ -150,13 +166,25 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
 
 /// [`survey`], saying why; with a tracker, its lock table gets the exact state back (the tree is
 /// frozen: nothing it does can come between).
-fn slow(pids: &[i32], conn: Option<&TrackerConn>, inodes: &[InodeId], why: &str, t0: Instant) -> Result<Survey> {
+fn slow(
+    pids: &[i32],
+    conn: Option<&TrackerConn>,
+    inodes: &[InodeId],
+    why: &str,
+    t0: Instant,
+) -> Result<Survey> {
     let s = survey(pids)?;
-    log::info!("file locks: read from /proc/locks and every fd's fdinfo in {:?} ({why})", t0.elapsed());
+    log::info!(
+        "file locks: read from /proc/locks and every fd's fdinfo in {:?} ({why})",
+        t0.elapsed()
+    );
     if let Some(c) = conn {
         let seed = seed_of(&s, pids, inodes);
         match c.lock_seed(&seed) {
-            Ok(()) => log::debug!("file locks: the tracker's lock table was given the exact state of {} inodes", seed.inodes.len()),
+            Ok(()) => log::debug!(
+                "file locks: the tracker's lock table was given the exact state of {} inodes",
+                seed.inodes.len()
+            ),
             Err(e) => log::debug!("file locks: the tracker's lock table keeps its state: {e:#}"),
         }
     }
@@ -182,7 +210,10 @@ fn fd_inode(pid: i32, fd: i32) -> Result<Option<InodeId>> {
 /// the fdinfo of the fds on the locked inodes (the fd each lock is taken again through). The
 /// two must agree: Ok(Err(why)) when they do not (then /proc/locks decides). Also returns how
 /// many fdinfo files were read.
-fn from_table(view: &TableView, pids: &[i32]) -> Result<std::result::Result<(Survey, usize), String>> {
+fn from_table(
+    view: &TableView,
+    pids: &[i32],
+) -> Result<std::result::Result<(Survey, usize), String>> {
     let tree: HashSet<i32> = pids.iter().copied().collect();
     // POSIX locks are the process's; a flock or OFD lock is its description's, whoever took it.
     let ours = |l: &&TableLock| l.kind != TableKind::Posix || tree.contains(&l.pid);
@@ -193,27 +224,52 @@ fn from_table(view: &TableView, pids: &[i32]) -> Result<std::result::Result<(Sur
     }
     let mut read = 0;
     for &pid in pids {
-        let fds = proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid} for their locks"))?;
+        let fds = proc::fdinfo::list_fds(pid)
+            .with_context(|| format!("listing the fds of PID {pid} for their locks"))?;
         for (fd, path) in fds {
             if !fd_inode(pid, fd)?.is_some_and(|i| inodes.contains(&i)) {
                 continue;
             }
             read += 1;
-            let info = proc::fdinfo::read_fdinfo(pid, fd).with_context(|| format!("fd {fd} of PID {pid}"))?;
-            for lock in info.locks().with_context(|| format!("the locks of fd {fd} ({path}) of PID {pid}"))? {
+            let info = proc::fdinfo::read_fdinfo(pid, fd)
+                .with_context(|| format!("fd {fd} of PID {pid}"))?;
+            for lock in info
+                .locks()
+                .with_context(|| format!("the locks of fd {fd} ({path}) of PID {pid}"))?
+            {
                 if !lock.blocked {
-                    s.held.push(Held { pid, fd, path: path.clone(), lock });
+                    s.held.push(Held {
+                        pid,
+                        fd,
+                        path: path.clone(),
+                        lock,
+                    });
                 }
             }
         }
     }
-    if let Some(h) = s.held.iter().find(|h| !view.locks.iter().any(|l| table_is(l, &h.lock))) {
-        return Ok(Err(format!("fdinfo shows that {}, which the table lacks", h.describe())));
+    if let Some(h) = s
+        .held
+        .iter()
+        .find(|h| !view.locks.iter().any(|l| table_is(l, &h.lock)))
+    {
+        return Ok(Err(format!(
+            "fdinfo shows that {}, which the table lacks",
+            h.describe()
+        )));
     }
     // What the table gives a process of the tree must show through one of the tree's fds (a
     // lock held through none is refused, and /proc/locks tells that for sure).
-    let must_show = |l: &&TableLock| l.kind == TableKind::Posix || (l.kind == TableKind::Flock && tree.contains(&l.pid));
-    if let Some(l) = view.locks.iter().filter(ours).filter(must_show).find(|l| !s.held.iter().any(|h| table_is(l, &h.lock))) {
+    let must_show = |l: &&TableLock| {
+        l.kind == TableKind::Posix || (l.kind == TableKind::Flock && tree.contains(&l.pid))
+    };
+    if let Some(l) = view
+        .locks
+        .iter()
+        .filter(ours)
+        .filter(must_show)
+        .find(|l| !s.held.iter().any(|h| table_is(l, &h.lock)))
+    {
         return Ok(Err(format!(
             "the table says PID {} holds {} on inode {}, which no fd of the tree shows",
             l.pid,
@@ -240,7 +296,11 @@ fn file_lock_of(t: &TableLock) -> FileLock {
             TableKind::Flock => LockKind::Flock,
         },
         mode: LockMode::Advisory,
-        access: if t.write { LockAccess::Write } else { LockAccess::Read },
+        access: if t.write {
+            LockAccess::Write
+        } else {
+            LockAccess::Read
+        },
         pid: t.pid,
         dev_major: t.inode.major,
         dev_minor: t.inode.minor,
@@ -265,7 +325,12 @@ pub fn seed_of(s: &Survey, pids: &[i32], also: &[InodeId]) -> SeedSet {
     };
     let mut inodes: HashSet<InodeId> = also.iter().copied().collect();
     inodes.extend(s.held.iter().filter_map(|h| id(&h.lock)));
-    inodes.extend(s.all.iter().filter(|l| !l.blocked && tree.contains(&l.pid)).filter_map(id));
+    inodes.extend(
+        s.all
+            .iter()
+            .filter(|l| !l.blocked && tree.contains(&l.pid))
+            .filter_map(id),
+    );
     let mut seed = SeedSet::default();
     let mut unknown: HashMap<InodeId, String> = HashMap::new();
     for l in s.all.iter().filter(|l| !l.blocked) {
@@ -277,7 +342,9 @@ pub fn seed_of(s: &Survey, pids: &[i32], also: &[InodeId]) -> SeedSet {
             LockKind::Ofd => TableKind::Ofd,
             LockKind::Flock => TableKind::Flock,
             _ => {
-                unknown.entry(i).or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
+                unknown
+                    .entry(i)
+                    .or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
                 continue;
             }
         };
@@ -285,15 +352,27 @@ pub fn seed_of(s: &Survey, pids: &[i32], also: &[InodeId]) -> SeedSet {
             LockAccess::Write => true,
             LockAccess::Read => false,
             _ => {
-                unknown.entry(i).or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
+                unknown
+                    .entry(i)
+                    .or_insert_with(|| format!("PID {} holds {}", l.pid, describe_lock(l)));
                 continue;
             }
         };
-        seed.locks.push(TableLock { inode: i, kind, write, start: l.start, end: l.end, pid: l.pid, owner: 0 });
+        seed.locks.push(TableLock {
+            inode: i,
+            kind,
+            write,
+            start: l.start,
+            end: l.end,
+            pid: l.pid,
+            owner: 0,
+        });
     }
     // What fdinfo showed and /proc/locks did not (a lease of the tree, …).
     for h in &s.held {
-        if let (Some(i), LockKind::Lease | LockKind::Deleg | LockKind::Other(_)) = (id(&h.lock), &h.lock.kind) {
+        if let (Some(i), LockKind::Lease | LockKind::Deleg | LockKind::Other(_)) =
+            (id(&h.lock), &h.lock.kind)
+        {
             unknown.entry(i).or_insert_with(|| h.describe());
         }
     }
@@ -318,8 +397,9 @@ fn survey_inner(pids: &[i32], running: bool) -> Result<Survey> {
     let gone = |e: &anyhow::Error| {
         running
             && e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)))
+                c.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
+                })
             })
     };
     let mut held = Vec::new();
@@ -327,7 +407,10 @@ fn survey_inner(pids: &[i32], running: bool) -> Result<Survey> {
         let fds = match proc::fdinfo::list_fds(pid) {
             Ok(f) => f,
             Err(e) if gone(&e) => continue,
-            Err(e) => return Err(e).with_context(|| format!("listing the fds of PID {pid} for their locks")),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("listing the fds of PID {pid} for their locks"))
+            }
         };
         for (fd, path) in fds {
             let info = match proc::fdinfo::read_fdinfo(pid, fd) {

@@ -361,7 +361,8 @@ impl TrackerConn {
 
     /// Hands the tracker an exact survey of the frozen tree's locks.
     pub fn lock_seed(&self, seed: &SeedSet) -> Result<()> {
-        self.call(&Request::LockSeed { seed: seed.clone() }, &[]).map(drop)
+        self.call(&Request::LockSeed { seed: seed.clone() }, &[])
+            .map(drop)
     }
 }
 

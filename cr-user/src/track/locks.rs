@@ -14,8 +14,10 @@
 //! - POSIX and OFD (`posix_lock_inode`): a successful request sets the owner's coverage of
 //!   [start, end] to its type (F_UNLCK removes it), splitting the owner's locks it overlaps and
 //!   merging adjacent or overlapping ones of the same type, so each owner's locks are its
-//!   maximal runs of one type. A failed or deferred request (a blocked F_SETLKW; it fires again
-//!   when granted) changes nothing. The owner is the process's files_struct (POSIX) or the
+//!   maximal runs of one type. (For a granted lock the record shows the lock as it ends up:
+//!   the request merged with the owner's overlapping and adjacent locks of its type, all of
+//!   that type already, so overwriting that range is the same.) A failed or deferred request (a
+//!   blocked F_SETLKW; it fires again when granted) changes nothing. The owner is the process's files_struct (POSIX) or the
 //!   open file description (OFD); a close is an F_UNLCK of everything of an owner, once for
 //!   the process's POSIX locks and once for the description's OFD locks.
 //! - flock (`flock_lock_inode`): one lock per description. A request of the type already held
@@ -110,8 +112,9 @@ pub struct TableLock {
 impl TableLock {
     /// Same lock, whoever the owner pointer is.
     fn same_line(&self, o: &TableLock) -> bool {
-        (self.inode, self.kind, self.write, self.start, self.end, self.pid)
-            == (o.inode, o.kind, o.write, o.start, o.end, o.pid)
+        (
+            self.inode, self.kind, self.write, self.start, self.end, self.pid,
+        ) == (o.inode, o.kind, o.write, o.start, o.end, o.pid)
     }
 }
 
@@ -317,7 +320,10 @@ impl LockModel {
             return;
         }
         if ev.start < 0 || ev.end < ev.start {
-            self.mark(id, &format!("a lock request on bytes {}-{}", ev.start, ev.end));
+            self.mark(
+                id,
+                &format!("a lock request on bytes {}-{}", ev.start, ev.end),
+            );
             return;
         }
         let (owner, pid) = (ev.owner, ev.pid as i32);
@@ -338,7 +344,9 @@ impl LockModel {
                 st.has_seeded(List::Posix, Some(TableKind::Ofd))
             } else {
                 close
-                    && (st.owners.contains_key(&(List::Posix, Owner::SeededPid(pid)))
+                    && (st
+                        .owners
+                        .contains_key(&(List::Posix, Owner::SeededPid(pid)))
                         || st.has_seeded(List::Posix, Some(TableKind::Ofd)))
             };
             if ambiguous && st.unknown.is_none() {
@@ -352,7 +360,11 @@ impl LockModel {
             return;
         }
         let held = st.owners.entry(key).or_insert_with(|| Held {
-            kind: if ofd { TableKind::Ofd } else { TableKind::Posix },
+            kind: if ofd {
+                TableKind::Ofd
+            } else {
+                TableKind::Posix
+            },
             pid,
             ranges: Vec::new(),
         });
@@ -413,7 +425,11 @@ impl LockModel {
         };
         let st = self.inodes.entry(id).or_default();
         let key = (List::Flock, Owner::Bound(ev.owner));
-        let held_type = st.owners.get(&key).and_then(|h| h.ranges.first()).map(|r| r.write);
+        let held_type = st
+            .owners
+            .get(&key)
+            .and_then(|h| h.ranges.first())
+            .map(|r| r.write);
         if held_type.is_none() && st.has_seeded(List::Flock, None) && st.unknown.is_none() {
             st.unknown = Some(format!(
                 "PID {} used flock through a description cr has not seen, and a flock held since before the tracker started could be its",
@@ -458,7 +474,8 @@ impl LockModel {
         for l in &seed.locks {
             by_inode.entry(l.inode).or_default().push(l.clone());
         }
-        let unknown: HashMap<InodeId, &String> = seed.unknown.iter().map(|(i, w)| (*i, w)).collect();
+        let unknown: HashMap<InodeId, &String> =
+            seed.unknown.iter().map(|(i, w)| (*i, w)).collect();
         let mut ids: Vec<InodeId> = seed.inodes.clone();
         ids.extend(seed.unknown.iter().map(|(i, _)| *i));
         ids.sort();
@@ -512,7 +529,10 @@ impl LockModel {
                 }
                 TableKind::Flock => {
                     self.next_seed += 1;
-                    ((List::Flock, Owner::Seeded(self.next_seed)), TableKind::Flock)
+                    (
+                        (List::Flock, Owner::Seeded(self.next_seed)),
+                        TableKind::Flock,
+                    )
                 }
             };
             let held = st.owners.entry(key).or_insert_with(|| Held {
@@ -526,7 +546,11 @@ impl LockModel {
 
     /// Every lock the model holds, sorted.
     pub fn locks(&self) -> Vec<TableLock> {
-        let mut out: Vec<TableLock> = self.inodes.iter().flat_map(|(id, st)| lines_of(*id, st)).collect();
+        let mut out: Vec<TableLock> = self
+            .inodes
+            .iter()
+            .flat_map(|(id, st)| lines_of(*id, st))
+            .collect();
         out.sort();
         out
     }
@@ -629,7 +653,12 @@ const LOCK_SYMBOLS: [&str; 8] = [
 
 /// Checks that a tracepoint's format has each field at the offset and of the size cr-ebpf
 /// reads, and (for the lock events) the flag values the model uses.
-pub fn check_format(event: &str, text: &str, fields: &[(&str, u32, u32)], symbols: &[&str]) -> Result<()> {
+pub fn check_format(
+    event: &str,
+    text: &str,
+    fields: &[(&str, u32, u32)],
+    symbols: &[&str],
+) -> Result<()> {
     let have = tracefs::parse_format(text);
     for &(name, offset, size) in fields {
         match have.iter().find(|f| f.name == name) {
@@ -654,14 +683,29 @@ pub fn check_format(event: &str, text: &str, fields: &[(&str, u32, u32)], symbol
 fn check_layouts() -> Result<()> {
     for name in ["posix_lock_inode", "flock_lock_inode"] {
         let text = tracefs::read_format("filelock", name)?;
-        check_format(&format!("filelock:{name}"), &text, &LOCK_FIELDS, &LOCK_SYMBOLS)?;
+        check_format(
+            &format!("filelock:{name}"),
+            &text,
+            &LOCK_FIELDS,
+            &LOCK_SYMBOLS,
+        )?;
     }
     let text = tracefs::read_format("filelock", "generic_add_lease")?;
     check_format("filelock:generic_add_lease", &text, &LEASE_FIELDS, &[])?;
     let text = tracefs::read_format("sched", "sched_process_fork")?;
-    check_format("sched:sched_process_fork", &text, &[("child_pid", lock_off::FORK_CHILD_PID, 4)], &[])?;
+    check_format(
+        "sched:sched_process_fork",
+        &text,
+        &[("child_pid", lock_off::FORK_CHILD_PID, 4)],
+        &[],
+    )?;
     let text = tracefs::read_format("sched", "sched_process_exit")?;
-    check_format("sched:sched_process_exit", &text, &[("group_dead", lock_off::EXIT_GROUP_DEAD, 1)], &[])?;
+    check_format(
+        "sched:sched_process_exit",
+        &text,
+        &[("group_dead", lock_off::EXIT_GROUP_DEAD, 1)],
+        &[],
+    )?;
     Ok(())
 }
 
@@ -791,7 +835,9 @@ impl LockMaps {
             out.push(p);
             match crate::proc::task::children(p) {
                 Ok(c) => todo.extend(c),
-                Err(e) if p == root => return Err(e).with_context(|| format!("the children of PID {root}")),
+                Err(e) if p == root => {
+                    return Err(e).with_context(|| format!("the children of PID {root}"))
+                }
                 Err(_) => {} // exited meanwhile
             }
         }
@@ -822,8 +868,14 @@ impl LockMaps {
 /// Loss counters that make the table unusable when they move.
 const LOSSES: [(u32, &str); 3] = [
     (lock_stat::LOST, "lock events lost (ring full)"),
-    (lock_stat::TREE_LOST, "new tasks of the tree not followed (map full)"),
-    (lock_stat::INODES_LOST, "locked inodes not followed (map full)"),
+    (
+        lock_stat::TREE_LOST,
+        "new tasks of the tree not followed (map full)",
+    ),
+    (
+        lock_stat::INODES_LOST,
+        "locked inodes not followed (map full)",
+    ),
 ];
 
 /// The tracker's lock table: the model, fed from the maps, and whether it can be trusted.
@@ -881,7 +933,11 @@ impl LockTable {
             self.baseline[i as usize] = maps.stat(i)?;
         }
         self.model.reseed(seed);
-        for id in seed.inodes.iter().chain(seed.unknown.iter().map(|(i, _)| i)) {
+        for id in seed
+            .inodes
+            .iter()
+            .chain(seed.unknown.iter().map(|(i, _)| i))
+        {
             if self.model.has(id) {
                 maps.add_inode(*id)?;
             }
@@ -949,9 +1005,10 @@ impl LockTable {
         let mut why = Vec::new();
         for (i, what) in LOSSES {
             match maps.stat(i) {
-                Ok(v) if v != self.baseline[i as usize] => {
-                    why.push(format!("{} {what}", v.wrapping_sub(self.baseline[i as usize])))
-                }
+                Ok(v) if v != self.baseline[i as usize] => why.push(format!(
+                    "{} {what}",
+                    v.wrapping_sub(self.baseline[i as usize])
+                )),
                 Ok(_) => {}
                 Err(e) => why.push(format!("{e:#}")),
             }
@@ -983,7 +1040,17 @@ mod tests {
     const B: u64 = 0xbbbb_0000;
     const FILES: u64 = 0xf11e_0000;
 
-    fn ev(source: u32, owner: u64, pid: u32, flags: u32, ty: u32, start: i64, end: i64, ret: i32) -> LockEvent {
+    #[allow(clippy::too_many_arguments)]
+    fn ev(
+        source: u32,
+        owner: u64,
+        pid: u32,
+        flags: u32,
+        ty: u32,
+        start: i64,
+        end: i64,
+        ret: i32,
+    ) -> LockEvent {
         LockEvent {
             owner,
             ino: 7,
@@ -1003,17 +1070,48 @@ mod tests {
         ev(lock_src::POSIX, owner, pid, FL_POSIX, ty, start, end, 0)
     }
     fn ofd(owner: u64, ty: u32, start: i64, end: i64) -> LockEvent {
-        ev(lock_src::POSIX, owner, 10, FL_POSIX | FL_OFDLCK, ty, start, end, 0)
+        ev(
+            lock_src::POSIX,
+            owner,
+            10,
+            FL_POSIX | FL_OFDLCK,
+            ty,
+            start,
+            end,
+            0,
+        )
     }
     fn flock(owner: u64, pid: u32, ty: u32, ret: i32) -> LockEvent {
-        ev(lock_src::FLOCK, owner, pid, FL_FLOCK, ty, 0, OFFSET_MAX, ret)
+        ev(
+            lock_src::FLOCK,
+            owner,
+            pid,
+            FL_FLOCK,
+            ty,
+            0,
+            OFFSET_MAX,
+            ret,
+        )
     }
     fn close(owner: u64, pid: u32) -> LockEvent {
-        ev(lock_src::POSIX, owner, pid, FL_POSIX | FL_CLOSE, F_UNLCK, 0, OFFSET_MAX, 0)
+        ev(
+            lock_src::POSIX,
+            owner,
+            pid,
+            FL_POSIX | FL_CLOSE,
+            F_UNLCK,
+            0,
+            OFFSET_MAX,
+            0,
+        )
     }
     /// (kind, write, start, end, pid) of every lock.
     fn lines(m: &LockModel) -> Vec<(TableKind, bool, u64, Option<u64>, i32)> {
-        let mut v: Vec<_> = m.locks().into_iter().map(|l| (l.kind, l.write, l.start, l.end, l.pid)).collect();
+        let mut v: Vec<_> = m
+            .locks()
+            .into_iter()
+            .map(|l| (l.kind, l.write, l.start, l.end, l.pid))
+            .collect();
         v.sort_by_key(|l| (l.0, l.2));
         v
     }
@@ -1029,28 +1127,65 @@ mod tests {
         let mut m = LockModel::new();
         m.apply(&posix(FILES, 10, F_WRLCK, 0, 99));
         m.apply(&posix(FILES, 10, F_UNLCK, 40, 59));
-        assert_eq!(lines(&m), vec![(P, true, 0, Some(39), 10), (P, true, 60, Some(99), 10)]);
+        assert_eq!(
+            lines(&m),
+            vec![(P, true, 0, Some(39), 10), (P, true, 60, Some(99), 10)]
+        );
         m.apply(&posix(FILES, 10, F_RDLCK, 40, 59));
         assert_eq!(
             lines(&m),
-            vec![(P, true, 0, Some(39), 10), (P, false, 40, Some(59), 10), (P, true, 60, Some(99), 10)]
+            vec![
+                (P, true, 0, Some(39), 10),
+                (P, false, 40, Some(59), 10),
+                (P, true, 60, Some(99), 10)
+            ]
         );
         m.apply(&posix(FILES, 10, F_WRLCK, 40, 59));
         assert_eq!(lines(&m), vec![(P, true, 0, Some(99), 10)]);
         // Adjacent of the same type merges, of another type does not.
         m.apply(&posix(FILES, 10, F_RDLCK, 100, 199));
         m.apply(&posix(FILES, 10, F_RDLCK, 200, OFFSET_MAX));
-        assert_eq!(lines(&m), vec![(P, true, 0, Some(99), 10), (P, false, 100, None, 10)]);
+        assert_eq!(
+            lines(&m),
+            vec![(P, true, 0, Some(99), 10), (P, false, 100, None, 10)]
+        );
         // Another owner's locks are untouched by this one's requests.
         m.apply(&posix(0x1234, 11, F_RDLCK, 500, 599));
         m.apply(&posix(FILES, 10, F_UNLCK, 0, OFFSET_MAX));
         assert_eq!(lines(&m), vec![(P, false, 500, Some(599), 11)]);
         // A refused or deferred request changes nothing.
-        m.apply(&ev(lock_src::POSIX, FILES, 10, FL_POSIX | FL_SLEEP, F_WRLCK, 500, 599, FILE_LOCK_DEFERRED));
-        m.apply(&ev(lock_src::POSIX, FILES, 10, FL_POSIX, F_WRLCK, 500, 599, -libc::EAGAIN));
+        m.apply(&ev(
+            lock_src::POSIX,
+            FILES,
+            10,
+            FL_POSIX | FL_SLEEP,
+            F_WRLCK,
+            500,
+            599,
+            FILE_LOCK_DEFERRED,
+        ));
+        m.apply(&ev(
+            lock_src::POSIX,
+            FILES,
+            10,
+            FL_POSIX,
+            F_WRLCK,
+            500,
+            599,
+            -libc::EAGAIN,
+        ));
         assert_eq!(lines(&m), vec![(P, false, 500, Some(599), 11)]);
         assert!(m.unknown().is_empty());
-        m.apply(&ev(lock_src::POSIX, FILES, 10, FL_POSIX, F_WRLCK, 0, 9, -libc::ENOLCK));
+        m.apply(&ev(
+            lock_src::POSIX,
+            FILES,
+            10,
+            FL_POSIX,
+            F_WRLCK,
+            0,
+            9,
+            -libc::ENOLCK,
+        ));
         assert_eq!(m.unknown().len(), 1);
     }
 
@@ -1062,10 +1197,22 @@ mod tests {
         m.apply(&flock(A, 10, F_WRLCK, 0));
         // The process's close: its POSIX locks go, the description's OFD lock and flock stay.
         m.apply(&close(FILES, 10));
-        assert_eq!(lines(&m), vec![(O, false, 20, Some(29), -1), (F, true, 0, None, 10)]);
+        assert_eq!(
+            lines(&m),
+            vec![(O, false, 20, Some(29), -1), (F, true, 0, None, 10)]
+        );
         // The description's last close: OFD (a posix close naming it), then flock.
         m.apply(&close(A, 10));
-        m.apply(&ev(lock_src::FLOCK, A, 10, FL_FLOCK | FL_CLOSE, F_UNLCK, 0, OFFSET_MAX, 0));
+        m.apply(&ev(
+            lock_src::FLOCK,
+            A,
+            10,
+            FL_FLOCK | FL_CLOSE,
+            F_UNLCK,
+            0,
+            OFFSET_MAX,
+            0,
+        ));
         assert!(lines(&m).is_empty());
         assert!(m.unknown().is_empty());
         assert_eq!(m.prune(), vec![id()]);
@@ -1081,10 +1228,28 @@ mod tests {
         assert_eq!(lines(&m), vec![(F, false, 0, None, 11)]);
         // Blocking: deferred, then granted once B unlocks.
         m.apply(&flock(A, 10, F_RDLCK, 0));
-        m.apply(&ev(lock_src::FLOCK, A, 10, FL_FLOCK | FL_SLEEP, F_WRLCK, 0, OFFSET_MAX, FILE_LOCK_DEFERRED));
+        m.apply(&ev(
+            lock_src::FLOCK,
+            A,
+            10,
+            FL_FLOCK | FL_SLEEP,
+            F_WRLCK,
+            0,
+            OFFSET_MAX,
+            FILE_LOCK_DEFERRED,
+        ));
         assert_eq!(lines(&m), vec![(F, false, 0, None, 11)]);
         m.apply(&flock(B, 11, F_UNLCK, 0));
-        m.apply(&ev(lock_src::FLOCK, A, 10, FL_FLOCK | FL_SLEEP, F_WRLCK, 0, OFFSET_MAX, 0));
+        m.apply(&ev(
+            lock_src::FLOCK,
+            A,
+            10,
+            FL_FLOCK | FL_SLEEP,
+            F_WRLCK,
+            0,
+            OFFSET_MAX,
+            0,
+        ));
         assert_eq!(lines(&m), vec![(F, true, 0, None, 10)]);
         // The same type again (another process sharing the description): no change, same pid.
         m.apply(&flock(A, 12, F_WRLCK, 0));
@@ -1113,8 +1278,14 @@ mod tests {
     #[test]
     fn surveyed_posix_locks_join_their_process() {
         let mut m = LockModel::new();
-        m.reseed(&seed(vec![line(P, true, 0, Some(99), 10), line(P, false, 200, None, 10)]));
-        assert_eq!(lines(&m), vec![(P, true, 0, Some(99), 10), (P, false, 200, None, 10)]);
+        m.reseed(&seed(vec![
+            line(P, true, 0, Some(99), 10),
+            line(P, false, 200, None, 10),
+        ]));
+        assert_eq!(
+            lines(&m),
+            vec![(P, true, 0, Some(99), 10), (P, false, 200, None, 10)]
+        );
         // A close before any request of PID 10: its files_struct or a description? Unknown.
         let mut c = LockModel::new();
         c.reseed(&seed(vec![line(P, true, 0, Some(99), 10)]));
@@ -1122,7 +1293,10 @@ mod tests {
         assert_eq!(c.unknown().len(), 1);
         // A request of PID 10 names its files_struct: the surveyed locks are its.
         m.apply(&posix(FILES, 10, F_UNLCK, 0, 49));
-        assert_eq!(lines(&m), vec![(P, true, 50, Some(99), 10), (P, false, 200, None, 10)]);
+        assert_eq!(
+            lines(&m),
+            vec![(P, true, 50, Some(99), 10), (P, false, 200, None, 10)]
+        );
         assert!(m.locks().iter().all(|l| l.owner == FILES));
         m.apply(&close(A, 10)); // a description's close: none of the process's locks
         m.apply(&close(FILES, 10));
@@ -1133,7 +1307,10 @@ mod tests {
     #[test]
     fn surveyed_flock_and_ofd_make_their_inode_unknown_when_touched() {
         let mut m = LockModel::new();
-        m.reseed(&seed(vec![line(F, false, 0, None, 10), line(O, true, 0, Some(9), -1)]));
+        m.reseed(&seed(vec![
+            line(F, false, 0, None, 10),
+            line(O, true, 0, Some(9), -1),
+        ]));
         m.apply(&posix(FILES, 10, F_WRLCK, 100, 199));
         assert!(m.unknown().is_empty(), "POSIX requests do not touch them");
         m.apply(&flock(A, 10, F_WRLCK, 0));
@@ -1147,7 +1324,10 @@ mod tests {
         ]));
         assert!(m.unknown().is_empty());
         let owners: Vec<(TableKind, u64)> = m.locks().iter().map(|l| (l.kind, l.owner)).collect();
-        assert!(owners.contains(&(F, A)) && owners.contains(&(P, FILES)) && owners.contains(&(O, 0)), "{owners:?}");
+        assert!(
+            owners.contains(&(F, A)) && owners.contains(&(P, FILES)) && owners.contains(&(O, 0)),
+            "{owners:?}"
+        );
         // Bound locks the survey does not show: the survey is all.
         m.reseed(&seed(vec![line(O, true, 0, Some(9), -1)]));
         assert_eq!(lines(&m), vec![(O, true, 0, Some(9), -1)]);
@@ -1186,7 +1366,13 @@ print fmt: \"fl=%p dev=0x%x:0x%x ino=0x%lx fl_blocker=%p fl_owner=%p fl_pid=%u f
 
     #[test]
     fn lock_record_layout() {
-        check_format("filelock:posix_lock_inode", POSIX_FORMAT, &LOCK_FIELDS, &LOCK_SYMBOLS).unwrap();
+        check_format(
+            "filelock:posix_lock_inode",
+            POSIX_FORMAT,
+            &LOCK_FIELDS,
+            &LOCK_SYMBOLS,
+        )
+        .unwrap();
         let moved = POSIX_FORMAT.replace("offset:48;", "offset:44;");
         assert!(check_format("x", &moved, &LOCK_FIELDS, &LOCK_SYMBOLS).is_err());
         let flags = POSIX_FORMAT.replace("{ 1024, \"FL_OFDLCK\" }", "{ 2048, \"FL_OFDLCK\" }");

@@ -83,7 +83,10 @@ fn lock_cmd(fd: i32, w: &[String]) -> String {
 
 impl Proc {
     fn slot(&self, name: &str) -> Result<i32, String> {
-        self.slots.get(name).copied().ok_or_else(|| format!("err no slot {name:?}"))
+        self.slots
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("err no slot {name:?}"))
     }
 
     /// Runs a command of this process (not `fork`, not `exit`).
@@ -98,7 +101,8 @@ impl Proc {
         match arg(0) {
             "open" => {
                 let path = self.dir.join(arg(2));
-                let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| format!("err {e}"))?;
+                let c =
+                    CString::new(path.as_os_str().as_bytes()).map_err(|e| format!("err {e}"))?;
                 // SAFETY: valid C string.
                 let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
                 if fd < 0 {
@@ -135,7 +139,9 @@ impl Proc {
                 Ok("ok".into())
             }
             "join" => match self.bg.take() {
-                Some(h) => Ok(h.join().unwrap_or_else(|_| "err the thread panicked".into())),
+                Some(h) => Ok(h
+                    .join()
+                    .unwrap_or_else(|_| "err the thread panicked".into())),
                 None => Err("err nothing runs in the background".into()),
             },
             _ => {
@@ -155,14 +161,23 @@ struct Child {
 fn pipe() -> (i32, i32) {
     let mut p = [0; 2];
     // SAFETY: valid out-array.
-    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    assert_eq!(
+        unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) },
+        0,
+        "pipe2"
+    );
     (p[0], p[1])
 }
 
 /// A child's life: commands from `cmd_r`, replies on `ack_w`.
 fn child_loop(mut p: Proc, cmd_r: i32, ack_w: i32) -> ! {
     // SAFETY: the fds are this child's ends of its pipes, owned from here.
-    let (cmd, mut ack) = unsafe { (std::fs::File::from_raw_fd(cmd_r), std::fs::File::from_raw_fd(ack_w)) };
+    let (cmd, mut ack) = unsafe {
+        (
+            std::fs::File::from_raw_fd(cmd_r),
+            std::fs::File::from_raw_fd(ack_w),
+        )
+    };
     for line in BufReader::new(cmd).lines() {
         let Ok(line) = line else { break };
         let w: Vec<String> = line.split_whitespace().map(String::from).collect();
@@ -239,8 +254,20 @@ fn main() {
                 format!("errno {}", errno())
             } else {
                 // SAFETY: our ends of the pipes, owned from here.
-                let (cmd, ack) = unsafe { (std::fs::File::from_raw_fd(cmd_w), std::fs::File::from_raw_fd(ack_r)) };
-                children.insert(name, Child { pid, cmd, ack: BufReader::new(ack) });
+                let (cmd, ack) = unsafe {
+                    (
+                        std::fs::File::from_raw_fd(cmd_w),
+                        std::fs::File::from_raw_fd(ack_r),
+                    )
+                };
+                children.insert(
+                    name,
+                    Child {
+                        pid,
+                        cmd,
+                        ack: BufReader::new(ack),
+                    },
+                );
                 format!("ok {pid}")
             }
         } else if who == "root" {
