@@ -47,6 +47,8 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
     log::info!("dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
+    // The tracker's socket table, taken before the session holds the tracker's one connection.
+    let socket_table = crate::net::inventory::TableSource::find(pid);
     let mut inc = incremental::Session::prepare(o, false, pid)?;
     interrupt::check()?;
 
@@ -57,7 +59,11 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
     // its registers.
-    let collected = tree::check(&tree, o.shell_job).and_then(|_| inc.frozen()).and_then(|_| dump_frozen(&mut tree, &writer, o, &mut inc))?;
+    let live: Vec<i32> = tree.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
+    let collected = tree::check(&tree, o.shell_job)
+        .and_then(|_| inc.frozen())
+        .and_then(|_| net.survey(&live, pid, &socket_table))
+        .and_then(|_| dump_frozen(&mut tree, &writer, o, &mut inc))?;
     // With -R the tree needs nothing more from us: everything is read. Let it run while the
     // page writer finishes.
     let mut frozen_us = 0;

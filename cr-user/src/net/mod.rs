@@ -6,6 +6,7 @@
 //! and the connections run on.
 
 pub mod diag;
+pub mod inventory;
 pub mod lock;
 pub mod tcp;
 
@@ -13,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::image::pb;
 
@@ -49,6 +50,51 @@ impl DumpGuard {
             });
         }
         DumpGuard { killed: false }
+    }
+
+    /// Right after the freeze, before any remote syscall: the tree's TCP sockets from the
+    /// inventory (the tracker's table, or a scan: see [`inventory`]) checked against their
+    /// fds. Established connections are refused without --tcp-established, each named; with
+    /// it, every one goes into the network lock now, in one go. Connections waiting in a
+    /// listener's accept queue are lost at restore (as in CRIU): logged.
+    pub fn survey(&self, pids: &[i32], root: i32, src: &inventory::TableSource) -> Result<()> {
+        let s = inventory::survey(pids, root, src)?;
+        for (c, l) in &s.unaccepted {
+            log::warn!("TCP connection {c} waits in the accept queue of listener {l}: not accepted yet, it is lost (as in CRIU)");
+        }
+        if s.established.is_empty() {
+            return Ok(());
+        }
+        let mut g = match DUMP.lock() {
+            Ok(g) => g,
+            Err(_) => bail!("internal: the dump's network state is poisoned"),
+        };
+        let Some(state) = g.as_mut() else {
+            bail!("internal: sockets surveyed outside a dump");
+        };
+        if !state.tcp_established {
+            let named: Vec<String> = s.established.iter().map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid)).collect();
+            bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
+        }
+        if state.lock.is_none() {
+            state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
+        }
+        if let Some(l) = state.lock.as_mut() {
+            for f in &s.established {
+                let c = &f.conn;
+                let t = pb::TcpSocket {
+                    family: if c.family == cr_common::sock::AF_INET { libc::AF_INET as u32 } else { libc::AF_INET6 as u32 },
+                    src_addr: c.addr_bytes(false),
+                    src_port: c.lport as u32,
+                    dst_addr: c.addr_bytes(true),
+                    dst_port: c.rport as u32,
+                    ..Default::default()
+                };
+                l.add(&t).with_context(|| format!("lock TCP connection {c}"))?;
+            }
+        }
+        log::info!("{} established TCP connection(s) of the tree locked", s.established.len());
+        Ok(())
     }
 
     /// The tree is gone: close the connections silently (still in repair mode).

@@ -74,6 +74,7 @@ impl BpfObject {
             }
         };
         let mut loader = EbpfLoader::new();
+        super::sockets::patch_layout(&mut loader);
         if let Ok(l) = &fault_layout {
             log::debug!(
                 "page-fault tracepoint layout: address at {}, error_code at {}",
