@@ -16,7 +16,7 @@ use cr::net::inventory::{self, Inventory};
 use cr::track::client::TrackerConn;
 use cr::track::maps::TrackMaps;
 use cr::track::sockets::TableStats;
-use cr_tests::{cr_ok, dump_and_restore, TempDir, Workload};
+use cr_tests::{cr, cr_ok, dump_and_restore, TempDir, Workload};
 
 /// The harness's ends of wl_sockets's command and answer FIFOs.
 struct Driver {
@@ -174,5 +174,37 @@ fn dump_without_tracker_scans() {
     cr_ok(&["dump", "-t", &pid, "-D", &d.s("img"), "-R", "--tcp-established", "-o", "dump.log", "-v4"]);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
     assert!(log.contains(&format!("from a sock_diag scan (no tracker runs for PID {pid})")), "the dump did not say it scanned and why:\n{log}");
+    w.assert_pass();
+}
+
+/// A dump without --tcp-established refuses, before touching the tree, naming every
+/// established connection the tree holds; the connections waiting in its listeners are named
+/// as lost in the log. The workload runs on untouched.
+#[test]
+fn refusal_names_connections_and_lost_ones() {
+    let d = TempDir::new("socktab-refused");
+    let (mut w, mut drv) = start(&d, false);
+    let pid = w.pid.to_string();
+    cr_ok(&["pre-dump", "-t", &pid, "-D", &d.s("pre"), "-o", "pre.log", "-v4"]);
+    let (t, _) = table(w.pid);
+    let out = cr(&["dump", "-t", &pid, "-D", &d.s("img"), "-o", "dump.log", "-v4"]);
+    assert!(!out.status.success(), "a dump of established connections without --tcp-established succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
+    assert!(log.contains("from the tracker's socket table"), "the dump did not use the table:\n{log}");
+    let fds = inventory::fd_view(&inventory::tree_of(w.pid)).unwrap();
+    let held: Vec<_> = fds.iter().filter(|f| f.state == cr_common::sock::tcp_state::ESTABLISHED).collect();
+    assert!(held.len() >= 4, "wl_sockets holds established connections: {held:?}");
+    for f in &held {
+        assert!(err.contains(&f.conn.to_string()), "the refusal does not name {}: {err}", f.conn);
+    }
+    assert!(err.contains("--tcp-established"), "the refusal does not name the flag: {err}");
+    // The connections waiting in the tree's listeners (accepted by the kernel, not by the tree).
+    let waiting: Vec<_> = t.socks.iter().filter(|s| s.from_listener && !fds.iter().any(|f| f.conn == s.conn)).collect();
+    assert!(waiting.len() >= 2, "wl_sockets leaves connections waiting: {waiting:?}");
+    for s in waiting {
+        assert!(log.contains(&format!("TCP connection {} waits in the accept queue of listener", s.conn)), "{} is not logged as lost:\n{log}", s.conn);
+    }
+    drv.send("end");
     w.assert_pass();
 }

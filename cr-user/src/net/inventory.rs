@@ -437,7 +437,9 @@ impl TableSource {
 
 /// What the dump learns about the tree's TCP sockets right after the freeze.
 pub struct Survey {
-    pub inventory: Inventory,
+    /// None when the tree holds no TCP socket (then it has neither connections nor listeners
+    /// with connections waiting: nothing to ask the table or to scan for).
+    pub inventory: Option<Inventory>,
     /// Every TCP socket fd of the tree.
     pub fds: Vec<FdSock>,
     /// The established connections the tree holds (one fd each, for messages).
@@ -450,8 +452,12 @@ pub struct Survey {
 /// Builds the inventory, the per-fd view, and compares them (logging every disagreement: the
 /// fd is trusted).
 pub fn survey(pids: &[i32], root: i32, src: &TableSource) -> Result<Survey> {
-    let inventory = src.inventory(pids, root)?;
     let fds = fd_view(pids)?;
+    if fds.is_empty() {
+        log::debug!("the tree holds no TCP socket");
+        return Ok(Survey { inventory: None, fds, established: Vec::new(), unaccepted: Vec::new() });
+    }
+    let inventory = src.inventory(pids, root)?;
     let mut by_conn: BTreeMap<Conn, &FdSock> = BTreeMap::new();
     for f in &fds {
         by_conn.entry(f.conn).or_insert(f);
@@ -489,7 +495,7 @@ pub fn survey(pids: &[i32], root: i32, src: &TableSource) -> Result<Survey> {
         }
     }
     let established: Vec<FdSock> = by_conn.values().filter(|f| f.state == tcp_state::ESTABLISHED).map(|f| (*f).clone()).collect();
-    Ok(Survey { inventory, fds, established, unaccepted })
+    Ok(Survey { inventory: Some(inventory), fds, established, unaccepted })
 }
 
 #[cfg(test)]

@@ -220,16 +220,12 @@ pub fn check_restore(files: &pb::Files, tcp_established: bool, images_dir: &Path
         }
         return Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() });
     }
-    for t in est {
-        {
-            {
-                bail!(
-                    "the image holds the established TCP connection {} -> {}: restore it with --tcp-established",
-                    tcp::show_addr(t.family, &t.src_addr, t.src_port),
-                    tcp::show_addr(t.family, &t.dst_addr, t.dst_port)
-                );
-            }
-        }
+    if let Some(t) = est.first() {
+        bail!(
+            "the image holds the established TCP connection {} -> {}: restore it with --tcp-established",
+            tcp::show_addr(t.family, &t.src_addr, t.src_port),
+            tcp::show_addr(t.family, &t.dst_addr, t.dst_port)
+        );
     }
     Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() })
 }

@@ -290,6 +290,10 @@ fn main() {
         std::process::exit(2)
     };
     let late = args.get(3).map(String::as_str) == Some("late");
+    // The children forked in phase a must be in the tree's session (ready() does this too,
+    // later).
+    // SAFETY: setsid has no preconditions.
+    unsafe { libc::setsid() };
     let cmds = BufReader::new(fifo(cmd));
     let mut acks = fifo(ack);
     let mut st = State::default();
