@@ -26,7 +26,7 @@
 //! when everything fits in the buffers warmed before the freeze: then the freeze costs the
 //! reads alone.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -165,6 +165,8 @@ pub struct PendingPages {
     /// Holds the writer back until the target runs again (see [`copy_plan`]); dropping it (or
     /// a message on it) lets the writer go.
     gate: Option<Sender<()>>,
+    /// Tells the writer to give up instead of completing the page file.
+    abort: Arc<AtomicBool>,
 }
 
 impl PendingPages {
@@ -185,8 +187,9 @@ impl Drop for PendingPages {
     fn drop(&mut self) {
         self.gate = None;
         if let Some(h) = self.writer.take() {
-            // Dropped unfinished (an error elsewhere): let the writer end; its PageWriter
+            // Dropped unfinished (an error elsewhere): the writer gives up and its PageWriter
             // removes the temporary file.
+            self.abort.store(true, Ordering::Release);
             let _ = h.join();
         }
     }
@@ -253,29 +256,47 @@ fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: 
     let (back_tx, back_rx) = mpsc::channel::<PageBuf>();
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
     let pace = Arc::new(Pace::default());
-    let writer_pace = pace.clone();
+    let abort = Arc::new(AtomicBool::new(false));
+    let (writer_pace, writer_abort) = (pace.clone(), abort.clone());
     let handle = std::thread::Builder::new()
         .name("cr-page-writer".into())
-        .spawn(move || write_batches(writer, rx, back_tx, hold.then_some(gate_rx), &writer_pace))
+        .spawn(move || write_batches(writer, rx, back_tx, hold.then_some(gate_rx), &writer_pace, &writer_abort))
         .context("start the page writer thread")?;
-    let mut pending = PendingPages { writer: Some(handle), gate: hold.then(|| gate_tx.clone()) };
+    let mut pending = PendingPages { writer: Some(handle), gate: hold.then(|| gate_tx.clone()), abort };
     let mut r = Reader::new(pid, tx, back_rx, pace, budget, hold.then_some(gate_tx));
     let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
     let result = r.read_plan(plan);
     r.log_stats(t0, cpu0);
+    if result.is_err() {
+        pending.abort.store(true, Ordering::Release);
+    }
     drop(r);
     if let Err(e) = result {
         pending.gate = None;
         // If the writer failed first, its error is the cause.
         if let Some(h) = pending.writer.take() {
             if let Ok(Err(we)) = h.join() {
-                return Err(we).context("writing the page file");
+                if we.downcast_ref::<Aborted>().is_none() {
+                    return Err(we).context("writing the page file");
+                }
             }
         }
         return Err(e);
     }
     Ok(pending)
 }
+
+/// The writer gave up because the dump failed elsewhere.
+#[derive(Debug)]
+struct Aborted;
+
+impl std::fmt::Display for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the page file was abandoned: the dump failed")
+    }
+}
+
+impl std::error::Error for Aborted {}
 
 /// A piece of a batch for the writer thread.
 enum Piece {
@@ -298,7 +319,7 @@ fn batch_bytes(b: &Batch) -> u64 {
 
 /// The writer thread: waits for the gate (if held back), then writes batches, gathering what
 /// is queued into one write of up to [`WRITE_MAX`], and gives the buffers back.
-fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, gate: Option<Receiver<()>>, pace: &Pace) -> Result<pb::PageMap> {
+fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, gate: Option<Receiver<()>>, pace: &Pace, abort: &AtomicBool) -> Result<pb::PageMap> {
     if let Some(g) = gate {
         // Returns on a message or when every sender is gone: either means go.
         let _ = g.recv();
@@ -307,6 +328,9 @@ fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, 
     let cpu0 = thread_cpu_ns();
     let mut batches: Vec<Batch> = Vec::new();
     while let Ok(first) = rx.recv() {
+        if abort.load(Ordering::Acquire) {
+            break;
+        }
         let mut bytes = batch_bytes(&first);
         batches.push(first);
         while bytes < WRITE_MAX {
@@ -341,6 +365,10 @@ fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, 
                 let _ = back.send(buf);
             }
         }
+    }
+    if abort.load(Ordering::Acquire) {
+        // Dropping `w` removes the temporary file.
+        return Err(anyhow::Error::new(Aborted));
     }
     log::debug!(
         "page writer: {} MiB in {:.1} ms of checksums and writes (CPU {:.1} ms, {})",
