@@ -104,6 +104,8 @@ pub struct PageWriter {
     /// Bytes written with O_DIRECT and through the page cache (for the log).
     direct_bytes: u64,
     buffered_bytes: u64,
+    /// Starts writeback on its own thread (None: inline, if the thread could not start).
+    flusher: Option<Flusher>,
     /// Time spent starting writeback (for the log).
     writeback_ns: u64,
     done: bool,
@@ -136,6 +138,7 @@ impl PageWriter {
             writeback_from: HEADER_PAGE,
             direct_bytes: 0,
             buffered_bytes: 0,
+            flusher: None,
             writeback_ns: 0,
             done: false,
         };
@@ -145,6 +148,9 @@ impl PageWriter {
         }
         if total_pages_hint > 0 {
             w.reserve(total_pages_hint)?;
+        }
+        if total_pages_hint * PAGE_SIZE as u64 >= WRITEBACK_CHUNK {
+            w.flusher = Flusher::start(&w.file);
         }
         Ok(w)
     }
@@ -373,13 +379,11 @@ impl PageWriter {
                 self.buffered_bytes += len;
                 let written_to = off + len;
                 if written_to - self.writeback_from >= WRITEBACK_CHUNK {
-                    let t = std::time::Instant::now();
-                    start_writeback(
-                        &self.file,
-                        self.writeback_from,
-                        written_to - self.writeback_from,
-                    );
-                    self.writeback_ns += t.elapsed().as_nanos() as u64;
+                    let (from, len) = (self.writeback_from, written_to - self.writeback_from);
+                    match &self.flusher {
+                        Some(f) => f.start_range(from, len),
+                        None => self.writeback_ns += start_writeback(&self.file, from, len),
+                    }
                     self.writeback_from = written_to;
                 }
             }
@@ -488,6 +492,9 @@ impl PageWriter {
         self.file
             .set_len(HEADER_PAGE + self.data_len)
             .with_context(|| format!("cannot truncate {}", self.tmp.display()))?;
+        if let Some(f) = self.flusher.take() {
+            self.writeback_ns += f.stop();
+        }
         let t = std::time::Instant::now();
         self.file
             .sync_all()
@@ -520,6 +527,9 @@ impl PageWriter {
 
 impl Drop for PageWriter {
     fn drop(&mut self) {
+        if let Some(f) = self.flusher.take() {
+            f.stop();
+        }
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
@@ -603,9 +613,11 @@ fn pwrite_pieces(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Asks the kernel to start writing `len` bytes at `off` back to disk, without waiting. Only a
-/// hint: failure changes nothing but when the final fsync does the work.
-fn start_writeback(f: &File, off: u64, len: u64) {
+/// Asks the kernel to start writing `len` bytes at `off` back to disk. Only a hint: failure
+/// changes nothing but when the final fsync does the work. Returns the time it took (ns): the
+/// call submits the I/O itself and waits for room when the device queue is full.
+fn start_writeback(f: &File, off: u64, len: u64) -> u64 {
+    let t = std::time::Instant::now();
     // SAFETY: sync_file_range only reads its integer arguments; the fd is owned by `f`.
     unsafe {
         libc::sync_file_range(
@@ -614,6 +626,44 @@ fn start_writeback(f: &File, off: u64, len: u64) {
             len as i64,
             libc::SYNC_FILE_RANGE_WRITE,
         );
+    }
+    t.elapsed().as_nanos() as u64
+}
+
+/// Starts writeback of the ranges it is given on a thread of its own, so that the writer (and,
+/// while the target is frozen, the target behind it) does not wait for room in the device
+/// queue: that waiting was a sixth of the writer's time for 1 GiB here.
+struct Flusher {
+    tx: std::sync::mpsc::Sender<(u64, u64)>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Flusher {
+    /// None if the file cannot be shared with a thread (then the writer starts writeback
+    /// itself).
+    fn start(f: &File) -> Option<Flusher> {
+        let f = f.try_clone().ok()?;
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+        let thread = std::thread::Builder::new()
+            .name("cr-page-flush".into())
+            .spawn(move || {
+                rx.iter()
+                    .map(|(off, len)| start_writeback(&f, off, len))
+                    .sum()
+            })
+            .ok()?;
+        Some(Flusher { tx, thread })
+    }
+
+    fn start_range(&self, off: u64, len: u64) {
+        let _ = self.tx.send((off, len));
+    }
+
+    /// Waits for the writeback started so far to be submitted; returns the time that took
+    /// the thread (ns).
+    fn stop(self) -> u64 {
+        drop(self.tx);
+        self.thread.join().unwrap_or(0)
     }
 }
 
