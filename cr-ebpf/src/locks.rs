@@ -34,6 +34,28 @@ static CR_LOCK_INODES: HashMap<LockInode, u32> = HashMap::with_max_entries(LOCK_
 #[map(name = "CR_LOCK_STATS")]
 static CR_LOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lock_stat::COUNT, 0);
 
+/// bpf_ringbuf_output/query flags (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Queues an event. The tracker is woken only once the ring is half full (it also drains
+/// on its own every quarter second and before answering a dump): a process taking locks in a
+/// loop does not wake another process at every call.
+#[inline(always)]
+fn queue(ev: &LockEvent) {
+    let wake = if CR_LOCK_EVENTS.query(BPF_RB_AVAIL_DATA) > (LOCK_EVENTS_BYTES / 2) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if CR_LOCK_EVENTS.output(ev, wake).is_err() {
+        bump(lock_stat::LOST);
+    } else {
+        bump(lock_stat::EVENTS);
+    }
+}
+
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(p) = CR_LOCK_STATS.get_ptr_mut(index) {
@@ -106,11 +128,7 @@ fn on_lock(ctx: &TracePointContext, source: u32) {
         source,
         tree: tree as u32,
     };
-    if CR_LOCK_EVENTS.output(&ev, 0).is_err() {
-        bump(lock_stat::LOST);
-    } else {
-        bump(lock_stat::EVENTS);
-    }
+    queue(&ev);
     // Queued first, then the inode: the user side, pruning an inode it saw empty, drains the
     // ring again after removing it and puts back any inode an event arrived for meanwhile.
     if tree && !known && ret == 0 && ty != F_UNLCK && flags & FL_ACCESS == 0 {
@@ -138,11 +156,7 @@ pub fn cr_lock_lease(ctx: TracePointContext) -> u32 {
         tree: 1,
         ..LockEvent::default()
     };
-    if CR_LOCK_EVENTS.output(&ev, 0).is_err() {
-        bump(lock_stat::LOST);
-    } else {
-        bump(lock_stat::EVENTS);
-    }
+    queue(&ev);
     0
 }
 

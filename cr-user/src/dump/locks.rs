@@ -123,10 +123,12 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
         }
         Err(e) => return slow(pids, None, &[], &format!("{e:#}"), t0),
     };
+    let t_ask = Instant::now();
     let (state, view) = match conn.locks(pids) {
         Ok(v) => v,
         Err(e) => return slow(pids, None, &[], &format!("asking the tracker: {e:#}"), t0),
     };
+    let t_answer = Instant::now();
     if state.pid != root || state.start_time != root_start {
         let why = format!(
             "the tracker on @{} follows another process",
@@ -151,10 +153,12 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
         match from_table(&view, pids)? {
             Ok((s, fds)) => {
                 log::info!(
-                    "file locks: from the tracker's lock table ({} events so far): {} held through the tree's fds, {fds} fds read, in {:?}",
+                    "file locks: from the tracker's lock table ({} events so far): {} held through the tree's fds, {fds} fds read, in {:?} (connected in {:?}, answered in {:?})",
                     view.events,
                     s.held.len(),
-                    t0.elapsed()
+                    t0.elapsed(),
+                    t_ask - t0,
+                    t_answer - t_ask,
                 );
                 return Ok(s);
             }

@@ -26,6 +26,9 @@ use super::locks::{LockTable, TableView};
 use super::maps::TrackMaps;
 use crate::sys::pidfd_open;
 
+/// How often the lock events are drained when nothing wakes the tracker (ms).
+const LOCK_DRAIN_MS: u16 = 250;
+
 /// How many dumper PIDs the state remembers.
 const MAX_DUMPERS: usize = 16;
 
@@ -125,7 +128,14 @@ impl Tracker {
                 for c in &clients {
                     fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
                 }
-                match poll(&mut fds, PollTimeout::NONE) {
+                // The lock programs wake us only when their ring is half full: look at it
+                // every quarter second meanwhile.
+                let timeout = if has_ring {
+                    PollTimeout::from(LOCK_DRAIN_MS)
+                } else {
+                    PollTimeout::NONE
+                };
+                match poll(&mut fds, timeout) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(e).context("poll in the tracker"),
