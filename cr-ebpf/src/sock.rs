@@ -196,7 +196,8 @@ fn on_change(c: &Change) {
     // SAFETY: a copy of a plain-data map value.
     let known = unsafe { CR_SOCK_PTRS.get(&c.sk) }.copied();
     if let Some(p) = known {
-        let stale = p.state != c.old || (c.old == tcp_state::LISTEN && c.new == tcp_state::SYN_RECV);
+        let stale =
+            p.state != c.old || (c.old == tcp_state::LISTEN && c.new == tcp_state::SYN_RECV);
         if stale {
             // Not the socket we followed: its last events were lost, or it was freed unseen
             // and this is a new socket at the same address.
@@ -228,7 +229,9 @@ fn on_change(c: &Change) {
         }
     } else if let Some(s) =
         // SAFETY: a copy of a plain-data map value.
-        unsafe { CR_SOCKS.get(&c.key) }.copied().filter(|s| s.skaddr == 0)
+        unsafe { CR_SOCKS.get(&c.key) }
+            .copied()
+            .filter(|s| s.skaddr == 0)
     {
         // Seeded from the tracker's scan: adopted at its first event, whatever it was.
         owner = s.tgid;

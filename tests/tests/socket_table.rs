@@ -27,7 +27,11 @@ struct Driver {
 fn mkfifo(path: &str) {
     let c = std::ffi::CString::new(path).unwrap();
     // SAFETY: mkfifo with a valid path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {path}");
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {path}"
+    );
 }
 
 /// Starts wl_sockets (`late`: no socket before READY).
@@ -41,7 +45,10 @@ fn start(d: &TempDir, late: bool) -> (Workload, Driver) {
     }
     let w = Workload::start("wl_sockets", &args, d);
     // The workload holds both FIFOs open read-write: neither open blocks.
-    let drv = Driver { cmd: std::fs::OpenOptions::new().write(true).open(&cmd).unwrap(), ack: BufReader::new(File::open(&ack).unwrap()) };
+    let drv = Driver {
+        cmd: std::fs::OpenOptions::new().write(true).open(&cmd).unwrap(),
+        ack: BufReader::new(File::open(&ack).unwrap()),
+    };
     (w, drv)
 }
 
@@ -52,25 +59,43 @@ impl Driver {
         let mut line = String::new();
         self.ack.read_line(&mut line).unwrap();
         let line = line.trim();
-        assert!(line.starts_with("ok"), "wl_sockets answered {line:?} to {c:?}");
+        assert!(
+            line.starts_with("ok"),
+            "wl_sockets answered {line:?} to {c:?}"
+        );
         line.trim_start_matches("ok").trim().to_string()
     }
 }
 
 /// The tracker's view of `pid`'s tree, and its counters.
 fn table(pid: i32) -> (Inventory, TableStats) {
-    let conn = TrackerConn::connect(pid).unwrap().expect("a tracker runs for the workload");
+    let conn = TrackerConn::connect(pid)
+        .unwrap()
+        .expect("a tracker runs for the workload");
     let snap = conn.get().unwrap();
     // Hang up at once: the tracker serves one client at a time.
     drop(conn);
     let maps = TrackMaps::from_fds(snap.map_fds).unwrap();
     let st = maps.sockets.stats().unwrap();
-    let inv = inventory::from_table(&maps.sockets, &[pid as u32]).unwrap_or_else(|e| panic!("the table is not usable: {e:#} ({st:?})"));
+    let inv = inventory::from_table(&maps.sockets, &[pid as u32])
+        .unwrap_or_else(|e| panic!("the table is not usable: {e:#} ({st:?})"));
     (inv, st)
 }
 
 fn show(inv: &Inventory) -> String {
-    inv.socks.iter().map(|s| format!("  {} {} pid={} listener-child={} held={:?}\n", s.conn, inventory::state_name(s.state), s.pid, s.from_listener, s.held)).collect()
+    inv.socks
+        .iter()
+        .map(|s| {
+            format!(
+                "  {} {} pid={} listener-child={} held={:?}\n",
+                s.conn,
+                inventory::state_name(s.state),
+                s.pid,
+                s.from_listener,
+                s.held
+            )
+        })
+        .collect()
 }
 
 /// The table and a scan of the tree agree. A connection the harness just made may still be
@@ -83,12 +108,24 @@ fn assert_same(pid: i32, what: &str) -> TableStats {
         let s = inventory::scan(&inventory::tree_of(pid)).unwrap();
         let d = t.diff(&s);
         if d.is_empty() {
-            eprintln!("{what}: table and scan agree on {} sockets ({st:?})", t.socks.len());
-            assert_eq!((st.lost, st.read_errors, st.untrackable), (0, 0, 0), "{what}: {st:?}");
+            eprintln!(
+                "{what}: table and scan agree on {} sockets ({st:?})",
+                t.socks.len()
+            );
+            assert_eq!(
+                (st.lost, st.read_errors, st.untrackable),
+                (0, 0, 0),
+                "{what}: {st:?}"
+            );
             return st;
         }
         if Instant::now() > deadline {
-            panic!("{what}: the table and the scan differ:\n{}\n--- table ({st:?}):\n{}--- scan:\n{}", d.join("\n"), show(&t), show(&s));
+            panic!(
+                "{what}: the table and the scan differ:\n{}\n--- table ({st:?}):\n{}--- scan:\n{}",
+                d.join("\n"),
+                show(&t),
+                show(&s)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -99,10 +136,19 @@ fn assert_same(pid: i32, what: &str) -> TableStats {
 fn phases_b_c(w: &Workload, drv: &mut Driver) -> (TcpListener, Vec<TcpStream>) {
     let outside = TcpListener::bind("127.0.0.1:0").unwrap();
     let reply = drv.send(&format!("b {}", outside.local_addr().unwrap()));
-    let port: u16 = reply.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("phase b answered {reply:?}"));
-    let clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let port: u16 = reply
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("phase b answered {reply:?}"));
+    let clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
     drv.send("c");
-    assert!(inventory::tree_of(w.pid).len() >= 3, "the tree has its two children");
+    assert!(
+        inventory::tree_of(w.pid).len() >= 3,
+        "the tree has its two children"
+    );
     (outside, clients)
 }
 
@@ -122,12 +168,24 @@ fn seeded_then_followed() {
     let d = TempDir::new("socktab-seeded");
     let (mut w, mut drv) = start(&d, false);
     let pid = w.pid.to_string();
-    cr_ok(&["pre-dump", "-t", &pid, "-D", &d.s("pre"), "-o", "pre.log", "-v4"]);
+    cr_ok(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("pre"),
+        "-o",
+        "pre.log",
+        "-v4",
+    ]);
     let st = assert_same(w.pid, "seeded");
     assert_eq!(st.status, cr_common::sock::status::READY);
     let _keep = phases_b_c(&w, &mut drv);
     let st = assert_same(w.pid, "after phases b and c");
-    assert!(st.children > 0, "no connection was attributed to a listener: {st:?}");
+    assert!(
+        st.children > 0,
+        "no connection was attributed to a listener: {st:?}"
+    );
     drv.send("end");
     w.assert_pass();
 }
@@ -139,13 +197,27 @@ fn followed_from_the_start() {
     let d = TempDir::new("socktab-events");
     let (mut w, mut drv) = start(&d, true);
     let pid = w.pid.to_string();
-    cr_ok(&["dump", "-t", &pid, "-D", &d.s("img"), "--track-mem", "-R", "-o", "dump.log", "-v4"]);
+    cr_ok(&[
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("img"),
+        "--track-mem",
+        "-R",
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
     assert_same(w.pid, "no sockets yet");
     drv.send("a");
     assert_same(w.pid, "after phase a");
     let _keep = phases_b_c(&w, &mut drv);
     let st = assert_same(w.pid, "after phases b and c");
-    assert!(st.children > 0, "no connection was attributed to a listener: {st:?}");
+    assert!(
+        st.children > 0,
+        "no connection was attributed to a listener: {st:?}"
+    );
     drv.send("end");
     w.assert_pass();
 }
@@ -157,11 +229,26 @@ fn dump_uses_the_table() {
     let d = TempDir::new("socktab-dump");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
     let pid = w.pid.to_string();
-    cr_ok(&["pre-dump", "-t", &pid, "-D", &d.s("pre"), "-o", "pre.log", "-v4"]);
+    cr_ok(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("pre"),
+        "-o",
+        "pre.log",
+        "-v4",
+    ]);
     dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
-    assert!(log.contains("from the tracker's socket table"), "the dump did not use the table:\n{log}");
-    assert!(log.contains("established TCP connection(s) of the tree locked"), "the connections were not locked at the freeze:\n{log}");
+    assert!(
+        log.contains("from the tracker's socket table"),
+        "the dump did not use the table:\n{log}"
+    );
+    assert!(
+        log.contains("established TCP connection(s) of the tree locked"),
+        "the connections were not locked at the freeze:\n{log}"
+    );
     w.assert_pass();
 }
 
@@ -171,9 +258,25 @@ fn dump_without_tracker_scans() {
     let d = TempDir::new("socktab-scan");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
     let pid = w.pid.to_string();
-    cr_ok(&["dump", "-t", &pid, "-D", &d.s("img"), "-R", "--tcp-established", "-o", "dump.log", "-v4"]);
+    cr_ok(&[
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("img"),
+        "-R",
+        "--tcp-established",
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
-    assert!(log.contains(&format!("from a sock_diag scan (no tracker runs for PID {pid})")), "the dump did not say it scanned and why:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "from a sock_diag scan (no tracker runs for PID {pid})"
+        )),
+        "the dump did not say it scanned and why:\n{log}"
+    );
     w.assert_pass();
 }
 
@@ -185,25 +288,76 @@ fn refusal_names_connections_and_lost_ones() {
     let d = TempDir::new("socktab-refused");
     let (mut w, mut drv) = start(&d, false);
     let pid = w.pid.to_string();
-    cr_ok(&["pre-dump", "-t", &pid, "-D", &d.s("pre"), "-o", "pre.log", "-v4"]);
+    cr_ok(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("pre"),
+        "-o",
+        "pre.log",
+        "-v4",
+    ]);
     let (t, _) = table(w.pid);
-    let out = cr(&["dump", "-t", &pid, "-D", &d.s("img"), "-o", "dump.log", "-v4"]);
-    assert!(!out.status.success(), "a dump of established connections without --tcp-established succeeded");
+    let out = cr(&[
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.s("img"),
+        "-o",
+        "dump.log",
+        "-v4",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a dump of established connections without --tcp-established succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
-    assert!(log.contains("from the tracker's socket table"), "the dump did not use the table:\n{log}");
+    assert!(
+        log.contains("from the tracker's socket table"),
+        "the dump did not use the table:\n{log}"
+    );
     let fds = inventory::fd_view(&inventory::tree_of(w.pid)).unwrap();
-    let held: Vec<_> = fds.iter().filter(|f| f.state == cr_common::sock::tcp_state::ESTABLISHED).collect();
-    assert!(held.len() >= 4, "wl_sockets holds established connections: {held:?}");
+    let held: Vec<_> = fds
+        .iter()
+        .filter(|f| f.state == cr_common::sock::tcp_state::ESTABLISHED)
+        .collect();
+    assert!(
+        held.len() >= 4,
+        "wl_sockets holds established connections: {held:?}"
+    );
     for f in &held {
-        assert!(err.contains(&f.conn.to_string()), "the refusal does not name {}: {err}", f.conn);
+        assert!(
+            err.contains(&f.conn.to_string()),
+            "the refusal does not name {}: {err}",
+            f.conn
+        );
     }
-    assert!(err.contains("--tcp-established"), "the refusal does not name the flag: {err}");
+    assert!(
+        err.contains("--tcp-established"),
+        "the refusal does not name the flag: {err}"
+    );
     // The connections waiting in the tree's listeners (accepted by the kernel, not by the tree).
-    let waiting: Vec<_> = t.socks.iter().filter(|s| s.from_listener && !fds.iter().any(|f| f.conn == s.conn)).collect();
-    assert!(waiting.len() >= 2, "wl_sockets leaves connections waiting: {waiting:?}");
+    let waiting: Vec<_> = t
+        .socks
+        .iter()
+        .filter(|s| s.from_listener && !fds.iter().any(|f| f.conn == s.conn))
+        .collect();
+    assert!(
+        waiting.len() >= 2,
+        "wl_sockets leaves connections waiting: {waiting:?}"
+    );
     for s in waiting {
-        assert!(log.contains(&format!("TCP connection {} waits in the accept queue of listener", s.conn)), "{} is not logged as lost:\n{log}", s.conn);
+        assert!(
+            log.contains(&format!(
+                "TCP connection {} waits in the accept queue of listener",
+                s.conn
+            )),
+            "{} is not logged as lost:\n{log}",
+            s.conn
+        );
     }
     drv.send("end");
     w.assert_pass();

@@ -105,17 +105,32 @@ impl TableStats {
         let mut why = Vec::new();
         match self.status {
             status::READY => {}
-            status::ATTACHED => why.push("the tracker's socket table was never seeded with the sockets its target had".to_string()),
-            _ => why.push("the tracker's socket table is unavailable (its programs are not attached)".to_string()),
+            status::ATTACHED => why.push(
+                "the tracker's socket table was never seeded with the sockets its target had"
+                    .to_string(),
+            ),
+            _ => why.push(
+                "the tracker's socket table is unavailable (its programs are not attached)"
+                    .to_string(),
+            ),
         }
         if self.lost != 0 {
-            why.push(format!("the tracker's socket table lost {} entries (a map was full)", self.lost));
+            why.push(format!(
+                "the tracker's socket table lost {} entries (a map was full)",
+                self.lost
+            ));
         }
         if self.untrackable != 0 {
-            why.push(format!("{} listener(s) without a bound port cannot be followed", self.untrackable));
+            why.push(format!(
+                "{} listener(s) without a bound port cannot be followed",
+                self.untrackable
+            ));
         }
         if self.read_errors != 0 {
-            why.push(format!("{} tracepoint records could not be read", self.read_errors));
+            why.push(format!(
+                "{} tracepoint records could not be read",
+                self.read_errors
+            ));
         }
         (!why.is_empty()).then(|| why.join("; "))
     }
@@ -162,7 +177,9 @@ impl SockMaps {
                 seeded: false,
             }),
         };
-        Ok(SockMaps { inner: Mutex::new(inner) })
+        Ok(SockMaps {
+            inner: Mutex::new(inner),
+        })
     }
 
     /// Attaches the programs. A failure leaves the table unavailable (dumps scan) but is no
@@ -173,7 +190,9 @@ impl SockMaps {
                 set_status(&mut self.lock().stats, status::ATTACHED)?;
                 log::debug!("TCP socket table attached");
             }
-            Err(e) => log::warn!("the TCP socket table is unavailable (dumps will scan sockets instead): {e:#}"),
+            Err(e) => log::warn!(
+                "the TCP socket table is unavailable (dumps will scan sockets instead): {e:#}"
+            ),
         }
         Ok(())
     }
@@ -195,7 +214,9 @@ impl SockMaps {
     pub fn fds(&self) -> Result<Vec<OwnedFd>> {
         let mut g = self.lock();
         if let Err(e) = seed_once(&mut g) {
-            log::warn!("the TCP socket table could not be seeded (dumps will scan sockets instead): {e:#}");
+            log::warn!(
+                "the TCP socket table could not be seeded (dumps will scan sockets instead): {e:#}"
+            );
         }
         [
             (g.socks.map().fd().as_fd(), names::SOCKS),
@@ -203,19 +224,31 @@ impl SockMaps {
             (g.stats.map().fd().as_fd(), names::SOCK_STATS),
         ]
         .into_iter()
-        .map(|(fd, name)| fd.try_clone_to_owned().with_context(|| format!("dup the fd of map {name}")))
+        .map(|(fd, name)| {
+            fd.try_clone_to_owned()
+                .with_context(|| format!("dup the fd of map {name}"))
+        })
         .collect()
     }
 
     /// The maps from `FDS` fds sent by the tracker.
     pub fn from_fds(fds: Vec<OwnedFd>) -> Result<SockMaps> {
         if fds.len() != Self::FDS {
-            bail!("the tracker sent {} socket-table fds, expected {}", fds.len(), Self::FDS);
+            bail!(
+                "the tracker sent {} socket-table fds, expected {}",
+                fds.len(),
+                Self::FDS
+            );
         }
         let mut maps = Vec::with_capacity(Self::FDS);
-        for (fd, name) in fds.into_iter().zip([names::SOCKS, names::LISTENERS, names::SOCK_STATS]) {
-            let data = MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
-            let map = Map::from_map_data(data).with_context(|| format!("map {name} from the tracker has an unknown type"))?;
+        for (fd, name) in fds
+            .into_iter()
+            .zip([names::SOCKS, names::LISTENERS, names::SOCK_STATS])
+        {
+            let data =
+                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
+            let map = Map::from_map_data(data)
+                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
             maps.push((name, map));
         }
         let mut it = maps.into_iter();
@@ -223,15 +256,25 @@ impl SockMaps {
             let (name, map) = m.context("missing map")?;
             T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
         }
-        let inner = Inner { socks: typed(it.next())?, listeners: typed(it.next())?, stats: typed(it.next())?, own: None };
-        Ok(SockMaps { inner: Mutex::new(inner) })
+        let inner = Inner {
+            socks: typed(it.next())?,
+            listeners: typed(it.next())?,
+            stats: typed(it.next())?,
+            own: None,
+        };
+        Ok(SockMaps {
+            inner: Mutex::new(inner),
+        })
     }
 
     /// The counters and the status.
     pub fn stats(&self) -> Result<TableStats> {
         let g = self.lock();
         let slot = |i: u32| -> Result<u64> {
-            let v = g.stats.get(&i, 0).with_context(|| format!("read counter {i} of {}", names::SOCK_STATS))?;
+            let v = g
+                .stats
+                .get(&i, 0)
+                .with_context(|| format!("read counter {i} of {}", names::SOCK_STATS))?;
             Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
         };
         Ok(TableStats {
@@ -278,11 +321,15 @@ impl SockMaps {
 
 /// Writes the STATUS slot (CPU 0's value; the others stay 0, so the sum is the status).
 fn set_status(stats: &mut PerCpuArray<MapData, u64>, value: u64) -> Result<()> {
-    let n = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?.get() as usize;
+    let n = aya::util::nr_cpus()
+        .map_err(|(what, e)| anyhow!("{what}: {e}"))?
+        .get() as usize;
     let mut v = vec![0u64; n];
     v[0] = value;
     let values = PerCpuValues::try_from(v).context("per-CPU values")?;
-    stats.set(sock_stat::STATUS, values, 0).with_context(|| format!("write the status of {}", names::SOCK_STATS))
+    stats
+        .set(sock_stat::STATUS, values, 0)
+        .with_context(|| format!("write the status of {}", names::SOCK_STATS))
 }
 
 /// CR_TARGETS of the object `obj` loaded: the map of that name among those the socket
@@ -293,22 +340,41 @@ fn find_targets_map(obj: &mut BpfObject) -> Result<HashMap<MapData, u32, TargetI
         .program(names::PROG_SOCK_STATE)
         .with_context(|| format!("the eBPF object has no program {}", names::PROG_SOCK_STATE))?;
     let info = prog.info().context("read the socket program's info")?;
-    let ids = info.map_ids().context("read the socket program's map ids")?.unwrap_or_default();
+    let ids = info
+        .map_ids()
+        .context("read the socket program's map ids")?
+        .unwrap_or_default();
     for id in ids {
-        let Ok(data) = MapData::from_id(id) else { continue };
-        let named = data.info().ok().and_then(|i| i.name_as_str().map(|n| n == cr_common::names::TARGETS)).unwrap_or(false);
+        let Ok(data) = MapData::from_id(id) else {
+            continue;
+        };
+        let named = data
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(|n| n == cr_common::names::TARGETS))
+            .unwrap_or(false);
         if named {
             let map = Map::from_map_data(data).context("CR_TARGETS has an unknown type")?;
             return HashMap::try_from(map).context("CR_TARGETS has an unexpected type");
         }
     }
-    bail!("the socket program does not use a map named {}", cr_common::names::TARGETS)
+    bail!(
+        "the socket program does not use a map named {}",
+        cr_common::names::TARGETS
+    )
 }
 
 /// Seeds the table with the targets' existing sockets, once (tracker side only).
 fn seed_once(g: &mut Inner) -> Result<()> {
-    let Inner { socks, listeners, stats, own } = g;
-    let Some(own) = own.as_mut() else { return Ok(()) };
+    let Inner {
+        socks,
+        listeners,
+        stats,
+        own,
+    } = g;
+    let Some(own) = own.as_mut() else {
+        return Ok(());
+    };
     if own.seeded {
         return Ok(());
     }
@@ -324,7 +390,12 @@ fn seed_once(g: &mut Inner) -> Result<()> {
         let pids = crate::net::inventory::tree_of(t as i32);
         for &p in &pids {
             if p as u32 != t {
-                own.procs.insert(&(p as u32), &t, 0).with_context(|| format!("add process {p} of the tree of {t} to {}", names::SOCK_PROCS))?;
+                own.procs.insert(&(p as u32), &t, 0).with_context(|| {
+                    format!(
+                        "add process {p} of the tree of {t} to {}",
+                        names::SOCK_PROCS
+                    )
+                })?;
             }
         }
         let inv = crate::net::inventory::scan(&pids)?;
@@ -347,7 +418,12 @@ fn seed_once(g: &mut Inner) -> Result<()> {
                 Err(e) => return Err(e).with_context(|| format!("seed {}", names::SOCKS)),
             }
             if s.state == tcp_state::LISTEN {
-                let lk = ListenKey { addr: key.laddr, port: key.lport, family: key.family, _pad: 0 };
+                let lk = ListenKey {
+                    addr: key.laddr,
+                    port: key.lport,
+                    family: key.family,
+                    _pad: 0,
+                };
                 match listeners.insert(&lk, &t, BPF_NOEXIST) {
                     Ok(()) => {}
                     Err(e) if exists(&e) => {}
@@ -369,7 +445,10 @@ fn seed_once(g: &mut Inner) -> Result<()> {
                 }
             }
         }
-        log::info!("TCP socket table seeded with {n} socket(s) of the tree of PID {t} ({} processes)", pids.len());
+        log::info!(
+            "TCP socket table seeded with {n} socket(s) of the tree of PID {t} ({} processes)",
+            pids.len()
+        );
     }
     set_status(stats, status::READY)
 }
@@ -408,14 +487,18 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
 
     #[test]
     fn the_layout_of_this_kernel_generation_is_the_default() {
-        assert_eq!(parse_layout(SOCK_FORMAT, FORK_FORMAT).unwrap(), SockLayout::DEFAULT);
+        assert_eq!(
+            parse_layout(SOCK_FORMAT, FORK_FORMAT).unwrap(),
+            SockLayout::DEFAULT
+        );
     }
 
     #[test]
     fn a_moved_field_is_followed_and_a_resized_one_refused() {
         let moved = SOCK_FORMAT.replace("daddr_v6[16];\toffset:56", "daddr_v6[16];\toffset:64");
         assert_eq!(parse_layout(&moved, FORK_FORMAT).unwrap().daddr_v6, 64);
-        let narrow = SOCK_FORMAT.replace("sport;\toffset:24;\tsize:2", "sport;\toffset:24;\tsize:4");
+        let narrow =
+            SOCK_FORMAT.replace("sport;\toffset:24;\tsize:2", "sport;\toffset:24;\tsize:4");
         let e = parse_layout(&narrow, FORK_FORMAT).unwrap_err().to_string();
         assert!(e.contains("`sport` is 4 bytes"), "{e}");
         let missing = SOCK_FORMAT.replace("protocol;", "proto;");

@@ -48,7 +48,9 @@ fn connect(addr: SocketAddr) -> Res<TcpStream> {
 
 /// A connection to `l` at `host` (which must have nothing else waiting), accepted.
 fn pair(l: &TcpListener, host: &str) -> Res<(TcpStream, TcpStream)> {
-    let addr: SocketAddr = format!("{host}:{}", port(l)).parse().map_err(|e| format!("{host}: {e}"))?;
+    let addr: SocketAddr = format!("{host}:{}", port(l))
+        .parse()
+        .map_err(|e| format!("{host}: {e}"))?;
     let c = connect(addr)?;
     let (s, _) = l.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
     Ok((c, s))
@@ -56,7 +58,10 @@ fn pair(l: &TcpListener, host: &str) -> Res<(TcpStream, TcpStream)> {
 
 /// (local port, remote port) of a connection.
 fn ports(s: &TcpStream) -> (u16, u16) {
-    (s.local_addr().map(|a| a.port()).unwrap_or(0), s.peer_addr().map(|a| a.port()).unwrap_or(0))
+    (
+        s.local_addr().map(|a| a.port()).unwrap_or(0),
+        s.peer_addr().map(|a| a.port()).unwrap_or(0),
+    )
 }
 
 /// (local port, remote port, state) of every socket in /proc/net/tcp and tcp6.
@@ -66,8 +71,16 @@ fn proc_net_tcp() -> Vec<(u16, u16, u8)> {
         let text = std::fs::read_to_string(f).unwrap_or_default();
         for line in text.lines().skip(1) {
             let w: Vec<&str> = line.split_whitespace().collect();
-            let port = |s: &str| s.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            if let (Some(l), Some(r), Some(st)) = (w.get(1).and_then(|s| port(s)), w.get(2).and_then(|s| port(s)), w.get(3).and_then(|s| u8::from_str_radix(s, 16).ok())) {
+            let port = |s: &str| {
+                s.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            if let (Some(l), Some(r), Some(st)) = (
+                w.get(1).and_then(|s| port(s)),
+                w.get(2).and_then(|s| port(s)),
+                w.get(3).and_then(|s| u8::from_str_radix(s, 16).ok()),
+            ) {
                 out.push((l, r, st));
             }
         }
@@ -83,7 +96,12 @@ fn settle(conns: &[(u16, u16)]) -> Res<()> {
     loop {
         let busy: Vec<(u16, u16, u8)> = proc_net_tcp()
             .into_iter()
-            .filter(|&(l, r, st)| st != TIME_WAIT && conns.iter().any(|&(a, b)| (l, r) == (a, b) || (l, r) == (b, a)))
+            .filter(|&(l, r, st)| {
+                st != TIME_WAIT
+                    && conns
+                        .iter()
+                        .any(|&(a, b)| (l, r) == (a, b) || (l, r) == (b, a))
+            })
             .collect();
         if busy.is_empty() {
             return Ok(());
@@ -113,7 +131,10 @@ struct Child {
     pid: i32,
 }
 
-fn spawn_child(step: fn(u8, &mut Vec<TcpStream>, &mut Vec<TcpListener>, &Ctx) -> Res<String>, ctx: &Ctx) -> Res<Child> {
+fn spawn_child(
+    step: fn(u8, &mut Vec<TcpStream>, &mut Vec<TcpListener>, &Ctx) -> Res<String>,
+    ctx: &Ctx,
+) -> Res<Child> {
     let (r1, w1) = pipe()?;
     let (r2, w2) = pipe()?;
     // SAFETY: fork while single-threaded.
@@ -152,14 +173,22 @@ fn spawn_child(step: fn(u8, &mut Vec<TcpStream>, &mut Vec<TcpListener>, &Ctx) ->
         unsafe { libc::_exit(0) };
     }
     drop((r1, w2));
-    Ok(Child { to: std::fs::File::from(w1), from: BufReader::new(std::fs::File::from(r2)), pid })
+    Ok(Child {
+        to: std::fs::File::from(w1),
+        from: BufReader::new(std::fs::File::from(r2)),
+        pid,
+    })
 }
 
 impl Child {
     fn run(&mut self, step: u8) -> Res<String> {
-        self.to.write_all(&[step]).map_err(|e| format!("to child {}: {e}", self.pid))?;
+        self.to
+            .write_all(&[step])
+            .map_err(|e| format!("to child {}: {e}", self.pid))?;
         let mut line = String::new();
-        self.from.read_line(&mut line).map_err(|e| format!("from child {}: {e}", self.pid))?;
+        self.from
+            .read_line(&mut line)
+            .map_err(|e| format!("from child {}: {e}", self.pid))?;
         match line.trim().strip_prefix("ok") {
             Some(rest) => Ok(rest.trim().to_string()),
             None => Err(format!("child {}: {}", self.pid, line.trim())),
@@ -176,10 +205,21 @@ struct Ctx {
 
 /// What a child does at each step: listen on 127.0.0.1, connect to its own listener (accepted)
 /// and to one of the parent's (left waiting there).
-fn child_step(step: u8, streams: &mut Vec<TcpStream>, listeners: &mut Vec<TcpListener>, ctx: &Ctx) -> Res<String> {
+fn child_step(
+    step: u8,
+    streams: &mut Vec<TcpStream>,
+    listeners: &mut Vec<TcpListener>,
+    ctx: &Ctx,
+) -> Res<String> {
     let l = listen("127.0.0.1:0")?;
     let (c, s) = pair(&l, "127.0.0.1")?;
-    let target: SocketAddr = if step % 2 == 0 { format!("127.0.0.1:{}", ctx.l4w) } else { format!("[::1]:{}", ctx.l6w) }.parse().map_err(|e| format!("{e}"))?;
+    let target: SocketAddr = if step.is_multiple_of(2) {
+        format!("127.0.0.1:{}", ctx.l4w)
+    } else {
+        format!("[::1]:{}", ctx.l6w)
+    }
+    .parse()
+    .map_err(|e| format!("{e}"))?;
     streams.extend([c, s, connect(target)?]);
     let p = port(&l);
     listeners.push(l);
@@ -212,23 +252,40 @@ fn phase_a(st: &mut State) -> Res<String> {
     let l6w = listen("[::]:0")?;
     let l6l = listen("[::1]:0")?;
     let l4x = listen("127.0.0.1:0")?;
-    st.ctx = Ctx { l4w: port(&l4w), l6w: port(&l6w) };
+    st.ctx = Ctx {
+        l4w: port(&l4w),
+        l6w: port(&l6w),
+    };
     let (c, s) = pair(&l4l, "127.0.0.1")?;
     st.a1 = vec![c, s];
     // IPv4 on the dual-stack wildcard: the accepted side is an IPv6 socket with v4-mapped
     // addresses.
     let (c, s) = pair(&l6w, "127.0.0.1")?;
     st.keep.extend([c, s]);
-    st.keep.push(connect(format!("127.0.0.1:{}", port(&l4w)).parse().map_err(|e| format!("{e}"))?)?);
-    st.keep.push(connect(format!("[::1]:{}", port(&l6l)).parse().map_err(|e| format!("{e}"))?)?);
+    st.keep.push(connect(
+        format!("127.0.0.1:{}", port(&l4w))
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    )?);
+    st.keep.push(connect(
+        format!("[::1]:{}", port(&l6l))
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    )?);
     let (c, s) = pair(&l4l, "127.0.0.1")?;
-    c.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    c.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
     st.h1 = vec![c, s];
     let (c, s) = pair(&l4l, "127.0.0.1")?;
     let closed = ports(&c);
     drop((c, s));
-    st.x = Some(connect(format!("127.0.0.1:{}", port(&l4x)).parse().map_err(|e| format!("{e}"))?)?);
-    (st.l4w, st.l4l, st.l6w, st.l6l, st.l4x) = (Some(l4w), Some(l4l), Some(l6w), Some(l6l), Some(l4x));
+    st.x = Some(connect(
+        format!("127.0.0.1:{}", port(&l4x))
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    )?);
+    (st.l4w, st.l4l, st.l6w, st.l6l, st.l4x) =
+        (Some(l4w), Some(l4l), Some(l6w), Some(l6l), Some(l4x));
     let child = spawn_child(child_step, &st.ctx)?;
     let pid = child.pid;
     st.children.push(child);
@@ -252,13 +309,20 @@ fn phase_b(st: &mut State, outside: &str) -> Res<String> {
     let (c, s) = pair(&l6b, "127.0.0.1")?;
     st.keep.extend([c, s]);
     let (c, s) = pair(&l4b, "127.0.0.1")?;
-    s.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
     st.keep.extend([c, s]);
     let (c, s) = pair(&l6b, "[::1]")?;
     gone.push(ports(&c));
     drop((c, s));
-    st.keep.push(connect(format!("[::1]:{}", port(&l6b)).parse().map_err(|e| format!("{e}"))?)?);
-    st.keep.push(connect(outside.parse().map_err(|e| format!("{outside}: {e}"))?)?);
+    st.keep.push(connect(
+        format!("[::1]:{}", port(&l6b))
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    )?);
+    st.keep.push(connect(
+        outside.parse().map_err(|e| format!("{outside}: {e}"))?,
+    )?);
     let mut young = spawn_child(child_step, &st.ctx)?;
     young.run(0)?;
     let pid = young.pid;
@@ -280,7 +344,12 @@ fn phase_c(st: &mut State) -> Res<String> {
 }
 
 fn fifo(path: &str) -> std::fs::File {
-    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).unwrap_or_else(|e| panic!("open {path}: {e}"))
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {path}: {e}"))
 }
 
 fn main() {
