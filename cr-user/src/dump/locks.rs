@@ -13,7 +13,7 @@
 //!
 //! With a tracker running for the tree, its lock table ([`crate::track::locks`]) replaces that
 //! survey ([`survey_tree`]): a tree holding no lock costs one request to the tracker and no read
-//! at all (opening `/proc/locks` costs an RCU grace period, while the tree is frozen); with
+//! at all (reading `/proc/locks` costs an RCU grace period, while the tree is frozen); with
 //! locks, only the fds on the locked inodes have their fdinfo read, and fdinfo and the table
 //! must agree. When the table cannot tell, the survey decides and the table gets its result.
 //!

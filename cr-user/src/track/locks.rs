@@ -1,12 +1,12 @@
 //! The tracker's file-lock table (DESIGN §5, §7): the locks of the tracked tree, kept from the
 //! kernel's own lock events instead of read from `/proc/locks` at every dump.
 //!
-//! Reading `/proc/locks` is not cheap where it hurts: opening it takes the global `file_rwsem`
-//! for writing (a percpu rwsem: an RCU grace period, 5-15 ms here), and a dump does it while
-//! the tree is frozen. The tracker process instead keeps a [`LockModel`] of every lock on the
+//! Reading `/proc/locks` is not cheap where it hurts: its first read takes the global
+//! `file_rwsem` for writing (a percpu rwsem: it waits for an RCU grace period, 5-15 ms here),
+//! and a dump did it while the tree is frozen. The tracker process instead keeps a [`LockModel`] of every lock on the
 //! inodes the tree locked, fed by cr-ebpf/src/locks.rs (filelock:* tracepoints, see
-//! cr-common/src/lock.rs) through the ring CR_LOCK_EVENTS, which it drains whenever it fills
-//! ([`LockTable::pump`]). A dump asks for it (`Locks`, [`LockTable::view`]) while the tree is
+//! cr-common/src/lock.rs) through the ring CR_LOCK_EVENTS, which it drains as it fills and every
+//! quarter second ([`LockTable::pump`]). A dump asks for it (`Locks`, [`LockTable::view`]) while the tree is
 //! frozen; with no lock held it reads nothing else at all (dump/locks.rs).
 //!
 //! The events are requests with their result, so the model replays the kernel's rules
