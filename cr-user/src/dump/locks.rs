@@ -136,7 +136,13 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
         );
         return slow(pids, None, &[], &why, t0);
     }
-    let inodes: Vec<InodeId> = view.locks.iter().map(|l| l.inode).collect();
+    // Every inode the table describes or cannot tell gets its exact state back.
+    let inodes: Vec<InodeId> = view
+        .locks
+        .iter()
+        .map(|l| l.inode)
+        .chain(view.unknown.iter().map(|(i, _)| *i))
+        .collect();
     let why = if !view.usable {
         format!("the tracker's lock table cannot tell: {}", view.why)
     } else if !view.unknown.is_empty() {
