@@ -52,9 +52,10 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let mut inc = incremental::Session::prepare(o, false, pid)?;
     interrupt::check()?;
 
+    let prepared = crate::net::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
-    let mut net = crate::net::DumpGuard::begin(o.tcp_established, &o.images_dir, pid);
+    let mut net = crate::net::DumpGuard::begin(o.tcp_established, &o.images_dir, pid, prepared);
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored

@@ -74,6 +74,8 @@ pub struct NetLock {
     /// Keeps the loaded object's other parts alive while the dump runs.
     _obj: crate::track::BpfObject,
     record_path: PathBuf,
+    /// Local addresses whose interfaces carry the lock already.
+    addrs_done: Vec<Vec<u8>>,
 }
 
 fn keys(s: &pb::TcpSocket) -> Result<[FlowKey; 2]> {
@@ -166,7 +168,9 @@ impl NetLock {
             }
         }
         made.with_context(|| format!("create {} (is bpffs mounted at /sys/fs/bpf?)", pin_dir.display()))?;
-        let mut obj = crate::track::BpfObject::load()?;
+        // Only the classifier and its map are used: the tracker's large maps at their
+        // smallest, so loading costs little.
+        let mut obj = crate::track::BpfObject::load_sized(Some(1))?;
         let raw = obj.ebpf_mut().take_map(MAP).ok_or_else(|| anyhow!("the eBPF object has no map {MAP} (stale build? run cargo xtask build)"))?;
         let _ = std::fs::remove_file(pin_dir.join("map"));
         match &raw {
@@ -190,6 +194,7 @@ impl NetLock {
             prog,
             _obj: obj,
             record_path: record_dir.join(RECORD),
+            addrs_done: Vec::new(),
         };
         lock.save()?;
         log::info!("network lock pinned in {}", pin_dir.display());
@@ -229,8 +234,13 @@ impl NetLock {
         for k in keys(s)? {
             self.map.insert(&k, &1, 0).context("add a connection to the lock map")?;
         }
-        for ifname in interfaces(s.family, &s.src_addr) {
-            self.attach(&ifname)?;
+        // Interfaces are found once per local address (a getifaddrs netlink dump each time
+        // would cost more than the rest of locking a connection).
+        if !self.addrs_done.contains(&s.src_addr) {
+            for ifname in interfaces(s.family, &s.src_addr) {
+                self.attach(&ifname)?;
+            }
+            self.addrs_done.push(s.src_addr.clone());
         }
         // Map entry and filters in place: from here the first connection drops its packets.
         if self.rec.locked_at_ns == 0 {
@@ -242,6 +252,11 @@ impl NetLock {
 
     pub fn record(&self) -> &Record {
         &self.rec
+    }
+
+    /// The image directory holding the lock's record.
+    pub fn record_dir(&self) -> &Path {
+        self.record_path.parent().unwrap_or(Path::new("."))
     }
 }
 

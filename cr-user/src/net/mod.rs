@@ -38,15 +38,58 @@ pub struct DumpGuard {
     killed: bool,
 }
 
+/// A network lock loaded and pinned before the freeze, with no filter and no connection yet:
+/// nothing is dropped until the first connection is added, and loading the classifier
+/// (tens of ms) is not paid while the tree is frozen and its peers wait. Dropped unused (the
+/// seize failed, or the tree holds no established connection), it is released.
+pub struct PreparedLock(Option<lock::NetLock>);
+
+impl PreparedLock {
+    /// With --tcp-established, loads and pins the lock of the dump of `pid` into
+    /// `images_dir`; otherwise nothing.
+    pub fn new(tcp_established: bool, images_dir: &Path, pid: i32) -> Result<PreparedLock> {
+        if !tcp_established {
+            return Ok(PreparedLock(None));
+        }
+        let t = std::time::Instant::now();
+        let l = lock::NetLock::create(&lock_tag(pid), images_dir)?;
+        log::debug!("network lock prepared in {:.1} ms (before the freeze)", t.elapsed().as_secs_f64() * 1e3);
+        Ok(PreparedLock(Some(l)))
+    }
+}
+
+impl Drop for PreparedLock {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            release_unused(l);
+        }
+    }
+}
+
+/// Releases a lock that never locked a connection.
+fn release_unused(l: lock::NetLock) {
+    let rec = l.record().clone();
+    let dir = l.record_dir().to_path_buf();
+    drop(l);
+    lock::release(&rec, Some(&dir));
+}
+
+/// Names the lock's pin directory: the dumped PID and cr's own.
+fn lock_tag(pid: i32) -> String {
+    format!("{pid}-{}", std::process::id())
+}
+
 impl DumpGuard {
-    pub fn begin(tcp_established: bool, images_dir: &Path, pid: i32) -> DumpGuard {
+    /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); the guard owns it from
+    /// here.
+    pub fn begin(tcp_established: bool, images_dir: &Path, pid: i32, mut prepared: PreparedLock) -> DumpGuard {
         if let Ok(mut g) = DUMP.lock() {
             *g = Some(DumpState {
                 tcp_established,
                 held: Vec::new(),
-                lock: None,
+                lock: prepared.0.take(),
                 images_dir: images_dir.to_path_buf(),
-                tag: format!("{pid}-{}", std::process::id()),
+                tag: lock_tag(pid),
             });
         }
         DumpGuard { killed: false }
@@ -62,9 +105,6 @@ impl DumpGuard {
         for (c, l) in &s.unaccepted {
             log::warn!("TCP connection {c} waits in the accept queue of listener {l}: not accepted yet, it is lost (as in CRIU)");
         }
-        if s.established.is_empty() {
-            return Ok(());
-        }
         let mut g = match DUMP.lock() {
             Ok(g) => g,
             Err(_) => bail!("internal: the dump's network state is poisoned"),
@@ -72,6 +112,13 @@ impl DumpGuard {
         let Some(state) = g.as_mut() else {
             bail!("internal: sockets surveyed outside a dump");
         };
+        if s.established.is_empty() {
+            // A lock prepared for connections the tree does not have: none to keep.
+            if let Some(l) = state.lock.take() {
+                release_unused(l);
+            }
+            return Ok(());
+        }
         if !state.tcp_established {
             let named: Vec<String> = s.established.iter().map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid)).collect();
             bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
