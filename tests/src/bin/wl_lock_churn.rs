@@ -12,6 +12,7 @@
 //! - `flock SLOT sh|ex|un` (LOCK_NB), `flockw SLOT sh|ex` (blocking)
 //! - `bg LOCKCMD…`: runs a lock command in a new thread and replies at once; `join` waits for
 //!   it and replies with its result
+//! - `repeat N LOCKCMD…`: runs a lock command N times in a row (stops at the first failure)
 //! - `fork NAME` (root only): a child that shares the root's fd table as it is (a copy: its
 //!   own POSIX locks, the root's descriptions); replies `ok PID`
 //! - `exit` (a child): it exits; the root reaps it before replying.
@@ -136,6 +137,20 @@ impl Proc {
                 let fd = self.slot(arg(2))?;
                 let rest: Vec<String> = w[1..].to_vec();
                 self.bg = Some(std::thread::spawn(move || lock_cmd(fd, &rest)));
+                Ok("ok".into())
+            }
+            "repeat" => {
+                // repeat N LOCKCMD…: N times in a row, as fast as it goes (a burst of events).
+                let n: u64 = arg(1)
+                    .parse()
+                    .map_err(|_| format!("err count {:?}", arg(1)))?;
+                let fd = self.slot(arg(3))?;
+                for _ in 0..n {
+                    let r = lock_cmd(fd, &w[2..]);
+                    if r != "ok" {
+                        return Err(r);
+                    }
+                }
                 Ok("ok".into())
             }
             "join" => match self.bg.take() {
