@@ -118,9 +118,20 @@ pub fn wants_pages(v: &Vma, kind: u32) -> bool {
 /// The pages of a VMA that hold data of its own: every present or swapped page of shared
 /// anonymous memory; of private memory those that are neither the file's own page-cache pages
 /// nor the shared zero page.
+///
+/// Private anonymous memory has no page-cache pages, so its query leaves PAGE_IS_FILE out:
+/// telling a file page needs the kernel to look at every page's `struct page` (a cache miss
+/// each), which made the scan ten times slower (30 ms per GiB instead of 3 here).
 pub fn resident_query(v: &Vma) -> ScanQuery {
     if v.is_shmem_anon() {
         ScanQuery { category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED, ..Default::default() }
+    } else if v.path.is_none() && !v.shared {
+        ScanQuery {
+            category_inverted: pagemap::PAGE_IS_PFNZERO,
+            category_mask: pagemap::PAGE_IS_PFNZERO,
+            category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            ..Default::default()
+        }
     } else {
         ScanQuery {
             category_inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
@@ -133,7 +144,7 @@ pub fn resident_query(v: &Vma) -> ScanQuery {
 
 /// Whether every page of a private VMA is an anonymous page in memory, by its smaps
 /// counters: then [`resident_query`] would report the whole VMA, and the page-table walk of
-/// PAGEMAP_SCAN (about 20 ms per GiB) can be skipped. (The shared zero page and page-cache
+/// PAGEMAP_SCAN can be skipped. (The shared zero page and page-cache
 /// pages do not count as `Anonymous:`; swapped pages count as `Swap:`.)
 fn fully_anonymous(v: &Vma) -> bool {
     !v.shared && !v.is_shmem_anon() && v.len() > 0 && v.anonymous == v.len()

@@ -1,33 +1,35 @@
 //! Copying the pages of a frozen target into its page file.
 //!
-//! One reader (the dumping thread) copies page runs out of the target with `process_vm_readv`
-//! into page-aligned buffers of [`CHUNK`] bytes; one writer thread appends them to the page
-//! file (`image::pages::PageWriter`: page cache, writeback started as it goes). The two run
-//! side by side while the target is frozen, one core each, and buffers go back to the reader
-//! once written: a dump of any size turns over a few MiB of buffers.
+//! The page plan is cut into batches of at most [`CHUNK`] bytes ([`plan_batches`]). Reader
+//! threads (the dumping thread, plus one more on machines with at least three cores, see
+//! [`readers`]) copy batches out of the target with `process_vm_readv` into page-aligned
+//! buffers; one writer thread appends them, in plan order, to the page file
+//! (`image::pages::PageWriter`: page cache, writeback started by a helper thread as it goes).
+//! Readers and writer run side by side while the target is frozen, and buffers go back to the
+//! readers once written: a dump of any size turns over a few MiB of buffers.
 //!
-//! Why the reader does not copy everything into memory first and let the target go: on this
+//! Why the readers do not copy everything into memory first and let the target go: on this
 //! kind of machine (a VM whose free memory is reported back to the host) touching fresh memory
 //! is the dearest thing a dump does. Measured for 1 GiB: populating fresh 4 KiB pages 0.35-0.5
 //! s (fresh 2 MiB pages 2-3 s), while `process_vm_readv` into buffers already touched takes
-//! about 0.25 s and writing them into the page cache about 0.3 s. The old way (fresh 2 MiB
+//! about 0.25 s and writing them into the page cache about 0.25 s. The old way (fresh 2 MiB
 //! buffers for everything, written after) froze a 1 GiB target for about 1 s.
 //!
-//! So, for each buffer it needs, the reader takes in order: one the writer gave back, one
-//! warmed before the freeze ([`warm_buffers`]), a fresh one while it has fewer than
+//! So, for each batch, a reader takes a buffer in this order: one the writer gave back, one
+//! warmed before the freeze ([`warm_buffers`]), a fresh one while the copy has fewer than
 //! [`MIN_BUFFERS`], a fresh one if the measured costs say that reading plus populating a fresh
-//! buffer beats the writer's pace (a slow disk), and otherwise it waits for the writer. When
-//! the writer has a backlog (it sets the pace), the reader checksums each batch it just read
-//! (still in the cache) so that the writer only writes; otherwise the writer checksums.
-//! Up to a memory budget ([`budget`]) of buffers may be in flight. With `-R` the target is let
-//! go as soon as the last read is done, while the last writes finish.
+//! buffer beats the writer's pace (a slow disk), and otherwise the next one the writer gives
+//! back. When the writer has a backlog (it sets the pace), the reader checksums the batch it
+//! just read (still in the cache) so that the writer only writes; otherwise the writer
+//! checksums. Up to a memory budget ([`budget`]) of buffers may be in flight. With `-R` the
+//! target is let go as soon as the last read is done, while the last writes finish.
 //!
 //! Incremental dumps ([`copy_plan`]) may hold the writer back until the target runs again
 //! when everything fits in the buffers warmed before the freeze: then the freeze costs the
 //! reads alone.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -162,22 +164,20 @@ pub fn warm_buffers(bytes: u64) {
 /// Pages copied but perhaps not yet written: [`PendingPages::finish`] waits for the writer.
 pub struct PendingPages {
     writer: Option<JoinHandle<Result<pb::PageMap>>>,
-    /// Holds the writer back until the target runs again (see [`copy_plan`]); dropping it (or
-    /// a message on it) lets the writer go.
-    gate: Option<Sender<()>>,
-    /// Tells the writer to give up instead of completing the page file.
-    abort: Arc<AtomicBool>,
+    /// What the writer shares with the readers: the gate that holds it back until the target
+    /// runs again (see [`copy_plan`]) and the flag that tells it to give up.
+    shared: Arc<Shared>,
 }
 
 impl PendingPages {
     /// Lets a held-back writer start (the target no longer waits for us).
     pub fn start_writing(&mut self) {
-        self.gate = None;
+        self.shared.release_gate();
     }
 
     /// Waits until every page is written and the page file is complete.
     pub fn finish(mut self) -> Result<pb::PageMap> {
-        self.gate = None;
+        self.shared.release_gate();
         let h = self.writer.take().expect("finish called once");
         h.join().map_err(|_| anyhow!("the page writer thread panicked"))?
     }
@@ -185,11 +185,11 @@ impl PendingPages {
 
 impl Drop for PendingPages {
     fn drop(&mut self) {
-        self.gate = None;
         if let Some(h) = self.writer.take() {
             // Dropped unfinished (an error elsewhere): the writer gives up and its PageWriter
             // removes the temporary file.
-            self.abort.store(true, Ordering::Release);
+            self.shared.abort.store(true, Ordering::Release);
+            self.shared.release_gate();
             let _ = h.join();
         }
     }
@@ -210,7 +210,7 @@ pub fn budget(total: u64) -> u64 {
 /// Returns once everything is read; the writes may still be going on.
 pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<PendingPages> {
     let plan: Vec<PlanItem> = runs.iter().map(|r| PlanItem::Data { start: r.start, end: r.end, readable: r.readable }).collect();
-    run_copy(pid, &plan, writer, budget, false)
+    run_copy(pid, &plan, writer, budget, false, readers())
 }
 
 /// One step of an incremental dump's page plan, in ascending address order.
@@ -239,40 +239,260 @@ pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -
         })
         .sum();
     let hold = data <= budget && data <= pooled_bytes() + HOLD_FRESH_MAX;
-    run_copy(pid, plan, writer, budget, hold)
+    run_copy(pid, plan, writer, budget, hold, readers())
 }
 
-/// The writer's pace so far, shared with the reader.
+/// One batch of the copy, planned before any read: up to [`CHUNK`] bytes of data (read back to
+/// back into one buffer) and the parent runs among them, in address order.
+#[derive(Default)]
+struct Planned {
+    pieces: Vec<Piece>,
+    /// The remote ranges of the data pieces, in order (one process_vm_readv per IOV_MAX).
+    ranges: Vec<(u64, usize)>,
+    /// Bytes of data (0: a batch of parent runs only, which needs no buffer).
+    used: usize,
+    /// The data is read through /proc/PID/mem (its VMA is not readable).
+    forced: bool,
+}
+
+/// Cuts a plan into batches: at most [`CHUNK`] bytes and IOV_MAX ranges each; unreadable
+/// memory in batches of its own.
+fn plan_batches(plan: &[PlanItem]) -> Vec<Planned> {
+    let chunk = CHUNK as usize;
+    let mut out = Vec::new();
+    let mut cur = Planned::default();
+    let close = |cur: &mut Planned, out: &mut Vec<Planned>| {
+        if !cur.pieces.is_empty() {
+            out.push(std::mem::take(cur));
+        }
+    };
+    for item in plan {
+        match *item {
+            PlanItem::Parent { start, end } => cur.pieces.push(Piece::Parent { vaddr: start, pages: (end - start) / 4096 }),
+            PlanItem::Data { start, end, readable } => {
+                if cur.forced != !readable && cur.used > 0 {
+                    close(&mut cur, &mut out);
+                }
+                cur.forced = !readable;
+                let mut addr = start;
+                while addr < end {
+                    if cur.used == chunk || cur.ranges.len() >= crate::sys::IOV_MAX {
+                        close(&mut cur, &mut out);
+                        cur.forced = !readable;
+                    }
+                    let len = ((end - addr) as usize).min(chunk - cur.used);
+                    cur.ranges.push((addr, len));
+                    cur.pieces.push(Piece::Data { vaddr: addr, off: cur.used, len, crc: None });
+                    cur.used += len;
+                    addr += len as u64;
+                }
+            }
+        }
+    }
+    close(&mut cur, &mut out);
+    out
+}
+
+/// Threads that read at the same time: one core is the writer's (a file takes one buffered
+/// writer at a time), the others may read, up to two (two readers keep pace with the writer).
+/// On the 2-core machine this was tuned on, with a third party keeping one core busy, a second
+/// reader made the freeze a quarter longer (more threads to schedule and hand buffers between),
+/// hence no second reader below three cores.
+fn readers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)).clamp(1, 2)
+}
+
+/// The writer's pace so far, shared with the readers.
 #[derive(Default)]
 struct Pace {
     bytes: AtomicU64,
     ns: AtomicU64,
-    /// Batches written (the reader counts those it sent).
+    /// Batches written (the readers count those they sent).
     batches: AtomicU64,
 }
 
-fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: bool) -> Result<PendingPages> {
-    let (tx, rx) = mpsc::channel::<Batch>();
-    let (back_tx, back_rx) = mpsc::channel::<PageBuf>();
+/// The buffers of one copy.
+struct Buffers {
+    free: Vec<PageBuf>,
+    /// Buffers this copy owns (free, being read, queued or being written).
+    live: usize,
+    /// The writer ended (error or abort): nothing comes back any more.
+    writer_gone: bool,
+}
+
+/// What the readers and the writer share.
+struct Shared {
+    pid: i32,
+    /// Reader threads of this copy.
+    readers: usize,
+    bufs: std::sync::Mutex<Buffers>,
+    returned: std::sync::Condvar,
+    max_live: usize,
+    /// The held-back writer's gate (None: the writer runs).
+    gate: std::sync::Mutex<Option<Sender<()>>>,
+    pace: Pace,
+    /// Batches sent to the writer.
+    sent: AtomicU64,
+    /// Next batch to claim.
+    next: std::sync::atomic::AtomicUsize,
+    /// A reader failed (or the dump was abandoned): everyone stops.
+    abort: AtomicBool,
+    stats: std::sync::Mutex<ReadStats>,
+}
+
+impl Shared {
+    fn held(&self) -> bool {
+        self.gate.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
+    /// Lets a held-back writer go.
+    fn release_gate(&self) {
+        if let Ok(mut g) = self.gate.lock() {
+            if let Some(g) = g.take() {
+                let _ = g.send(());
+            }
+        }
+    }
+
+    /// A buffer for the next batch: one the writer gave back, one warmed before the freeze, a
+    /// fresh one (see the module doc), or the next one the writer gives back.
+    fn take(&self, st: &mut ReadStats) -> Result<PageBuf> {
+        let mut b = self.bufs.lock().map_err(|_| anyhow!("page buffers poisoned"))?;
+        let t_wait = Instant::now();
+        let mut waited = false;
+        loop {
+            if let Some(buf) = b.free.pop() {
+                if waited {
+                    st.wait_ns += t_wait.elapsed().as_nanos() as u64;
+                    st.waits += 1;
+                }
+                return Ok(buf);
+            }
+            if b.writer_gone || self.abort.load(Ordering::Acquire) {
+                return Err(anyhow!("the page writer stopped"));
+            }
+            if let Some(buf) = pool_pop() {
+                b.live += 1;
+                st.warmed += 1;
+                return Ok(buf);
+            }
+            let held = self.held();
+            if held && b.live >= self.max_live {
+                // Held back, the writer cannot give buffers back: let it go now rather than
+                // exceed the budget.
+                log::debug!("PID {}: the page data outgrew the buffers held back: writing while frozen", self.pid);
+                self.release_gate();
+            }
+            if b.live < MIN_BUFFERS || (b.live < self.max_live && (held || self.fresh_pays(st))) {
+                b.live += 1;
+                drop(b);
+                let t = Instant::now();
+                let r = PageBuf::new();
+                st.fresh_ns += t.elapsed().as_nanos() as u64;
+                st.fresh += 1;
+                if r.is_err() {
+                    if let Ok(mut b) = self.bufs.lock() {
+                        b.live -= 1;
+                    }
+                }
+                return r;
+            }
+            waited = true;
+            b = self.returned.wait(b).map_err(|_| anyhow!("page buffers poisoned"))?;
+        }
+    }
+
+    /// Gives a buffer back (the writer, or a reader that did not need it).
+    fn give(&self, buf: PageBuf) {
+        if let Ok(mut b) = self.bufs.lock() {
+            b.free.push(buf);
+        }
+        self.returned.notify_one();
+    }
+
+    /// The writer is gone: wake every reader waiting for a buffer.
+    fn writer_gone(&self) {
+        if let Ok(mut b) = self.bufs.lock() {
+            b.writer_gone = true;
+        }
+        self.returned.notify_all();
+    }
+
+    /// Whether reading into a fresh buffer is quicker than waiting for the writer: the
+    /// writer's measured time per MiB against this reader's plus a fresh buffer's.
+    fn fresh_pays(&self, st: &ReadStats) -> bool {
+        let wb = self.pace.bytes.load(Ordering::Acquire);
+        if wb < MIB {
+            // The writer has not finished anything yet: it will shortly.
+            return false;
+        }
+        let t_write = self.pace.ns.load(Ordering::Relaxed).saturating_mul(MIB) / wb;
+        let t_read = if st.bytes >= MIB { st.read_ns.saturating_mul(MIB) / st.bytes } else { 0 };
+        let t_fresh = if st.fresh > 0 { st.fresh_ns.saturating_mul(MIB) / (st.fresh * CHUNK) } else { FRESH_GUESS_NS_PER_MIB };
+        // Readers share the work: each only needs to keep up with its share of the writer.
+        t_read + t_fresh < t_write * self.readers as u64
+    }
+
+    /// Whether the writer has more than the batches it is writing to do: then it, not the
+    /// readers, sets the pace, and a reader's time for checksums is free.
+    fn writer_behind(&self) -> bool {
+        self.sent.load(Ordering::Acquire) >= self.pace.batches.load(Ordering::Acquire) + 1 + self.readers as u64
+    }
+}
+
+fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: bool, readers: usize) -> Result<PendingPages> {
+    let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
+    let batches = plan_batches(plan);
+    let (tx, rx) = mpsc::channel::<(usize, Batch)>();
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
-    let pace = Arc::new(Pace::default());
-    let abort = Arc::new(AtomicBool::new(false));
-    let (writer_pace, writer_abort) = (pace.clone(), abort.clone());
+    let shared = Arc::new(Shared {
+        pid,
+        readers: readers.clamp(1, batches.len().max(1)),
+        bufs: std::sync::Mutex::new(Buffers { free: Vec::new(), live: 0, writer_gone: false }),
+        returned: std::sync::Condvar::new(),
+        max_live: ((budget / CHUNK) as usize).max(MIN_BUFFERS),
+        gate: std::sync::Mutex::new(hold.then_some(gate_tx)),
+        pace: Pace::default(),
+        sent: AtomicU64::new(0),
+        next: std::sync::atomic::AtomicUsize::new(0),
+        abort: AtomicBool::new(false),
+        stats: std::sync::Mutex::new(ReadStats::default()),
+    });
+    let writer_shared = shared.clone();
     let handle = std::thread::Builder::new()
         .name("cr-page-writer".into())
-        .spawn(move || write_batches(writer, rx, back_tx, hold.then_some(gate_rx), &writer_pace, &writer_abort))
+        .spawn(move || {
+            let r = write_batches(writer, rx, hold.then_some(gate_rx), &writer_shared);
+            writer_shared.writer_gone();
+            r
+        })
         .context("start the page writer thread")?;
-    let mut pending = PendingPages { writer: Some(handle), gate: hold.then(|| gate_tx.clone()), abort };
-    let mut r = Reader::new(pid, tx, back_rx, pace, budget, hold.then_some(gate_tx));
-    let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
-    let result = r.read_plan(plan);
-    r.log_stats(t0, cpu0);
-    if result.is_err() {
-        pending.abort.store(true, Ordering::Release);
-    }
-    drop(r);
+    let mut pending = PendingPages { writer: Some(handle), shared: shared.clone() };
+    let readers = shared.readers;
+    let result = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..readers)
+            .map(|i| {
+                let (shared, batches, tx) = (&shared, &batches, tx.clone());
+                std::thread::Builder::new().name(format!("cr-page-read{i}")).spawn_scoped(s, move || read_batches(shared, batches, &tx))
+            })
+            .collect();
+        let mut result = read_batches(&shared, &batches, &tx);
+        for h in helpers {
+            let r = match h {
+                Ok(h) => h.join().unwrap_or_else(|_| Err(anyhow!("a page reader thread panicked"))),
+                Err(e) => Err(anyhow::Error::new(e).context("start a page reader thread")),
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    });
+    drop(tx);
+    log_stats(&shared, t0, cpu0);
     if let Err(e) = result {
-        pending.gate = None;
+        shared.abort.store(true, Ordering::Release);
+        shared.release_gate();
         // If the writer failed first, its error is the cause.
         if let Some(h) = pending.writer.take() {
             if let Ok(Err(we)) = h.join() {
@@ -284,6 +504,82 @@ fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: 
         return Err(e);
     }
     Ok(pending)
+}
+
+/// One reader: claims batches in order while holding a buffer (so that every claimed batch can
+/// be completed and the writer, which writes them in order, never waits on a reader that
+/// waits on it), reads them, checksums them if the writer is behind, and sends them.
+fn read_batches(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>) -> Result<()> {
+    let mut st = ReadStats::default();
+    let r = read_loop(sh, batches, tx, &mut st);
+    if r.is_err() {
+        sh.abort.store(true, Ordering::Release);
+        sh.returned.notify_all();
+    }
+    if let Ok(mut all) = sh.stats.lock() {
+        all.add(&st);
+    }
+    r
+}
+
+fn read_loop(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>, st: &mut ReadStats) -> Result<()> {
+    let mut buf: Option<PageBuf> = None;
+    loop {
+        interrupt::check()?;
+        if sh.abort.load(Ordering::Acquire) {
+            return Err(anyhow!("the page copy was abandoned"));
+        }
+        if buf.is_none() && sh.next.load(Ordering::Acquire) < batches.len() {
+            buf = Some(sh.take(st)?);
+        }
+        let k = sh.next.fetch_add(1, Ordering::AcqRel);
+        let Some(b) = batches.get(k) else {
+            if let Some(b) = buf.take() {
+                sh.give(b);
+            }
+            return Ok(());
+        };
+        let mut pieces: Vec<Piece> = b
+            .pieces
+            .iter()
+            .map(|p| match *p {
+                Piece::Data { vaddr, off, len, .. } => Piece::Data { vaddr, off, len, crc: None },
+                Piece::Parent { vaddr, pages } => Piece::Parent { vaddr, pages },
+            })
+            .collect();
+        let mut data = PageBuf::default();
+        if b.used > 0 {
+            let Some(mut d) = buf.take() else {
+                return Err(anyhow!("internal: a page batch claimed without a buffer"));
+            };
+            d.set_len(CHUNK as usize);
+            let t = Instant::now();
+            if b.forced {
+                for p in &pieces {
+                    if let Piece::Data { vaddr, off, len, .. } = *p {
+                        crate::ptrace::inject::read_mem(sh.pid, vaddr, &mut d[off..off + len])?;
+                    }
+                }
+            } else {
+                crate::sys::vm::process_vm_readv_ranges(sh.pid, &b.ranges, &mut d[..b.used])?;
+            }
+            st.read_ns += t.elapsed().as_nanos() as u64;
+            st.bytes += b.used as u64;
+            if !sh.held() && sh.writer_behind() {
+                let t = Instant::now();
+                for p in pieces.iter_mut() {
+                    if let Piece::Data { off, len, crc, .. } = p {
+                        *crc = Some(crc32c::crc32c(&d[*off..*off + *len]));
+                        st.crc_bytes += *len as u64;
+                    }
+                }
+                st.crc_ns += t.elapsed().as_nanos() as u64;
+            }
+            data = d;
+        }
+        tx.send((k, (data, pieces))).map_err(|_| anyhow!("the page writer stopped"))?;
+        sh.sent.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The writer gave up because the dump failed elsewhere.
@@ -317,30 +613,44 @@ fn batch_bytes(b: &Batch) -> u64 {
         .sum()
 }
 
-/// The writer thread: waits for the gate (if held back), then writes batches, gathering what
-/// is queued into one write of up to [`WRITE_MAX`], and gives the buffers back.
-fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, gate: Option<Receiver<()>>, pace: &Pace, abort: &AtomicBool) -> Result<pb::PageMap> {
+/// The writer thread: waits for the gate (if held back), then writes the batches in their
+/// order (readers may deliver them out of order), gathering consecutive ones into one write of
+/// up to [`WRITE_MAX`], and gives the buffers back.
+fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<Receiver<()>>, sh: &Shared) -> Result<pb::PageMap> {
     if let Some(g) = gate {
         // Returns on a message or when every sender is gone: either means go.
         let _ = g.recv();
     }
     let (mut busy_ns, mut bytes_total) = (0u64, 0u64);
     let cpu0 = thread_cpu_ns();
+    let mut waiting: std::collections::BTreeMap<usize, Batch> = std::collections::BTreeMap::new();
+    let mut next = 0usize;
     let mut batches: Vec<Batch> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        if abort.load(Ordering::Acquire) {
-            break;
-        }
-        let mut bytes = batch_bytes(&first);
-        batches.push(first);
-        while bytes < WRITE_MAX {
-            match rx.try_recv() {
-                Ok(b) => {
-                    bytes += batch_bytes(&b);
-                    batches.push(b);
+    loop {
+        if !waiting.contains_key(&next) {
+            // Nothing to write in order: wait for the readers.
+            match rx.recv() {
+                Ok((k, b)) => {
+                    waiting.insert(k, b);
                 }
                 Err(_) => break,
             }
+        }
+        while let Ok((k, b)) = rx.try_recv() {
+            waiting.insert(k, b);
+        }
+        if sh.abort.load(Ordering::Acquire) {
+            break;
+        }
+        let mut bytes = 0;
+        while bytes < WRITE_MAX {
+            let Some(b) = waiting.remove(&next) else { break };
+            next += 1;
+            bytes += batch_bytes(&b);
+            batches.push(b);
+        }
+        if batches.is_empty() {
+            continue;
         }
         let t = Instant::now();
         let pieces: Vec<RunPiece> = batches
@@ -357,16 +667,16 @@ fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, 
         let ns = t.elapsed().as_nanos() as u64;
         busy_ns += ns;
         bytes_total += bytes;
-        pace.ns.fetch_add(ns, Ordering::Relaxed);
-        pace.bytes.fetch_add(bytes, Ordering::Release);
-        pace.batches.fetch_add(batches.len() as u64, Ordering::Release);
+        sh.pace.ns.fetch_add(ns, Ordering::Relaxed);
+        sh.pace.bytes.fetch_add(bytes, Ordering::Release);
+        sh.pace.batches.fetch_add(batches.len() as u64, Ordering::Release);
         for (buf, _) in batches.drain(..) {
             if buf.is_mapped() {
-                let _ = back.send(buf);
+                sh.give(buf);
             }
         }
     }
-    if abort.load(Ordering::Acquire) {
+    if sh.abort.load(Ordering::Acquire) || !waiting.is_empty() {
         // Dropping `w` removes the temporary file.
         return Err(anyhow::Error::new(Aborted));
     }
@@ -381,7 +691,7 @@ fn write_batches(mut w: PageWriter, rx: Receiver<Batch>, back: Sender<PageBuf>, 
 }
 
 /// CPU time of the calling thread, in ns (for the log: on a busy machine the wall-clock times
-/// above include waiting for a CPU).
+/// include waiting for a CPU).
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec we pass.
@@ -389,7 +699,7 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// What the reader did, for the log.
+/// What the readers did, for the log.
 #[derive(Default)]
 struct ReadStats {
     bytes: u64,
@@ -403,200 +713,187 @@ struct ReadStats {
     crc_ns: u64,
 }
 
-/// The reading side of a copy: gathers plan items into buffers, reads them, sends them.
-struct Reader {
-    pid: i32,
-    tx: Sender<Batch>,
-    back: Receiver<PageBuf>,
-    pace: Arc<Pace>,
-    /// The held-back writer's gate (None: the writer runs).
-    gate: Option<Sender<()>>,
-    /// Buffers this copy owns (in its hands, queued or being written).
-    live: usize,
-    max_live: usize,
-    /// Batches sent to the writer.
-    sent: u64,
-    buf: PageBuf,
-    used: usize,
-    pieces: Vec<Piece>,
-    ranges: Vec<(u64, usize)>,
-    stats: ReadStats,
+impl ReadStats {
+    fn add(&mut self, o: &ReadStats) {
+        self.bytes += o.bytes;
+        self.read_ns += o.read_ns;
+        self.wait_ns += o.wait_ns;
+        self.waits += o.waits;
+        self.fresh += o.fresh;
+        self.fresh_ns += o.fresh_ns;
+        self.warmed += o.warmed;
+        self.crc_bytes += o.crc_bytes;
+        self.crc_ns += o.crc_ns;
+    }
 }
 
-impl Reader {
-    fn new(pid: i32, tx: Sender<Batch>, back: Receiver<PageBuf>, pace: Arc<Pace>, budget: u64, gate: Option<Sender<()>>) -> Reader {
-        Reader {
-            pid,
-            tx,
-            back,
-            pace,
-            gate,
-            live: 0,
-            max_live: ((budget / CHUNK) as usize).max(MIN_BUFFERS),
-            sent: 0,
-            buf: PageBuf::default(),
-            used: 0,
-            pieces: Vec::new(),
-            ranges: Vec::new(),
-            stats: ReadStats::default(),
+fn log_stats(sh: &Shared, t0: Instant, cpu0: u64) {
+    let Ok(s) = sh.stats.lock() else { return };
+    let ms = |ns: u64| ns as f64 / 1e6;
+    log::debug!(
+        "PID {}: {} MiB read in {:.1} ms (this thread's CPU {:.1} ms); over all readers: process_vm_readv {:.1} ms, waited for the writer {:.1} ms ({} times), {} fresh buffers in {:.1} ms, {} warmed, {} MiB checksummed in {:.1} ms",
+        sh.pid,
+        s.bytes / MIB,
+        t0.elapsed().as_secs_f64() * 1e3,
+        ms(thread_cpu_ns() - cpu0),
+        ms(s.read_ns),
+        ms(s.wait_ns),
+        s.waits,
+        s.fresh,
+        ms(s.fresh_ns),
+        s.warmed,
+        s.crc_bytes / MIB,
+        ms(s.crc_ns)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::dir::{pagemap_file, ImageDir, ImageWriter};
+    use crate::image::file::Kind;
+    use crate::image::testutil::TempDir;
+
+    const P: u64 = 4096;
+
+    fn data_len(b: &Planned) -> Vec<(u64, usize, usize)> {
+        b.pieces
+            .iter()
+            .filter_map(|p| match *p {
+                Piece::Data { vaddr, off, len, .. } => Some((vaddr, off, len)),
+                Piece::Parent { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plans_are_cut_into_batches() {
+        let c = CHUNK;
+        let plan = [
+            PlanItem::Data { start: 0x1000_0000, end: 0x1000_0000 + c + 2 * P, readable: true },
+            PlanItem::Parent { start: 0x2000_0000, end: 0x2000_0000 + 3 * P },
+            PlanItem::Data { start: 0x3000_0000, end: 0x3000_0000 + P, readable: false },
+            PlanItem::Data { start: 0x4000_0000, end: 0x4000_0000 + P, readable: true },
+        ];
+        let b = plan_batches(&plan);
+        assert_eq!(b.len(), 4, "full chunk | rest + parent | unreadable | readable");
+        assert_eq!(data_len(&b[0]), [(0x1000_0000, 0, c as usize)]);
+        assert_eq!(data_len(&b[1]), [(0x1000_0000 + c, 0, 2 * P as usize)]);
+        assert!(matches!(b[1].pieces[1], Piece::Parent { vaddr: 0x2000_0000, pages: 3 }));
+        assert!(b[2].forced && !b[1].forced && !b[3].forced);
+        assert_eq!((b[2].used, b[3].used), (P as usize, P as usize));
+        // Many small ranges: IOV_MAX per batch at most.
+        let many: Vec<PlanItem> = (0..3000u64).map(|i| PlanItem::Data { start: i * 2 * P, end: i * 2 * P + P, readable: true }).collect();
+        let b = plan_batches(&many);
+        assert!(b.iter().all(|x| x.ranges.len() <= crate::sys::IOV_MAX && x.used <= CHUNK as usize));
+        assert_eq!(b.iter().map(|x| x.ranges.len()).sum::<usize>(), 3000);
+        // Only parent runs: one batch without data.
+        let b = plan_batches(&[PlanItem::Parent { start: 0, end: P }]);
+        assert_eq!((b.len(), b[0].used), (1, 0));
+    }
+
+    /// A forked copy of this test process holding `base..base+len` (read-only from `ro` on),
+    /// pausing until dropped. The child only makes raw syscalls.
+    struct Child(i32);
+
+    impl Child {
+        fn fork() -> Child {
+            // SAFETY: the child calls only async-signal-safe functions (close_range, pause).
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: raw syscalls only; the child never returns into Rust code.
+                unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+                loop {
+                    // SAFETY: pause is async-signal-safe.
+                    unsafe { libc::pause() };
+                }
+            }
+            Child(pid)
         }
     }
 
-    fn read_plan(&mut self, plan: &[PlanItem]) -> Result<()> {
-        let chunk = CHUNK as usize;
-        for item in plan {
-            interrupt::check()?;
-            match *item {
-                PlanItem::Parent { start, end } => self.pieces.push(Piece::Parent { vaddr: start, pages: (end - start) / 4096 }),
-                PlanItem::Data { start, end, readable } => {
-                    if !readable {
-                        // Unreadable memory goes through /proc/PID/mem, in batches of its own.
-                        self.flush()?;
-                    }
-                    let mut addr = start;
-                    while addr < end {
-                        if !self.buf.is_mapped() {
-                            self.buf = self.next_buf()?;
-                            self.buf.set_len(chunk);
-                        }
-                        if self.used == chunk || self.ranges.len() >= crate::sys::IOV_MAX {
-                            self.flush()?;
-                            interrupt::check()?;
-                            continue;
-                        }
-                        let len = ((end - addr) as usize).min(chunk - self.used);
-                        if readable {
-                            self.ranges.push((addr, len));
-                        } else {
-                            let t = Instant::now();
-                            crate::ptrace::inject::read_mem(self.pid, addr, &mut self.buf[self.used..self.used + len])?;
-                            self.stats.read_ns += t.elapsed().as_nanos() as u64;
-                        }
-                        self.pieces.push(Piece::Data { vaddr: addr, off: self.used, len, crc: None });
-                        self.used += len;
-                        self.stats.bytes += len as u64;
-                        addr += len as u64;
-                    }
-                    if !readable {
-                        self.flush()?;
-                    }
+    impl Drop for Child {
+        fn drop(&mut self) {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+
+    fn pattern(page: u64) -> u8 {
+        (page.wrapping_mul(37) % 251) as u8 + 1
+    }
+
+    /// Copies a plan of readable, unreadable (PROT_NONE, through /proc/PID/mem) and parent runs
+    /// out of a forked child, with one and three readers, held back or not, and checks the
+    /// page file byte for byte.
+    #[test]
+    fn copies_a_child_exactly() {
+        let pages = 3 * CHUNK / P + 5;
+        let len = (pages * P) as usize;
+        // SAFETY: a fresh private anonymous mapping of our own, unmapped at the end.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base as u64;
+        for pg in 0..pages {
+            // SAFETY: inside our read/write mapping.
+            unsafe { std::ptr::write_bytes((base + pg * P) as *mut u8, pattern(pg), P as usize) };
+        }
+        // The last 5 pages unreadable (in the child too: it inherits the protection).
+        let ro = base + (pages - 5) * P;
+        // SAFETY: changing the protection of our own pages.
+        unsafe { libc::mprotect(ro as *mut libc::c_void, (5 * P) as usize, libc::PROT_NONE) };
+        let child = Child::fork();
+        let plan = [
+            PlanItem::Data { start: base, end: base + CHUNK + 3 * P, readable: true },
+            PlanItem::Parent { start: base + CHUNK + 3 * P, end: base + CHUNK + 10 * P },
+            PlanItem::Data { start: base + CHUNK + 10 * P, end: ro, readable: true },
+            PlanItem::Data { start: ro, end: ro + 5 * P, readable: false },
+        ];
+        for (readers, hold) in [(1, false), (3, false), (1, true), (3, true)] {
+            let t = TempDir::new("dump-pages");
+            let w = ImageWriter::create(t.path()).unwrap();
+            let data_pages = pages - 7;
+            let pw = PageWriter::create(&w, 7, data_pages).unwrap();
+            let mut pending = run_copy(child.0, &plan, pw, 64 << 20, hold, readers).unwrap();
+            pending.start_writing();
+            let pm = pending.finish().unwrap();
+            let got: Vec<_> = pm.runs.iter().map(|r| (r.vaddr, u64::from(r.nr_pages), r.in_parent)).collect();
+            assert_eq!(
+                got,
+                [(base, CHUNK / P + 3, false), (base + CHUNK + 3 * P, 7, true), (base + CHUNK + 10 * P, pages - CHUNK / P - 10, false)],
+                "readers {readers}, hold {hold}"
+            );
+            w.write_msg(&pagemap_file(7), Kind::PageMap, &pm).unwrap();
+            w.commit(crate::image::pb::Inventory::default()).unwrap();
+            let img = ImageDir::open(t.path()).unwrap();
+            img.validate().unwrap();
+            let pf = img.page_file("pages-7.img").unwrap();
+            for r in pm.runs.iter().filter(|r| !r.in_parent) {
+                let bytes = pf.bytes(r.offset, u64::from(r.nr_pages) * P).unwrap();
+                for (i, page) in bytes.chunks(P as usize).enumerate() {
+                    let pg = (r.vaddr - base) / P + i as u64;
+                    assert!(page.iter().all(|b| *b == pattern(pg)), "page {pg}, readers {readers}, hold {hold}");
                 }
             }
         }
-        self.flush()
+        drop(child);
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 
-    /// Reads the gathered ranges (back to back at the start of the buffer) and hands the batch
-    /// to the writer; checksums it first if the reader would wait for a buffer anyway.
-    fn flush(&mut self) -> Result<()> {
-        if self.pieces.is_empty() {
-            return Ok(());
-        }
-        if !self.ranges.is_empty() {
-            let t = Instant::now();
-            crate::sys::vm::process_vm_readv_ranges(self.pid, &self.ranges, &mut self.buf[..self.used])?;
-            self.stats.read_ns += t.elapsed().as_nanos() as u64;
-        }
-        if self.gate.is_none() && self.buf.is_mapped() && self.writer_behind() {
-            let t = Instant::now();
-            for p in self.pieces.iter_mut() {
-                if let Piece::Data { off, len, crc, .. } = p {
-                    *crc = Some(crc32c::crc32c(&self.buf[*off..*off + *len]));
-                    self.stats.crc_bytes += *len as u64;
-                }
-            }
-            self.stats.crc_ns += t.elapsed().as_nanos() as u64;
-        }
-        let batch = (std::mem::take(&mut self.buf), std::mem::take(&mut self.pieces));
-        self.tx.send(batch).map_err(|_| anyhow!("the page writer stopped"))?;
-        self.sent += 1;
-        self.ranges.clear();
-        self.used = 0;
-        Ok(())
-    }
-
-    /// Whether the writer has more than the batch it is writing to do: then it, not the
-    /// reader, sets the pace, and the reader's time for checksums is free.
-    fn writer_behind(&self) -> bool {
-        self.sent >= self.pace.batches.load(Ordering::Acquire) + 2
-    }
-
-    /// The next buffer: given back by the writer, warmed before the freeze, fresh, or (when
-    /// the writer's pace beats fresh memory) the next one the writer gives back.
-    fn next_buf(&mut self) -> Result<PageBuf> {
-        loop {
-            match self.back.try_recv() {
-                Ok(b) if b.is_mapped() => return Ok(b),
-                Ok(_) => continue,
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return Err(anyhow!("the page writer stopped")),
-            }
-        }
-        if let Some(b) = pool_pop() {
-            self.live += 1;
-            self.stats.warmed += 1;
-            return Ok(b);
-        }
-        if self.gate.is_some() && self.live >= self.max_live {
-            // Held back, the writer cannot give buffers back: let it go now rather than
-            // exceed the budget.
-            log::debug!("PID {}: the page data outgrew the buffers held back: writing while frozen", self.pid);
-            if let Some(g) = self.gate.take() {
-                let _ = g.send(());
-            }
-        }
-        if self.live < MIN_BUFFERS || (self.live < self.max_live && (self.gate.is_some() || self.fresh_pays())) {
-            let t = Instant::now();
-            let b = PageBuf::new()?;
-            self.stats.fresh_ns += t.elapsed().as_nanos() as u64;
-            self.stats.fresh += 1;
-            self.live += 1;
-            return Ok(b);
-        }
-        let t = Instant::now();
-        let b = loop {
-            match self.back.recv() {
-                Ok(b) if b.is_mapped() => break b,
-                Ok(_) => continue,
-                Err(_) => return Err(anyhow!("the page writer stopped")),
-            }
-        };
-        self.stats.wait_ns += t.elapsed().as_nanos() as u64;
-        self.stats.waits += 1;
-        Ok(b)
-    }
-
-    /// Whether reading into a fresh buffer is quicker than waiting for the writer: the
-    /// writer's measured time per MiB against the reader's plus a fresh buffer's.
-    fn fresh_pays(&self) -> bool {
-        let wb = self.pace.bytes.load(Ordering::Acquire);
-        if wb < MIB {
-            // The writer has not finished anything yet: it will shortly.
-            return false;
-        }
-        let t_write = self.pace.ns.load(Ordering::Relaxed).saturating_mul(MIB) / wb;
-        let t_read = if self.stats.bytes >= MIB { self.stats.read_ns.saturating_mul(MIB) / self.stats.bytes } else { 0 };
-        let t_fresh = if self.stats.fresh > 0 { self.stats.fresh_ns.saturating_mul(MIB) / (self.stats.fresh * CHUNK) } else { FRESH_GUESS_NS_PER_MIB };
-        t_read + t_fresh < t_write
-    }
-
-    fn log_stats(&self, t0: Instant, cpu0: u64) {
-        let s = &self.stats;
-        let ms = |ns: u64| ns as f64 / 1e6;
-        log::debug!(
-            "PID {}: {} MiB read in {:.1} ms (CPU {:.1} ms): process_vm_readv {:.1} ms, waited for the writer {:.1} ms ({} times), {} fresh buffers in {:.1} ms, {} warmed, {} MiB checksummed by the reader in {:.1} ms",
-            self.pid,
-            s.bytes / MIB,
-            t0.elapsed().as_secs_f64() * 1e3,
-            ms(thread_cpu_ns() - cpu0),
-            ms(s.read_ns),
-            ms(s.wait_ns),
-            s.waits,
-            s.fresh,
-            ms(s.fresh_ns),
-            s.warmed,
-            s.crc_bytes / MIB,
-            ms(s.crc_ns)
-        );
+    /// A failed copy (a range the child does not have) leaves no page file behind.
+    #[test]
+    fn a_failed_copy_leaves_nothing() {
+        let child = Child::fork();
+        let t = TempDir::new("dump-pages-fail");
+        let w = ImageWriter::create(t.path()).unwrap();
+        let pw = PageWriter::create(&w, 8, 4).unwrap();
+        let plan = [PlanItem::Data { start: 0x1000, end: 0x5000, readable: true }];
+        assert!(run_copy(child.0, &plan, pw, 64 << 20, false, 1).is_err());
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0, "leftover files");
     }
 }
