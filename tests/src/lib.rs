@@ -8,43 +8,33 @@
 //!    SIGUSR1 to the restored process.
 //! 4. The workload checks its own state and writes `PASS` or `FAIL: why` to the result file, then
 //!    exits 0 (pass) or 1 (fail). The harness reads both (it is the subreaper of restored tasks).
+//!
+//! Modules: [`workload`] (the process side of the protocol), [`cr_cmd`] (running cr: command
+//! lines, failure reports), [`procfs`] (what /proc says about a process), [`pty`] (terminals),
+//! [`net`] (TCP peers, network namespaces, the network lock), [`sys`] (syscall wrappers the
+//! workloads share), [`page_pattern`] (the page contents of wl_dirty, for both sides).
 
+pub mod cr_cmd;
+pub mod net;
+pub mod page_pattern;
+pub mod procfs;
+pub mod pty;
+pub mod sys;
 pub mod workload;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The `cr` binary under test: $CR_BIN (set by `cargo xtask test`) or target/release/cr.
-pub fn cr_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CR_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    root.join("target/release/cr")
-}
+pub use cr_cmd::{cr, cr_bin, cr_ok, stderr_of, CrCmd};
 
-/// Runs `cr ARGS`, capturing its output.
-pub fn cr(args: &[&str]) -> Output {
-    let out = Command::new(cr_bin()).args(args).output().expect("run cr");
-    eprintln!(
-        "$ cr {}\n-> {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs `cr ARGS` and asserts it succeeded.
-pub fn cr_ok(args: &[&str]) -> Output {
-    let out = cr(args);
-    assert!(out.status.success(), "cr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
+/// Fails the test at once, saying why, unless it runs as root: dumps (ptrace of other users'
+/// tasks, PR_SET_MM_MAP, clone3 set_tid) and the tracker (eBPF) need it.
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root (ptrace, eBPF): run it as root (cargo xtask test does)");
 }
 
 /// Makes this process the subreaper of everything it starts, so restored tasks (whose parent,
@@ -77,6 +67,11 @@ impl TempDir {
     pub fn s(&self, sub: &str) -> String {
         self.0.join(sub).to_string_lossy().into_owned()
     }
+    /// The log `name` cr wrote into DIR/img, the images directory of [`dump_cmd`] and
+    /// [`restore_cmd`] (empty when there is none): for failure messages and log checks.
+    pub fn img_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.0.join("img").join(name)).unwrap_or_default()
+    }
 }
 
 impl Drop for TempDir {
@@ -107,25 +102,31 @@ pub fn workload_bin(name: &str) -> PathBuf {
     p
 }
 
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid out-array of two ints.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 returned two fresh fds we now own.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
 impl Workload {
     /// Starts workload `name` with `args`; returns once it said READY.
     pub fn start(name: &str, args: &[&str], dir: &TempDir) -> Workload {
+        Workload::launch(name, args, dir, false)
+    }
+
+    /// [`Workload::start`] for a workload driven by commands: its stdin and stdout are pipes
+    /// to the harness, returned beside it.
+    pub fn start_piped(name: &str, args: &[&str], dir: &TempDir) -> (Workload, ChildStdin, ChildStdout) {
+        let mut w = Workload::launch(name, args, dir, true);
+        let child = w.child.as_mut().expect("the workload just started");
+        let (stdin, stdout) = (child.stdin.take().expect("piped stdin"), child.stdout.take().expect("piped stdout"));
+        (w, stdin, stdout)
+    }
+
+    fn launch(name: &str, args: &[&str], dir: &TempDir, piped: bool) -> Workload {
         let result = dir.join(&format!("{name}.result"));
-        let (r, w) = pipe();
+        let (r, w) = sys::pipe_cloexec();
         let wfd = w.as_raw_fd();
         let mut cmd = Command::new(workload_bin(name));
         // The workload's stderr goes to a file of its own: a file that others append to (the
         // test runner's output) would change size between dump and restore.
         let errlog = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(&format!("{name}.stderr"))).unwrap();
-        cmd.args(args).env("CR_RESULT", &result).stdin(Stdio::null()).stdout(Stdio::null()).stderr(errlog);
+        let stdio = || if piped { Stdio::piped() } else { Stdio::null() };
+        cmd.args(args).env("CR_RESULT", &result).stdin(stdio()).stdout(stdio()).stderr(errlog);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -165,6 +166,14 @@ impl Workload {
         let mut c = self.child.take().expect("the original child");
         let st = c.wait().unwrap();
         assert!(!st.success(), "the dumped workload exited normally ({st}); expected it killed");
+    }
+
+    /// After a `dump -R` left it running: kill the original and reap it, so that its PID is
+    /// free for a restore of the image.
+    pub fn kill_and_reap(&mut self) {
+        // SAFETY: plain kill(2) of our child.
+        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0, "kill workload {}", self.pid);
+        self.reap_killed();
     }
 
     /// The processes of a tree workload, from its READY info (`pids=ROOT,PID,...`).
@@ -217,6 +226,17 @@ impl Drop for Workload {
             // SAFETY: waitpid on a pid we may be the (sub)reaper of; failure is fine.
             unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
         }
+    }
+}
+
+/// Sends SIGKILL to a process when dropped (the process may be gone already), so that a test
+/// that fails half-way leaves nothing running; for processes that are not a [`Workload`].
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
     }
 }
 
@@ -281,6 +301,24 @@ pub fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// `cr dump` of `w` into DIR/img with the harness's log options (DIR/img/dump.log, -v4): add
+/// the flags the test is about, then run it.
+pub fn dump_cmd(w: &Workload, dir: &TempDir) -> CrCmd {
+    CrCmd::dump(w.pid, dir.join("img"))
+}
+
+/// `cr restore -d` of DIR/img with the harness's log options, the restored root's PID written
+/// to DIR/restore.pid.
+pub fn restore_cmd(dir: &TempDir) -> CrCmd {
+    CrCmd::restore(dir.join("img")).pidfile(dir.join("restore.pid"))
+}
+
+/// `cr dump -R EXTRA` of `w`, which must succeed: the workload runs on, and its own check then
+/// says whether the dump disturbed it.
+pub fn dump_leave_running(w: &Workload, dir: &TempDir, extra: &[&str]) {
+    dump_cmd(w, dir).arg("-R").args(extra).ok();
+}
+
 /// dump → reap → restore -d → return. The workload is then the restored process.
 pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], restore_extra: &[&str]) {
     dump_and_restore_tree(w, dir, &[], dump_extra, restore_extra)
@@ -290,24 +328,10 @@ pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], re
 /// are reaped after the dump as well.
 pub fn dump_and_restore_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_extra: &[&str], restore_extra: &[&str]) {
     become_subreaper();
-    let img = dir.s("img");
-    let pid = w.pid.to_string();
-    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
-    args.extend_from_slice(dump_extra);
-    let out = cr(&args);
-    if !out.status.success() {
-        let log = std::fs::read_to_string(dir.join("img/dump.log")).unwrap_or_default();
-        panic!("dump failed: {}\n--- dump.log ---\n{log}", String::from_utf8_lossy(&out.stderr));
-    }
+    dump_cmd(w, dir).args(dump_extra).ok();
     w.reap_killed_tree(pids);
-    let pidfile = dir.s("restore.pid");
-    let mut args = vec!["restore", "-D", &img, "-d", "--pidfile", &pidfile, "-o", "restore.log", "-v4"];
-    args.extend_from_slice(restore_extra);
-    let out = cr(&args);
-    if !out.status.success() {
-        let log = std::fs::read_to_string(dir.join("img/restore.log")).unwrap_or_default();
-        panic!("restore failed: {}\n--- restore.log ---\n{log}", String::from_utf8_lossy(&out.stderr));
-    }
+    restore_cmd(dir).args(restore_extra).ok();
+    let pidfile = dir.join("restore.pid");
     let got: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert_eq!(got, w.pid, "restored at another pid");
 }

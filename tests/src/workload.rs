@@ -49,35 +49,50 @@ pub fn ready(info: &str) {
     unsafe { libc::setsid() };
     // SIGUSR1 ("check yourself") may come the moment we say READY: unless a handler is
     // installed for it, block it now so it waits for `wait_for_check` instead of killing us.
-    // SAFETY: reading our own disposition and blocking a signal on this thread.
-    unsafe {
+    // SAFETY: reading our own disposition into a zeroed struct sigaction.
+    let handler = unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
         libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut old);
-        if old.sa_sigaction == libc::SIG_DFL {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR1);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        }
+        old.sa_sigaction
+    };
+    if handler == libc::SIG_DFL {
+        block_check_signal();
     }
     // SAFETY: fd 3 is the ready pipe the harness gave us; we own it from here.
     let mut f = unsafe { std::fs::File::from_raw_fd(3) };
     f.write_all(format!("READY {info}\n").as_bytes()).expect("write the ready pipe");
 }
 
-/// Blocks until SIGUSR1 arrives, in sigwaitinfo (the task is dumped while inside that syscall).
-pub fn wait_for_check() {
-    // SAFETY: plain signal-mask manipulation on this thread.
+/// The set holding SIGUSR1 alone.
+fn check_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set they are given.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        loop {
-            let r = libc::sigwaitinfo(&set, std::ptr::null_mut());
-            if r == libc::SIGUSR1 {
-                break;
-            }
+        set
+    }
+}
+
+/// Blocks SIGUSR1 ("check yourself") on the calling thread; threads it starts and children it
+/// forks inherit the mask. A workload that sets up threads or children, or installs no handler,
+/// calls this before it can be told to check, so that the signal waits for
+/// [`wait_for_check`] (sigwaitinfo) instead of killing it or landing on the wrong thread.
+pub fn block_check_signal() {
+    let set = check_signal_set();
+    // SAFETY: blocking a signal on this thread; `set` is initialised.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Blocks until SIGUSR1 arrives, in sigwaitinfo (the task is dumped while inside that syscall).
+pub fn wait_for_check() {
+    block_check_signal();
+    let set = check_signal_set();
+    loop {
+        // SAFETY: waiting for a signal of an initialised set; no siginfo wanted.
+        let r = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if r == libc::SIGUSR1 {
+            break;
         }
     }
 }

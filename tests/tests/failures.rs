@@ -2,25 +2,46 @@
 //! non-zero exit, and leaves nothing broken behind — a failed dump leaves the target running as
 //! before (it still passes its own checks), a failed restore leaves no process.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
-use cr_tests::{cr, cr_bin, cr_ok, dump_and_restore, pid_exists, TempDir, Workload};
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use cr_tests::cr_cmd::WatchedCr;
+use cr_tests::procfs::tracer_of;
+use cr_tests::pty::Pty;
+use cr_tests::{cr, cr_bin, cr_ok, dump_and_restore, pid_exists, stderr_of, TempDir, Workload};
 
 fn assert_fails_with(o: &std::process::Output, needle: &str) {
     assert!(!o.status.success(), "expected failure, got {}", o.status);
-    let e = stderr(o);
+    let e = stderr_of(o);
     assert!(e.contains(needle), "error should mention {needle:?}; got: {e}");
     assert!(!e.contains("panicked"), "cr panicked: {e}");
 }
 
-fn tracer_of(pid: i32) -> i32 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap().trim().parse().unwrap()
+/// Unmounts a mount point (lazily) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs with `options` on a new directory `name` of `d`, unmounted on drop: an images
+/// directory the dump cannot write (ro) or fill completely (size).
+fn tmpfs(d: &TempDir, name: &str, options: &str) -> (PathBuf, Unmount) {
+    let mnt = d.join(name);
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount a tmpfs ({options}) on {}", mnt.display());
+    (mnt.clone(), Unmount(mnt))
+}
+
+/// A dump just refused `child` (not ours to dump): it must run on untraced. Then it is stopped.
+fn assert_untouched_then_kill(mut child: Child) {
+    assert_eq!(tracer_of(child.id() as i32), 0);
+    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
@@ -55,11 +76,7 @@ fn dump_of_cr_itself_and_bad_pids() {
 #[test]
 fn dump_into_an_unwritable_dir_leaves_the_target_running() {
     let d = TempDir::new("rodir");
-    let mnt = d.join("ro");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success());
-    let _unmount = Unmount(mnt.clone());
+    let (mnt, _unmount) = tmpfs(&d, "ro", "ro,size=1m");
     let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
     let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy()]);
     assert_fails_with(&o, "img");
@@ -72,11 +89,7 @@ fn dump_into_an_unwritable_dir_leaves_the_target_running() {
 #[test]
 fn dump_that_runs_out_of_space_leaves_the_target_untouched() {
     let d = TempDir::new("enospc");
-    let mnt = d.join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success());
-    let _unmount = Unmount(mnt.clone());
+    let (mnt, _unmount) = tmpfs(&d, "small", "size=256k");
     let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
     let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy(), "-v4"]);
     assert_fails_with(&o, "No space left");
@@ -90,26 +103,12 @@ fn dump_that_runs_out_of_space_leaves_the_target_untouched() {
 fn sigterm_mid_dump_detaches_cleanly() {
     let d = TempDir::new("sigterm");
     let mut w = Workload::start("wl_memory", &[&d.s(""), "--big"], &d);
-    let mut c = Command::new(cr_bin())
-        .args(["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-v4"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = WatchedCr::spawn(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-v4"]);
     // cr logs when the target is frozen; act on that line, not on a timer.
-    let mut lines = BufReader::new(c.stderr.take().unwrap()).lines();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        eprintln!("{l}");
-        if l.contains("frozen") {
-            break;
-        }
-    }
+    c.wait_for_line("frozen");
     // SAFETY: plain kill(2).
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    for l in lines {
-        eprintln!("{}", l.unwrap());
-    }
-    let st = c.wait().unwrap();
+    unsafe { libc::kill(c.pid(), libc::SIGTERM) };
+    let st = c.finish();
     assert!(!st.success(), "cr should report the interruption");
     assert!(!d.join("img/inventory.img").exists());
     assert_eq!(tracer_of(w.pid), 0, "target still traced");
@@ -126,7 +125,7 @@ fn restore_from_a_missing_or_incomplete_dir() {
 
 /// Dumps a workload, damages the image with `damage`, and checks restore refuses it with
 /// `needle` and leaves no process at the PID.
-fn restore_refuses_damaged(name: &str, damage: impl Fn(&std::path::Path, i32), needle: &str) {
+fn restore_refuses_damaged(name: &str, damage: impl Fn(&Path, i32), needle: &str) {
     let d = TempDir::new(name);
     let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
     let pid = w.pid;
@@ -193,25 +192,11 @@ fn restore_waits_for_a_dying_owner() {
     let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
     cr_ok(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img")]);
     cr_tests::become_subreaper();
-    let mut c = Command::new(cr_bin())
-        .args(["restore", "-D", &d.s("img"), "-d", "-v4"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(c.stderr.take().unwrap()).lines();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        eprintln!("{l}");
-        if l.contains("still taken") {
-            break;
-        }
-    }
+    let mut c = WatchedCr::spawn(&["restore", "-D", &d.s("img"), "-d", "-v4"]);
+    c.wait_for_line("still taken");
     // Only now let the zombie go.
     w.reap_killed();
-    for l in lines {
-        eprintln!("{}", l.unwrap());
-    }
-    assert!(c.wait().unwrap().success(), "restore should succeed once the PID is free");
+    assert!(c.finish().success(), "restore should succeed once the PID is free");
     w.assert_pass();
 }
 
@@ -228,7 +213,7 @@ fn dump_leave_running_then_restore() {
     std::fs::remove_file(&w.result).unwrap();
     cr_tests::become_subreaper();
     let o = cr(&["restore", "-D", &d.s("img"), "-d"]);
-    assert!(o.status.success(), "restore: {}", stderr(&o));
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
     w2.assert_pass();
 }
 
@@ -272,69 +257,26 @@ fn show_prints_every_image_file_as_json() {
     assert!(out.contains("\"frozen_us\""), "inventory stats missing from show");
 }
 
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A process whose session leader is outside the dump is refused, pointing at --shell-job, and
 /// left running untouched.
 #[test]
 fn dump_refuses_a_foreign_session_without_shell_job() {
     let d = TempDir::new("foreign-session");
     // `sleep` stays in the test runner's session, whose leader is not dumped.
-    let mut child = Command::new("sleep").arg("1000").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
-    let pid = child.id() as i32;
-    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
+    let child = Command::new("sleep").arg("1000").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    let o = cr(&["dump", "-t", &child.id().to_string(), "-D", &d.s("img")]);
     assert_fails_with(&o, "--shell-job");
-    assert_eq!(tracer_of(pid), 0);
-    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_untouched_then_kill(child);
 }
 
 /// A process with a controlling terminal is refused, pointing at --shell-job.
 #[test]
 fn dump_refuses_a_controlling_terminal_without_shell_job() {
-    use std::os::unix::process::CommandExt;
     let d = TempDir::new("ctty");
-    // SAFETY: posix_openpt/grantpt/unlockpt/ptsname on a fresh master fd we own.
-    let (master, slave) = unsafe {
-        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        assert!(m >= 0);
-        assert_eq!(libc::grantpt(m), 0);
-        assert_eq!(libc::unlockpt(m), 0);
-        let name = std::ffi::CStr::from_ptr(libc::ptsname(m)).to_owned();
-        (m, name)
-    };
-    let mut cmd = Command::new("sleep");
-    cmd.arg("1000");
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
-            if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            libc::dup2(fd, 2);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let pid = child.id() as i32;
-    let o = cr(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
+    let pty = Pty::open();
+    let child = pty.spawn(Command::new("sleep").arg("1000"));
+    let o = cr(&["dump", "-t", &child.id().to_string(), "-D", &d.s("img")]);
     assert_fails_with(&o, "--shell-job");
     assert_fails_with(&o, "terminal");
-    assert_eq!(tracer_of(pid), 0);
-    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // SAFETY: closing the master fd we opened.
-    unsafe { libc::close(master) };
+    assert_untouched_then_kill(child);
 }

@@ -15,126 +15,35 @@
 //! Must run as root (eBPF, ptrace): `cargo xtask test` does.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{ChildStdin, ChildStdout};
 use std::time::{Duration, Instant};
 
 use cr::image::{pb, ImageDir};
-use cr_tests::{become_subreaper, cr_bin, wait_exit, workload_bin, TempDir};
+use cr_tests::page_pattern::content;
+use cr_tests::procfs::running;
+use cr_tests::{become_subreaper, require_root, CrCmd, TempDir, Workload};
 
 const PAGE: u64 = 4096;
 
-/// Same as wl_dirty's `word`: the content of word k of page p of region id at generation gen.
-fn word(id: u64, p: u64, gen: u64, k: u64) -> u64 {
-    if gen == 0 {
-        return 0;
-    }
-    let x = (id << 40) ^ (p << 12) ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-        .rotate_left((k % 61) as u32)
-        ^ k
-}
-
-fn content(id: u64, p: u64, gen: u64) -> Vec<u8> {
-    (0..512)
-        .flat_map(|k| word(id, p, gen, k).to_le_bytes())
-        .collect()
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "run as root (cargo xtask test does)"
-    );
-}
-
-/// Runs cr with extra environment variables; prints what it did.
-fn cr_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(cr_bin());
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = c.output().expect("run cr");
-    eprintln!(
-        "$ {} cr {}\n-> {}\n{}",
-        env.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn show_log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
-}
-
 /// A running wl_dirty, driven through its stdin.
 struct Dirty {
-    child: Option<Child>,
+    w: Workload,
+    pid: i32,
     stdin: Option<ChildStdin>,
     stdout: Option<BufReader<ChildStdout>>,
-    pid: i32,
-    result: PathBuf,
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: a valid out-array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh fds from pipe2.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 impl Dirty {
     fn start(d: &TempDir) -> Dirty {
         become_subreaper();
-        let result = d.join("wl_dirty.result");
-        let (r, w) = pipe();
-        let wfd = w.as_raw_fd();
-        let mut cmd = Command::new(workload_bin("wl_dirty"));
-        let errlog = std::fs::File::create(d.join("wl_dirty.stderr")).unwrap();
-        cmd.env("CR_RESULT", &result)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(errlog);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if wfd == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(wfd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("start wl_dirty");
-        drop(w);
-        let mut ready = String::new();
-        std::fs::File::from(r).read_to_string(&mut ready).unwrap();
-        assert!(
-            ready.starts_with("READY"),
-            "wl_dirty did not get ready: {ready:?}"
-        );
-        let pid = child.id() as i32;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().map(BufReader::new);
+        let (w, stdin, stdout) = Workload::start_piped("wl_dirty", &[], d);
         Dirty {
-            child: Some(child),
-            stdin,
-            stdout,
-            pid,
-            result,
+            pid: w.pid,
+            w,
+            stdin: Some(stdin),
+            stdout: Some(BufReader::new(stdout)),
         }
     }
 
@@ -165,34 +74,7 @@ impl Dirty {
     fn reap(&mut self) {
         self.stdin = None;
         self.stdout = None;
-        let st = self.child.take().unwrap().wait().unwrap();
-        assert!(!st.success(), "wl_dirty exited by itself");
-    }
-
-    /// Restored: SIGUSR1, then its verdict.
-    fn assert_pass_after_restore(&mut self) {
-        // SAFETY: plain kill(2).
-        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGUSR1) }, 0);
-        let st = wait_exit(self.pid);
-        let res = std::fs::read_to_string(&self.result).unwrap_or_default();
-        assert!(
-            res.starts_with("PASS"),
-            "restored wl_dirty reported {res:?} (status {st})"
-        );
-        assert_eq!(st, 0);
-    }
-}
-
-impl Drop for Dirty {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        } else {
-            // SAFETY: reaping a restored task we may be the subreaper of.
-            unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) };
-        }
+        self.w.reap_killed();
     }
 }
 
@@ -235,39 +117,29 @@ struct Chain<'a> {
     n: usize,
 }
 
-impl Chain<'_> {
-    fn last(&self) -> PathBuf {
-        self.d.join(&format!("p{}", self.n))
+impl<'a> Chain<'a> {
+    /// A chain of `pid` in `d`, no pre-dump taken yet.
+    fn new(d: &'a TempDir, pid: i32) -> Chain<'a> {
+        Chain { d, pid, n: 0 }
+    }
+
+    /// The last pre-dump's directory relative to a sibling, for --prev-images-dir.
+    fn parent_arg(&self) -> String {
+        format!("../p{}", self.n)
     }
 
     /// `cr pre-dump` (the first one arms tracking); returns the new image and its statistics.
     fn pre_dump(&mut self, env: &[(&str, &str)]) -> (PathBuf, pb::DumpStats) {
+        let prev = self.parent_arg();
+        let extra: &[&str] = if self.n > 0 {
+            &["--prev-images-dir", &prev]
+        } else {
+            &[]
+        };
         self.n += 1;
-        let img = self.last();
-        let pid = self.pid.to_string();
-        let img_s = img.to_string_lossy().into_owned();
-        let prev = format!("../p{}", self.n - 1);
-        let mut args = vec![
-            "pre-dump", "-t", &pid, "-D", &img_s, "-o", "dump.log", "-v4",
-        ];
-        if self.n > 1 {
-            args.extend(["--prev-images-dir", &prev]);
-        }
-        let log = self.d.s("tracker.log");
-        let mut env = env.to_vec();
-        env.push(("CR_TRACKER_LOG", &log));
-        let out = cr_env(&args, &env);
-        assert!(
-            out.status.success(),
-            "pre-dump failed:\n{}",
-            show_log(&img, "dump.log")
-        );
-        let s = stats(&img);
-        eprintln!(
-            "p{}: harvest {} ({}), {} written, {} in parent, frozen {} us",
-            self.n, s.harvest, s.harvest_reason, s.pages_written, s.pages_in_parent, s.frozen_us
-        );
-        (img, s)
+        let name = format!("p{}", self.n);
+        let s = checkpoint(self.d, self.pid, &name, "pre-dump", extra, env);
+        (self.d.join(&name), s)
     }
 }
 
@@ -279,10 +151,7 @@ fn assert_tracker_gone(pid: i32, tracker_pid: i32) {
         let mut st = 0;
         // SAFETY: reaping the tracker if it became our child (we are a subreaper).
         let r = unsafe { libc::waitpid(tracker_pid, &mut st, libc::WNOHANG) };
-        let alive = r == 0
-            || (r < 0
-                && Path::new(&format!("/proc/{tracker_pid}")).exists()
-                && !is_zombie(tracker_pid));
+        let alive = r == 0 || (r < 0 && running(tracker_pid));
         if !alive {
             break;
         }
@@ -310,66 +179,56 @@ fn assert_tracker_gone(pid: i32, tracker_pid: i32) {
     }
 }
 
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
+/// `cr SUBCOMMAND -t PID -D DIR/NAME -o dump.log -v4 EXTRA` with `env` and the tracker's log
+/// in DIR/tracker.log (the first tracking dump starts the tracker); must succeed. Returns the
+/// image's statistics, printed for the record.
+fn checkpoint(
+    d: &TempDir,
+    pid: i32,
+    name: &str,
+    subcommand: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> pb::DumpStats {
+    let mut cmd = CrCmd::checkpoint(subcommand, pid, d.join(name))
+        .args(extra)
+        .env("CR_TRACKER_LOG", d.join("tracker.log"));
+    for (k, v) in env {
+        cmd = cmd.env(k, v);
+    }
+    cmd.ok();
+    let s = stats(&d.join(name));
+    eprintln!(
+        "{name}: harvest {} ({}), {} written, {} in parent, {} scanned, frozen {} us, harvest {} us",
+        s.harvest, s.harvest_reason, s.pages_written, s.pages_in_parent, s.pages_scanned, s.frozen_us, s.harvest_us
+    );
+    s
 }
 
-/// Final dump (kills), restore, verify; the tracker must be gone afterwards.
-fn final_dump_and_restore(w: &mut Dirty, d: &TempDir, parent: Option<&str>) -> pb::DumpStats {
-    let img = d.s("final");
-    let pid = w.pid.to_string();
-    let mut args = vec![
+/// `cr restore -d` of DIR/NAME (its PID written to DIR/NAME.pid); must succeed.
+fn restore_checkpoint(d: &TempDir, name: &str) {
+    CrCmd::restore(d.join(name))
+        .pidfile(d.join(&format!("{name}.pid")))
+        .ok();
+}
+
+/// Final dump (kills) on top of the chain's last pre-dump, restore, verify; the tracker must
+/// be gone afterwards.
+fn final_dump_and_restore(w: &mut Dirty, chain: &Chain<'_>) -> pb::DumpStats {
+    let d = chain.d;
+    let parent = chain.parent_arg();
+    let s = checkpoint(
+        d,
+        w.pid,
+        "final",
         "dump",
-        "-t",
-        &pid,
-        "-D",
-        &img,
-        "-o",
-        "dump.log",
-        "-v4",
-        "--track-mem",
-    ];
-    if let Some(p) = parent {
-        args.extend(["--prev-images-dir", p]);
-    }
-    let out = cr_env(&args, &[]);
-    assert!(
-        out.status.success(),
-        "final dump failed:\n{}",
-        show_log(&d.join("final"), "dump.log")
-    );
-    w.reap();
-    let s = stats(&d.join("final"));
-    assert_tracker_gone(w.pid, s.tracker_pid);
-    let pidfile = d.s("restore.pid");
-    let out = cr_env(
-        &[
-            "restore",
-            "-D",
-            &img,
-            "-d",
-            "--pidfile",
-            &pidfile,
-            "-o",
-            "restore.log",
-            "-v4",
-        ],
+        &["--track-mem", "--prev-images-dir", &parent],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "restore failed:\n{}",
-        show_log(&d.join("final"), "restore.log")
-    );
-    w.assert_pass_after_restore();
+    w.reap();
+    assert_tracker_gone(w.pid, s.tracker_pid);
+    restore_checkpoint(d, "final");
+    w.w.assert_pass();
     s
 }
 
@@ -421,11 +280,7 @@ fn harvests_agree_on_writes_the_programs_see() {
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
     let t = w.region(2, 1024, true); // 4 MiB of THP
-    let mut chain = Chain {
-        d: &d,
-        pid: w.pid,
-        n: 0,
-    };
+    let mut chain = Chain::new(&d, w.pid);
     let (p1, s1) = chain.pre_dump(&[]);
     assert_eq!(s1.harvest, "full");
     let (data, _) = image_pages(&p1, w.pid);
@@ -553,8 +408,7 @@ fn harvests_agree_on_writes_the_programs_see() {
     );
     w.cmd("check");
 
-    let last = format!("../p{}", chain.n);
-    let s = final_dump_and_restore(&mut w, &d, Some(&last));
+    let s = final_dump_and_restore(&mut w, &chain);
     assert_eq!(s.harvest, "ebpf", "{}", s.harvest_reason);
 }
 
@@ -568,11 +422,7 @@ fn remote_writes_make_the_harvest_exact() {
     let d = TempDir::new("inc-remote");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
-    let mut chain = Chain {
-        d: &d,
-        pid: w.pid,
-        n: 0,
-    };
+    let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[]);
 
     let external = |w: &mut Dirty, p: u64, how: &str| {
@@ -636,8 +486,7 @@ fn remote_writes_make_the_harvest_exact() {
     let (_, s) = chain.pre_dump(&[]);
     assert_eq!(s.harvest, "ebpf", "{}", s.harvest_reason);
     w.cmd("check");
-    let last = format!("../p{}", chain.n);
-    final_dump_and_restore(&mut w, &d, Some(&last));
+    final_dump_and_restore(&mut w, &chain);
 }
 
 /// A process with two threads: the other thread's writes are the process's (the eBPF set
@@ -651,11 +500,7 @@ fn threads_writes_and_task_ids() {
     let a = w.region(1, 64, false);
     let tid: i32 = w.cmd("thread").parse().unwrap();
     assert_ne!(tid, w.pid);
-    let mut chain = Chain {
-        d: &d,
-        pid: w.pid,
-        n: 0,
-    };
+    let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[]);
     epoch(
         &mut w,
@@ -681,8 +526,7 @@ fn threads_writes_and_task_ids() {
     let (data, _) = image_pages(&img, w.pid);
     assert_eq!(within(&data, a, 64), at(a, &[9]));
     w.cmd("check");
-    let last = format!("../p{}", chain.n);
-    final_dump_and_restore(&mut w, &d, Some(&last));
+    final_dump_and_restore(&mut w, &chain);
 }
 
 /// A dirty map too small for the epoch loses write faults: the harvest must see the loss,
@@ -693,11 +537,7 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     let d = TempDir::new("inc-full-map");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 256, false);
-    let mut chain = Chain {
-        d: &d,
-        pid: w.pid,
-        n: 0,
-    };
+    let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[("CR_TEST_DIRTY_MAX_ENTRIES", "16")]);
     let written: Vec<u64> = (0..256).collect();
     let list: Vec<String> = written.iter().map(|p| p.to_string()).collect();
@@ -719,8 +559,7 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     w.cmd("write 1 1,3");
     let (_, s) = chain.pre_dump(&[]);
     assert_eq!(s.harvest, "ebpf", "{}", s.harvest_reason);
-    let last = format!("../p{}", chain.n);
-    final_dump_and_restore(&mut w, &d, Some(&last));
+    final_dump_and_restore(&mut w, &chain);
 }
 
 /// A dump without tracking options leaves a running tracker's state alone (nothing harvested),
@@ -731,21 +570,10 @@ fn a_plain_dump_does_not_consume_the_tracking_state() {
     let d = TempDir::new("inc-plain");
     let mut w = Dirty::start(&d);
     let a = w.region(1, 64, false);
-    let mut chain = Chain {
-        d: &d,
-        pid: w.pid,
-        n: 0,
-    };
+    let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[]);
     w.cmd("write 1 5");
-    let pid = w.pid.to_string();
-    let plain = d.s("plain");
-    assert!(cr_env(
-        &["dump", "-t", &pid, "-D", &plain, "-R", "-o", "dump.log", "-v4"],
-        &[]
-    )
-    .status
-    .success());
+    CrCmd::dump(w.pid, d.join("plain")).arg("-R").ok();
     let s = stats(&d.join("plain"));
     assert_eq!(s.harvest, "full");
     let (data, parent) = image_pages(&d.join("plain"), w.pid);
@@ -757,22 +585,9 @@ fn a_plain_dump_does_not_consume_the_tracking_state() {
     let (data, _) = image_pages(&img, w.pid);
     assert_eq!(within(&data, a, 64), at(a, &[5, 6]), "both epochs' writes");
     // A parent that is not the tracker's last checkpoint gives a full dump, not a wrong one.
-    let stale = d.s("stale");
-    let out = cr_env(
-        &[
-            "pre-dump",
-            "-t",
-            &pid,
-            "-D",
-            &stale,
-            "--prev-images-dir",
-            "../p1",
-            "-o",
-            "dump.log",
-        ],
-        &[],
-    );
-    assert!(out.status.success());
+    CrCmd::pre_dump(w.pid, d.join("stale"))
+        .args(&["--prev-images-dir", "../p1"])
+        .ok();
     let s = stats(&d.join("stale"));
     assert_eq!(s.harvest, "full", "{}", s.harvest_reason);
     assert!(ImageDir::open(&d.join("stale"))
@@ -785,69 +600,16 @@ fn a_plain_dump_does_not_consume_the_tracking_state() {
 // ---------------------------------------------------------------------------------------
 // The chain workload (wl_dirty_chain): 256 MiB of self-describing pages, dirtied all along.
 
-struct Chainer {
-    w: cr_tests::Workload,
-}
-
-fn start_chainer(d: &TempDir, mib: u64) -> Chainer {
+fn start_chainer(d: &TempDir, mib: u64) -> Workload {
     become_subreaper();
-    let w = cr_tests::Workload::start("wl_dirty_chain", &[&mib.to_string()], d);
-    Chainer { w }
+    Workload::start("wl_dirty_chain", &[&mib.to_string()], d)
 }
 
-fn dump_cmd(
-    d: &TempDir,
-    pid: i32,
-    name: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> pb::DumpStats {
-    let img = d.s(name);
-    let pid_s = pid.to_string();
-    let mut args = vec![extra[0], "-t", &pid_s, "-D", &img, "-o", "dump.log", "-v4"];
-    args.extend_from_slice(&extra[1..]);
-    let log = d.s("tracker.log");
-    let mut env = env.to_vec();
-    env.push(("CR_TRACKER_LOG", &log));
-    let out = cr_env(&args, &env);
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        extra[0],
-        show_log(&d.join(name), "dump.log")
-    );
-    let s = stats(&d.join(name));
-    eprintln!(
-        "{name}: harvest {} ({}), {} written, {} in parent, {} scanned, frozen {} us, harvest {} us",
-        s.harvest, s.harvest_reason, s.pages_written, s.pages_in_parent, s.pages_scanned, s.frozen_us, s.harvest_us
-    );
-    s
-}
-
-fn restore_and_verify(d: &TempDir, c: &mut Chainer, name: &str) {
-    let img = d.s(name);
-    let pidfile = d.s(&format!("{name}.pid"));
-    let out = cr_env(
-        &[
-            "restore",
-            "-D",
-            &img,
-            "-d",
-            "--pidfile",
-            &pidfile,
-            "-o",
-            "restore.log",
-            "-v4",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "restore of {name} failed:\n{}",
-        show_log(&d.join(name), "restore.log")
-    );
-    let _ = std::fs::remove_file(&c.w.result);
-    c.w.assert_pass();
+/// Restores checkpoint `name` and has the chain workload verify every page.
+fn restore_and_verify(d: &TempDir, c: &mut Workload, name: &str) {
+    restore_checkpoint(d, name);
+    let _ = std::fs::remove_file(&c.result);
+    c.assert_pass();
 }
 
 /// Control: the chain workload passes its own check undisturbed.
@@ -856,7 +618,7 @@ fn chain_workload_control() {
     let d = TempDir::new("inc-chain-control");
     let mut c = start_chainer(&d, 64);
     std::thread::sleep(Duration::from_millis(300));
-    c.w.assert_pass();
+    c.assert_pass();
 }
 
 /// 256 MiB dirtied continuously (user writes, read() into pages, process_vm_writev to itself,
@@ -867,7 +629,7 @@ fn chain_of_pre_dumps_and_final_dump_restores_every_page() {
     require_root();
     let d = TempDir::new("inc-chain");
     let mut c = start_chainer(&d, 256);
-    let pid = c.w.pid;
+    let pid = c.pid;
     // The workload's process_vm_writev writes are on at first: that epoch needs the exact
     // scan. Turned off (SIGUSR2, long before the next checkpoint: a burst takes milliseconds),
     // the following epochs are the eBPF harvest's; on again for the last.
@@ -875,50 +637,54 @@ fn chain_of_pre_dumps_and_final_dump_restores_every_page() {
         // SAFETY: plain kill(2) of our workload.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
     };
-    let s1 = dump_cmd(&d, pid, "p1", &["pre-dump"], &[]);
+    let s1 = checkpoint(&d, pid, "p1", "pre-dump", &[], &[]);
     assert_eq!(s1.harvest, "full");
     std::thread::sleep(Duration::from_millis(300));
     toggle_gup();
     std::thread::sleep(Duration::from_millis(100));
-    let s2 = dump_cmd(
+    let s2 = checkpoint(
         &d,
         pid,
         "p2",
-        &["pre-dump", "--prev-images-dir", "../p1"],
+        "pre-dump",
+        &["--prev-images-dir", "../p1"],
         &[],
     );
     assert!(s2.pages_in_parent > 0, "nothing taken from the parent");
     assert_eq!(s2.harvest, "pagemap-scan", "{}", s2.harvest_reason);
     std::thread::sleep(Duration::from_millis(300));
-    let s3 = dump_cmd(
+    let s3 = checkpoint(
         &d,
         pid,
         "p3",
-        &["pre-dump", "--prev-images-dir", "../p2"],
+        "pre-dump",
+        &["--prev-images-dir", "../p2"],
         &[("CR_HARVEST", "ebpf")],
     );
     assert_eq!(s3.harvest, "ebpf", "{}", s3.harvest_reason);
     std::thread::sleep(Duration::from_millis(300));
-    let s4 = dump_cmd(
+    let s4 = checkpoint(
         &d,
         pid,
         "p4",
-        &["pre-dump", "--prev-images-dir", "../p3"],
+        "pre-dump",
+        &["--prev-images-dir", "../p3"],
         &[],
     );
     assert_ne!(s4.harvest, "full", "{}", s4.harvest_reason);
     toggle_gup();
     std::thread::sleep(Duration::from_millis(300));
-    let sf = dump_cmd(
+    let sf = checkpoint(
         &d,
         pid,
         "final",
-        &["dump", "--prev-images-dir", "../p4", "--track-mem"],
+        "dump",
+        &["--prev-images-dir", "../p4", "--track-mem"],
         &[],
     );
     assert_eq!(sf.harvest, "pagemap-scan", "{}", sf.harvest_reason);
     assert!(sf.pages_in_parent > 0);
-    c.w.reap_killed();
+    c.reap_killed();
     assert_tracker_gone(pid, sf.tracker_pid);
     assert_eq!(
         s4.tracker_pid, sf.tracker_pid,
@@ -934,31 +700,31 @@ fn leave_running_dumps_form_a_chain_of_restorable_checkpoints() {
     require_root();
     let d = TempDir::new("inc-leave-running");
     let mut c = start_chainer(&d, 64);
-    let pid = c.w.pid;
-    let s1 = dump_cmd(&d, pid, "c1", &["dump", "--track-mem", "-R"], &[]);
+    let pid = c.pid;
+    let s1 = checkpoint(&d, pid, "c1", "dump", &["--track-mem", "-R"], &[]);
     assert_eq!(s1.harvest, "full");
     std::thread::sleep(Duration::from_millis(200));
-    let s2 = dump_cmd(
+    let s2 = checkpoint(
         &d,
         pid,
         "c2",
-        &["dump", "--track-mem", "-R", "--prev-images-dir", "../c1"],
+        "dump",
+        &["--track-mem", "-R", "--prev-images-dir", "../c1"],
         &[],
     );
     assert_ne!(s2.harvest, "full", "{}", s2.harvest_reason);
     std::thread::sleep(Duration::from_millis(200));
-    let s3 = dump_cmd(
+    let s3 = checkpoint(
         &d,
         pid,
         "c3",
-        &["dump", "--track-mem", "-R", "--prev-images-dir", "../c2"],
+        "dump",
+        &["--track-mem", "-R", "--prev-images-dir", "../c2"],
         &[],
     );
     assert_ne!(s3.harvest, "full", "{}", s3.harvest_reason);
     // The service ran on; stop it, then bring back the middle checkpoint, then the last.
-    // SAFETY: plain kill(2) of our workload.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    c.w.reap_killed();
+    c.kill_and_reap();
     assert_tracker_gone(pid, s3.tracker_pid);
     restore_and_verify(&d, &mut c, "c2");
     restore_and_verify(&d, &mut c, "c3");

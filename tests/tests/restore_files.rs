@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::process::Output;
 
-use cr_tests::{become_subreaper, cr, dump_and_restore, pid_exists, TempDir, Workload};
+use cr_tests::procfs::running;
+use cr_tests::{
+    become_subreaper, dump_and_restore, dump_cmd, dump_leave_running, pid_exists, restore_cmd,
+    TempDir, Workload,
+};
 
 /// Starts wl_files on a fresh `files` directory under `d`.
 fn start(d: &TempDir, mode: &str) -> Workload {
@@ -42,48 +45,6 @@ fn tree(dir: &Path) -> BTreeMap<String, (char, u64, u64)> {
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out);
     out
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn log_of(d: &TempDir, name: &str) -> String {
-    std::fs::read_to_string(d.join(&format!("img/{name}"))).unwrap_or_default()
-}
-
-/// `cr dump` of the workload with the usual log options plus `extra`.
-fn dump(w: &Workload, d: &TempDir, extra: &[&str]) -> Output {
-    let img = d.s("img");
-    let pid = w.pid.to_string();
-    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
-    args.extend_from_slice(extra);
-    cr(&args)
-}
-
-fn restore(d: &TempDir) -> Output {
-    let img = d.s("img");
-    let pidfile = d.s("restore.pid");
-    cr(&[
-        "restore",
-        "-D",
-        &img,
-        "-d",
-        "--pidfile",
-        &pidfile,
-        "-o",
-        "restore.log",
-        "-v4",
-    ])
-}
-
-/// Is `pid` alive and not a zombie?
-fn running(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    matches!(state, Some(s) if s != 'Z' && s != 'X')
 }
 
 #[test]
@@ -120,13 +81,7 @@ fn leave_running_dump_leaves_everything_in_place() {
     let d = TempDir::new("files-R");
     let mut w = start(&d, "all");
     let before = tree(&d.join("files"));
-    let out = dump(&w, &d, &["-R"]);
-    assert!(
-        out.status.success(),
-        "dump -R failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    dump_leave_running(&w, &d, &[]);
     assert!(running(w.pid), "the workload is not running after dump -R");
     assert!(d.join("img/inventory.img").exists());
     assert_eq!(tree(&d.join("files")), before);
@@ -139,23 +94,9 @@ fn leave_running_image_restores() {
     become_subreaper();
     let d = TempDir::new("files-R-restore");
     let mut w = start(&d, "all");
-    let out = dump(&w, &d, &["-R"]);
-    assert!(
-        out.status.success(),
-        "dump -R failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
-    // SAFETY: plain kill(2) of our child.
-    assert_eq!(unsafe { libc::kill(w.pid, libc::SIGKILL) }, 0);
-    w.reap_killed();
-    let out = restore(&d);
-    assert!(
-        out.status.success(),
-        "restore failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "restore.log")
-    );
+    dump_leave_running(&w, &d, &[]);
+    w.kill_and_reap();
+    restore_cmd(&d).ok();
     w.assert_pass();
 }
 
@@ -165,21 +106,10 @@ fn restore_must_fail_after(name: &str, change: impl FnOnce(&Path), culprit: &str
     become_subreaper();
     let d = TempDir::new(name);
     let mut w = start(&d, "all");
-    let out = dump(&w, &d, &[]);
-    assert!(
-        out.status.success(),
-        "dump failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    dump_cmd(&w, &d).ok();
     w.reap_killed();
     change(&d.join("files"));
-    let out = restore(&d);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "restore succeeded although {culprit} changed"
-    );
+    let err = restore_cmd(&d).fails(&format!("{culprit} changed"));
     let path = d.join("files").join(culprit).to_string_lossy().into_owned();
     assert!(err.contains(&path), "the error does not name {path}: {err}");
     assert!(
@@ -224,27 +154,15 @@ fn restore_fails_when_a_file_vanished() {
 fn failed_restore_leaves_no_process_and_no_ghost() {
     become_subreaper();
     let d = TempDir::new("files-late-failure");
-    std::fs::create_dir(d.join("files")).unwrap();
-    let mut w = Workload::start("wl_files", &[&d.s("files"), "nofollow"], &d);
-    let out = dump(&w, &d, &[]);
-    assert!(
-        out.status.success(),
-        "dump failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    let mut w = start(&d, "nofollow");
+    dump_cmd(&w, &d).ok();
     w.reap_killed();
     let files = d.join("files");
     let before = tree(&files);
     // Same size and content behind a symlink: only the O_NOFOLLOW open notices.
     std::fs::rename(files.join("nofollow.txt"), files.join("real.txt")).unwrap();
     std::os::unix::fs::symlink("real.txt", files.join("nofollow.txt")).unwrap();
-    let out = restore(&d);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "restore succeeded through a symlink opened O_NOFOLLOW"
-    );
+    let err = restore_cmd(&d).fails("nofollow.txt, opened O_NOFOLLOW, is a symlink now");
     assert!(
         err.contains("nofollow.txt"),
         "the error does not name nofollow.txt: {err}"
@@ -269,12 +187,7 @@ fn dump_must_refuse(mode: &str, kind: &str) -> String {
     let d = TempDir::new(&format!("files-refuse-{mode}"));
     let mut w = start(&d, mode);
     assert_eq!(w.info, "fd=50");
-    let out = dump(&w, &d, &[]);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "dump of a process with {kind} succeeded"
-    );
+    let err = dump_cmd(&w, &d).fails(&format!("the process holds {kind}"));
     assert!(
         err.contains("fd 50") && err.contains(kind),
         "the error does not name fd 50 and {kind}: {err}"

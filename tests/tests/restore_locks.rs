@@ -4,48 +4,14 @@
 //! an image with locks; a lock someone else took meanwhile fails the restore cleanly.
 
 use std::os::fd::AsRawFd;
-use std::process::Output;
 
 use cr_tests::{
-    become_subreaper, cr, dump_and_restore, dump_and_restore_tree, pid_exists, TempDir, Workload,
+    become_subreaper, cr, dump_and_restore, dump_and_restore_tree, dump_cmd, dump_leave_running,
+    pid_exists, restore_cmd, TempDir, Workload,
 };
 
 fn start(d: &TempDir) -> Workload {
     Workload::start("wl_locks", &[&d.s("")], d)
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn log_of(d: &TempDir, name: &str) -> String {
-    std::fs::read_to_string(d.join(&format!("img/{name}"))).unwrap_or_default()
-}
-
-fn dump(w: &Workload, d: &TempDir, extra: &[&str]) -> Output {
-    let img = d.s("img");
-    let pid = w.pid.to_string();
-    let mut args = vec!["dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4"];
-    args.extend_from_slice(extra);
-    cr(&args)
-}
-
-fn restore(d: &TempDir, extra: &[&str]) -> Output {
-    let img = d.s("img");
-    let pidfile = d.s("restore.pid");
-    let mut args = vec![
-        "restore",
-        "-D",
-        &img,
-        "-d",
-        "--pidfile",
-        &pidfile,
-        "-o",
-        "restore.log",
-        "-v4",
-    ];
-    args.extend_from_slice(extra);
-    cr(&args)
 }
 
 fn open(d: &TempDir, name: &str) -> std::fs::File {
@@ -159,12 +125,7 @@ fn locks_survive_dump_and_restore() {
 fn dump_without_file_locks_refuses() {
     let d = TempDir::new("locks-refused");
     let mut w = start(&d);
-    let out = dump(&w, &d, &[]);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "dump of a tree holding locks succeeded without --file-locks"
-    );
+    let err = dump_cmd(&w, &d).fails("the tree holds locks and --file-locks is not given");
     for want in [
         "a flock write lock on",
         "flock.lck (fd 10)",
@@ -194,28 +155,12 @@ fn restore_without_file_locks_refuses() {
     become_subreaper();
     let d = TempDir::new("locks-restore-refused");
     let mut w = start(&d);
-    let out = dump(&w, &d, &["-l"]);
-    assert!(
-        out.status.success(),
-        "dump -l failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    dump_cmd(&w, &d).arg("-l").ok();
     w.reap_killed();
-    let out = restore(&d, &[]);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success() && err.contains("--file-locks"),
-        "restore without -l: {err}"
-    );
+    let err = restore_cmd(&d).fails("the image holds locks and --file-locks is not given");
+    assert!(err.contains("--file-locks"), "restore without -l: {err}");
     assert!(!pid_exists(w.pid), "a refused restore left PID {}", w.pid);
-    let out = restore(&d, &["-l"]);
-    assert!(
-        out.status.success(),
-        "restore -l failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "restore.log")
-    );
+    restore_cmd(&d).arg("-l").ok();
     assert_held(&d, w.pid);
     w.assert_pass();
 }
@@ -227,13 +172,7 @@ fn restore_fails_when_a_lock_is_taken() {
     become_subreaper();
     let d = TempDir::new("locks-taken");
     let mut w = start(&d);
-    let out = dump(&w, &d, &["-l"]);
-    assert!(
-        out.status.success(),
-        "dump -l failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    dump_cmd(&w, &d).arg("-l").ok();
     w.reap_killed();
     let f = open(&d, "flock.lck");
     // SAFETY: flock on an fd we own.
@@ -241,25 +180,16 @@ fn restore_fails_when_a_lock_is_taken() {
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) },
         0
     );
-    let out = restore(&d, &["-l"]);
-    let err = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "restore succeeded although flock.lck is locked by another process"
-    );
+    let err = restore_cmd(&d)
+        .arg("-l")
+        .fails("flock.lck is locked by another process");
     assert!(
         err.contains("flock write lock") && err.contains("another process holds"),
         "restore error: {err}"
     );
     assert!(!pid_exists(w.pid), "a failed restore left PID {}", w.pid);
     drop(f);
-    let out = restore(&d, &["-l"]);
-    assert!(
-        out.status.success(),
-        "restore -l failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "restore.log")
-    );
+    restore_cmd(&d).arg("-l").ok();
     assert_held(&d, w.pid);
     w.assert_pass();
 }
@@ -290,13 +220,7 @@ fn tree_locks_survive_dump_and_restore() {
 fn leave_running_dump_keeps_the_locks() {
     let d = TempDir::new("locks-R");
     let mut w = start(&d);
-    let out = dump(&w, &d, &["-R", "-l"]);
-    assert!(
-        out.status.success(),
-        "dump -R -l failed: {}\n{}",
-        stderr_of(&out),
-        log_of(&d, "dump.log")
-    );
+    dump_leave_running(&w, &d, &["-l"]);
     assert!(d.join("img/locks.img").exists(), "no locks.img");
     assert_held(&d, w.pid);
     w.assert_pass();

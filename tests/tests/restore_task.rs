@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use cr::image::dir::{core_file, ImageDir};
 use cr::image::file::Kind;
 use cr::image::pb;
-use cr_tests::{cr, cr_ok, dump_and_restore, TempDir, Workload};
+use cr_tests::procfs::{stat_field, tracer_of};
+use cr_tests::{dump_and_restore, dump_cmd, dump_leave_running, TempDir, Workload};
 
 /// The core image of `pid` in the image directory `img`.
 fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
@@ -19,19 +20,13 @@ fn read_core(img: &std::path::Path, pid: i32) -> pb::Core {
 }
 
 /// user-mode CPU time of `pid`, in clock ticks (/proc/PID/stat field 14).
-fn utime(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    let rest = stat.rsplit_once(')').expect("stat has a comm").1;
-    rest.split_whitespace()
-        .nth(11)
-        .expect("utime field")
-        .parse()
-        .expect("utime is a number")
+fn utime(pid: i32) -> i64 {
+    stat_field(pid, 14).unwrap_or_else(|| panic!("no utime for {pid}: is it gone?"))
 }
 
 /// Waits until `pid` has spent `ticks` more clock ticks in user mode: a workload that spins right
 /// after saying READY is then certainly inside its spin loop (its setup takes microseconds).
-fn wait_spinning(pid: i32, ticks: u64) {
+fn wait_spinning(pid: i32, ticks: i64) {
     let start = utime(pid);
     let deadline = Instant::now() + Duration::from_secs(10);
     while utime(pid) < start + ticks {
@@ -59,24 +54,6 @@ fn wait_in_syscall(pid: i32, nr: i64) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// TracerPid of `pid` (0 when nobody traces it).
-fn tracer_of(pid: i32) -> i32 {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    st.lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// `cr dump -R`: the target must run on unchanged.
-fn dump_leave_running(w: &Workload, dir: &TempDir) {
-    let img = dir.s("img");
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "dump", "-t", &pid, "-D", &img, "-o", "dump.log", "-v4", "-R",
-    ]);
 }
 
 // ---- CPU state -------------------------------------------------------------------------------
@@ -136,7 +113,7 @@ fn cpu_regs_survive_leave_running_dump() {
     let d = TempDir::new("cpu-R");
     let mut w = Workload::start("wl_cpu", &["regs"], &d);
     wait_spinning(w.pid, 2);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -178,7 +155,7 @@ fn rseq_critical_section_is_aborted_by_leave_running_dump() {
     let d = TempDir::new("rseq-R");
     let mut w = Workload::start("wl_cpu", &["rseq"], &d);
     wait_spinning(w.pid, 2);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -209,7 +186,7 @@ fn syscall_case(mode: &str, nr: i64, code: i64, restored_eintr: u32) {
     let d = TempDir::new(&format!("sys-{mode}-R"));
     let mut w = Workload::start("wl_syscall", &[mode, "0"], &d);
     wait_in_syscall(w.pid, nr);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -297,7 +274,7 @@ fn signals_survive_dump_and_restore() {
 fn signals_survive_leave_running_dump() {
     let d = TempDir::new("sig-R");
     let mut w = Workload::start("wl_signals", &[], &d);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -360,7 +337,7 @@ fn signals_sent_during_dump_keep_their_values() {
                 }
             }
         });
-        dump_leave_running(&w, &d);
+        dump_leave_running(&w, &d, &[]);
         sender.join().expect("sender thread");
         let core = read_core(&d.join("img"), w.pid);
         let queued: Vec<(i32, i64)> = core
@@ -414,7 +391,7 @@ fn task_attributes_survive_dump_and_restore() {
 fn task_attributes_survive_leave_running_dump() {
     let d = TempDir::new("attrs-R");
     let mut w = Workload::start("wl_sys_task", &[], &d);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -424,21 +401,7 @@ fn task_attributes_survive_leave_running_dump() {
 fn seccomp_task_is_refused_and_runs_on() {
     let d = TempDir::new("seccomp");
     let mut w = Workload::start("wl_sys_task", &["seccomp"], &d);
-    let out = cr(&[
-        "dump",
-        "-t",
-        &w.pid.to_string(),
-        "-D",
-        &d.s("img"),
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
-    assert!(
-        !out.status.success(),
-        "the dump of a seccomp task succeeded"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = dump_cmd(&w, &d).fails("the task is under seccomp");
     assert!(
         err.contains("seccomp"),
         "the refusal does not name seccomp: {err}"
@@ -467,6 +430,6 @@ fn creds_survive_dump_and_restore() {
 fn creds_survive_leave_running_dump() {
     let d = TempDir::new("creds-R");
     let mut w = Workload::start("wl_creds", &[], &d);
-    dump_leave_running(&w, &d);
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }

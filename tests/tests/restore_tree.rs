@@ -2,7 +2,9 @@
 //! every process at its PID under its parent, in its group and session, zombies as zombies,
 //! and files and memory shared across fork still shared.
 
-use cr_tests::{cr, dump_and_restore, dump_and_restore_tree, TempDir, Workload};
+use cr_tests::{
+    dump_and_restore, dump_and_restore_tree, dump_leave_running, CrCmd, TempDir, Workload,
+};
 
 #[test]
 fn threads_workload_passes_undisturbed() {
@@ -23,9 +25,7 @@ fn threads_survive_dump_and_restore() {
 fn threads_run_on_after_leave_running() {
     let d = TempDir::new("threads-R");
     let mut w = Workload::start("wl_threads", &[], &d);
-    let img = d.s("img");
-    let out = cr(&["dump", "-t", &w.pid.to_string(), "-D", &img, "-R", "-o", "dump.log", "-v4"]);
-    assert!(out.status.success(), "dump -R failed");
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -51,9 +51,7 @@ fn tree_survives_dump_and_restore() {
 fn tree_runs_on_after_leave_running() {
     let d = TempDir::new("tree-R");
     let mut w = Workload::start("wl_tree", &[&d.s("")], &d);
-    let img = d.s("img");
-    let out = cr(&["dump", "-t", &w.pid.to_string(), "-D", &img, "-R", "-o", "dump.log", "-v4"]);
-    assert!(out.status.success(), "dump -R failed");
+    dump_leave_running(&w, &d, &[]);
     w.assert_pass();
 }
 
@@ -68,14 +66,14 @@ fn tree_restore_logs_per_pid() {
         let log = std::fs::read_to_string(d.join(&format!("img/restore.log.{pid}"))).unwrap_or_else(|e| panic!("restore.log.{pid}: {e}"));
         assert!(log.contains(&pid.to_string()), "restore.log.{pid} says nothing about {pid}:\n{log}");
     }
-    let main = std::fs::read_to_string(d.join("img/restore.log")).unwrap();
+    let main = d.img_log("restore.log");
     assert!(main.contains("restored in"), "the main log lost the summary:\n{main}");
     w.assert_pass();
 }
 
 /// The PIDs of the processes in an image's pstree.img (from `cr show`).
-fn image_pids(img: &str) -> Vec<i32> {
-    let out = cr_tests::cr_ok(&["show", &format!("{img}/pstree.img")]);
+fn image_pids(img: &std::path::Path) -> Vec<i32> {
+    let out = cr_tests::cr_ok(&["show", &img.join("pstree.img").to_string_lossy()]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.trim().strip_prefix("\"pid\": "))
@@ -107,19 +105,15 @@ fn busy_forking_shell_is_dumped_and_restored() {
     let mut sh = cmd.spawn().expect("start sh");
     let pid = sh.id() as i32;
     for i in 0..5 {
-        let img = d.s(&format!("r{i}"));
-        let out = cr(&["dump", "-t", &pid.to_string(), "-D", &img, "-R", "-o", "dump.log", "-v4"]);
-        assert!(out.status.success(), "dump -R {i} failed: {}", std::fs::read_to_string(d.join(&format!("r{i}/dump.log"))).unwrap_or_default());
+        CrCmd::dump(pid, d.join(&format!("r{i}"))).arg("-R").ok();
     }
-    let img = d.s("img");
-    let out = cr(&["dump", "-t", &pid.to_string(), "-D", &img, "-o", "dump.log", "-v4"]);
-    assert!(out.status.success(), "dump failed: {}", std::fs::read_to_string(d.join("img/dump.log")).unwrap_or_default());
+    let img = d.join("img");
+    CrCmd::dump(pid, &img).ok();
     sh.wait().unwrap();
     for p in image_pids(&img).into_iter().filter(|&p| p != pid) {
         cr_tests::reap_orphan(p);
     }
-    let out = cr(&["restore", "-D", &img, "-d", "-o", "restore.log", "-v4"]);
-    assert!(out.status.success(), "restore failed: {}", std::fs::read_to_string(d.join("img/restore.log")).unwrap_or_default());
+    CrCmd::restore(&img).ok();
     // It goes on forking: its voluntary context switches climb.
     let switches = || -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))

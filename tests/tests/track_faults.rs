@@ -6,11 +6,11 @@
 //! Must run as root (loading eBPF); `cargo xtask test` does.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use cr::track::Tracker;
 use cr_common::{PAGE_SHIFT, TARGET_F_TRACK_WRITES};
+use cr_tests::{cr_ok, require_root};
 
 /// A running wl_write_pages.
 struct Workload {
@@ -87,13 +87,6 @@ impl Drop for Workload {
 /// Pages first, first+step, … (count of them).
 fn every(first: u64, count: u64, step: u64) -> Vec<u64> {
     (0..count).map(|k| first + k * step).collect()
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test loads eBPF programs: run it as root (cargo xtask test does)"
-    );
 }
 
 #[test]
@@ -217,26 +210,11 @@ fn epochs_take_remove_and_clear() {
     assert!(t.dirty_pages(pid).unwrap().is_empty());
 }
 
-/// The `cr` binary under test: $CR_BIN (set by `cargo xtask test`) or target/release/cr.
-fn cr_bin() -> PathBuf {
-    match std::env::var_os("CR_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/cr"),
-    }
-}
-
 #[test]
 fn cr_check_reports_every_feature_ok() {
     require_root();
-    let bin = cr_bin();
-    let out = Command::new(&bin)
-        .arg("check")
-        .output()
-        .unwrap_or_else(|e| panic!("run {} check: {e}", bin.display()));
+    let out = cr_ok(&["check"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("$ cr check\n{stdout}{stderr}");
-    assert!(out.status.success(), "cr check exited with {}", out.status);
     let mut lines = stdout.lines();
     let header = lines.next().unwrap_or_default();
     assert!(

@@ -11,7 +11,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_BIND_SERVICE: u32 = 10;
@@ -178,13 +178,8 @@ fn main() {
     std::fs::write(&result, "").expect("create the result file");
     std::fs::set_permissions(&result, std::fs::Permissions::from_mode(0o666))
         .expect("chmod the result file");
-    // SAFETY: SIGUSR1 blocked before READY (the check request may come at once).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    // SIGUSR1 blocked before READY (the check request may come at once).
+    block_check_signal();
 
     let groups = [1000u32, 2000, 3000];
     // SAFETY: credential syscalls with valid arguments, as root.

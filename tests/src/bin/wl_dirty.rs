@@ -31,34 +31,15 @@
 //! - `check`: verifies now; answers ok or err.
 
 use std::io::{BufRead, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use cr_tests::workload::{ready, Checker};
+// The page contents: the harness computes the same (tests/tests/incremental.rs).
+use cr_tests::page_pattern::{content, word, PAGE, WORDS};
+use cr_tests::sys::{mmap_anon, pipe_cloexec};
+use cr_tests::workload::{block_check_signal, ready, Checker};
 
-const PAGE: usize = 4096;
-const WORDS: usize = PAGE / 8;
 /// `gen` of an unmapped page.
 const UNMAPPED: u64 = u64::MAX;
-
-/// Word `k` of page `p` of region `id` at generation `gen` (0: zeros). The harness computes
-/// the same function (tests/tests/incremental.rs).
-fn word(id: u64, p: u64, gen: u64, k: u64) -> u64 {
-    if gen == 0 {
-        return 0;
-    }
-    let x = (id << 40) ^ (p << 12) ^ gen.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-        .rotate_left((k % 61) as u32)
-        ^ k
-}
-
-fn content(id: u64, p: u64, gen: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(PAGE);
-    for k in 0..WORDS as u64 {
-        v.extend_from_slice(&word(id, p, gen, k).to_le_bytes());
-    }
-    v
-}
 
 struct Region {
     id: u64,
@@ -114,29 +95,9 @@ fn start_worker() -> Worker {
     Worker { tid, jobs, done }
 }
 
-fn mmap_anon(len: usize, at: usize) -> Result<usize, String> {
-    let flags = libc::MAP_PRIVATE
-        | libc::MAP_ANONYMOUS
-        | if at != 0 {
-            libc::MAP_FIXED_NOREPLACE
-        } else {
-            0
-        };
-    // SAFETY: a fresh anonymous mapping; no Rust references point into it.
-    let p = unsafe {
-        libc::mmap(
-            at as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
-    Ok(p as usize)
+/// A fresh anonymous mapping of `len` bytes, or why not (the command's error answer).
+fn map(len: usize) -> Result<usize, String> {
+    mmap_anon(len).map_err(|e| format!("mmap: {e}"))
 }
 
 impl State {
@@ -151,7 +112,7 @@ impl State {
         let len = n * PAGE;
         let addr = if thp {
             const HUGE: usize = 2 << 20;
-            let raw = mmap_anon(len + HUGE, 0)?;
+            let raw = map(len + HUGE)?;
             let a = (raw + HUGE - 1) & !(HUGE - 1);
             // SAFETY: trimming our own fresh mapping to the aligned part.
             unsafe {
@@ -163,7 +124,7 @@ impl State {
             }
             a
         } else {
-            let a = mmap_anon(len, 0)?;
+            let a = map(len)?;
             // SAFETY: advice on our own mapping.
             unsafe { libc::madvise(a as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
             a
@@ -344,7 +305,7 @@ fn run(st: &mut State, line: &str) -> Result<String, String> {
             let r = st.region(num(1)?)?;
             let len = r.len();
             // A new place: reserve it, then move the region over the reservation.
-            let to = mmap_anon(len, 0)?;
+            let to = map(len)?;
             // SAFETY: moving our own mapping onto our own reservation.
             let p = unsafe {
                 libc::mremap(
@@ -474,18 +435,8 @@ fn verify(st: &State) -> Vec<String> {
 
 fn main() {
     // SIGUSR1 stays blocked: after a restore it is taken with sigwaitinfo, whenever it comes.
-    // SAFETY: plain signal-mask manipulation.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    let mut fds = [0; 2];
-    // SAFETY: a valid out-array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh fds from pipe2.
-    let pipe = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    block_check_signal();
+    let pipe = pipe_cloexec();
     let path = std::env::temp_dir().join(format!("wl_dirty-{}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -21,6 +21,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::os::fd::IntoRawFd;
+
+use cr_tests::sys::{mmap_anon, pipe_cloexec};
 use cr_tests::workload::{check_requested, install_check_flag, ready, Checker};
 
 const PAGE: usize = 4096;
@@ -91,25 +94,9 @@ struct W {
     buf: Box<[u64; WORDS]>,
 }
 
-fn mmap_anon(len: usize) -> usize {
-    // SAFETY: a fresh anonymous mapping chosen by the kernel.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap: {}",
-        std::io::Error::last_os_error()
-    );
-    p as usize
+/// A fresh anonymous mapping of `len` bytes (the workload cannot go on without it).
+fn map(len: usize) -> usize {
+    mmap_anon(len).unwrap_or_else(|e| panic!("mmap: {e}"))
 }
 
 impl W {
@@ -174,27 +161,37 @@ impl W {
         self.gen[p] = gen;
     }
 
+    /// The content id of page `i` of churn slot `s` (its `word`s are a function of it).
+    fn slot_page_id(s: usize, i: usize) -> u64 {
+        SLOT_ID + s as u64 + ((i as u64) << 40)
+    }
+
+    /// Writes every page of churn slot `s` (mapped at `addr`) at generation `gen`.
+    fn fill_slot(addr: usize, s: usize, gen: u32) {
+        for i in 0..SLOT_PAGES {
+            Self::user_write((addr + i * PAGE) as *mut u64, Self::slot_page_id(s, i), gen);
+        }
+    }
+
+    /// Rewrites churn slot `s` at its next generation.
+    fn rewrite_slot(&mut self, s: usize) {
+        self.slots[s].gen += 1;
+        Self::fill_slot(self.slots[s].addr, s, self.slots[s].gen);
+    }
+
     /// Unmap and map again, move, or rewrite one churn region.
     fn churn(&mut self) {
         let s = self.rng.below(SLOTS as u64) as usize;
         let len = SLOT_PAGES * PAGE;
-        let id = SLOT_ID + s as u64;
         match self.rng.below(3) {
             0 => {
                 // SAFETY: unmapping our own slot; nothing references it.
                 unsafe { libc::munmap(self.slots[s].addr as *mut libc::c_void, len) };
-                self.slots[s].addr = mmap_anon(len);
-                self.slots[s].gen += 1;
-                for i in 0..SLOT_PAGES {
-                    Self::user_write(
-                        (self.slots[s].addr + i * PAGE) as *mut u64,
-                        id + ((i as u64) << 40),
-                        self.slots[s].gen,
-                    );
-                }
+                self.slots[s].addr = map(len);
+                self.rewrite_slot(s);
             }
             1 => {
-                let to = mmap_anon(len);
+                let to = map(len);
                 // SAFETY: moving our own slot onto our own fresh reservation.
                 let p = unsafe {
                     libc::mremap(
@@ -213,16 +210,7 @@ impl W {
                 );
                 self.slots[s].addr = p as usize;
             }
-            _ => {
-                self.slots[s].gen += 1;
-                for i in 0..SLOT_PAGES {
-                    Self::user_write(
-                        (self.slots[s].addr + i * PAGE) as *mut u64,
-                        id + ((i as u64) << 40),
-                        self.slots[s].gen,
-                    );
-                }
-            }
+            _ => self.rewrite_slot(s),
         }
     }
 
@@ -253,7 +241,7 @@ impl W {
         for (s, slot) in self.slots.iter().enumerate() {
             for i in 0..SLOT_PAGES {
                 let src = (slot.addr + i * PAGE) as *const u64;
-                let id = SLOT_ID + s as u64 + ((i as u64) << 40);
+                let id = W::slot_page_id(s, i);
                 // SAFETY: a page of a mapped slot.
                 let ok = (0..WORDS).all(
                     |k| unsafe { std::ptr::read_volatile(src.add(k)) } == word(id, slot.gen, k),
@@ -278,7 +266,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
     let pages = mib * 256;
-    let raw = mmap_anon(pages * PAGE + HUGE);
+    let raw = map(pages * PAGE + HUGE);
     let base = (raw + HUGE - 1) & !(HUGE - 1);
     // SAFETY: advice on our own fresh mapping: huge pages in the first half, none in the second.
     unsafe {
@@ -293,9 +281,7 @@ fn main() {
             libc::MADV_NOHUGEPAGE,
         );
     }
-    let mut fds = [0; 2];
-    // SAFETY: a valid out-array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (pipe_r, pipe_w) = pipe_cloexec();
     let seed = std::env::var("SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -312,8 +298,8 @@ fn main() {
         base,
         gen: vec![1; pages],
         slots: Vec::new(),
-        pipe_r: fds[0],
-        pipe_w: fds[1],
+        pipe_r: pipe_r.into_raw_fd(),
+        pipe_w: pipe_w.into_raw_fd(),
         rng: Rng(seed),
         buf: Box::new([0u64; WORDS]),
     };
@@ -321,14 +307,8 @@ fn main() {
         W::user_write(w.page(p), p as u64, 1);
     }
     for s in 0..SLOTS {
-        let addr = mmap_anon(SLOT_PAGES * PAGE);
-        for i in 0..SLOT_PAGES {
-            W::user_write(
-                (addr + i * PAGE) as *mut u64,
-                SLOT_ID + s as u64 + ((i as u64) << 40),
-                1,
-            );
-        }
+        let addr = map(SLOT_PAGES * PAGE);
+        W::fill_slot(addr, s, 1);
         w.slots.push(Slot { addr, gen: 1 });
     }
     install_check_flag();

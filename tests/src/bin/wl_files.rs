@@ -17,7 +17,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 const DATA_LEN: usize = 64 * 1024;
 const GONE_LEN: usize = 10_000;
@@ -192,6 +192,11 @@ fn fstat(fd: i32) -> libc::stat {
 fn getfl(fd: i32) -> i32 {
     // SAFETY: plain fcntl.
     unsafe { libc::fcntl(fd, libc::F_GETFL) }
+}
+
+/// The access mode of `fd`'s description: O_RDONLY, O_WRONLY or O_RDWR.
+fn access_mode(fd: i32) -> i32 {
+    getfl(fd) & libc::O_ACCMODE
 }
 
 fn getfd(fd: i32) -> i32 {
@@ -429,6 +434,17 @@ fn check_extra(c: &mut Checker, mode: &str) {
     }
 }
 
+/// Writes `data` (a few bytes) into `w` and expects exactly them back from `r`, without
+/// blocking: the pipe or FIFO still joins its two ends, and held nothing more.
+fn check_round_trip(c: &mut Checker, w: i32, r: i32, data: &[u8], what: &str) {
+    c.eq(try_write_all(w, data), Ok(()), &format!("{what}: write"));
+    c.eq(
+        read(r, 100),
+        Ok(data.to_vec()),
+        &format!("{what}: read back"),
+    );
+}
+
 fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>) -> Checker {
     let mut c = Checker::new();
     let after = fd_table(&[]);
@@ -460,11 +476,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     }
 
     // Regular files: access modes, flags, shared offsets, positions.
-    c.eq(
-        getfl(FD_RD) & libc::O_ACCMODE,
-        libc::O_RDONLY,
-        "fd 10 access mode",
-    );
+    c.eq(access_mode(FD_RD), libc::O_RDONLY, "fd 10 access mode");
     c.eq(pos(FD_RD), 1000, "fd 10 position");
     c.eq(
         read(FD_RD, 100),
@@ -484,11 +496,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     c.eq(pos(FD_RD), 1110, "fd 10 position after reading fd 11");
     c.eq(getfd(FD_RD), 0, "fd 10 close-on-exec");
 
-    c.eq(
-        getfl(FD_WR) & libc::O_ACCMODE,
-        libc::O_WRONLY,
-        "fd 12 access mode",
-    );
+    c.eq(access_mode(FD_WR), libc::O_WRONLY, "fd 12 access mode");
     c.eq(pos(FD_WR), 2000, "fd 12 position");
     c.eq(
         read(FD_WR, 1),
@@ -507,11 +515,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
         getfl(FD_APPEND) & libc::O_APPEND != 0,
         "fd 13 lost O_APPEND",
     );
-    c.eq(
-        getfl(FD_APPEND) & libc::O_ACCMODE,
-        libc::O_RDWR,
-        "fd 13 access mode",
-    );
+    c.eq(access_mode(FD_APPEND), libc::O_RDWR, "fd 13 access mode");
     c.eq(pos(FD_APPEND), 3, "fd 13 position");
     c.eq(
         read(FD_APPEND, 100),
@@ -568,11 +572,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
     );
     c.eq(pos(FD_GONE), 123, "fd 16 position");
     c.eq(pos(FD_GONE2), 50, "fd 17 position");
-    c.eq(
-        getfl(FD_GONE2) & libc::O_ACCMODE,
-        libc::O_RDONLY,
-        "fd 17 access mode",
-    );
+    c.eq(access_mode(FD_GONE2), libc::O_RDONLY, "fd 17 access mode");
     c.eq(
         try_write_all(FD_GONE, b"written after restore"),
         Ok(()),
@@ -616,7 +616,7 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
         "write to /dev/null",
     );
     c.eq(
-        getfl(FD_NULL) & libc::O_ACCMODE,
+        access_mode(FD_NULL),
         libc::O_WRONLY,
         "/dev/null access mode",
     );
@@ -638,23 +638,16 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
         Ok(true),
         "small pipe data",
     );
-    c.eq(
-        try_write_all(FD_PIPE_W, b"again"),
-        Ok(()),
-        "write to fd FD_PIPE_W",
-    );
-    c.eq(
-        read(FD_PIPE_R, 100),
-        Ok(b"again".to_vec()),
+    check_round_trip(
+        &mut c,
+        FD_PIPE_W,
+        FD_PIPE_R,
+        b"again",
         "small pipe after restore",
     );
+    c.eq(access_mode(FD_PIPE_R), libc::O_RDONLY, "pipe read end mode");
     c.eq(
-        getfl(FD_PIPE_R) & libc::O_ACCMODE,
-        libc::O_RDONLY,
-        "pipe read end mode",
-    );
-    c.eq(
-        getfl(FD_PIPE_W) & libc::O_ACCMODE,
+        access_mode(FD_PIPE_W),
         libc::O_WRONLY,
         "pipe write end mode",
     );
@@ -710,14 +703,11 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
         "FIFO data",
     );
     c.eq(read(FD_FIFO_R, 1), Err(libc::EAGAIN), "FIFO drained");
-    c.eq(
-        try_write_all(FD_FIFO_W, b"fifo again"),
-        Ok(()),
-        "write to fd FD_FIFO_W",
-    );
-    c.eq(
-        read(FD_FIFO_R, 100),
-        Ok(b"fifo again".to_vec()),
+    check_round_trip(
+        &mut c,
+        FD_FIFO_W,
+        FD_FIFO_R,
+        b"fifo again",
         "FIFO after restore",
     );
     let on_disk = std::fs::metadata(s.dir.join("fifo"))
@@ -731,14 +721,11 @@ fn check(s: &Setup, mode: &str, before: &BTreeMap<i32, (String, String, String)>
 
     c.eq(fionread(FD_EMPTY_R), 0, "empty pipe: bytes queued");
     c.eq(read(FD_EMPTY_R, 1), Err(libc::EAGAIN), "empty pipe read");
-    c.eq(
-        try_write_all(FD_EMPTY_W, b"x"),
-        Ok(()),
-        "write to fd FD_EMPTY_W",
-    );
-    c.eq(
-        read(FD_EMPTY_R, 1),
-        Ok(b"x".to_vec()),
+    check_round_trip(
+        &mut c,
+        FD_EMPTY_W,
+        FD_EMPTY_R,
+        b"x",
         "empty pipe after restore",
     );
 
@@ -797,13 +784,7 @@ fn main() {
     let before = fd_table(&[3]);
     // Block SIGUSR1 before saying ready: the harness may send it at once, before
     // wait_for_check() blocks it (default action: die without a verdict).
-    // SAFETY: plain signal-mask manipulation on this (only) thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    block_check_signal();
     ready(if mode == "all" { "" } else { "fd=50" });
     wait_for_check();
     check(&s, mode, &before).report();

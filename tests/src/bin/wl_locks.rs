@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 const FD_FLOCK: i32 = 10;
 const FD_POSIX: i32 = 11;
@@ -88,6 +88,33 @@ fn fdinfo_locks(fd: i32) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// Checks that /proc/self/fdinfo/FD shows exactly the locks `want`, each (KIND, ACCESS, START,
+/// END) as fdinfo spells them, in any order.
+fn expect_locks(c: &mut Checker, fd: i32, want: &[(&str, &str, &str, &str)], what: &str) {
+    let mut got = fdinfo_locks(fd);
+    got.sort();
+    let mut want: Vec<_> = want
+        .iter()
+        .map(|(k, a, st, e)| (k.to_string(), a.to_string(), st.to_string(), e.to_string()))
+        .collect();
+    want.sort();
+    c.eq(got, want, what);
+}
+
+/// Unlocks `start`..+`len` through `fd` (`cmd`: F_SETLK or F_OFD_SETLK), then takes it again
+/// as `ty`, without blocking: both work only while the lock is ours (one someone else took
+/// meanwhile makes the second fail).
+fn check_relock(c: &mut Checker, fd: i32, cmd: i32, ty: i32, (start, len): (i64, i64), what: &str) {
+    c.check(
+        setlk(fd, cmd, libc::F_UNLCK, start, len).is_ok(),
+        format!("{what}: unlock"),
+    );
+    c.check(
+        setlk(fd, cmd, ty, start, len).is_ok(),
+        format!("{what}: lock again"),
+    );
+}
+
 /// The child of mode `tree`: its POSIX lock, then "ready" on `w`, then its own check on
 /// SIGUSR1; exits 0 (pass) or 1, printing its failures on stderr.
 fn child(w: i32) -> ! {
@@ -95,13 +122,7 @@ fn child(w: i32) -> ! {
     unsafe { libc::close(3) };
     // SIGUSR1 may come as soon as the parent is told to check: block it before saying ready,
     // so it waits for wait_for_check instead of killing us.
-    // SAFETY: plain signal-mask manipulation on this (only) thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    block_check_signal();
     let mut c = Checker::new();
     setlk(FD_POSIX, libc::F_SETLK, libc::F_WRLCK, 300, 100).expect("child POSIX write lock");
     // SAFETY: one byte to the pipe the parent waits on, then closed.
@@ -110,32 +131,32 @@ fn child(w: i32) -> ! {
         libc::close(w);
     }
     wait_for_check();
-    let s = |k: &str, a: &str, st: &str, e: &str| {
-        (k.to_string(), a.to_string(), st.to_string(), e.to_string())
-    };
     // Its own POSIX lock only (the parent's are not the child's), and the shared descriptions'.
-    c.eq(
-        fdinfo_locks(FD_POSIX),
-        vec![s("POSIX", "WRITE", "300", "399")],
+    expect_locks(
+        &mut c,
+        FD_POSIX,
+        &[("POSIX", "WRITE", "300", "399")],
         "child: locks shown on the POSIX fd",
     );
-    c.eq(
-        fdinfo_locks(FD_FLOCK),
-        vec![s("FLOCK", "WRITE", "0", "EOF")],
+    expect_locks(
+        &mut c,
+        FD_FLOCK,
+        &[("FLOCK", "WRITE", "0", "EOF")],
         "child: locks shown on the shared flock fd",
     );
-    c.eq(
-        fdinfo_locks(FD_OFD),
-        vec![s("OFDLCK", "WRITE", "0", "4095")],
+    expect_locks(
+        &mut c,
+        FD_OFD,
+        &[("OFDLCK", "WRITE", "0", "4095")],
         "child: locks shown on the shared OFD fd",
     );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_UNLCK, 300, 100).is_ok(),
-        "child: POSIX unlock of 300-399",
-    );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_RDLCK, 300, 100).is_ok(),
-        "child: POSIX read lock of 300-399",
+    check_relock(
+        &mut c,
+        FD_POSIX,
+        libc::F_SETLK,
+        libc::F_RDLCK,
+        (300, 100),
+        "child: POSIX lock of 300-399, read this time",
     );
     for f in c.failures() {
         eprintln!("child: {f}");
@@ -202,32 +223,31 @@ fn main() {
             format!("the child failed its checks (status {st:#x}; see stderr)"),
         );
     }
-    let s = |k: &str, a: &str, st: &str, e: &str| {
-        (k.to_string(), a.to_string(), st.to_string(), e.to_string())
-    };
-    c.eq(
-        fdinfo_locks(FD_FLOCK),
-        vec![s("FLOCK", "WRITE", "0", "EOF")],
+    expect_locks(
+        &mut c,
+        FD_FLOCK,
+        &[("FLOCK", "WRITE", "0", "EOF")],
         "locks shown on the flock fd",
     );
-    c.eq(
-        fdinfo_locks(FD_FLOCK_DUP),
-        vec![s("FLOCK", "WRITE", "0", "EOF")],
+    expect_locks(
+        &mut c,
+        FD_FLOCK_DUP,
+        &[("FLOCK", "WRITE", "0", "EOF")],
         "locks shown on the dup of the flock fd",
     );
-    let mut posix = fdinfo_locks(FD_POSIX);
-    posix.sort();
-    c.eq(
-        posix,
-        vec![
-            s("POSIX", "READ", "10", "19"),
-            s("POSIX", "WRITE", "100", "199"),
+    expect_locks(
+        &mut c,
+        FD_POSIX,
+        &[
+            ("POSIX", "READ", "10", "19"),
+            ("POSIX", "WRITE", "100", "199"),
         ],
         "locks shown on the POSIX fd",
     );
-    c.eq(
-        fdinfo_locks(FD_OFD),
-        vec![s("OFDLCK", "WRITE", "0", "4095")],
+    expect_locks(
+        &mut c,
+        FD_OFD,
+        &[("OFDLCK", "WRITE", "0", "4095")],
         "locks shown on the OFD fd",
     );
 
@@ -237,29 +257,29 @@ fn main() {
         flock(FD_FLOCK, libc::LOCK_EX | libc::LOCK_NB).is_ok(),
         "flock LOCK_EX again",
     );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_UNLCK, 10, 10).is_ok(),
-        "POSIX unlock of 10-19",
+    check_relock(
+        &mut c,
+        FD_POSIX,
+        libc::F_SETLK,
+        libc::F_WRLCK,
+        (10, 10),
+        "POSIX lock of 10-19, write this time",
     );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_WRLCK, 10, 10).is_ok(),
-        "POSIX write lock of 10-19",
-    );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_UNLCK, 100, 100).is_ok(),
-        "POSIX unlock of 100-199",
-    );
-    c.check(
-        setlk(FD_POSIX, libc::F_SETLK, libc::F_WRLCK, 100, 100).is_ok(),
+    check_relock(
+        &mut c,
+        FD_POSIX,
+        libc::F_SETLK,
+        libc::F_WRLCK,
+        (100, 100),
         "POSIX write lock of 100-199",
     );
-    c.check(
-        setlk(FD_OFD, libc::F_OFD_SETLK, libc::F_UNLCK, 0, 4096).is_ok(),
-        "OFD unlock",
-    );
-    c.check(
-        setlk(FD_OFD, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 4096).is_ok(),
-        "OFD lock again",
+    check_relock(
+        &mut c,
+        FD_OFD,
+        libc::F_OFD_SETLK,
+        libc::F_WRLCK,
+        (0, 4096),
+        "OFD write lock of 0-4095",
     );
     c.report()
 }

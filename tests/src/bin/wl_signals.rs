@@ -23,6 +23,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
+use cr_tests::sys::{blocked_mask, mmap_anon, set_blocked_mask, sig_bit};
 use cr_tests::workload::{ready, wait_for_check, Checker};
 
 const LOG_LEN: usize = 64;
@@ -40,38 +41,6 @@ static ALRM_COUNT: AtomicU64 = AtomicU64::new(0);
 
 fn rtmin() -> i32 {
     libc::SIGRTMIN()
-}
-
-fn bit(sig: i32) -> u64 {
-    1 << (sig - 1)
-}
-
-fn blocked_mask() -> u64 {
-    let mut m: u64 = 0;
-    // SAFETY: rt_sigprocmask(SIG_BLOCK, NULL, &m, 8) only reads the mask.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            std::ptr::null::<u64>(),
-            &mut m as *mut u64,
-            8,
-        )
-    };
-    m
-}
-
-fn set_mask(mask: u64) {
-    // SAFETY: rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8).
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &mask as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8,
-        )
-    };
 }
 
 fn pending_mask() -> u64 {
@@ -179,6 +148,26 @@ extern "C" fn on_spin(_: libc::c_int) {
     while GO.load(Ordering::SeqCst) == 0 {
         std::hint::spin_loop();
     }
+    IN_HANDLER_ALT.store(current_altstack().2 as u64, Ordering::SeqCst);
+    IN_HANDLER_DONE.store(1, Ordering::SeqCst);
+}
+
+/// Maps `size` bytes and makes them this thread's alternate signal stack; returns its address.
+fn set_up_altstack(size: usize) -> usize {
+    let alt = mmap_anon(size).expect("mmap the alternate signal stack");
+    let ss = libc::stack_t {
+        ss_sp: alt as *mut libc::c_void,
+        ss_flags: 0,
+        ss_size: size,
+    };
+    // SAFETY: a valid stack_t describing our mapping.
+    assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+    alt
+}
+
+/// The alternate signal stack as the kernel reports it now: (address, size, flags).
+/// Async-signal-safe: the handler on that stack calls it too.
+fn current_altstack() -> (u64, usize, i32) {
     let mut cur = libc::stack_t {
         ss_sp: std::ptr::null_mut(),
         ss_flags: 0,
@@ -186,32 +175,13 @@ extern "C" fn on_spin(_: libc::c_int) {
     };
     // SAFETY: query into a valid stack_t.
     unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
-    IN_HANDLER_ALT.store(cur.ss_flags as u64, Ordering::SeqCst);
-    IN_HANDLER_DONE.store(1, Ordering::SeqCst);
+    (cur.ss_sp as u64, cur.ss_size, cur.ss_flags)
 }
 
 /// `in-handler` mode.
 fn in_handler(c: &mut Checker) {
     let alt_size = 64 * 1024usize;
-    // SAFETY: anonymous mapping for the alternate stack.
-    let alt = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            alt_size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(alt, libc::MAP_FAILED);
-    let ss = libc::stack_t {
-        ss_sp: alt,
-        ss_flags: 0,
-        ss_size: alt_size,
-    };
-    // SAFETY: a valid stack_t describing our mapping.
-    assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+    let alt = set_up_altstack(alt_size);
     install(libc::SIGUSR1, on_go as *const () as usize, 0, &[]);
     install(
         libc::SIGUSR2,
@@ -219,8 +189,8 @@ fn in_handler(c: &mut Checker) {
         libc::SA_ONSTACK,
         &[libc::SIGWINCH],
     );
-    let mask = bit(libc::SIGINT);
-    set_mask(mask);
+    let mask = sig_bit(libc::SIGINT);
+    set_blocked_mask(mask);
     let witness = std::hint::black_box(0x5EED_F00D_u64);
     // SAFETY: raise of a handled signal; the handler returns once SIGUSR1 came.
     unsafe { libc::raise(libc::SIGUSR2) };
@@ -244,15 +214,8 @@ fn in_handler(c: &mut Checker) {
         libc::SS_ONSTACK,
         "sigaltstack inside the handler says SS_ONSTACK",
     );
-    let mut cur = libc::stack_t {
-        ss_sp: std::ptr::null_mut(),
-        ss_flags: 0,
-        ss_size: 0,
-    };
-    // SAFETY: query into a valid stack_t.
-    unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
     c.eq(
-        (cur.ss_sp as u64, cur.ss_size, cur.ss_flags),
+        current_altstack(),
         (alt as u64, alt_size, 0),
         "sigaltstack after the handler returned",
     );
@@ -271,25 +234,7 @@ fn main() {
 
     // Alternate signal stack.
     let alt_size = 64 * 1024usize;
-    // SAFETY: anonymous mapping for the alternate stack.
-    let alt = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            alt_size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(alt, libc::MAP_FAILED);
-    let ss = libc::stack_t {
-        ss_sp: alt,
-        ss_flags: 0,
-        ss_size: alt_size,
-    };
-    // SAFETY: a valid stack_t describing our mapping.
-    assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+    let alt = set_up_altstack(alt_size);
 
     install(
         libc::SIGUSR2,
@@ -315,9 +260,9 @@ fn main() {
     for sig in [libc::SIGINT, libc::SIGWINCH, rt1, rt2, rtmin() + 3] {
         install(sig, on_info as *const () as usize, libc::SA_SIGINFO, &[]);
     }
-    let blocked = bit(libc::SIGINT) | bit(libc::SIGWINCH) | bit(rt1) | bit(rt2);
+    let blocked = sig_bit(libc::SIGINT) | sig_bit(libc::SIGWINCH) | sig_bit(rt1) | sig_bit(rt2);
     // SIGUSR1 (the check request) too, before READY: the harness may send it at once.
-    set_mask(blocked | bit(libc::SIGUSR1));
+    set_blocked_mask(blocked | sig_bit(libc::SIGUSR1));
     // SAFETY: kill/tgkill/sigqueue to ourselves, all blocked.
     unsafe {
         libc::kill(me, libc::SIGINT);
@@ -342,7 +287,7 @@ fn main() {
     let actions: Vec<[u64; 4]> = (1..=64).map(raw_action).collect();
     let pending_before = pending_mask();
     c.eq(pending_before, blocked, "pending before the dump (setup)");
-    let blocked = blocked | bit(libc::SIGUSR1);
+    let blocked = blocked | sig_bit(libc::SIGUSR1);
 
     ready("");
     wait_for_check();
@@ -360,24 +305,13 @@ fn main() {
         );
     }
     // Alternate stack.
-    let mut cur = libc::stack_t {
-        ss_sp: std::ptr::null_mut(),
-        ss_flags: 0,
-        ss_size: 0,
-    };
-    // SAFETY: query into a valid stack_t.
-    unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
-    c.eq(
-        (cur.ss_sp as u64, cur.ss_size, cur.ss_flags),
-        (alt as u64, alt_size, 0),
-        "sigaltstack",
-    );
+    c.eq(current_altstack(), (alt as u64, alt_size, 0), "sigaltstack");
     // Mask and pending set.
     c.eq(blocked_mask(), blocked, "blocked mask");
     c.eq(pending_mask(), pending_before, "pending signals");
 
     // Deliver everything pending.
-    set_mask(bit(libc::SIGUSR1));
+    set_blocked_mask(sig_bit(libc::SIGUSR1));
     let n = LOG_N.load(Ordering::SeqCst).min(LOG_LEN);
     let log: Vec<(i32, i32, i32, i64)> = (0..n)
         .map(|i| {
@@ -442,8 +376,8 @@ fn main() {
     );
     let m = USR2_MASK.load(Ordering::SeqCst);
     c.eq(
-        m & (bit(libc::SIGUSR2) | bit(libc::SIGHUP)),
-        bit(libc::SIGUSR2) | bit(libc::SIGHUP),
+        m & (sig_bit(libc::SIGUSR2) | sig_bit(libc::SIGHUP)),
+        sig_bit(libc::SIGUSR2) | sig_bit(libc::SIGHUP),
         "SIGUSR2 handler blocks USR2 and its sa_mask HUP",
     );
     // SAFETY: as above.
@@ -457,7 +391,7 @@ fn main() {
         ),
     );
     c.eq(
-        HUP_MASK.load(Ordering::SeqCst) & bit(libc::SIGHUP),
+        HUP_MASK.load(Ordering::SeqCst) & sig_bit(libc::SIGHUP),
         0,
         "SA_NODEFER: SIGHUP not blocked in its handler",
     );

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 /// glibc's rseq signature on x86 (RSEQ_SIG).
 const RSEQ_SIG: u32 = 0x5305_3053;
@@ -123,13 +123,8 @@ fn umask_now() -> u32 {
 
 fn main() {
     let mut c = Checker::new();
-    // SAFETY: SIGUSR1 blocked before READY (the check request may come at once).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    // SIGUSR1 blocked before READY (the check request may come at once).
+    block_check_signal();
     install(libc::SIGUSR2, on_usr2 as *const () as usize);
     install(libc::SIGWINCH, on_winch as *const () as usize);
 

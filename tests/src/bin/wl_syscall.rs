@@ -23,6 +23,7 @@
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use cr_tests::sys::{blocked_mask, set_blocked_mask, sig_bit};
 use cr_tests::workload::{ready, wait_for_check, Checker};
 
 static PIPE_W: AtomicI32 = AtomicI32::new(-1);
@@ -50,39 +51,6 @@ fn ts(d: Duration) -> libc::timespec {
         tv_sec: d.as_secs() as i64,
         tv_nsec: d.subsec_nanos() as i64,
     }
-}
-
-/// The current blocked mask as a 64-bit word (bit n-1 = signal n).
-fn blocked_mask() -> u64 {
-    let mut m: u64 = 0;
-    // SAFETY: rt_sigprocmask(SIG_BLOCK, NULL, &m, 8) only reads the mask.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            std::ptr::null::<u64>(),
-            &mut m as *mut u64,
-            8,
-        )
-    };
-    m
-}
-
-fn bit(sig: i32) -> u64 {
-    1 << (sig - 1)
-}
-
-fn set_mask(mask: u64) {
-    // SAFETY: rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8).
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &mask as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8,
-        )
-    };
 }
 
 extern "C" fn on_usr1(_: libc::c_int) {
@@ -174,7 +142,7 @@ fn main() {
     let mut c = Checker::new();
     match mode.as_str() {
         "nanosleep" | "clock-rel" | "clock-abs" => {
-            set_mask(bit(libc::SIGUSR1));
+            set_blocked_mask(sig_bit(libc::SIGUSR1));
             let deadline = now_mono() + Duration::from_secs(2);
             ready("");
             let eintr = sleep_until(&mut c, &mode, deadline);
@@ -227,17 +195,17 @@ fn main() {
         }
         "sigsuspend" => {
             install_usr1(0);
-            let original = bit(libc::SIGUSR1) | bit(libc::SIGUSR2);
-            set_mask(original);
+            let original = sig_bit(libc::SIGUSR1) | sig_bit(libc::SIGUSR2);
+            set_blocked_mask(original);
             ready("");
-            let temp = bit(libc::SIGWINCH);
+            let temp = sig_bit(libc::SIGWINCH);
             // SAFETY: rt_sigsuspend(&temp, 8).
             let r = unsafe { libc::syscall(libc::SYS_rt_sigsuspend, &temp as *const u64, 8) };
             c.eq((r, errno()), (-1, libc::EINTR), "sigsuspend returns EINTR");
             c.eq(HANDLED.load(Ordering::SeqCst), 1, "SIGUSR1 handler runs");
             c.eq(
                 HANDLER_MASK.load(Ordering::SeqCst),
-                temp | bit(libc::SIGUSR1),
+                temp | sig_bit(libc::SIGUSR1),
                 "mask inside the handler",
             );
             c.eq(blocked_mask(), original, "mask after sigsuspend");

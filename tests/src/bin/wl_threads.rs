@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 thread_local! {
     static MINE: Cell<u64> = const { Cell::new(0) };
@@ -67,13 +67,7 @@ fn tasks() -> Vec<i32> {
 
 fn main() {
     // SIGUSR1 goes to main only: every thread inherits it blocked.
-    // SAFETY: plain signal-mask manipulation on this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    block_check_signal();
     let slots: Arc<Vec<Slot>> = Arc::new((0..4).map(|_| Slot::default()).collect());
     let release = Arc::new(AtomicBool::new(false));
     let got_lock = Arc::new(AtomicBool::new(false));

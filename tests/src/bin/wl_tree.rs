@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cr_tests::workload::{ready, wait_for_check, Checker};
+use cr_tests::workload::{block_check_signal, ready, wait_for_check, Checker};
 
 fn gettid() -> i32 {
     // SAFETY: gettid has no arguments.
@@ -181,13 +181,13 @@ fn read_n(fd: &OwnedFd, n: usize) -> Vec<u8> {
 
 fn main() {
     let dir = std::env::args().nth(1).expect("usage: wl_tree DIR");
-    // SAFETY: setsid/sigprocmask/mmap with valid arguments, single-threaded here.
+    // SAFETY: setsid has no preconditions.
+    unsafe { libc::setsid() };
+    // Every process of the tree inherits SIGUSR1 blocked.
+    block_check_signal();
+    // SAFETY: a fresh shared mapping of one page, single-threaded here; it lives as long as
+    // the process.
     let shm = unsafe {
-        libc::setsid();
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0);
         assert_ne!(p, libc::MAP_FAILED, "mmap shared");
         &*(p as *const [AtomicU64; 512])

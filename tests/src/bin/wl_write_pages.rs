@@ -15,6 +15,8 @@
 
 use std::io::{BufRead, Write};
 
+use cr_tests::sys::mmap_anon;
+
 const PAGE: usize = 4096;
 
 fn main() {
@@ -33,23 +35,7 @@ fn run() -> Result<(), String> {
         return Err("NPAGES must be > 0".into());
     }
     let len = npages * PAGE;
-    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(format!(
-            "mmap {len} bytes: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let base = mmap_anon(len).map_err(|e| format!("mmap {len} bytes: {e}"))? as *mut libc::c_void;
     // SAFETY: advice on our own mapping. Without it a (multi-size) THP could map several pages
     // on one fault and the test's expectations of one fault per page would not hold.
     if unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) } != 0 {
