@@ -34,8 +34,9 @@ pub mod names {
 pub const LOCK_EVENTS_BYTES: u32 = 1 << 20;
 /// Capacity of CR_LOCK_TREE (processes and threads of the tree alive at once).
 pub const LOCK_TREE_MAX: u32 = 16384;
-/// Capacity of CR_LOCK_INODES (inodes the tree holds or held locks on, between two prunes).
-pub const LOCK_INODES_MAX: u32 = 65536;
+/// Capacity of CR_LOCK_INODES (inodes the tree holds or held locks on, between two prunes;
+/// a full map is counted and makes the table unusable until a dump reads the exact state).
+pub const LOCK_INODES_MAX: u32 = 16384;
 
 /// Indices into CR_LOCK_STATS.
 pub mod lock_stat {

@@ -25,11 +25,17 @@ use cr_common::lock::{
 #[map(name = "CR_LOCK_EVENTS")]
 static CR_LOCK_EVENTS: RingBuf = RingBuf::with_byte_size(LOCK_EVENTS_BYTES, 0);
 
+/// Both hash maps are allocated as they fill (they hold a handful of entries): every load of
+/// the object (tracker, network lock, `cr check`) would otherwise pay for their full size.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 #[map(name = "CR_LOCK_TREE")]
-static CR_LOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(LOCK_TREE_MAX, 0);
+static CR_LOCK_TREE: HashMap<u32, u32> =
+    HashMap::with_max_entries(LOCK_TREE_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CR_LOCK_INODES")]
-static CR_LOCK_INODES: HashMap<LockInode, u32> = HashMap::with_max_entries(LOCK_INODES_MAX, 0);
+static CR_LOCK_INODES: HashMap<LockInode, u32> =
+    HashMap::with_max_entries(LOCK_INODES_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CR_LOCK_STATS")]
 static CR_LOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lock_stat::COUNT, 0);
