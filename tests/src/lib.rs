@@ -319,6 +319,27 @@ pub fn dump_leave_running(w: &Workload, dir: &TempDir, extra: &[&str]) {
     dump_cmd(w, dir).arg("-R").args(extra).ok();
 }
 
+/// After a dump that must have refused `w`: no complete image was left (no inventory in
+/// DIR/img) and the workload still runs (its own check then says whether it was disturbed).
+pub fn assert_dump_refused_cleanly(w: &Workload, dir: &TempDir) {
+    assert!(!dir.join("img/inventory.img").exists(), "a refused dump left a complete image (an inventory)");
+    assert!(procfs::running(w.pid), "the workload is not running after the refused dump");
+}
+
+/// dump (killing it) → reap: `w`'s PID is free for the restore the test runs itself (to see it
+/// refused, say). The harness becomes the subreaper first, to collect the restored tasks.
+pub fn dump_and_reap(w: &mut Workload, dir: &TempDir, dump_extra: &[&str]) {
+    dump_and_reap_tree(w, dir, &[], dump_extra)
+}
+
+/// [`dump_and_reap`] for a workload with descendants: `pids` (e.g. [`Workload::tree_pids`]) are
+/// reaped as well.
+pub fn dump_and_reap_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_extra: &[&str]) {
+    become_subreaper();
+    dump_cmd(w, dir).args(dump_extra).ok();
+    w.reap_killed_tree(pids);
+}
+
 /// dump → reap → restore -d → return. The workload is then the restored process.
 pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], restore_extra: &[&str]) {
     dump_and_restore_tree(w, dir, &[], dump_extra, restore_extra)
@@ -327,9 +348,7 @@ pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], re
 /// [`dump_and_restore`] for a workload with descendants: `pids` (e.g. [`Workload::tree_pids`])
 /// are reaped after the dump as well.
 pub fn dump_and_restore_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_extra: &[&str], restore_extra: &[&str]) {
-    become_subreaper();
-    dump_cmd(w, dir).args(dump_extra).ok();
-    w.reap_killed_tree(pids);
+    dump_and_reap_tree(w, dir, pids, dump_extra);
     restore_cmd(dir).args(restore_extra).ok();
     let pidfile = dir.join("restore.pid");
     let got: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();

@@ -8,7 +8,12 @@ use std::process::{Child, Command, Stdio};
 use cr_tests::cr_cmd::WatchedCr;
 use cr_tests::procfs::tracer_of;
 use cr_tests::pty::Pty;
-use cr_tests::{cr, cr_bin, cr_ok, dump_and_restore, pid_exists, stderr_of, TempDir, Workload};
+use cr_tests::{cr, cr_bin, cr_ok, dump_and_restore, dump_cmd, dump_leave_running, pid_exists, restore_cmd, stderr_of, TempDir, Workload};
+
+/// wl_memory in `d`: the workload whose dumps these tests break in various ways.
+fn memory_workload(d: &TempDir) -> Workload {
+    Workload::start("wl_memory", &[&d.s("")], d)
+}
 
 fn assert_fails_with(o: &std::process::Output, needle: &str) {
     assert!(!o.status.success(), "expected failure, got {}", o.status);
@@ -77,7 +82,7 @@ fn dump_of_cr_itself_and_bad_pids() {
 fn dump_into_an_unwritable_dir_leaves_the_target_running() {
     let d = TempDir::new("rodir");
     let (mnt, _unmount) = tmpfs(&d, "ro", "ro,size=1m");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
+    let mut w = memory_workload(&d);
     let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy()]);
     assert_fails_with(&o, "img");
     assert_eq!(tracer_of(w.pid), 0, "target still traced after a failed dump");
@@ -90,7 +95,7 @@ fn dump_into_an_unwritable_dir_leaves_the_target_running() {
 fn dump_that_runs_out_of_space_leaves_the_target_untouched() {
     let d = TempDir::new("enospc");
     let (mnt, _unmount) = tmpfs(&d, "small", "size=256k");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
+    let mut w = memory_workload(&d);
     let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy(), "-v4"]);
     assert_fails_with(&o, "No space left");
     assert!(!mnt.join("img/inventory.img").exists(), "a failed dump must not look complete");
@@ -127,12 +132,12 @@ fn restore_from_a_missing_or_incomplete_dir() {
 /// `needle` and leaves no process at the PID.
 fn restore_refuses_damaged(name: &str, damage: impl Fn(&Path, i32), needle: &str) {
     let d = TempDir::new(name);
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
+    let mut w = memory_workload(&d);
     let pid = w.pid;
-    cr_ok(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
+    dump_cmd(&w, &d).ok();
     w.reap_killed();
     damage(&d.join("img"), pid);
-    let o = cr(&["restore", "-D", &d.s("img"), "-d"]);
+    let o = restore_cmd(&d).run();
     assert_fails_with(&o, needle);
     assert!(!pid_exists(pid), "a failed restore left PID {pid} behind");
 }
@@ -177,10 +182,10 @@ fn restore_refuses_a_missing_file() {
 #[test]
 fn restore_while_the_pid_is_taken() {
     let d = TempDir::new("taken");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
-    cr_ok(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-R"]);
+    let mut w = memory_workload(&d);
+    dump_leave_running(&w, &d, &[]);
     // The original runs on (-R) and holds the PID.
-    let o = cr(&["restore", "-D", &d.s("img"), "-d"]);
+    let o = restore_cmd(&d).run();
     assert_fails_with(&o, &format!("PID {} is taken", w.pid));
     w.assert_pass();
 }
@@ -189,8 +194,8 @@ fn restore_while_the_pid_is_taken() {
 #[test]
 fn restore_waits_for_a_dying_owner() {
     let d = TempDir::new("dying");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
-    cr_ok(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img")]);
+    let mut w = memory_workload(&d);
+    dump_cmd(&w, &d).ok();
     cr_tests::become_subreaper();
     let mut c = WatchedCr::spawn(&["restore", "-D", &d.s("img"), "-d", "-v4"]);
     c.wait_for_line("still taken");
@@ -204,16 +209,15 @@ fn restore_waits_for_a_dying_owner() {
 #[test]
 fn dump_leave_running_then_restore() {
     let d = TempDir::new("leave-running");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
-    cr_ok(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img"), "-R"]);
+    let mut w = memory_workload(&d);
+    dump_leave_running(&w, &d, &[]);
     assert_eq!(tracer_of(w.pid), 0);
     w.assert_pass();
     // The original exited after its check; restore the image taken while it ran.
     let mut w2 = Workload { child: None, pid: w.pid, result: w.result.clone(), info: String::new() };
     std::fs::remove_file(&w.result).unwrap();
     cr_tests::become_subreaper();
-    let o = cr(&["restore", "-D", &d.s("img"), "-d"]);
-    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    restore_cmd(&d).ok();
     w2.assert_pass();
 }
 
@@ -222,8 +226,8 @@ fn dump_leave_running_then_restore() {
 #[test]
 fn restore_attached_exits_with_the_task_status() {
     let d = TempDir::new("attached");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
-    cr_ok(&["dump", "-t", &w.pid.to_string(), "-D", &d.s("img")]);
+    let mut w = memory_workload(&d);
+    dump_cmd(&w, &d).ok();
     w.reap_killed();
     let fifo = d.join("pid.fifo");
     let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
@@ -246,7 +250,7 @@ fn restore_attached_exits_with_the_task_status() {
 #[test]
 fn show_prints_every_image_file_as_json() {
     let d = TempDir::new("show");
-    let mut w = Workload::start("wl_memory", &[&d.s("")], &d);
+    let mut w = memory_workload(&d);
     dump_and_restore(&mut w, &d, &[], &[]);
     w.assert_pass();
     let o = cr_ok(&["show", &d.s("img")]);

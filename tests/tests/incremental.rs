@@ -27,6 +27,14 @@ use cr_tests::{become_subreaper, require_root, CrCmd, TempDir, Workload};
 
 const PAGE: u64 = 4096;
 
+/// How [`Dirty::write_from_outside`] writes into the target's memory.
+enum Remote {
+    /// process_vm_writev naming this task (the PID, or the TID of another thread).
+    VmWritev(i32),
+    /// A write into /proc/PID/mem.
+    ProcMem,
+}
+
 /// A running wl_dirty, driven through its stdin.
 struct Dirty {
     w: Workload,
@@ -68,6 +76,23 @@ impl Dirty {
             if thp { " thp" } else { "" }
         ));
         u64::from_str_radix(&a, 16).unwrap()
+    }
+
+    /// Writes page `p` of region `id` (mapped at `addr`) from this process, with the content
+    /// of its next generation, and tells wl_dirty, whose own check then covers the page: a
+    /// write the target takes no fault for.
+    fn write_from_outside(&mut self, id: u64, addr: u64, p: u64, how: Remote) {
+        let gen: u64 = self.cmd(&format!("gen {id} {p}")).parse().unwrap();
+        let data = content(id, p, gen + 1);
+        let at = addr + p * PAGE;
+        match how {
+            Remote::VmWritev(task) => {
+                let n = cr::sys::process_vm_writev(task, &data, at).unwrap();
+                assert_eq!(n, data.len(), "process_vm_writev to {task}: a short write");
+            }
+            Remote::ProcMem => cr::sys::write_mem_file(self.pid, at, &data).unwrap(),
+        }
+        self.cmd(&format!("note {id} {p} {}", gen + 1));
     }
 
     /// After a dump killed it: reap it so its PID is free.
@@ -256,17 +281,32 @@ fn epoch(
     );
     assert_eq!(ebpf, expect, "{what}: eBPF set");
     assert_eq!(scan, expect, "{what}: PAGEMAP_SCAN set");
+    pre_dump_copies(w, chain, addr, n, &expect, "ebpf", what);
+}
+
+/// Takes the chain's next pre-dump and checks, for the `n` pages at `addr`, that the harvest
+/// `harvest` made it copy exactly `expect` and take every other page from the parent.
+fn pre_dump_copies(
+    w: &Dirty,
+    chain: &mut Chain<'_>,
+    addr: u64,
+    n: u64,
+    expect: &BTreeSet<u64>,
+    harvest: &str,
+    what: &str,
+) -> pb::DumpStats {
     let (img, s) = chain.pre_dump(&[]);
-    assert_eq!(s.harvest, "ebpf", "{what}: harvest ({})", s.harvest_reason);
+    assert_eq!(s.harvest, harvest, "{what}: harvest ({})", s.harvest_reason);
     let (data, parent) = image_pages(&img, w.pid);
-    assert_eq!(within(&data, addr, n), expect, "{what}: pages copied");
+    assert_eq!(within(&data, addr, n), *expect, "{what}: pages copied");
     let all: BTreeSet<u64> = (addr / PAGE..addr / PAGE + n).collect();
-    let rest: BTreeSet<u64> = all.difference(&expect).copied().collect();
+    let rest: BTreeSet<u64> = all.difference(expect).copied().collect();
     assert_eq!(
         within(&parent, addr, n),
         rest,
         "{what}: pages in the parent"
     );
+    s
 }
 
 /// Both harvests agree on writes the fault programs see: user and kernel writes, THP,
@@ -425,26 +465,14 @@ fn remote_writes_make_the_harvest_exact() {
     let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[]);
 
-    let external = |w: &mut Dirty, p: u64, how: &str| {
-        let gen: u64 = w.cmd(&format!("gen 1 {p}")).parse().unwrap();
-        let data = content(1, p, gen + 1);
-        let addr = a + p * PAGE;
-        match how {
-            "vm" => {
-                let n = cr::sys::process_vm_writev(w.pid, &data, addr).unwrap();
-                assert_eq!(n, data.len());
-            }
-            _ => cr::sys::write_mem_file(w.pid, addr, &data).unwrap(),
-        }
-        w.cmd(&format!("note 1 {p} {}", gen + 1));
-    };
     let cases: [(&str, &[u64], &dyn Fn(&mut Dirty)); 4] = [
         ("process_vm_writev from another process", &[2, 30], &|w| {
-            external(w, 2, "vm");
-            external(w, 30, "vm");
+            let pid = w.pid;
+            w.write_from_outside(1, a, 2, Remote::VmWritev(pid));
+            w.write_from_outside(1, a, 30, Remote::VmWritev(pid));
         }),
         ("/proc/PID/mem from another process", &[7], &|w| {
-            external(w, 7, "mem")
+            w.write_from_outside(1, a, 7, Remote::ProcMem)
         }),
         ("the target's own process_vm_writev", &[9, 10], &|w| {
             w.cmd("selfvm 1 9,10");
@@ -467,19 +495,7 @@ fn remote_writes_make_the_harvest_exact() {
             "{what}: the epoch was not flagged: eBPF saw {:?}",
             within(&p.ebpf.iter().copied().collect(), a, 64)
         );
-        let (img, s) = chain.pre_dump(&[]);
-        assert_eq!(
-            s.harvest, "pagemap-scan",
-            "{what}: harvest ({})",
-            s.harvest_reason
-        );
-        let (data, parent) = image_pages(&img, w.pid);
-        assert_eq!(within(&data, a, 64), expect, "{what}: pages copied");
-        assert_eq!(
-            within(&parent, a, 64).len(),
-            64 - expect.len(),
-            "{what}: pages in the parent"
-        );
+        pre_dump_copies(&w, &mut chain, a, 64, &expect, "pagemap-scan", what);
     }
     // The epoch after a stranger's write is clean again (the writer has closed its file).
     w.cmd("write 1 1");
@@ -512,19 +528,21 @@ fn threads_writes_and_task_ids() {
         "writes by the second thread",
     );
 
-    let gen: u64 = w.cmd("gen 1 9").parse().unwrap();
-    let n = cr::sys::process_vm_writev(tid, &content(1, 9, gen + 1), a + 9 * PAGE).unwrap();
-    assert_eq!(n, PAGE as usize);
-    w.cmd(&format!("note 1 9 {}", gen + 1));
+    w.write_from_outside(1, a, 9, Remote::VmWritev(tid));
     let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
     assert!(
         !p.unsafe_why.is_empty(),
         "process_vm_writev to TID {tid} was not flagged"
     );
-    let (img, s) = chain.pre_dump(&[]);
-    assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);
-    let (data, _) = image_pages(&img, w.pid);
-    assert_eq!(within(&data, a, 64), at(a, &[9]));
+    pre_dump_copies(
+        &w,
+        &mut chain,
+        a,
+        64,
+        &at(a, &[9]),
+        "pagemap-scan",
+        "process_vm_writev to the second thread",
+    );
     w.cmd("check");
     final_dump_and_restore(&mut w, &chain);
 }
@@ -550,11 +568,16 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
         "no loss seen: {:?}",
         p.unsafe_why
     );
-    let (img, s) = chain.pre_dump(&[]);
-    assert_eq!(s.harvest, "pagemap-scan", "{}", s.harvest_reason);
+    let s = pre_dump_copies(
+        &w,
+        &mut chain,
+        a,
+        256,
+        &at(a, &written),
+        "pagemap-scan",
+        "more writes than the dirty map holds",
+    );
     assert!(s.harvest_reason.contains("lost"), "{}", s.harvest_reason);
-    let (data, _) = image_pages(&img, w.pid);
-    assert_eq!(within(&data, a, 256), at(a, &written));
     // Losses are counted since the last checkpoint: the next epoch, small enough, is eBPF again.
     w.cmd("write 1 1,3");
     let (_, s) = chain.pre_dump(&[]);

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use cr_tests::procfs::running;
 use cr_tests::{
-    become_subreaper, dump_and_restore, dump_cmd, dump_leave_running, pid_exists, restore_cmd,
-    TempDir, Workload,
+    assert_dump_refused_cleanly, become_subreaper, dump_and_reap, dump_and_restore, dump_cmd,
+    dump_leave_running, pid_exists, restore_cmd, TempDir, Workload,
 };
 
 /// Starts wl_files on a fresh `files` directory under `d`.
@@ -103,11 +103,9 @@ fn leave_running_image_restores() {
 /// Dumps (killing the workload), applies `change` to the files, and expects restore to fail
 /// naming `culprit`, with no process left at the PID.
 fn restore_must_fail_after(name: &str, change: impl FnOnce(&Path), culprit: &str) {
-    become_subreaper();
     let d = TempDir::new(name);
     let mut w = start(&d, "all");
-    dump_cmd(&w, &d).ok();
-    w.reap_killed();
+    dump_and_reap(&mut w, &d, &[]);
     change(&d.join("files"));
     let err = restore_cmd(&d).fails(&format!("{culprit} changed"));
     let path = d.join("files").join(culprit).to_string_lossy().into_owned();
@@ -152,11 +150,9 @@ fn restore_fails_when_a_file_vanished() {
 /// O_NOFOLLOW open of fd 50 meets a symlink) kills the task and removes the temporary link.
 #[test]
 fn failed_restore_leaves_no_process_and_no_ghost() {
-    become_subreaper();
     let d = TempDir::new("files-late-failure");
     let mut w = start(&d, "nofollow");
-    dump_cmd(&w, &d).ok();
-    w.reap_killed();
+    dump_and_reap(&mut w, &d, &[]);
     let files = d.join("files");
     let before = tree(&files);
     // Same size and content behind a symlink: only the O_NOFOLLOW open notices.
@@ -192,14 +188,7 @@ fn dump_must_refuse(mode: &str, kind: &str) -> String {
         err.contains("fd 50") && err.contains(kind),
         "the error does not name fd 50 and {kind}: {err}"
     );
-    assert!(
-        !d.join("img/inventory.img").exists(),
-        "a failed dump left a complete image"
-    );
-    assert!(
-        running(w.pid),
-        "the workload is not running after the failed dump"
-    );
+    assert_dump_refused_cleanly(&w, &d);
     w.assert_pass();
     err
 }

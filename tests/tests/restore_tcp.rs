@@ -3,8 +3,7 @@
 
 use cr_tests::net::{assert_no_lock_left, enter_netns, locked_ms, NetPair, Peer};
 use cr_tests::{
-    become_subreaper, dump_and_restore, dump_cmd, dump_leave_running, restore_cmd, TempDir,
-    Workload,
+    dump_and_reap, dump_and_restore, dump_cmd, dump_leave_running, restore_cmd, TempDir, Workload,
 };
 
 #[test]
@@ -40,6 +39,13 @@ fn refused_without_flag() {
     w.assert_pass();
 }
 
+/// Stops the peer of a stream that went through a checkpoint: more than 256 KiB went each way
+/// (the workload checks the bytes it got; the peer checked the ones it got).
+fn assert_streamed_through(p: Peer) {
+    let (sent, recvd) = p.finish();
+    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+}
+
 #[test]
 fn stream_control() {
     let d = TempDir::new("tcp-stream-control");
@@ -58,8 +64,7 @@ fn stream_restore_peer_keeps_sending() {
     dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
     assert_no_lock_left(w.pid);
     w.assert_pass();
-    let (sent, recvd) = p.finish();
-    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+    assert_streamed_through(p);
 }
 
 #[test]
@@ -94,16 +99,7 @@ fn stream_restore_across_netns() {
     })
     .join()
     .unwrap();
-    let (sent, recvd) = p.finish();
-    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
-}
-
-/// Dumps `w` with --tcp-established (killing it; the lock stays, kept for the restore) and
-/// reaps it, so that its PID is free for a restore.
-fn dump_locked(w: &mut Workload, d: &TempDir) {
-    become_subreaper();
-    dump_cmd(w, d).arg("--tcp-established").ok();
-    w.reap_killed();
+    assert_streamed_through(p);
 }
 
 /// A restore of `d`'s image without --tcp-established must be refused, naming the flag.
@@ -118,7 +114,7 @@ fn assert_restore_needs_flag(d: &TempDir) {
 fn restore_needs_flag_then_works() {
     let d = TempDir::new("tcp-restore-flag");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
-    dump_locked(&mut w, &d);
+    dump_and_reap(&mut w, &d, &["--tcp-established"]);
     assert_restore_needs_flag(&d);
     restore_cmd(&d).arg("--tcp-established").ok();
     assert_no_lock_left(w.pid);
@@ -131,7 +127,7 @@ fn restore_needs_flag_then_works() {
 fn restore_refused_when_lock_gone() {
     let d = TempDir::new("tcp-unlocked");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
-    dump_locked(&mut w, &d);
+    dump_and_reap(&mut w, &d, &["--tcp-established"]);
     let rec = cr::net::lock::read_record(&d.join("img")).unwrap().expect("a lock record");
     cr::net::lock::release(&rec, None);
     let err = restore_cmd(&d).arg("--tcp-established").fails("the network lock is gone");
@@ -144,13 +140,12 @@ fn stream_restore_after_refused_restore() {
     let d = TempDir::new("tcp-stream-refused");
     let p = Peer::start("127.0.0.1:0");
     let mut w = Workload::start("wl_tcp", &["stream", &p.addr], &d);
-    dump_locked(&mut w, &d);
+    dump_and_reap(&mut w, &d, &["--tcp-established"]);
     assert_restore_needs_flag(&d);
     restore_cmd(&d).arg("--tcp-established").ok();
     assert_no_lock_left(w.pid);
     w.assert_pass();
-    let (sent, recvd) = p.finish();
-    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+    assert_streamed_through(p);
 }
 
 /// 100 established connections (200 sockets) with unread data: all restored. Prints how long

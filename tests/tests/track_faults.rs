@@ -89,12 +89,19 @@ fn every(first: u64, count: u64, step: u64) -> Vec<u64> {
     (0..count).map(|k| first + k * step).collect()
 }
 
-#[test]
-fn records_exactly_the_pages_the_target_writes_not_those_it_reads() {
+/// A tracker of its own with a fresh wl_write_pages of `npages` as its target (added before the
+/// workload touches anything).
+fn tracked_workload(npages: u64) -> (Tracker, Workload) {
     require_root();
     let mut t = Tracker::start().expect("load and attach the tracker");
-    let mut w = Workload::start(64);
+    let w = Workload::start(npages);
     t.add_target(w.pid(), TARGET_F_TRACK_WRITES).unwrap();
+    (t, w)
+}
+
+#[test]
+fn records_exactly_the_pages_the_target_writes_not_those_it_reads() {
+    let (t, mut w) = tracked_workload(64);
 
     w.run("w 0 16 3"); // writes: 0, 3, …, 45
     w.run("r 1 16 3"); // reads:  1, 4, …, 46 (never written)
@@ -122,10 +129,7 @@ fn records_exactly_the_pages_the_target_writes_not_those_it_reads() {
 
 #[test]
 fn records_pages_the_kernel_writes_for_the_target() {
-    require_root();
-    let mut t = Tracker::start().expect("load and attach the tracker");
-    let mut w = Workload::start(64);
-    t.add_target(w.pid(), TARGET_F_TRACK_WRITES).unwrap();
+    let (t, mut w) = tracked_workload(64);
     let before = t.stats().unwrap().kernel_write_faults;
 
     w.run("k 40 6 4"); // read() into 40, 44, …, 60: written by copy_to_user
@@ -171,11 +175,8 @@ fn ignores_processes_that_are_not_targets() {
 
 #[test]
 fn epochs_take_remove_and_clear() {
-    require_root();
-    let mut t = Tracker::start().expect("load and attach the tracker");
-    let mut w = Workload::start(64);
+    let (mut t, mut w) = tracked_workload(64);
     let pid = w.pid();
-    t.add_target(pid, TARGET_F_TRACK_WRITES).unwrap();
 
     w.run("w 0 4 1");
     assert_eq!(t.bump_epoch(pid).unwrap(), 1);

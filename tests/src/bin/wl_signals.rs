@@ -329,19 +329,15 @@ fn main() {
             .map(|e| (e.1, e.2, e.3))
             .collect()
     };
+    // A standard signal carries no value: its deliveries as (si_code, si_pid).
+    let senders = |sig: i32| -> Vec<(i32, i32)> { of(sig).iter().map(|e| (e.0, e.1)).collect() };
     c.eq(
-        of(libc::SIGINT)
-            .iter()
-            .map(|e| (e.0, e.1))
-            .collect::<Vec<_>>(),
+        senders(libc::SIGINT),
         vec![(libc::SI_USER, me)],
         "SIGINT (kill): delivered once, from us",
     );
     c.eq(
-        of(libc::SIGWINCH)
-            .iter()
-            .map(|e| (e.0, e.1))
-            .collect::<Vec<_>>(),
+        senders(libc::SIGWINCH),
         vec![(libc::SI_TKILL, me)],
         "SIGWINCH (tgkill): delivered once",
     );

@@ -153,6 +153,20 @@ fn check_child(c: &mut Checker, name: &str, pid: i32) {
     c.check(res.starts_with("PASS"), format!("{name} ({pid}): {} (status {st:#x})", res.trim()));
 }
 
+/// A child's part of the protocol: notes its identity and starts its helper thread, says
+/// ready on `ready_wr`, waits for the check, then checks both (as `who`); the caller adds its
+/// own checks to the returned Checker.
+fn child_checkpoint(who: &str, ready_wr: &OwnedFd) -> Checker {
+    let id = Identity::now();
+    let h = Helper::start();
+    say_ready(ready_wr);
+    wait_for_check();
+    let mut c = Checker::new();
+    id.check(&mut c, who);
+    h.check(&mut c, who);
+    c
+}
+
 fn say_ready(w: &OwnedFd) {
     // SAFETY: a one-byte write to our end of the ready pipe.
     assert_eq!(unsafe { libc::write(w.as_raw_fd(), b"r".as_ptr().cast(), 1) }, 1);
@@ -227,22 +241,10 @@ fn main() {
         unsafe { libc::setpgid(0, 0) };
         let g = fork();
         if g == 0 {
-            let id = Identity::now();
-            let h = Helper::start();
-            say_ready(&ready_wr);
-            wait_for_check();
-            let mut c = Checker::new();
-            id.check(&mut c, "G");
-            h.check(&mut c, "G");
+            let c = child_checkpoint("G", &ready_wr);
             child_report("G", c);
         }
-        let id = Identity::now();
-        let h = Helper::start();
-        say_ready(&ready_wr);
-        wait_for_check();
-        let mut c = Checker::new();
-        id.check(&mut c, "A");
-        h.check(&mut c, "A");
+        let mut c = child_checkpoint("A", &ready_wr);
         let got = read_n(&p_rd, b"before-dump".len() + b"after".len());
         c.eq(String::from_utf8_lossy(&got).into_owned(), "before-dumpafter".to_string(), "A: what R wrote into the pipe");
         c.eq(shm[0].load(Ordering::SeqCst), 0x1234, "A: what R wrote into the shared memory before the dump");
@@ -257,13 +259,7 @@ fn main() {
         drop(p_rd);
         // SAFETY: setsid of ourselves.
         unsafe { libc::setsid() };
-        let id = Identity::now();
-        let h = Helper::start();
-        say_ready(&ready_wr);
-        wait_for_check();
-        let mut c = Checker::new();
-        id.check(&mut c, "B");
-        h.check(&mut c, "B");
+        let mut c = child_checkpoint("B", &ready_wr);
         // SAFETY: lseek on the inherited fd.
         unsafe {
             c.eq(libc::lseek(fd, 0, libc::SEEK_CUR), 10, "B: offset of F");
