@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use cr::proc::locks::{FileLock, LockKind};
 use cr::track::client::TrackerConn;
 use cr::track::locks::{InodeId, TableKind, TableLock};
-use cr_tests::{cr, dump_and_restore_tree, workload_bin, TempDir, Workload};
+use cr_tests::{dump_and_restore_tree, dump_cmd, workload_bin, CrCmd, TempDir, Workload};
 
 /// The churn workload, driven line by line.
 struct Churn {
@@ -429,10 +429,6 @@ fn no_locks_no_reads() {
     w.check("nothing held", &[]);
 }
 
-fn log_of(d: &TempDir, name: &str) -> String {
-    std::fs::read_to_string(d.join(name)).unwrap_or_default()
-}
-
 /// wl_locks (a tree, locks taken before the tracker starts): `dump -l --track-mem` on top of
 /// a pre-dump takes the locks from the table, and the restored tree holds them again.
 #[test]
@@ -441,22 +437,7 @@ fn tracked_tree_with_locks_dumped_and_restored() {
     let mut w = Workload::start("wl_locks", &[&d.s(""), "tree"], &d);
     let pids = w.tree_pids();
     assert_eq!(pids.len(), 2, "READY {}", w.info);
-    let pid = w.pid.to_string();
-    let out = cr(&[
-        "pre-dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("p0"),
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
-    assert!(
-        out.status.success(),
-        "pre-dump: {}",
-        log_of(&d, "p0/dump.log")
-    );
+    CrCmd::pre_dump(w.pid, d.join("p0")).ok();
     dump_and_restore_tree(
         &mut w,
         &d,
@@ -464,7 +445,7 @@ fn tracked_tree_with_locks_dumped_and_restored() {
         &["-l", "--track-mem", "--prev-images-dir", "../p0"],
         &["-l"],
     );
-    let log = log_of(&d, "img/dump.log");
+    let log = d.img_log("dump.log");
     assert!(
         log.contains("file locks: from the tracker's lock table"),
         "{log}"
@@ -477,35 +458,10 @@ fn tracked_tree_with_locks_dumped_and_restored() {
 fn tracked_tree_without_file_locks_refuses() {
     let d = TempDir::new("lock-table-refused");
     let mut w = Workload::start("wl_locks", &[&d.s("")], &d);
-    let pid = w.pid.to_string();
-    let out = cr(&[
-        "pre-dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("p0"),
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
-    assert!(
-        out.status.success(),
-        "pre-dump: {}",
-        log_of(&d, "p0/dump.log")
-    );
-    let out = cr(&[
-        "dump",
-        "-R",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("img"),
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "dump without -l succeeded");
+    CrCmd::pre_dump(w.pid, d.join("p0")).ok();
+    let err = dump_cmd(&w, &d)
+        .arg("-R")
+        .fails("the tree holds locks and -l is not given");
     for want in [
         "a flock write lock on",
         "a POSIX read lock on bytes 10-19",
@@ -514,7 +470,7 @@ fn tracked_tree_without_file_locks_refuses() {
     ] {
         assert!(err.contains(want), "dump error lacks {want:?}: {err}");
     }
-    let log = log_of(&d, "img/dump.log");
+    let log = d.img_log("dump.log");
     assert!(
         log.contains("file locks: from the tracker's lock table"),
         "{log}"

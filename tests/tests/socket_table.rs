@@ -16,7 +16,7 @@ use cr::net::inventory::{self, Inventory};
 use cr::track::client::TrackerConn;
 use cr::track::maps::TrackMaps;
 use cr::track::sockets::TableStats;
-use cr_tests::{cr, cr_ok, dump_and_restore, TempDir, Workload};
+use cr_tests::{dump_and_restore, dump_cmd, dump_leave_running, CrCmd, TempDir, Workload};
 
 /// The harness's ends of wl_sockets's command and answer FIFOs.
 struct Driver {
@@ -167,17 +167,7 @@ fn control() {
 fn seeded_then_followed() {
     let d = TempDir::new("socktab-seeded");
     let (mut w, mut drv) = start(&d, false);
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "pre-dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("pre"),
-        "-o",
-        "pre.log",
-        "-v4",
-    ]);
+    CrCmd::pre_dump(w.pid, d.join("pre")).ok();
     let st = assert_same(w.pid, "seeded");
     assert_eq!(st.status, cr_common::sock::status::READY);
     let _keep = phases_b_c(&w, &mut drv);
@@ -196,19 +186,7 @@ fn seeded_then_followed() {
 fn followed_from_the_start() {
     let d = TempDir::new("socktab-events");
     let (mut w, mut drv) = start(&d, true);
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("img"),
-        "--track-mem",
-        "-R",
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
+    dump_leave_running(&w, &d, &["--track-mem"]);
     assert_same(w.pid, "no sockets yet");
     drv.send("a");
     assert_same(w.pid, "after phase a");
@@ -228,17 +206,7 @@ fn followed_from_the_start() {
 fn dump_uses_the_table() {
     let d = TempDir::new("socktab-dump");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "pre-dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("pre"),
-        "-o",
-        "pre.log",
-        "-v4",
-    ]);
+    CrCmd::pre_dump(w.pid, d.join("pre")).ok();
     dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
     assert!(
@@ -257,23 +225,12 @@ fn dump_uses_the_table() {
 fn dump_without_tracker_scans() {
     let d = TempDir::new("socktab-scan");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("img"),
-        "-R",
-        "--tcp-established",
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
+    dump_leave_running(&w, &d, &["--tcp-established"]);
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
     assert!(
         log.contains(&format!(
-            "from a sock_diag scan (no tracker runs for PID {pid})"
+            "from a sock_diag scan (no tracker runs for PID {})",
+            w.pid
         )),
         "the dump did not say it scanned and why:\n{log}"
     );
@@ -287,33 +244,10 @@ fn dump_without_tracker_scans() {
 fn refusal_names_connections_and_lost_ones() {
     let d = TempDir::new("socktab-refused");
     let (mut w, mut drv) = start(&d, false);
-    let pid = w.pid.to_string();
-    cr_ok(&[
-        "pre-dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("pre"),
-        "-o",
-        "pre.log",
-        "-v4",
-    ]);
+    CrCmd::pre_dump(w.pid, d.join("pre")).ok();
     let (t, _) = table(w.pid);
-    let out = cr(&[
-        "dump",
-        "-t",
-        &pid,
-        "-D",
-        &d.s("img"),
-        "-o",
-        "dump.log",
-        "-v4",
-    ]);
-    assert!(
-        !out.status.success(),
-        "a dump of established connections without --tcp-established succeeded"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = dump_cmd(&w, &d)
+        .fails("the tree holds established connections and --tcp-established is not given");
     let log = std::fs::read_to_string(d.join("img/dump.log")).unwrap();
     assert!(
         log.contains("from the tracker's socket table"),
