@@ -249,10 +249,25 @@ impl PageWriter {
     }
 
     /// Allocates the disk blocks of `nr_pages` of data up front (fallocate; finish() trims the
-    /// file to what was written): a full disk fails the dump here, before the target is
-    /// frozen for nothing, and the writes skip ext4's delayed-allocation bookkeeping (a quarter
-    /// less CPU per page here). Filesystems without fallocate just allocate as they write.
+    /// file to what was written): a full disk fails the dump here, before any page is copied,
+    /// and the writes skip ext4's delayed-allocation bookkeeping (a quarter less CPU per page
+    /// here). Only on ext4 and XFS: tmpfs would allocate and zero every page now (while the
+    /// target waits), and copy-on-write filesystems gain nothing. Elsewhere, and where
+    /// fallocate is not supported, blocks are allocated as pages are written.
     fn reserve(&mut self, nr_pages: u64) -> Result<()> {
+        const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+        const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+        // SAFETY: fstatfs on an fd we own, into a zeroed struct it fills.
+        let fs_type = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            if libc::fstatfs(self.file.as_raw_fd(), &mut st) != 0 {
+                return Ok(());
+            }
+            st.f_type as i64
+        };
+        if fs_type != EXT4_SUPER_MAGIC && fs_type != XFS_SUPER_MAGIC {
+            return Ok(());
+        }
         let len = nr_pages
             .saturating_mul(PAGE_SIZE as u64)
             .saturating_add(HEADER_PAGE);
