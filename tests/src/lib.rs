@@ -249,20 +249,7 @@ pub const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// A workload that does not finish within [`WAIT_LIMIT`] (a broken restore can leave it stuck)
 /// is killed, so the test fails instead of hanging the whole run.
 pub fn wait_exit(pid: i32) -> i32 {
-    // SAFETY: pidfd_open takes integers and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if pidfd >= 0 {
-        let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut p, 1, WAIT_LIMIT.as_millis() as i32) };
-        if ready == 0 {
-            eprintln!("process {pid} did not exit within {WAIT_LIMIT:?}: killing it");
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        // SAFETY: closing the fd we opened.
-        unsafe { libc::close(pidfd) };
-    }
+    kill_unless_it_exits(pid);
     let mut st = 0;
     loop {
         // SAFETY: valid out-pointer.
@@ -277,6 +264,32 @@ pub fn wait_exit(pid: i32) -> i32 {
         libc::WEXITSTATUS(st)
     } else {
         128 + libc::WTERMSIG(st)
+    }
+}
+
+/// [`wait_exit`] for a process we started and hold the [`Child`] of.
+pub fn wait_child(c: &mut Child) -> i32 {
+    kill_unless_it_exits(c.id() as i32);
+    let st = c.wait().expect("wait for our child");
+    use std::os::unix::process::ExitStatusExt;
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// Waits up to [`WAIT_LIMIT`] for `pid` to exit (without reaping it), then kills it.
+fn kill_unless_it_exits(pid: i32) {
+    // SAFETY: pidfd_open takes integers and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd >= 0 {
+        let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut p, 1, WAIT_LIMIT.as_millis() as i32) };
+        if ready == 0 {
+            eprintln!("process {pid} did not exit within {WAIT_LIMIT:?}: killing it");
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(pidfd) };
     }
 }
 

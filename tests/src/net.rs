@@ -88,7 +88,8 @@ fn ip(args: &[&str]) {
 }
 
 impl NetPair {
-    pub fn new() -> NetPair {
+    /// Creates both namespaces and the veth pair between them (`ip`, as root).
+    pub fn create() -> NetPair {
         let id = std::process::id() % 100_000;
         let (a, b) = (format!("cra{id}"), format!("crb{id}"));
         let (va, vb) = (format!("va{id}"), format!("vb{id}"));

@@ -465,7 +465,9 @@ fn remote_writes_make_the_harvest_exact() {
     let mut chain = Chain::new(&d, w.pid);
     chain.pre_dump(&[]);
 
-    let cases: [(&str, &[u64], &dyn Fn(&mut Dirty)); 4] = [
+    // (what, the pages it writes, how)
+    type Case<'a> = (&'a str, &'a [u64], &'a dyn Fn(&mut Dirty));
+    let cases: [Case; 4] = [
         ("process_vm_writev from another process", &[2, 30], &|w| {
             let pid = w.pid;
             w.write_from_outside(1, a, 2, Remote::VmWritev(pid));

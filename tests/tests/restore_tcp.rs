@@ -80,7 +80,7 @@ fn stream_leave_running_releases_lock() {
 
 #[test]
 fn stream_restore_across_netns() {
-    let ns = NetPair::new();
+    let ns = NetPair::create();
     let d = TempDir::new("tcp-netns");
     let b = ns.b.clone();
     let p = std::thread::spawn(move || {

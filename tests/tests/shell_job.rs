@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cr_tests::procfs::{stat_field, tracer_of};
 use cr_tests::pty::Pty;
-use cr_tests::{become_subreaper, cr_bin, wait_exit, CrCmd, KillOnDrop, TempDir};
+use cr_tests::{become_subreaper, cr_bin, wait_child, wait_exit, CrCmd, KillOnDrop, TempDir};
 
 /// `cr restore -j` (waiting, not -d: cr is the session leader of the new terminal, and a
 /// session leader's exit hangs up its terminal) on a fresh pty. See
@@ -21,10 +21,6 @@ fn restore_on(pty: &Pty, img: &str) -> Child {
     pty.spawn(&mut CrCmd::new(&["restore", "-D", img, "-j", "-o", "restore.log", "-v4"]).command())
 }
 
-/// Waits for our child `c` to exit; its exit code, or 128+signal.
-fn wait_child(c: &Child) -> i32 {
-    wait_exit(c.id() as i32)
-}
 
 const PROG: &str = r#"
 import os, sys
@@ -41,7 +37,7 @@ for line in sys.stdin:
 /// Returns its PID, free again for the restore.
 fn dump_python_shell_job(img: &str) -> i32 {
     let mut pty1 = Pty::open();
-    let sh = pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
+    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
     let line = pty1.expect_line("ready ");
     let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
     pty1.type_line("a");
@@ -51,7 +47,7 @@ fn dump_python_shell_job(img: &str) -> i32 {
     assert!(err.contains("--shell-job"), "{err}");
     CrCmd::dump(pid, img).arg("-j").ok();
     pty1.expect("shell-after");
-    assert_eq!(wait_child(&sh), 0, "the shell's exit status");
+    assert_eq!(wait_child(&mut sh), 0, "the shell's exit status");
     pid
 }
 
@@ -70,7 +66,7 @@ fn python_started_from_a_shell_moves_to_crs_terminal() {
     assert!(err.contains("--shell-job"), "restore without -j: {err}");
 
     let mut pty2 = Pty::open();
-    let crp = restore_on(&pty2, &img);
+    let mut crp = restore_on(&pty2, &img);
     let crpid = crp.id() as i64;
     pty2.type_line("b");
     let seen = pty2.expect(&format!("echo:b {pid}"));
@@ -81,7 +77,7 @@ fn python_started_from_a_shell_moves_to_crs_terminal() {
     let tty = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
     assert_eq!(tty, pty2.slave_path(), "stdin of the restored process");
     pty2.type_line("quit");
-    let st = wait_child(&crp);
+    let st = wait_child(&mut crp);
     assert_eq!(st, 7, "cr restore exits with the restored process's status\n{}", d.img_log("restore.log"));
 }
 
@@ -93,14 +89,14 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     let d = TempDir::new("shell-job-sleep");
     let img = d.s("img");
     let mut pty1 = Pty::open();
-    let sh = pty1.spawn(Command::new("sh").args(["-c", "sleep 1000 & echo started $!; wait; echo shell-after"]));
+    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "sleep 1000 & echo started $!; wait; echo shell-after"]));
     let line = pty1.expect_line("started ");
     let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
     CrCmd::dump(pid, &img).arg("-j").ok();
     pty1.expect("shell-after");
-    assert_eq!(wait_child(&sh), 0, "the shell's exit status");
+    assert_eq!(wait_child(&mut sh), 0, "the shell's exit status");
     let pty2 = Pty::open();
-    let crp = restore_on(&pty2, &img);
+    let mut crp = restore_on(&pty2, &img);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Restored once it runs in cr's session as `sleep` and cr has let it go (at its very
     // start the new task is an untraced copy of cr for an instant).
@@ -114,7 +110,7 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(), "sleep");
     // SAFETY: plain kill(2) of the restored process.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(wait_child(&crp), 128 + libc::SIGTERM, "cr restore's exit status");
+    assert_eq!(wait_child(&mut crp), 128 + libc::SIGTERM, "cr restore's exit status");
 }
 
 /// `cr restore -j -d` as a user runs it: typed to a shell that leads the session of its
@@ -136,7 +132,7 @@ fn detached_shell_job_keeps_the_shells_terminal() {
     // The shell stays, as an interactive one would (exec: the session leader keeps its pid).
     let script = r#""$0" restore -j -d -D "$1" -o restore.log -v4; echo cr-exited $?; exec sleep 1000"#;
     let cr = cr_bin();
-    let sh = pty2.spawn(Command::new("sh").args(["-c", script]).arg(&cr).arg(&img));
+    let mut sh = pty2.spawn(Command::new("sh").args(["-c", script]).arg(&cr).arg(&img));
     let _shell = KillOnDrop(sh.id() as i32);
     let shpid = sh.id() as i64;
     let status = pty2.expect_line("cr-exited ");
@@ -158,5 +154,5 @@ fn detached_shell_job_keeps_the_shells_terminal() {
     assert_eq!(wait_exit(pid), 7, "exit status of the restored process\n{}", d.img_log("restore.log"));
     // SAFETY: plain kill(2) of the shell we started.
     unsafe { libc::kill(sh.id() as i32, libc::SIGKILL) };
-    assert_eq!(wait_child(&sh), 128 + libc::SIGKILL, "the shell's exit status");
+    assert_eq!(wait_child(&mut sh), 128 + libc::SIGKILL, "the shell's exit status");
 }

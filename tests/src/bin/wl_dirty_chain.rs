@@ -333,10 +333,10 @@ fn main() {
             w.dirty(p);
         }
         bursts += 1;
-        if bursts % 64 == 0 {
+        if bursts.is_multiple_of(64) {
             w.churn();
         }
-        if bursts % 512 == 0 {
+        if bursts.is_multiple_of(512) {
             hot = w.rng.below((pages - HOT) as u64) as usize;
         }
         std::thread::sleep(Duration::from_micros(500 + w.rng.below(3000)));
