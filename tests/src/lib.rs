@@ -164,6 +164,13 @@ impl Workload {
     /// After a dump killed it: reap the original process so its PID is free for restore.
     pub fn reap_killed(&mut self) {
         let mut c = self.child.take().expect("the original child");
+        // A dump that claims success without killing the tree must fail the test, not hang it:
+        // wait for the exit on a pidfd, within a bound.
+        if !exits_within(c.id() as i32, 60_000) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("the dumped workload {} was still running 60 s after the dump; expected it killed", c.id());
+        }
         let st = c.wait().unwrap();
         assert!(!st.success(), "the dumped workload exited normally ({st}); expected it killed");
     }
@@ -366,4 +373,26 @@ pub fn dump_and_restore_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump
     let pidfile = dir.join("restore.pid");
     let got: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert_eq!(got, w.pid, "restored at another pid");
+}
+
+/// Whether process `pid` (a child of ours, not yet reaped) exits within `ms` milliseconds:
+/// its pidfd polls readable when it does.
+pub fn exits_within(pid: i32, ms: i32) -> bool {
+    // SAFETY: pidfd_open with integer arguments; the fd is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        // Already gone (and reaped by someone else): it did exit.
+        return true;
+    }
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let r = loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break r;
+        }
+    };
+    // SAFETY: the fd opened above, closed once.
+    unsafe { libc::close(fd) };
+    r > 0
 }
