@@ -309,6 +309,8 @@ struct Pace {
     ns: AtomicU64,
     /// Batches written (the readers count those they sent).
     batches: AtomicU64,
+    /// Batches the writer took from the queue (being written or waiting for their turn).
+    taken: AtomicU64,
 }
 
 /// The buffers of one copy.
@@ -433,10 +435,11 @@ impl Shared {
         t_read + t_fresh < t_write * self.readers as u64
     }
 
-    /// Whether the writer has more than the batches it is writing to do: then it, not the
-    /// readers, sets the pace, and a reader's time for checksums is free.
+    /// Whether batches queue up for the writer (sent, not yet taken): then the writer, not the
+    /// readers, sets the pace, and a reader's time for checksums is free. Otherwise the writer
+    /// waits for batches and has the time.
     fn writer_behind(&self) -> bool {
-        self.sent.load(Ordering::Acquire) >= self.pace.batches.load(Ordering::Acquire) + 1 + self.readers as u64
+        self.sent.load(Ordering::Acquire) >= self.pace.taken.load(Ordering::Acquire) + 2
     }
 }
 
@@ -632,12 +635,14 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
             match rx.recv() {
                 Ok((k, b)) => {
                     waiting.insert(k, b);
+                    sh.pace.taken.fetch_add(1, Ordering::AcqRel);
                 }
                 Err(_) => break,
             }
         }
         while let Ok((k, b)) = rx.try_recv() {
             waiting.insert(k, b);
+            sh.pace.taken.fetch_add(1, Ordering::AcqRel);
         }
         if sh.abort.load(Ordering::Acquire) {
             break;
