@@ -144,10 +144,10 @@ pub fn resident_query(v: &Vma) -> ScanQuery {
 
 /// Whether every page of a private VMA is an anonymous page in memory, by its smaps
 /// counters: then [`resident_query`] would report the whole VMA, and the page-table walk of
-/// PAGEMAP_SCAN can be skipped. (The shared zero page and page-cache
-/// pages do not count as `Anonymous:`; swapped pages count as `Swap:`.)
+/// PAGEMAP_SCAN can be skipped. (The shared zero page and page-cache pages do not count as
+/// `Anonymous:`; swapped pages count as `Swap:`.)
 fn fully_anonymous(v: &Vma) -> bool {
-    !v.shared && !v.is_shmem_anon() && v.len() > 0 && v.anonymous == v.len()
+    !v.shared && !v.is_shmem_anon() && !v.is_empty() && v.anonymous == v.len()
 }
 
 /// The VMAs of the image and the page runs to copy. `vmas` must come from smaps read while the
