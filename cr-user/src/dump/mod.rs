@@ -53,6 +53,10 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     interrupt::check()?;
 
     let prepared = crate::net::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
+    // The page copy's buffers are touched now, not while the tree is frozen (fresh memory is
+    // slow to fault in, very much so on a ballooned VM).
+    // As many as the root's resident memory needs, up to the 16 MiB the copy turns over.
+    pages::warm_buffers((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
     let mut net = crate::net::DumpGuard::begin(o.tcp_established, &o.images_dir, pid, prepared);
