@@ -797,37 +797,6 @@ mod tests {
         assert_eq!((b.len(), b[0].used), (1, 0));
     }
 
-    /// A forked copy of this test process holding `base..base+len` (read-only from `ro` on),
-    /// pausing until dropped. The child only makes raw syscalls.
-    struct Child(i32);
-
-    impl Child {
-        fn fork() -> Child {
-            // SAFETY: the child calls only async-signal-safe functions (close_range, pause).
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0);
-            if pid == 0 {
-                // SAFETY: raw syscalls only; the child never returns into Rust code.
-                unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
-                loop {
-                    // SAFETY: pause is async-signal-safe.
-                    unsafe { libc::pause() };
-                }
-            }
-            Child(pid)
-        }
-    }
-
-    impl Drop for Child {
-        fn drop(&mut self) {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(self.0, libc::SIGKILL);
-                libc::waitpid(self.0, std::ptr::null_mut(), 0);
-            }
-        }
-    }
-
     fn pattern(page: u64) -> u8 {
         (page.wrapping_mul(37) % 251) as u8 + 1
     }
@@ -851,7 +820,7 @@ mod tests {
         let ro = base + (pages - 5) * P;
         // SAFETY: changing the protection of our own pages.
         unsafe { libc::mprotect(ro as *mut libc::c_void, (5 * P) as usize, libc::PROT_NONE) };
-        let child = Child::fork();
+        let child = crate::sys::vm::tests::Forked::new();
         let plan = [
             PlanItem::Data { start: base, end: base + CHUNK + 3 * P, readable: true },
             PlanItem::Parent { start: base + CHUNK + 3 * P, end: base + CHUNK + 10 * P },
@@ -863,7 +832,7 @@ mod tests {
             let w = ImageWriter::create(t.path()).unwrap();
             let data_pages = pages - 7;
             let pw = PageWriter::create(&w, 7, data_pages).unwrap();
-            let mut pending = run_copy(child.0, &plan, pw, 64 << 20, hold, readers).unwrap();
+            let mut pending = run_copy(child.pid, &plan, pw, 64 << 20, hold, readers).unwrap();
             pending.start_writing();
             let pm = pending.finish().unwrap();
             let got: Vec<_> = pm.runs.iter().map(|r| (r.vaddr, u64::from(r.nr_pages), r.in_parent)).collect();
@@ -893,12 +862,12 @@ mod tests {
     /// A failed copy (a range the child does not have) leaves no page file behind.
     #[test]
     fn a_failed_copy_leaves_nothing() {
-        let child = Child::fork();
+        let child = crate::sys::vm::tests::Forked::new();
         let t = TempDir::new("dump-pages-fail");
         let w = ImageWriter::create(t.path()).unwrap();
         let pw = PageWriter::create(&w, 8, 4).unwrap();
         let plan = [PlanItem::Data { start: 0x1000, end: 0x5000, readable: true }];
-        assert!(run_copy(child.0, &plan, pw, 64 << 20, false, 1).is_err());
+        assert!(run_copy(child.pid, &plan, pw, 64 << 20, false, 1).is_err());
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0, "leftover files");
     }
 }

@@ -365,7 +365,7 @@ pub fn write_mem_file(pid: i32, addr: u64, buf: &[u8]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const PAGE: usize = 4096;
@@ -373,12 +373,15 @@ mod tests {
     /// A forked copy of this test process: same layout, its own copy-on-write memory. Fork in a
     /// multi-threaded test binary is fine as long as the child only makes raw syscalls: it
     /// closes every inherited fd (so other tests' pipes still see EOF) and pauses until killed.
-    struct Forked {
-        pid: i32,
+    /// A forked copy of the test process (same memory), paused until dropped (killed and
+    /// reaped): a real other process to read from and write to. Shared by the unit tests of
+    /// the modules built on process_vm_*.
+    pub(crate) struct Forked {
+        pub(crate) pid: i32,
     }
 
     impl Forked {
-        fn new() -> Forked {
+        pub(crate) fn new() -> Forked {
             // SAFETY: the child only calls async-signal-safe functions (close_range, pause).
             let pid = unsafe { libc::fork() };
             assert!(pid >= 0);
