@@ -3,6 +3,10 @@
 //! libc is used directly rather than nix because nix's `Signal` cannot represent real-time
 //! signals, and a tracee may stop with any of them.
 
+// libc's PTRACE_* constants are c_uint with glibc but c_int with musl: the `as u32` casts are
+// needed there.
+#![allow(clippy::unnecessary_cast)]
+
 use std::io;
 
 use anyhow::{bail, Result};

@@ -94,6 +94,37 @@ impl Counters {
     }
 }
 
+/// Map fds received from the tracker, in the order it sent them, each opened and then checked
+/// to be the map it claims to be (name for messages, type when taken).
+pub(crate) struct Received {
+    maps: std::vec::IntoIter<(&'static str, Map)>,
+}
+
+impl Received {
+    /// Opens `fds`, named by `names` (same order and count).
+    pub(crate) fn open(fds: Vec<OwnedFd>, names: &[&'static str]) -> Result<Received> {
+        if fds.len() != names.len() {
+            bail!("the tracker sent {} map fds, expected {} ({})", fds.len(), names.len(), names.join(", "));
+        }
+        let mut maps = Vec::with_capacity(fds.len());
+        for (fd, &name) in fds.into_iter().zip(names) {
+            let data =
+                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
+            let map = Map::from_map_data(data)
+                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
+            maps.push((name, map));
+        }
+        Ok(Received { maps: maps.into_iter() })
+    }
+
+    /// The next map, typed (e.g. `HashMap<MapData, K, V>`).
+    #[allow(clippy::should_implement_trait)]
+    pub(crate) fn next<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self) -> Result<T> {
+        let (name, map) = self.maps.next().context("a map is missing")?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+}
+
 /// All maps of a loaded tracking object.
 pub struct TrackMaps {
     pub tracker: Tracker,
@@ -176,29 +207,15 @@ impl TrackMaps {
         }
         let lock_fds = fds.split_off(FD_ORDER.len() + SockMaps::FDS);
         let sock_fds = fds.split_off(FD_ORDER.len());
-        let mut maps = Vec::with_capacity(fds.len());
-        for (fd, name) in fds.into_iter().zip(FD_ORDER) {
-            let data =
-                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
-            let map = Map::from_map_data(data)
-                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
-            maps.push((name, map));
-        }
-        let mut it = maps.into_iter();
-        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
-            m: Option<(&str, Map)>,
-        ) -> Result<T> {
-            let (name, map) = m.context("missing map")?;
-            T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-        }
-        let targets = typed(it.next())?;
-        let dirty = typed(it.next())?;
-        let stats = typed(it.next())?;
-        let track = typed(it.next())?;
-        let vma_events = typed(it.next())?;
-        let mem_writers = typed(it.next())?;
-        let tids = typed(it.next())?;
-        let dirty_ring = typed(it.next())?;
+        let mut it = Received::open(fds, &FD_ORDER)?;
+        let targets = it.next()?;
+        let dirty = it.next()?;
+        let stats = it.next()?;
+        let track = it.next()?;
+        let vma_events = it.next()?;
+        let mem_writers = it.next()?;
+        let tids = it.next()?;
+        let dirty_ring = it.next()?;
         Ok(TrackMaps {
             tracker: Tracker::from_maps(targets, dirty, stats, None),
             track,

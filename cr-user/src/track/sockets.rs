@@ -233,33 +233,11 @@ impl SockMaps {
 
     /// The maps from `FDS` fds sent by the tracker.
     pub fn from_fds(fds: Vec<OwnedFd>) -> Result<SockMaps> {
-        if fds.len() != Self::FDS {
-            bail!(
-                "the tracker sent {} socket-table fds, expected {}",
-                fds.len(),
-                Self::FDS
-            );
-        }
-        let mut maps = Vec::with_capacity(Self::FDS);
-        for (fd, name) in fds
-            .into_iter()
-            .zip([names::SOCKS, names::LISTENERS, names::SOCK_STATS])
-        {
-            let data =
-                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
-            let map = Map::from_map_data(data)
-                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
-            maps.push((name, map));
-        }
-        let mut it = maps.into_iter();
-        fn typed<T: TryFrom<Map, Error = MapError>>(m: Option<(&str, Map)>) -> Result<T> {
-            let (name, map) = m.context("missing map")?;
-            T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-        }
+        let mut it = super::maps::Received::open(fds, &[names::SOCKS, names::LISTENERS, names::SOCK_STATS])?;
         let inner = Inner {
-            socks: typed(it.next())?,
-            listeners: typed(it.next())?,
-            stats: typed(it.next())?,
+            socks: it.next()?,
+            listeners: it.next()?,
+            stats: it.next()?,
             own: None,
         };
         Ok(SockMaps {
