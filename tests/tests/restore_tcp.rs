@@ -21,6 +21,23 @@ fn local_restore() {
     w.assert_pass();
 }
 
+/// The same over IPv6 loopback: addresses, the lock's keys and the rebuilt sockets are
+/// family-specific.
+#[test]
+fn local_restore_ipv6() {
+    let d = TempDir::new("tcp-local6");
+    let mut w = Workload::start("wl_tcp", &["local6"], &d);
+    dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
+    w.assert_pass();
+}
+
+#[test]
+fn local_ipv6_control() {
+    let d = TempDir::new("tcp-local6-control");
+    let mut w = Workload::start("wl_tcp", &["local6"], &d);
+    w.assert_pass();
+}
+
 #[test]
 fn local_leave_running() {
     let d = TempDir::new("tcp-local-r");

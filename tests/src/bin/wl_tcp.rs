@@ -3,7 +3,8 @@
 //! `wl_tcp local`: a listener on 127.0.0.1, a client connected to it and the accepted socket,
 //! with unread data both ways (several queued writes, one larger than a segment). After the
 //! check signal: every byte arrives in order, more data flows both ways, the listener accepts a
-//! new connection, and the options set before the dump are still set.
+//! new connection, and the options set before the dump are still set. `wl_tcp local6`: the same
+//! on [::1].
 //!
 //! `wl_tcp stream ADDR`: connects to a peer outside the tree and exchanges two counting byte
 //! streams (byte i is i % 251) until the check signal, then keeps going until it has received
@@ -35,8 +36,9 @@ fn read_exactly(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn local() -> ! {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+/// `bind`: the listener's address ("127.0.0.1:0" for `local`, "[::1]:0" for `local6`).
+fn local(bind: &str) -> ! {
+    let listener = TcpListener::bind(bind).expect("bind");
     let addr = listener.local_addr().expect("local_addr");
     let mut client = TcpStream::connect(addr).expect("connect");
     let (mut server, _) = listener.accept().expect("accept");
@@ -233,7 +235,8 @@ fn many(n: usize) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("local") => local(),
+        Some("local") => local("127.0.0.1:0"),
+        Some("local6") => local("[::1]:0"),
         Some("many") => many(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100)),
         Some("stream") => stream(args.get(2).map(String::as_str).unwrap_or("127.0.0.1:1")),
         _ => {
