@@ -115,6 +115,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// The connection to the target's tracker and the maps it handed over, when one runs for
+    /// it: the dump's socket inventory and lock survey read the tracker's tables through them
+    /// (one connection, one `Get` per dump).
+    pub fn tracker(&self) -> Option<(&TrackerConn, &TrackMaps)> {
+        self.tracked.as_ref().map(|t| (&t.conn, &t.maps))
+    }
+
     /// Before the freeze. `pid` passed [`target::check`]; `images_dir` exists.
     pub fn prepare(o: &DumpOpts, pre_dump: bool, pid: i32) -> Result<Session> {
         let want = pre_dump || o.track_mem;

@@ -105,23 +105,14 @@ pub struct Survey {
 }
 
 /// The tree's locks while it is frozen: from the tracker's lock table when one runs for `root`
-/// (started at `root_start`, /proc/PID/stat field 22) and can tell, otherwise from fdinfo and
+/// (`tracker`: the dump session's connection; the tracker must follow `root` as started at
+/// `root_start`, /proc/PID/stat field 22) and can tell, otherwise from fdinfo and
 /// `/proc/locks` ([`survey`]), which the table then gets back so that it can tell next time.
 /// The log says which source was used and why.
-pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
+pub fn survey_tree(tracker: Option<&TrackerConn>, root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
     let t0 = Instant::now();
-    let conn = match TrackerConn::connect(root) {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            return slow(
-                pids,
-                None,
-                &[],
-                &format!("no tracker runs for PID {root}"),
-                t0,
-            )
-        }
-        Err(e) => return slow(pids, None, &[], &format!("{e:#}"), t0),
+    let Some(conn) = tracker else {
+        return slow(pids, None, &[], &format!("no tracker runs for PID {root}"), t0);
     };
     let t_ask = Instant::now();
     let (state, view) = match conn.locks(pids) {
@@ -159,11 +150,10 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
         match from_table(&view, pids)? {
             Ok((s, fds)) => {
                 log::info!(
-                    "file locks: from the tracker's lock table ({} events so far): {} held through the tree's fds, {fds} fds read, in {:?} (connected in {:?}, answered in {:?})",
+                    "file locks: from the tracker's lock table ({} events so far): {} held through the tree's fds, {fds} fds read, in {:?} (answered in {:?})",
                     view.events,
                     s.held.len(),
                     t0.elapsed(),
-                    t_ask - t0,
                     t_answer - t_ask,
                 );
                 return Ok(s);
@@ -171,7 +161,7 @@ pub fn survey_tree(root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
             Err(why) => format!("the tracker's lock table disagrees with fdinfo ({why})"),
         }
     };
-    slow(pids, Some(&conn), &inodes, &why, t0)
+    slow(pids, Some(conn), &inodes, &why, t0)
 }
 
 /// [`survey`], saying why; with a tracker, its lock table gets the exact state back (the tree is

@@ -47,8 +47,6 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
     log::info!("dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
-    // The tracker's socket table, taken before the session holds the tracker's one connection.
-    let socket_table = crate::net::inventory::TableSource::find(pid);
     let mut inc = incremental::Session::prepare(o, false, pid)?;
     interrupt::check()?;
 
@@ -67,8 +65,8 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let live: Vec<i32> = tree.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
     let collected = tree::check(&tree, o.shell_job)
         .and_then(|_| inc.frozen())
-        .and_then(|_| net.survey(&live, pid, &socket_table))
-        .and_then(|_| dump_frozen(&mut tree, &writer, o, &mut inc))?;
+        .and_then(|_| net.survey(&live, pid, &crate::net::inventory::TableSource::of(inc.tracker().map(|(_, m)| m), pid)))
+        .and_then(|_| dump_frozen(&mut tree, &live, &writer, o, &mut inc))?;
     // With -R the tree needs nothing more from us: everything is read. Let it run while the
     // page writer finishes.
     let mut frozen_us = 0;
@@ -149,7 +147,8 @@ struct Collected {
 }
 
 /// Everything that needs the tree frozen: the state of each process, and a copy of its memory.
-fn dump_frozen(tree: &mut tree::Tree, w: &ImageWriter, o: &DumpOpts, inc: &mut incremental::Session) -> Result<Collected> {
+/// `live`: the tree's processes that are not zombies.
+fn dump_frozen(tree: &mut tree::Tree, live: &[i32], w: &ImageWriter, o: &DumpOpts, inc: &mut incremental::Session) -> Result<Collected> {
     let pstree = tree.pstree();
     let mut next_id = 1;
     let mut dedup = tree::FileDedup::default();
@@ -157,8 +156,7 @@ fn dump_frozen(tree: &mut tree::Tree, w: &ImageWriter, o: &DumpOpts, inc: &mut i
     let mut out = Collected { procs: Vec::new(), files: Vec::new(), contents: Vec::new(), pstree, stats: pb::DumpStats::default(), locks: None };
     let root = tree.root().pid;
     // File locks first: a refused tree has not seen a single remote syscall.
-    let live: Vec<i32> = tree.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
-    let held = locks::survey_tree(root, tree.root().stat.starttime, &live)?;
+    let held = locks::survey_tree(inc.tracker().map(|(c, _)| c), root, tree.root().stat.starttime, live)?;
     held.check(o.file_locks)?;
     for p in tree.procs.iter_mut() {
         if p.zombie {

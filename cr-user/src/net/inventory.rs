@@ -379,40 +379,25 @@ pub fn fd_view(pids: &[i32]) -> Result<Vec<FdSock>> {
     Ok(out)
 }
 
-/// Where a dump's inventory will come from: the tracker's table (its maps, taken before the
-/// freeze: the tracker answers one client at a time, and the dump's incremental session
-/// holds its own connection for the whole dump), or nothing and why.
-pub struct TableSource {
-    maps: Option<SockMaps>,
+/// Where a dump's inventory will come from: the tracker's socket table (the maps the dump
+/// session got from the tracker), or nothing and why.
+pub struct TableSource<'a> {
+    maps: Option<&'a SockMaps>,
     why: String,
 }
 
-impl TableSource {
+impl<'a> TableSource<'a> {
     /// No table: the dump scans, for this reason.
-    pub fn none(why: impl Into<String>) -> TableSource {
+    pub fn none(why: impl Into<String>) -> TableSource<'a> {
         TableSource { maps: None, why: why.into() }
     }
 
-    /// The table of the tracker of `pid`, if one runs. Never fails: without a table the dump
-    /// scans, and the reason is kept for the log.
-    pub fn find(pid: i32) -> TableSource {
-        use crate::track::client::TrackerConn;
-        let conn = match TrackerConn::connect(pid) {
-            Ok(Some(c)) => c,
-            Ok(None) => return TableSource::none(format!("no tracker runs for PID {pid}")),
-            Err(e) => return TableSource::none(format!("the tracker of PID {pid} cannot be reached: {e:#}")),
-        };
-        let snap = match conn.get() {
-            Ok(s) => s,
-            Err(e) => return TableSource::none(format!("the tracker of PID {pid} did not hand its maps over: {e:#}")),
-        };
-        let start = crate::proc::stat::read_stat(pid).map(|s| s.starttime).ok();
-        if snap.state.pid != pid || Some(snap.state.start_time) != start {
-            return TableSource::none(format!("the tracker on @cr-track-{pid} follows another process (PID reused)"));
-        }
-        match crate::track::maps::TrackMaps::from_fds(snap.map_fds) {
-            Ok(m) => TableSource { maps: Some(m.sockets), why: String::new() },
-            Err(e) => TableSource::none(format!("the tracker's maps of PID {pid} are unusable: {e:#}")),
+    /// The socket table among the maps of the tracker of `pid`, if one runs (the session has
+    /// checked that it follows this very process).
+    pub fn of(tracker: Option<&'a crate::track::maps::TrackMaps>, pid: i32) -> TableSource<'a> {
+        match tracker {
+            Some(m) => TableSource { maps: Some(&m.sockets), why: String::new() },
+            None => TableSource::none(format!("no tracker runs for PID {pid}")),
         }
     }
 
