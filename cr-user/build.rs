@@ -4,12 +4,16 @@
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let proto = root.join("proto/cr.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     let mut cfg = prost_build::Config::new();
     cfg.type_attribute(".", "#[derive(serde::Serialize)]");
-    cfg.compile_protos(&[&proto], &[root.join("proto")]).expect("compile proto/cr.proto (is protoc installed? `cargo xtask setup`)");
+    cfg.compile_protos(&[&proto], &[root.join("proto")])
+        .expect("compile proto/cr.proto (is protoc installed? `cargo xtask setup`)");
 
     println!("cargo:rerun-if-env-changed=CR_EBPF_OBJECT");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("cr-ebpf.o");

@@ -22,7 +22,8 @@ use cr_common::{
 };
 
 #[map(name = "CR_TARGETS")]
-pub(crate) static CR_TARGETS: HashMap<u32, TargetInfo> = HashMap::with_max_entries(TARGETS_MAX_ENTRIES, 0);
+pub(crate) static CR_TARGETS: HashMap<u32, TargetInfo> =
+    HashMap::with_max_entries(TARGETS_MAX_ENTRIES, 0);
 
 #[map(name = "CR_DIRTY")]
 static CR_DIRTY: HashMap<PageKey, PageInfo> = HashMap::with_max_entries(DIRTY_MAX_ENTRIES, 0);
@@ -89,11 +90,26 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) {
     }
     let page = addr >> PAGE_SHIFT;
     let ring = target.flags & TARGET_F_RING != 0;
-    if ring && CR_DIRTY_RING.output(&DirtyEvent { page, tgid, _pad: 0 }, 0).is_err() {
+    if ring
+        && CR_DIRTY_RING
+            .output(
+                &DirtyEvent {
+                    page,
+                    tgid,
+                    _pad: 0,
+                },
+                0,
+            )
+            .is_err()
+    {
         bump(stat::DIRTY_LOST);
         return;
     }
-    let key = PageKey { page, tgid, _pad: 0 };
+    let key = PageKey {
+        page,
+        tgid,
+        _pad: 0,
+    };
     let epoch = target.epoch;
     match CR_DIRTY.get_ptr_mut(&key) {
         Some(v) => {
@@ -106,14 +122,25 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) {
         None => {
             // With the ring, the hash only serves looks (hotness, tests): a full one loses
             // nothing the harvest needs.
-            if CR_DIRTY.insert(&key, &PageInfo { epoch, writes: 1 }, 0).is_err() && !ring {
+            if CR_DIRTY
+                .insert(&key, &PageInfo { epoch, writes: 1 }, 0)
+                .is_err()
+                && !ring
+            {
                 bump(stat::DIRTY_LOST);
                 return;
             }
         }
     }
-    bump(if kernel { stat::KERNEL_WRITE_FAULTS } else { stat::WRITE_FAULTS });
+    bump(if kernel {
+        stat::KERNEL_WRITE_FAULTS
+    } else {
+        stat::WRITE_FAULTS
+    });
     if target.flags & TARGET_F_LOG != 0 {
-        debug!(ctx, "cr: write fault tgid={} addr={:x} kernel={}", tgid, addr, kernel as u8);
+        debug!(
+            ctx,
+            "cr: write fault tgid={} addr={:x} kernel={}", tgid, addr, kernel as u8
+        );
     }
 }

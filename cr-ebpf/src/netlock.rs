@@ -44,7 +44,13 @@ pub fn cr_netlock(ctx: TcContext) -> i32 {
 
 fn locked(ctx: &TcContext) -> Option<bool> {
     let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let mut key = FlowKey { src: [0; 16], dst: [0; 16], sport: [0; 2], dport: [0; 2], family: 0 };
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: [0; 2],
+        dport: [0; 2],
+        family: 0,
+    };
     let l4 = match proto {
         ETH_P_IP => {
             let vihl: u8 = ctx.load(ETH_HLEN).ok()?;

@@ -164,11 +164,28 @@ mod tests {
 
     #[test]
     fn criu_style_dump_flags() {
-        let c = parse(&["dump", "-t", "42", "-D", "/tmp/x", "-R", "--tcp-established", "-j", "-l", "-o", "d.log"]);
-        let Command::Dump(d) = c.cmd else { panic!("not dump") };
+        let c = parse(&[
+            "dump",
+            "-t",
+            "42",
+            "-D",
+            "/tmp/x",
+            "-R",
+            "--tcp-established",
+            "-j",
+            "-l",
+            "-o",
+            "d.log",
+        ]);
+        let Command::Dump(d) = c.cmd else {
+            panic!("not dump")
+        };
         assert_eq!(d.pid, 42);
         assert!(d.leave_running && d.tcp_established && d.shell_job && d.file_locks);
-        assert_eq!(c.global.log_file.as_deref(), Some(std::path::Path::new("d.log")));
+        assert_eq!(
+            c.global.log_file.as_deref(),
+            Some(std::path::Path::new("d.log"))
+        );
     }
 
     #[test]
@@ -183,7 +200,9 @@ mod tests {
     #[test]
     fn restore_flags() {
         let c = parse(&["restore", "-D", "d", "-d", "--pidfile", "p"]);
-        let Command::Restore(r) = c.cmd else { panic!("not restore") };
+        let Command::Restore(r) = c.cmd else {
+            panic!("not restore")
+        };
         assert!(r.detached);
         assert_eq!(r.pidfile.as_deref(), Some(std::path::Path::new("p")));
     }

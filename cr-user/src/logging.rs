@@ -65,7 +65,8 @@ pub fn init(criu_level: u8, path: Option<&Path>, per_pid: bool) -> Result<()> {
         pids: Mutex::new(HashMap::new()),
     };
     if LOGGER.set(logger).is_ok() {
-        log::set_logger(LOGGER.get().expect("just set")).map_err(|e| anyhow::anyhow!("install the logger: {e}"))?;
+        log::set_logger(LOGGER.get().expect("just set"))
+            .map_err(|e| anyhow::anyhow!("install the logger: {e}"))?;
         log::set_max_level(level);
     }
     Ok(())
@@ -97,7 +98,10 @@ impl Log for Logger {
         }
         // aya's own debug output (relocations, map creation) drowns cr's: show it only at -v4.
         let t = r.target();
-        if r.level() == Level::Debug && (t.starts_with("aya::") || t.starts_with("aya_obj")) && self.level < LevelFilter::Trace {
+        if r.level() == Level::Debug
+            && (t.starts_with("aya::") || t.starts_with("aya_obj"))
+            && self.level < LevelFilter::Trace
+        {
             return;
         }
         let t = self.start.elapsed();
@@ -108,7 +112,12 @@ impl Log for Logger {
             Level::Debug => "Debug",
             Level::Trace => "Trace",
         };
-        let line = format!("({:>3}.{:06}) {lvl}: {}\n", t.as_secs(), t.subsec_micros(), r.args());
+        let line = format!(
+            "({:>3}.{:06}) {lvl}: {}\n",
+            t.as_secs(),
+            t.subsec_micros(),
+            r.args()
+        );
         let task = CURRENT_TASK.load(Ordering::Relaxed);
         if self.per_pid && task > 0 {
             if let Some(base) = &self.path {

@@ -34,7 +34,10 @@ pub use cr_cmd::{cr, cr_bin, cr_ok, stderr_of, CrCmd};
 /// Fails the test at once, saying why, unless it runs as root: dumps (ptrace of other users'
 /// tasks, PR_SET_MM_MAP, clone3 set_tid) and the tracker (eBPF) need it.
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "this test needs root (ptrace, eBPF): run it as root (cargo xtask test does)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (ptrace, eBPF): run it as root (cargo xtask test does)"
+    );
 }
 
 /// Makes this process the subreaper of everything it starts, so restored tasks (whose parent,
@@ -51,9 +54,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir()
-            .join("cr-tests")
-            .join(format!("{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join("cr-tests").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -98,7 +103,11 @@ pub fn workload_bin(name: &str) -> PathBuf {
         dir = dir.parent().unwrap();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "workload {} not built (run through `cargo xtask test`)", p.display());
+    assert!(
+        p.exists(),
+        "workload {} not built (run through `cargo xtask test`)",
+        p.display()
+    );
     p
 }
 
@@ -110,10 +119,17 @@ impl Workload {
 
     /// [`Workload::start`] for a workload driven by commands: its stdin and stdout are pipes
     /// to the harness, returned beside it.
-    pub fn start_piped(name: &str, args: &[&str], dir: &TempDir) -> (Workload, ChildStdin, ChildStdout) {
+    pub fn start_piped(
+        name: &str,
+        args: &[&str],
+        dir: &TempDir,
+    ) -> (Workload, ChildStdin, ChildStdout) {
         let mut w = Workload::launch(name, args, dir, true);
         let child = w.child.as_mut().expect("the workload just started");
-        let (stdin, stdout) = (child.stdin.take().expect("piped stdin"), child.stdout.take().expect("piped stdout"));
+        let (stdin, stdout) = (
+            child.stdin.take().expect("piped stdin"),
+            child.stdout.take().expect("piped stdout"),
+        );
         (w, stdin, stdout)
     }
 
@@ -124,9 +140,17 @@ impl Workload {
         let mut cmd = Command::new(workload_bin(name));
         // The workload's stderr goes to a file of its own: a file that others append to (the
         // test runner's output) would change size between dump and restore.
-        let errlog = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(&format!("{name}.stderr"))).unwrap();
+        let errlog = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(&format!("{name}.stderr")))
+            .unwrap();
         let stdio = || if piped { Stdio::piped() } else { Stdio::null() };
-        cmd.args(args).env("CR_RESULT", &result).stdin(stdio()).stdout(stdio()).stderr(errlog);
+        cmd.args(args)
+            .env("CR_RESULT", &result)
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(errlog);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -147,18 +171,34 @@ impl Workload {
         let mut out = String::new();
         let mut f = std::fs::File::from(r);
         f.read_to_string(&mut out).expect("read the ready pipe");
-        assert!(out.starts_with("READY"), "workload {name} did not get ready: {out:?}");
+        assert!(
+            out.starts_with("READY"),
+            "workload {name} did not get ready: {out:?}"
+        );
         let info = out.trim_start_matches("READY").trim().to_string();
         // For the record (shown when a test fails): what the workload holds open.
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|rd| {
                 rd.flatten()
-                    .map(|e| format!("{}->{}", e.file_name().to_string_lossy(), std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default()))
+                    .map(|e| {
+                        format!(
+                            "{}->{}",
+                            e.file_name().to_string_lossy(),
+                            std::fs::read_link(e.path())
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default()
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
         eprintln!("workload {name} ({pid}) ready; fds: {}", fds.join(" "));
-        Workload { child: Some(child), pid, result, info }
+        Workload {
+            child: Some(child),
+            pid,
+            result,
+            info,
+        }
     }
 
     /// After a dump killed it: reap the original process so its PID is free for restore.
@@ -169,17 +209,28 @@ impl Workload {
         if !exits_within(c.id() as i32, 60_000) {
             let _ = c.kill();
             let _ = c.wait();
-            panic!("the dumped workload {} was still running 60 s after the dump; expected it killed", c.id());
+            panic!(
+                "the dumped workload {} was still running 60 s after the dump; expected it killed",
+                c.id()
+            );
         }
         let st = c.wait().unwrap();
-        assert!(!st.success(), "the dumped workload exited normally ({st}); expected it killed");
+        assert!(
+            !st.success(),
+            "the dumped workload exited normally ({st}); expected it killed"
+        );
     }
 
     /// After a `dump -R` left it running: kill the original and reap it, so that its PID is
     /// free for a restore of the image.
     pub fn kill_and_reap(&mut self) {
         // SAFETY: plain kill(2) of our child.
-        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0, "kill workload {}", self.pid);
+        assert_eq!(
+            unsafe { libc::kill(self.pid, libc::SIGKILL) },
+            0,
+            "kill workload {}",
+            self.pid
+        );
         self.reap_killed();
     }
 
@@ -204,9 +255,15 @@ impl Workload {
     /// Sends SIGUSR1 ("check yourself") and waits for the verdict; returns (exit status, result).
     pub fn verify(&mut self) -> (i32, String) {
         // SAFETY: plain kill(2).
-        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGUSR1) }, 0, "signal workload {}", self.pid);
+        assert_eq!(
+            unsafe { libc::kill(self.pid, libc::SIGUSR1) },
+            0,
+            "signal workload {}",
+            self.pid
+        );
         let status = wait_exit(self.pid);
-        let res = std::fs::read_to_string(&self.result).unwrap_or_else(|e| format!("no result file: {e}"));
+        let res = std::fs::read_to_string(&self.result)
+            .unwrap_or_else(|e| format!("no result file: {e}"));
         self.child = None;
         (status, res)
     }
@@ -216,7 +273,11 @@ impl Workload {
         let (st, res) = self.verify();
         let errlog = self.result.with_extension("stderr");
         let stderr = std::fs::read_to_string(&errlog).unwrap_or_default();
-        assert!(res.starts_with("PASS"), "workload {} reported: {res} (exit status {st}); its stderr:\n{stderr}", self.pid);
+        assert!(
+            res.starts_with("PASS"),
+            "workload {} reported: {res} (exit status {st}); its stderr:\n{stderr}",
+            self.pid
+        );
         assert_eq!(st, 0, "workload {} exit status", self.pid);
     }
 }
@@ -265,7 +326,11 @@ pub fn wait_exit(pid: i32) -> i32 {
             break;
         }
         let e = std::io::Error::last_os_error();
-        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "waitpid({pid}): {e}");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted,
+            "waitpid({pid}): {e}"
+        );
     }
     if libc::WIFEXITED(st) {
         libc::WEXITSTATUS(st)
@@ -287,7 +352,11 @@ fn kill_unless_it_exits(pid: i32) {
     // SAFETY: pidfd_open takes integers and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if pidfd >= 0 {
-        let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut p, 1, WAIT_LIMIT.as_millis() as i32) };
         if ready == 0 {
@@ -311,7 +380,10 @@ pub fn reap_orphan(pid: i32) {
         if r == pid || !pid_exists(pid) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "process {pid} of the dumped tree was never handed to us");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} of the dumped tree was never handed to us"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
@@ -342,8 +414,14 @@ pub fn dump_leave_running(w: &Workload, dir: &TempDir, extra: &[&str]) {
 /// After a dump that must have refused `w`: no complete image was left (no inventory in
 /// DIR/img) and the workload still runs (its own check then says whether it was disturbed).
 pub fn assert_dump_refused_cleanly(w: &Workload, dir: &TempDir) {
-    assert!(!dir.join("img/inventory.img").exists(), "a refused dump left a complete image (an inventory)");
-    assert!(procfs::running(w.pid), "the workload is not running after the refused dump");
+    assert!(
+        !dir.join("img/inventory.img").exists(),
+        "a refused dump left a complete image (an inventory)"
+    );
+    assert!(
+        procfs::running(w.pid),
+        "the workload is not running after the refused dump"
+    );
 }
 
 /// dump (killing it) → reap: `w`'s PID is free for the restore the test runs itself (to see it
@@ -361,17 +439,32 @@ pub fn dump_and_reap_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_ex
 }
 
 /// dump → reap → restore -d → return. The workload is then the restored process.
-pub fn dump_and_restore(w: &mut Workload, dir: &TempDir, dump_extra: &[&str], restore_extra: &[&str]) {
+pub fn dump_and_restore(
+    w: &mut Workload,
+    dir: &TempDir,
+    dump_extra: &[&str],
+    restore_extra: &[&str],
+) {
     dump_and_restore_tree(w, dir, &[], dump_extra, restore_extra)
 }
 
 /// [`dump_and_restore`] for a workload with descendants: `pids` (e.g. [`Workload::tree_pids`])
 /// are reaped after the dump as well.
-pub fn dump_and_restore_tree(w: &mut Workload, dir: &TempDir, pids: &[i32], dump_extra: &[&str], restore_extra: &[&str]) {
+pub fn dump_and_restore_tree(
+    w: &mut Workload,
+    dir: &TempDir,
+    pids: &[i32],
+    dump_extra: &[&str],
+    restore_extra: &[&str],
+) {
     dump_and_reap_tree(w, dir, pids, dump_extra);
     restore_cmd(dir).args(restore_extra).ok();
     let pidfile = dir.join("restore.pid");
-    let got: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let got: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(got, w.pid, "restored at another pid");
 }
 
@@ -384,7 +477,11 @@ pub fn exits_within(pid: i32, ms: i32) -> bool {
         // Already gone (and reaped by someone else): it did exit.
         return true;
     }
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let r = loop {
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut p, 1, ms) };

@@ -24,7 +24,8 @@ impl Checker {
 
     pub fn eq<T: PartialEq + std::fmt::Debug>(&mut self, got: T, want: T, what: &str) {
         if got != want {
-            self.failures.push(format!("{what}: got {got:?}, want {want:?}"));
+            self.failures
+                .push(format!("{what}: got {got:?}, want {want:?}"));
         }
     }
 
@@ -36,7 +37,11 @@ impl Checker {
     /// Writes PASS / FAIL to $CR_RESULT and exits 0 / 1.
     pub fn report(self) -> ! {
         let path = std::env::var_os("CR_RESULT").expect("CR_RESULT");
-        let text = if self.failures.is_empty() { "PASS\n".to_string() } else { format!("FAIL: {}\n", self.failures.join("; ")) };
+        let text = if self.failures.is_empty() {
+            "PASS\n".to_string()
+        } else {
+            format!("FAIL: {}\n", self.failures.join("; "))
+        };
         std::fs::write(path, &text).expect("write the result file");
         std::process::exit(if self.failures.is_empty() { 0 } else { 1 })
     }
@@ -60,7 +65,8 @@ pub fn ready(info: &str) {
     }
     // SAFETY: fd 3 is the ready pipe the harness gave us; we own it from here.
     let mut f = unsafe { std::fs::File::from_raw_fd(3) };
-    f.write_all(format!("READY {info}\n").as_bytes()).expect("write the ready pipe");
+    f.write_all(format!("READY {info}\n").as_bytes())
+        .expect("write the ready pipe");
 }
 
 /// The set holding SIGUSR1 alone.

@@ -8,7 +8,10 @@ use std::process::{Child, Command, Stdio};
 use cr_tests::cr_cmd::WatchedCr;
 use cr_tests::procfs::tracer_of;
 use cr_tests::pty::Pty;
-use cr_tests::{cr, cr_bin, cr_ok, dump_and_restore, dump_cmd, dump_leave_running, pid_exists, restore_cmd, stderr_of, TempDir, Workload};
+use cr_tests::{
+    cr, cr_bin, cr_ok, dump_and_restore, dump_cmd, dump_leave_running, pid_exists, restore_cmd,
+    stderr_of, TempDir, Workload,
+};
 
 /// wl_memory in `d`: the workload whose dumps these tests break in various ways.
 fn memory_workload(d: &TempDir) -> Workload {
@@ -18,7 +21,10 @@ fn memory_workload(d: &TempDir) -> Workload {
 fn assert_fails_with(o: &std::process::Output, needle: &str) {
     assert!(!o.status.success(), "expected failure, got {}", o.status);
     let e = stderr_of(o);
-    assert!(e.contains(needle), "error should mention {needle:?}; got: {e}");
+    assert!(
+        e.contains(needle),
+        "error should mention {needle:?}; got: {e}"
+    );
     assert!(!e.contains("panicked"), "cr panicked: {e}");
 }
 
@@ -36,15 +42,26 @@ impl Drop for Unmount {
 fn tmpfs(d: &TempDir, name: &str, options: &str) -> (PathBuf, Unmount) {
     let mnt = d.join(name);
     std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success(), "mount a tmpfs ({options}) on {}", mnt.display());
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mount a tmpfs ({options}) on {}",
+        mnt.display()
+    );
     (mnt.clone(), Unmount(mnt))
 }
 
 /// A dump just refused `child` (not ours to dump): it must run on untraced. Then it is stopped.
 fn assert_untouched_then_kill(mut child: Child) {
     assert_eq!(tracer_of(child.id() as i32), 0);
-    assert!(child.try_wait().unwrap().is_none(), "the target must still run");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the target must still run"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -53,7 +70,11 @@ fn assert_untouched_then_kill(mut child: Child) {
 fn dump_of_a_missing_pid() {
     let d = TempDir::new("missing-pid");
     // PID numbers near pid_max are practically never in use; check to be sure.
-    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let pid = (max - 7..max).rev().find(|p| !pid_exists(*p)).unwrap();
     let o = cr(&["dump", "-t", &pid.to_string(), "-D", &d.s("img")]);
     assert_fails_with(&o, &format!("no process with PID {pid}"));
@@ -65,7 +86,11 @@ fn dump_of_a_kernel_thread() {
     let d = TempDir::new("kthread");
     // PID 2 is kthreadd in the initial PID namespace.
     let comm = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
-    assert_eq!(comm.trim(), "kthreadd", "this test expects kthreadd at PID 2");
+    assert_eq!(
+        comm.trim(),
+        "kthreadd",
+        "this test expects kthreadd at PID 2"
+    );
     let o = cr(&["dump", "-t", "2", "-D", &d.s("img")]);
     assert_fails_with(&o, "kernel thread");
 }
@@ -83,9 +108,19 @@ fn dump_into_an_unwritable_dir_leaves_the_target_running() {
     let d = TempDir::new("rodir");
     let (mnt, _unmount) = tmpfs(&d, "ro", "ro,size=1m");
     let mut w = memory_workload(&d);
-    let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy()]);
+    let o = cr(&[
+        "dump",
+        "-t",
+        &w.pid.to_string(),
+        "-D",
+        &mnt.join("img").to_string_lossy(),
+    ]);
     assert_fails_with(&o, "img");
-    assert_eq!(tracer_of(w.pid), 0, "target still traced after a failed dump");
+    assert_eq!(
+        tracer_of(w.pid),
+        0,
+        "target still traced after a failed dump"
+    );
     w.assert_pass();
 }
 
@@ -96,10 +131,24 @@ fn dump_that_runs_out_of_space_leaves_the_target_untouched() {
     let d = TempDir::new("enospc");
     let (mnt, _unmount) = tmpfs(&d, "small", "size=256k");
     let mut w = memory_workload(&d);
-    let o = cr(&["dump", "-t", &w.pid.to_string(), "-D", &mnt.join("img").to_string_lossy(), "-v4"]);
+    let o = cr(&[
+        "dump",
+        "-t",
+        &w.pid.to_string(),
+        "-D",
+        &mnt.join("img").to_string_lossy(),
+        "-v4",
+    ]);
     assert_fails_with(&o, "No space left");
-    assert!(!mnt.join("img/inventory.img").exists(), "a failed dump must not look complete");
-    assert_eq!(tracer_of(w.pid), 0, "target still traced after a failed dump");
+    assert!(
+        !mnt.join("img/inventory.img").exists(),
+        "a failed dump must not look complete"
+    );
+    assert_eq!(
+        tracer_of(w.pid),
+        0,
+        "target still traced after a failed dump"
+    );
     w.assert_pass();
 }
 
@@ -149,7 +198,12 @@ fn restore_refuses_a_truncated_image() {
         |img, pid| {
             let p = img.join(format!("core-{pid}.img"));
             let len = std::fs::metadata(&p).unwrap().len();
-            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len / 2)
+                .unwrap();
         },
         "core-",
     );
@@ -162,7 +216,11 @@ fn restore_refuses_a_flipped_page_byte() {
         |img, pid| {
             use std::os::unix::fs::FileExt;
             let p = img.join(format!("pages-{pid}.img"));
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
             let mut b = [0u8; 1];
             // First data page (after the 4 KiB header page), somewhere in the middle.
             f.read_exact_at(&mut b, 4096 + 1234).unwrap();
@@ -175,7 +233,11 @@ fn restore_refuses_a_flipped_page_byte() {
 
 #[test]
 fn restore_refuses_a_missing_file() {
-    restore_refuses_damaged("missing-file", |img, pid| std::fs::remove_file(img.join(format!("mm-{pid}.img"))).unwrap(), "mm-");
+    restore_refuses_damaged(
+        "missing-file",
+        |img, pid| std::fs::remove_file(img.join(format!("mm-{pid}.img"))).unwrap(),
+        "mm-",
+    );
 }
 
 /// The PID is held by a live process: restore waits a few seconds, then says who holds it.
@@ -201,7 +263,10 @@ fn restore_waits_for_a_dying_owner() {
     c.wait_for_line("still taken");
     // Only now let the zombie go.
     w.reap_killed();
-    assert!(c.finish().success(), "restore should succeed once the PID is free");
+    assert!(
+        c.finish().success(),
+        "restore should succeed once the PID is free"
+    );
     w.assert_pass();
 }
 
@@ -214,7 +279,12 @@ fn dump_leave_running_then_restore() {
     assert_eq!(tracer_of(w.pid), 0);
     w.assert_pass();
     // The original exited after its check; restore the image taken while it ran.
-    let mut w2 = Workload { child: None, pid: w.pid, result: w.result.clone(), info: String::new() };
+    let mut w2 = Workload {
+        child: None,
+        pid: w.pid,
+        result: w.result.clone(),
+        info: String::new(),
+    };
     std::fs::remove_file(&w.result).unwrap();
     cr_tests::become_subreaper();
     restore_cmd(&d).ok();
@@ -233,15 +303,27 @@ fn restore_attached_exits_with_the_task_status() {
     let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
     // SAFETY: mkfifo with a valid path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let mut child = Command::new(cr_bin()).args(["restore", "-D", &d.s("img"), "--pidfile"]).arg(&fifo).spawn().unwrap();
-    let pid: i32 = std::fs::read_to_string(&fifo).unwrap().trim().parse().unwrap();
+    let mut child = Command::new(cr_bin())
+        .args(["restore", "-D", &d.s("img"), "--pidfile"])
+        .arg(&fifo)
+        .spawn()
+        .unwrap();
+    let pid: i32 = std::fs::read_to_string(&fifo)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(pid, w.pid);
     // SAFETY: plain kill(2).
     unsafe { libc::kill(pid, libc::SIGUSR1) };
     let st = child.wait().unwrap();
     let res = std::fs::read_to_string(&w.result).unwrap();
     assert!(res.starts_with("PASS"), "{res}");
-    assert_eq!(st.code(), Some(0), "cr restore exits with the task's status");
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "cr restore exits with the task's status"
+    );
     w.child = None;
 }
 
@@ -255,10 +337,19 @@ fn show_prints_every_image_file_as_json() {
     w.assert_pass();
     let o = cr_ok(&["show", &d.s("img")]);
     let out = String::from_utf8_lossy(&o.stdout);
-    for f in ["inventory.img", "pstree.img", "files.img", &format!("core-{}.img", w.pid), &format!("mm-{}.img", w.pid)] {
+    for f in [
+        "inventory.img",
+        "pstree.img",
+        "files.img",
+        &format!("core-{}.img", w.pid),
+        &format!("mm-{}.img", w.pid),
+    ] {
         assert!(out.contains(f), "show output lacks {f}");
     }
-    assert!(out.contains("\"frozen_us\""), "inventory stats missing from show");
+    assert!(
+        out.contains("\"frozen_us\""),
+        "inventory stats missing from show"
+    );
 }
 
 /// A process whose session leader is outside the dump is refused, pointing at --shell-job, and
@@ -267,7 +358,12 @@ fn show_prints_every_image_file_as_json() {
 fn dump_refuses_a_foreign_session_without_shell_job() {
     let d = TempDir::new("foreign-session");
     // `sleep` stays in the test runner's session, whose leader is not dumped.
-    let child = Command::new("sleep").arg("1000").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    let child = Command::new("sleep")
+        .arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let o = cr(&["dump", "-t", &child.id().to_string(), "-D", &d.s("img")]);
     assert_fails_with(&o, "--shell-job");
     assert_untouched_then_kill(child);

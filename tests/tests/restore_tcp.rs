@@ -50,8 +50,12 @@ fn local_leave_running() {
 fn refused_without_flag() {
     let d = TempDir::new("tcp-refused");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
-    let err = dump_cmd(&w, &d).fails("the process holds established connections and --tcp-established is not given");
-    assert!(err.contains("--tcp-established"), "the refusal does not name the flag: {err}");
+    let err = dump_cmd(&w, &d)
+        .fails("the process holds established connections and --tcp-established is not given");
+    assert!(
+        err.contains("--tcp-established"),
+        "the refusal does not name the flag: {err}"
+    );
     // Refused before anything changed: the workload runs on and passes.
     w.assert_pass();
 }
@@ -60,7 +64,10 @@ fn refused_without_flag() {
 /// (the workload checks the bytes it got; the peer checked the ones it got).
 fn assert_streamed_through(p: Peer) {
     let (sent, recvd) = p.finish();
-    assert!(sent > 256 << 10 && recvd > 256 << 10, "peer sent {sent}, received {recvd}");
+    assert!(
+        sent > 256 << 10 && recvd > 256 << 10,
+        "peer sent {sent}, received {recvd}"
+    );
 }
 
 #[test]
@@ -121,8 +128,12 @@ fn stream_restore_across_netns() {
 
 /// A restore of `d`'s image without --tcp-established must be refused, naming the flag.
 fn assert_restore_needs_flag(d: &TempDir) {
-    let err = restore_cmd(d).fails("the image holds established connections and --tcp-established is not given");
-    assert!(err.contains("--tcp-established"), "the refusal does not name the flag: {err}");
+    let err = restore_cmd(d)
+        .fails("the image holds established connections and --tcp-established is not given");
+    assert!(
+        err.contains("--tcp-established"),
+        "the refusal does not name the flag: {err}"
+    );
 }
 
 /// `cr restore` of an image with established connections without --tcp-established is refused
@@ -145,9 +156,13 @@ fn restore_refused_when_lock_gone() {
     let d = TempDir::new("tcp-unlocked");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
     dump_and_reap(&mut w, &d, &["--tcp-established"]);
-    let rec = cr::net::lock::read_record(&d.join("img")).unwrap().expect("a lock record");
+    let rec = cr::net::lock::read_record(&d.join("img"))
+        .unwrap()
+        .expect("a lock record");
     cr::net::lock::release(&rec, None);
-    let err = restore_cmd(&d).arg("--tcp-established").fails("the network lock is gone");
+    let err = restore_cmd(&d)
+        .arg("--tcp-established")
+        .fails("the network lock is gone");
     assert!(err.contains("lock"), "the refusal does not say why: {err}");
 }
 
@@ -174,8 +189,12 @@ fn hundred_connections() {
     let mut w = Workload::start("wl_tcp", &["many", "100"], &d);
     dump_and_restore(&mut w, &d, &["--tcp-established"], &["--tcp-established"]);
     let log = d.img_log("restore.log");
-    let ms = locked_ms(&log).unwrap_or_else(|| panic!("restore.log does not say how long the connections were locked:\n{log}"));
-    eprintln!("BENCH tcp: 100 established connections locked for {ms:.3} ms (from the restore log)");
+    let ms = locked_ms(&log).unwrap_or_else(|| {
+        panic!("restore.log does not say how long the connections were locked:\n{log}")
+    });
+    eprintln!(
+        "BENCH tcp: 100 established connections locked for {ms:.3} ms (from the restore log)"
+    );
     assert_no_lock_left(w.pid);
     w.assert_pass();
 }

@@ -63,11 +63,18 @@ fn tree_restore_logs_per_pid() {
     let pids = w.tree_pids();
     dump_and_restore_tree(&mut w, &d, &pids, &[], &["--log-pid"]);
     for pid in &pids {
-        let log = std::fs::read_to_string(d.join(&format!("img/restore.log.{pid}"))).unwrap_or_else(|e| panic!("restore.log.{pid}: {e}"));
-        assert!(log.contains(&pid.to_string()), "restore.log.{pid} says nothing about {pid}:\n{log}");
+        let log = std::fs::read_to_string(d.join(&format!("img/restore.log.{pid}")))
+            .unwrap_or_else(|e| panic!("restore.log.{pid}: {e}"));
+        assert!(
+            log.contains(&pid.to_string()),
+            "restore.log.{pid} says nothing about {pid}:\n{log}"
+        );
     }
     let main = d.img_log("restore.log");
-    assert!(main.contains("restored in"), "the main log lost the summary:\n{main}");
+    assert!(
+        main.contains("restored in"),
+        "the main log lost the summary:\n{main}"
+    );
     w.assert_pass();
 }
 
@@ -119,7 +126,10 @@ fn busy_forking_shell_is_dumped_and_restored() {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:").and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0)
     };
     let before = switches();
@@ -131,5 +141,8 @@ fn busy_forking_shell_is_dumped_and_restored() {
     // SAFETY: plain kill(2) of the restored shell.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     cr_tests::reap_orphan(pid);
-    assert!(after >= before + 50, "the restored shell does not run on ({before} → {after} context switches)");
+    assert!(
+        after >= before + 50,
+        "the restored shell does not run on ({before} → {after} context switches)"
+    );
 }

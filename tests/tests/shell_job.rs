@@ -21,7 +21,6 @@ fn restore_on(pty: &Pty, img: &str) -> Child {
     pty.spawn(&mut CrCmd::new(&["restore", "-D", img, "-j", "-o", "restore.log", "-v4"]).command())
 }
 
-
 const PROG: &str = r#"
 import os, sys
 print("ready", os.getpid(), flush=True)
@@ -37,13 +36,17 @@ for line in sys.stdin:
 /// Returns its PID, free again for the restore.
 fn dump_python_shell_job(img: &str) -> i32 {
     let mut pty1 = Pty::open();
-    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
+    let mut sh =
+        pty1.spawn(Command::new("sh").args(["-c", "python3 -u -c \"$0\"; echo shell-after", PROG]));
     let line = pty1.expect_line("ready ");
-    let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
+    let pid: i32 = line
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {line:?}"));
     pty1.type_line("a");
     pty1.expect(&format!("echo:a {pid}"));
     // Its session leader (sh) and terminal are outside the tree.
-    let err = CrCmd::new(&["dump", "-t", &pid.to_string(), "-D", img]).fails("a shell job needs -j");
+    let err =
+        CrCmd::new(&["dump", "-t", &pid.to_string(), "-D", img]).fails("a shell job needs -j");
     assert!(err.contains("--shell-job"), "{err}");
     CrCmd::dump(pid, img).arg("-j").ok();
     pty1.expect("shell-after");
@@ -72,13 +75,26 @@ fn python_started_from_a_shell_moves_to_crs_terminal() {
     let seen = pty2.expect(&format!("echo:b {pid}"));
     assert!(!seen.contains("echo:a"), "{seen:?}");
     // In cr's session and process group (the terminal's foreground group, so reading works).
-    assert_eq!(stat_field(pid, 6), Some(crpid), "session of the restored process");
-    assert_eq!(stat_field(pid, 5), Some(crpid), "process group of the restored process");
+    assert_eq!(
+        stat_field(pid, 6),
+        Some(crpid),
+        "session of the restored process"
+    );
+    assert_eq!(
+        stat_field(pid, 5),
+        Some(crpid),
+        "process group of the restored process"
+    );
     let tty = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
     assert_eq!(tty, pty2.slave_path(), "stdin of the restored process");
     pty2.type_line("quit");
     let st = wait_child(&mut crp);
-    assert_eq!(st, 7, "cr restore exits with the restored process's status\n{}", d.img_log("restore.log"));
+    assert_eq!(
+        st,
+        7,
+        "cr restore exits with the restored process's status\n{}",
+        d.img_log("restore.log")
+    );
 }
 
 /// `sleep` started from a shell: dumped and restored with -j; it runs on in cr's session with
@@ -89,9 +105,13 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     let d = TempDir::new("shell-job-sleep");
     let img = d.s("img");
     let mut pty1 = Pty::open();
-    let mut sh = pty1.spawn(Command::new("sh").args(["-c", "sleep 1000 & echo started $!; wait; echo shell-after"]));
+    let mut sh = pty1.spawn(
+        Command::new("sh").args(["-c", "sleep 1000 & echo started $!; wait; echo shell-after"]),
+    );
     let line = pty1.expect_line("started ");
-    let pid: i32 = line.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"));
+    let pid: i32 = line
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {line:?}"));
     CrCmd::dump(pid, &img).arg("-j").ok();
     pty1.expect("shell-after");
     assert_eq!(wait_child(&mut sh), 0, "the shell's exit status");
@@ -100,17 +120,36 @@ fn sleep_started_from_a_shell_restores_with_shell_job() {
     let deadline = Instant::now() + Duration::from_secs(10);
     // Restored once it runs in cr's session as `sleep` and cr has let it go (at its very
     // start the new task is an untraced copy of cr for an instant).
-    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
-    while stat_field(pid, 6) != Some(crp.id() as i64) || tracer_of(pid) != 0 || comm(pid) != "sleep" {
-        assert!(Instant::now() < deadline, "sleep was not restored into cr's session\n{}", d.img_log("restore.log"));
+    let comm = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    while stat_field(pid, 6) != Some(crp.id() as i64) || tracer_of(pid) != 0 || comm(pid) != "sleep"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sleep was not restored into cr's session\n{}",
+            d.img_log("restore.log")
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let tty = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
     assert_eq!(tty, pty2.slave_path(), "stdout of the restored sleep");
-    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(), "sleep");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim(),
+        "sleep"
+    );
     // SAFETY: plain kill(2) of the restored process.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(wait_child(&mut crp), 128 + libc::SIGTERM, "cr restore's exit status");
+    assert_eq!(
+        wait_child(&mut crp),
+        128 + libc::SIGTERM,
+        "cr restore's exit status"
+    );
 }
 
 /// `cr restore -j -d` as a user runs it: typed to a shell that leads the session of its
@@ -130,19 +169,41 @@ fn detached_shell_job_keeps_the_shells_terminal() {
 
     let mut pty2 = Pty::open();
     // The shell stays, as an interactive one would (exec: the session leader keeps its pid).
-    let script = r#""$0" restore -j -d -D "$1" -o restore.log -v4; echo cr-exited $?; exec sleep 1000"#;
+    let script =
+        r#""$0" restore -j -d -D "$1" -o restore.log -v4; echo cr-exited $?; exec sleep 1000"#;
     let cr = cr_bin();
     let mut sh = pty2.spawn(Command::new("sh").args(["-c", script]).arg(&cr).arg(&img));
     let _shell = KillOnDrop(sh.id() as i32);
     let shpid = sh.id() as i64;
     let status = pty2.expect_line("cr-exited ");
-    assert_eq!(status, "0", "cr restore -j -d failed\n{}", d.img_log("restore.log"));
+    assert_eq!(
+        status,
+        "0",
+        "cr restore -j -d failed\n{}",
+        d.img_log("restore.log")
+    );
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as i64;
-    assert_eq!(stat_field(pid, 4), Some(me), "cr is gone: its restored child is handed to us (subreaper)");
-    assert_eq!(stat_field(pid, 6), Some(shpid), "session of the restored process");
-    assert_eq!(stat_field(pid, 5), Some(shpid), "process group of the restored process");
-    assert_eq!(stat_field(pid, 8), Some(shpid), "foreground group of its terminal");
+    assert_eq!(
+        stat_field(pid, 4),
+        Some(me),
+        "cr is gone: its restored child is handed to us (subreaper)"
+    );
+    assert_eq!(
+        stat_field(pid, 6),
+        Some(shpid),
+        "session of the restored process"
+    );
+    assert_eq!(
+        stat_field(pid, 5),
+        Some(shpid),
+        "process group of the restored process"
+    );
+    assert_eq!(
+        stat_field(pid, 8),
+        Some(shpid),
+        "foreground group of its terminal"
+    );
     let tty = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
     assert_eq!(tty, pty2.slave_path(), "stdin of the restored process");
     for word in ["b", "c", "d"] {
@@ -151,8 +212,17 @@ fn detached_shell_job_keeps_the_shells_terminal() {
         assert!(!seen.contains("echo:a"), "{seen:?}");
     }
     pty2.type_line("quit");
-    assert_eq!(wait_exit(pid), 7, "exit status of the restored process\n{}", d.img_log("restore.log"));
+    assert_eq!(
+        wait_exit(pid),
+        7,
+        "exit status of the restored process\n{}",
+        d.img_log("restore.log")
+    );
     // SAFETY: plain kill(2) of the shell we started.
     unsafe { libc::kill(sh.id() as i32, libc::SIGKILL) };
-    assert_eq!(wait_child(&mut sh), 128 + libc::SIGKILL, "the shell's exit status");
+    assert_eq!(
+        wait_child(&mut sh),
+        128 + libc::SIGKILL,
+        "the shell's exit status"
+    );
 }

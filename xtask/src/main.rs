@@ -89,7 +89,15 @@ fn run() -> Result<ExitCode> {
         Cmd::Bench { criu, args } => {
             let cr = build::all(true)?;
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "-p", "cr-tests", "--bin", "cr-bench", "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "-p",
+                "cr-tests",
+                "--bin",
+                "cr-bench",
+                "--",
+            ]);
             if let Some(c) = criu {
                 cmd.args(["--criu", &c]);
             }
@@ -99,7 +107,15 @@ fn run() -> Result<ExitCode> {
         Cmd::Demo => {
             let cr = build::all(true)?;
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "-q", "-p", "cr-tests", "--bin", "cr-demo"]);
+            cmd.args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "cr-tests",
+                "--bin",
+                "cr-demo",
+            ]);
             cmd.env("CR_BIN", &cr);
             status_code(cmd.status().context("run the demo")?)
         }
@@ -128,7 +144,10 @@ fn as_root(bin: &std::path::Path, args: &[String]) -> Result<std::process::ExitS
 /// rather than for the last (often empty) binary.
 fn run_tests(mut cmd: Command) -> Result<ExitCode> {
     use std::io::{BufRead, BufReader, Write};
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("run cargo test")?;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
     let out = child.stdout.take().context("cargo test's stdout")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     let mut stdout = std::io::stdout();
@@ -138,7 +157,9 @@ fn run_tests(mut cmd: Command) -> Result<ExitCode> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut w = part.split_whitespace().rev();
-                let (Some(word), Some(n)) = (w.next(), w.next()) else { continue };
+                let (Some(word), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
                 let Ok(n) = n.parse::<u64>() else { continue };
                 match word {
                     "passed" => passed += n,

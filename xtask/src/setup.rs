@@ -37,14 +37,20 @@ fn llvm_bin() -> PathBuf {
 fn cargo_home_bin() -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     home.join("bin")
 }
 
 /// PATH with LLVM 22 and cargo's bin dir first, for builds that need bpf-linker.
 pub fn tool_path() -> String {
     let old = std::env::var("PATH").unwrap_or_default();
-    format!("{}:{}:{old}", llvm_bin().display(), cargo_home_bin().display())
+    format!(
+        "{}:{}:{old}",
+        llvm_bin().display(),
+        cargo_home_bin().display()
+    )
 }
 
 /// Checks everything; installs what is missing. `verbose` also reports what was already there.
@@ -88,20 +94,33 @@ fn sudo(cmd: &str) -> Command {
 }
 
 fn apt(verbose: bool) -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         if verbose {
-            println!("xtask: setup: Debian packages present ({})", APT_PACKAGES.join(" "));
+            println!(
+                "xtask: setup: Debian packages present ({})",
+                APT_PACKAGES.join(" ")
+            );
         }
         return Ok(());
     }
     if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("missing packages {} and no apt-get to install them", missing.join(" "));
+        bail!(
+            "missing packages {} and no apt-get to install them",
+            missing.join(" ")
+        );
     }
     run("apt-get update", sudo("apt-get").args(["update", "-qq"]))?;
     run(
         &format!("apt-get install {}", missing.join(" ")),
-        sudo("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq"]).args(&missing),
+        sudo("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq"])
+            .args(&missing),
     )
 }
 
@@ -114,7 +133,15 @@ fn rust_src(verbose: bool) -> Result<()> {
     if !out.status.success() {
         run(
             &format!("rustup toolchain install {TOOLCHAIN}"),
-            Command::new("rustup").args(["toolchain", "install", TOOLCHAIN, "--profile", "minimal", "--component", "rust-src"]),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
         )?;
     } else if !list.lines().any(|l| l.starts_with("rust-src")) {
         run(
@@ -143,7 +170,10 @@ fn bpf_linker(verbose: bool) -> Result<()> {
     let path = cargo_home_bin().join("bpf-linker");
     if bpf_linker_ok(&path) {
         if verbose {
-            println!("xtask: setup: bpf-linker present ({}, LLVM {LLVM_MAJOR})", path.display());
+            println!(
+                "xtask: setup: bpf-linker present ({}, LLVM {LLVM_MAJOR})",
+                path.display()
+            );
         }
         return Ok(());
     }
@@ -151,22 +181,37 @@ fn bpf_linker(verbose: bool) -> Result<()> {
         &format!("cargo install bpf-linker (against LLVM {LLVM_MAJOR}; takes about a minute)"),
         Command::new("rustup")
             .env("PATH", tool_path())
-            .args(["run", TOOLCHAIN, "cargo", "install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+            .args([
+                "run",
+                TOOLCHAIN,
+                "cargo",
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{LLVM_MAJOR}"))
             .current_dir("/"),
     )?;
     if !bpf_linker_ok(&path) {
-        bail!("bpf-linker installed at {} does not link LLVM {LLVM_MAJOR}", path.display());
+        bail!(
+            "bpf-linker installed at {} does not link LLVM {LLVM_MAJOR}",
+            path.display()
+        );
     }
     Ok(())
 }
 
 fn mounted(path: &str, fstype: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 2 && f[1] == path && f[2] == fstype
-        }))
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 2 && f[1] == path && f[2] == fstype
+            })
+        })
         .unwrap_or(false)
 }
 
@@ -182,7 +227,10 @@ fn mounts(verbose: bool) -> Result<()> {
             println!("xtask: setup: {fstype} is not mounted at {path}; cr will mount it when run as root");
             continue;
         }
-        run(&format!("mount -t {fstype} {fstype} {path}"), Command::new("mount").args(["-t", fstype, fstype, path]))?;
+        run(
+            &format!("mount -t {fstype} {fstype} {path}"),
+            Command::new("mount").args(["-t", fstype, fstype, path]),
+        )?;
     }
     Ok(())
 }

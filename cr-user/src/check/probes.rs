@@ -18,11 +18,11 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::child::{raw, read_byte, write_byte_raw, Child, TIMEOUT};
+use crate::sys::abi::CloneArgs;
+use crate::sys::abi::PrctlMmMap;
 use crate::sys::pagemap::{PagemapScanner, ScanQuery, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::sys::pidfd::{pidfd_getfd, pidfd_open};
 use crate::track::uffd::{Userfaultfd, CR_FEATURES};
-use crate::sys::abi::CloneArgs;
-use crate::sys::abi::PrctlMmMap;
 
 const PAGE: usize = cr_common::PAGE_SIZE as usize;
 

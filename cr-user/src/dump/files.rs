@@ -158,7 +158,9 @@ pub fn classify(target: &str, ftype: FType, nlink: u64, names_self: bool) -> FdK
         return FdKind::Unsupported("a memfd".into());
     }
     match ftype {
-        FType::Chr if is_pty_master(&path) => FdKind::Unsupported("a terminal (a pty master)".into()),
+        FType::Chr if is_pty_master(&path) => {
+            FdKind::Unsupported("a terminal (a pty master)".into())
+        }
         FType::Chr if is_terminal(&path) && !deleted => FdKind::Tty { path },
         FType::Chr if is_terminal(&path) => FdKind::Unsupported("a terminal".into()),
         FType::Chr if PLAIN_CHAR_DEVICES.contains(&path.as_str()) && !deleted => {
@@ -326,14 +328,18 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
         }
         if target.starts_with("socket:[") {
             let mine = crate::sys::pidfd::pidfd_getfd(crate::sys::pidfd::pidfd_open(pid)?, fd)?;
-            kind = match crate::net::refusal(&mine).with_context(|| format!("fd {fd} ({target}) of PID {pid}"))? {
+            kind = match crate::net::refusal(&mine)
+                .with_context(|| format!("fd {fd} ({target}) of PID {pid}"))?
+            {
                 None => FdKind::Tcp,
                 Some(what) => FdKind::Unsupported(what),
             };
         }
         if let FdKind::Tty { .. } = &kind {
             if !shell_job {
-                refused.push(format!("fd {fd} is a terminal ({target}); dump it with --shell-job (-j)"));
+                refused.push(format!(
+                    "fd {fd} is a terminal ({target}); dump it with --shell-job (-j)"
+                ));
             }
         }
         if let FdKind::Unsupported(what) = &kind {

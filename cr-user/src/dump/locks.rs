@@ -109,10 +109,21 @@ pub struct Survey {
 /// `root_start`, /proc/PID/stat field 22) and can tell, otherwise from fdinfo and
 /// `/proc/locks` ([`survey`]), which the table then gets back so that it can tell next time.
 /// The log says which source was used and why.
-pub fn survey_tree(tracker: Option<&TrackerConn>, root: i32, root_start: u64, pids: &[i32]) -> Result<Survey> {
+pub fn survey_tree(
+    tracker: Option<&TrackerConn>,
+    root: i32,
+    root_start: u64,
+    pids: &[i32],
+) -> Result<Survey> {
     let t0 = Instant::now();
     let Some(conn) = tracker else {
-        return slow(pids, None, &[], &format!("no tracker runs for PID {root}"), t0);
+        return slow(
+            pids,
+            None,
+            &[],
+            &format!("no tracker runs for PID {root}"),
+            t0,
+        );
     };
     let t_ask = Instant::now();
     let (state, view) = match conn.locks(pids) {

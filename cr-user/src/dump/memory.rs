@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 
 use crate::image::{pb, vma};
-use crate::proc::maps::{Vma, VmaName, VmFlags};
+use crate::proc::maps::{VmFlags, Vma, VmaName};
 use crate::sys::pagemap::{self, PagemapScanner, ScanQuery};
 
 /// A range of pages to copy.
@@ -58,7 +58,11 @@ fn madv_of(f: VmFlags) -> u32 {
 /// Converts a parsed VMA to its image form, recording the file's identity for restore checks.
 pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
     let kind = kind_of(v);
-    let mut flags = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u32;
+    let mut flags = if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    } as u32;
     let file_backed = v.path.is_some() && kind == vma::KIND_REGULAR;
     if !file_backed {
         flags |= libc::MAP_ANONYMOUS as u32;
@@ -97,7 +101,8 @@ pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
                 e.path
             );
         }
-        let meta = std::fs::metadata(&e.path).with_context(|| format!("stat {} (mapped at {:#x})", e.path, v.start))?;
+        let meta = std::fs::metadata(&e.path)
+            .with_context(|| format!("stat {} (mapped at {:#x})", e.path, v.start))?;
         use std::os::unix::fs::MetadataExt;
         e.file_size = meta.size();
         e.file_mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
@@ -108,7 +113,11 @@ pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
 /// Whether the dump saves pages of this VMA (`kind` from [`vma_entry`]).
 pub fn wants_pages(v: &Vma, kind: u32) -> bool {
     match kind {
-        vma::KIND_VDSO | vma::KIND_VVAR | vma::KIND_VVAR_VCLOCK | vma::KIND_VSYSCALL | vma::KIND_UPROBES => false,
+        vma::KIND_VDSO
+        | vma::KIND_VVAR
+        | vma::KIND_VVAR_VCLOCK
+        | vma::KIND_VSYSCALL
+        | vma::KIND_UPROBES => false,
         _ if v.vm_flags.contains(VmFlags::IO) || v.vm_flags.contains(VmFlags::PFNMAP) => false,
         vma::KIND_SHMEM_ANON => true,
         _ => !v.shared,
@@ -124,7 +133,10 @@ pub fn wants_pages(v: &Vma, kind: u32) -> bool {
 /// each), which made the scan ten times slower (30 ms per GiB instead of 3 here).
 pub fn resident_query(v: &Vma) -> ScanQuery {
     if v.is_shmem_anon() {
-        ScanQuery { category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED, ..Default::default() }
+        ScanQuery {
+            category_anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            ..Default::default()
+        }
     } else if v.path.is_none() && !v.shared {
         ScanQuery {
             category_inverted: pagemap::PAGE_IS_PFNZERO,
@@ -154,14 +166,20 @@ fn fully_anonymous(v: &Vma) -> bool {
 /// target is frozen (their counters decide whether a VMA is scanned, see [`fully_anonymous`]).
 pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
     let t0 = std::time::Instant::now();
-    let mut scanner = PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
+    let mut scanner =
+        PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
     let mut entries = Vec::with_capacity(vmas.len());
     let mut runs: Vec<Run> = Vec::new();
     let mut scanned = 0u64;
     for v in vmas {
         let e = vma_entry(v)?;
         if e.kind == vma::KIND_UNSUPPORTED {
-            anyhow::bail!("mapping {:#x}-{:#x} ({}) of PID {pid} is not supported", v.start, v.end, e.name);
+            anyhow::bail!(
+                "mapping {:#x}-{:#x} ({}) of PID {pid} is not supported",
+                v.start,
+                v.end,
+                e.name
+            );
         }
         let wants_pages = wants_pages(v, e.kind);
         entries.push(e);
@@ -170,26 +188,42 @@ pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
         }
         scanned += (v.end - v.start) / 4096;
         let regions = if fully_anonymous(v) {
-            vec![pagemap::PageRegion { start: v.start, end: v.end, categories: 0 }]
+            vec![pagemap::PageRegion {
+                start: v.start,
+                end: v.end,
+                categories: 0,
+            }]
         } else {
             let query = resident_query(v);
-            scanner.scan(v.start, v.end, &query).with_context(|| format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end))?
+            scanner.scan(v.start, v.end, &query).with_context(|| {
+                format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end)
+            })?
         };
         for r in regions {
             match runs.last_mut() {
                 Some(last) if last.end == r.start && last.readable == v.read => last.end = r.end,
-                _ => runs.push(Run { start: r.start, end: r.end, readable: v.read }),
+                _ => runs.push(Run {
+                    start: r.start,
+                    end: r.end,
+                    readable: v.read,
+                }),
             }
         }
     }
-    log::debug!("PID {pid}: {} VMAs scanned in {:.1} ms: {} page runs", entries.len(), t0.elapsed().as_secs_f64() * 1e3, runs.len());
+    log::debug!(
+        "PID {pid}: {} VMAs scanned in {:.1} ms: {} page runs",
+        entries.len(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        runs.len()
+    );
     Ok((entries, runs, scanned))
 }
 
 /// The mm fields of the image from /proc/PID/stat, auxv and the current brk.
 pub fn mm_fields(pid: i32, stat: &crate::proc::stat::Stat, brk: u64) -> Result<pb::Mm> {
     let auxv = crate::proc::auxv::read_auxv_raw(pid)?;
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("readlink /proc/{pid}/exe"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("readlink /proc/{pid}/exe"))?;
     Ok(pb::Mm {
         start_code: stat.start_code,
         end_code: stat.end_code,

@@ -14,8 +14,8 @@ pub mod interrupt;
 pub mod locks;
 pub mod memory;
 pub mod pages;
-pub mod task;
 pub mod target;
+pub mod task;
 pub mod tree;
 
 use std::time::Instant;
@@ -26,8 +26,8 @@ use crate::cli::DumpOpts;
 use crate::image::dir::{self as imgdir, ImageWriter};
 use crate::image::file::Kind;
 use crate::image::pb;
-use crate::proc;
 use crate::logging::TaskScope;
+use crate::proc;
 use crate::proc::maps::VmaName;
 use crate::ptrace::{self, Remote};
 
@@ -46,7 +46,11 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     let target = target::check_root(o.pid)?;
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
-    log::info!("dumping PID {pid} ({}) into {}", target.stat.comm, o.images_dir.display());
+    log::info!(
+        "dumping PID {pid} ({}) into {}",
+        target.stat.comm,
+        o.images_dir.display()
+    );
     let mut inc = incremental::Session::prepare(o, false, pid)?;
     interrupt::check()?;
 
@@ -62,10 +66,21 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
     // its registers.
-    let live: Vec<i32> = tree.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
+    let live: Vec<i32> = tree
+        .procs
+        .iter()
+        .filter(|p| !p.zombie)
+        .map(|p| p.pid)
+        .collect();
     let collected = tree::check(&tree, o.shell_job)
         .and_then(|_| inc.frozen())
-        .and_then(|_| net.survey(&live, pid, &crate::net::inventory::TableSource::of(inc.tracker().map(|(_, m)| m), pid)))
+        .and_then(|_| {
+            net.survey(
+                &live,
+                pid,
+                &crate::net::inventory::TableSource::of(inc.tracker().map(|(_, m)| m), pid),
+            )
+        })
         .and_then(|_| dump_frozen(&mut tree, &live, &writer, o, &mut inc))?;
     // With -R the tree needs nothing more from us: everything is read. Let it run while the
     // page writer finishes.
@@ -74,14 +89,21 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
         net.resume();
         tree.detach()?;
         frozen_us = t_frozen.elapsed().as_micros() as u64;
-        log::info!("PID {pid} runs on (frozen {:.1} ms); finishing the image", frozen_us as f64 / 1e3);
+        log::info!(
+            "PID {pid} runs on (frozen {:.1} ms); finishing the image",
+            frozen_us as f64 / 1e3
+        );
         None
     } else {
         Some(tree)
     };
     let result = write_images(&writer, collected).and_then(|mut stats| {
         interrupt::check()?;
-        stats.frozen_us = if frozen_us != 0 { frozen_us } else { t_frozen.elapsed().as_micros() as u64 };
+        stats.frozen_us = if frozen_us != 0 {
+            frozen_us
+        } else {
+            t_frozen.elapsed().as_micros() as u64
+        };
         stats.total_us = t_start.elapsed().as_micros() as u64;
         let mut flags = 0;
         if o.tcp_established {
@@ -99,7 +121,10 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
             flags,
             stats: Some(stats),
             cr_version: env!("CARGO_PKG_VERSION").to_string(),
-            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             ..Default::default()
         };
         inc.fill_inventory(&mut inventory);
@@ -110,7 +135,10 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     });
     let Some(tree) = tree else {
         result?;
-        log::info!("dump of PID {pid} complete in {:.1} ms", t_start.elapsed().as_secs_f64() * 1e3);
+        log::info!(
+            "dump of PID {pid} complete in {:.1} ms",
+            t_start.elapsed().as_secs_f64() * 1e3
+        );
         return Ok(());
     };
     if let Err(e) = result {
@@ -121,7 +149,10 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     tree.kill()?;
     net.target_killed();
     inc.target_gone();
-    log::info!("dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)", frozen.as_secs_f64() * 1e3);
+    log::info!(
+        "dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)",
+        frozen.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -148,27 +179,63 @@ struct Collected {
 
 /// Everything that needs the tree frozen: the state of each process, and a copy of its memory.
 /// `live`: the tree's processes that are not zombies.
-fn dump_frozen(tree: &mut tree::Tree, live: &[i32], w: &ImageWriter, o: &DumpOpts, inc: &mut incremental::Session) -> Result<Collected> {
+fn dump_frozen(
+    tree: &mut tree::Tree,
+    live: &[i32],
+    w: &ImageWriter,
+    o: &DumpOpts,
+    inc: &mut incremental::Session,
+) -> Result<Collected> {
     let pstree = tree.pstree();
     let mut next_id = 1;
     let mut dedup = tree::FileDedup::default();
     let mut shmem = tree::ShmemOwners::default();
-    let mut out = Collected { procs: Vec::new(), files: Vec::new(), contents: Vec::new(), pstree, stats: pb::DumpStats::default(), locks: None };
+    let mut out = Collected {
+        procs: Vec::new(),
+        files: Vec::new(),
+        contents: Vec::new(),
+        pstree,
+        stats: pb::DumpStats::default(),
+        locks: None,
+    };
     let root = tree.root().pid;
     // File locks first: a refused tree has not seen a single remote syscall.
-    let held = locks::survey_tree(inc.tracker().map(|(c, _)| c), root, tree.root().stat.starttime, live)?;
+    let held = locks::survey_tree(
+        inc.tracker().map(|(c, _)| c),
+        root,
+        tree.root().stat.starttime,
+        live,
+    )?;
     held.check(o.file_locks)?;
     for p in tree.procs.iter_mut() {
         if p.zombie {
-            log::info!("PID {} is a zombie (exit status {:#x})", p.pid, p.stat.exit_code);
+            log::info!(
+                "PID {} is a zombie (exit status {:#x})",
+                p.pid,
+                p.stat.exit_code
+            );
             continue;
         }
-        let d = dump_process(p, p.pid == root, w, o, inc, &mut next_id, &mut dedup, &mut shmem, &mut out)
-            .with_context(|| format!("dumping PID {}", p.pid))?;
+        let d = dump_process(
+            p,
+            p.pid == root,
+            w,
+            o,
+            inc,
+            &mut next_id,
+            &mut dedup,
+            &mut shmem,
+            &mut out,
+        )
+        .with_context(|| format!("dumping PID {}", p.pid))?;
         out.procs.push(d);
     }
     if o.file_locks {
-        let fds = out.procs.iter().flat_map(|p| p.fds.fds.iter().map(move |f| ((p.pid, f.fd), f.file_id))).collect();
+        let fds = out
+            .procs
+            .iter()
+            .flat_map(|p| p.fds.fds.iter().map(move |f| ((p.pid, f.fd), f.file_id)))
+            .collect();
         out.locks = Some(held.image(&fds)?);
     }
     Ok(out)
@@ -193,13 +260,21 @@ fn dump_process(
     let _scope = TaskScope::enter(pid);
     let stat = proc::stat::read_stat(pid)?;
     let status = proc::status::read_status(pid)?;
-    let vmas = if is_root { inc.vmas()? } else { proc::maps::read_smaps(pid)? };
+    let vmas = if is_root {
+        inc.vmas()?
+    } else {
+        proc::maps::read_smaps(pid)?
+    };
     // Every thread's registers and thread state before any remote syscall (see dump::task).
     let mut cores = Vec::with_capacity(p.threads.len());
     for t in &p.threads {
         let regs = t.regs()?;
         if let Some(r) = task::describe_restart(&regs) {
-            log::debug!("task {} is inside syscall {} ({r})", t.tid, regs.orig_rax as i64);
+            log::debug!(
+                "task {} is inside syscall {} ({r})",
+                t.tid,
+                regs.orig_rax as i64
+            );
         }
         cores.push(task::thread_core(t, &regs)?);
     }
@@ -208,7 +283,9 @@ fn dump_process(
     let vdso = vmas
         .iter()
         .find(|v| v.name == VmaName::Vdso)
-        .with_context(|| format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls"))?;
+        .with_context(|| {
+            format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
+        })?;
     let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
     // Signals stay queued (not stopping remote calls) until the masks are put back; every
     // thread holds them, so a signal to the process stays process-wide pending too.
@@ -253,7 +330,13 @@ fn dump_process(
         let mut skip: Vec<(u64, u64)> = Vec::new();
         for e in &entries {
             if let Some(link) = shmem.link(pid, e) {
-                log::debug!("PID {pid}: {:#x}-{:#x} is shared with {} ({}): its pages are saved there", e.start, e.end, link.owner_pid, link.path());
+                log::debug!(
+                    "PID {pid}: {:#x}-{:#x} is shared with {} ({}): its pages are saved there",
+                    e.start,
+                    e.end,
+                    link.owner_pid,
+                    link.path()
+                );
                 skip.push((e.start, e.end));
             }
         }
@@ -276,7 +359,13 @@ fn dump_process(
     mm.vmas = vma_entries;
     out.files.append(&mut fdt.files);
     out.contents.append(&mut fdt.contents);
-    Ok(ProcDump { pid, cores, mm, fds: fdt.fds, pages: pending_pages })
+    Ok(ProcDump {
+        pid,
+        cores,
+        mm,
+        fds: fdt.fds,
+        pages: pending_pages,
+    })
 }
 
 /// `runs` without the ranges in `skip`.
@@ -303,7 +392,11 @@ fn subtract_runs(runs: Vec<memory::Run>, skip: &[(u64, u64)]) -> Vec<memory::Run
             }
             pieces = next;
         }
-        out.extend(pieces.into_iter().map(|(start, end)| memory::Run { start, end, readable: r.readable }));
+        out.extend(pieces.into_iter().map(|(start, end)| memory::Run {
+            start,
+            end,
+            readable: r.readable,
+        }));
     }
     out
 }
@@ -337,9 +430,19 @@ mod tests {
 
     #[test]
     fn runs_minus_shared_ranges() {
-        let r = |start, end| memory::Run { start, end, readable: true };
-        let got = subtract_runs(vec![r(0x1000, 0x9000), r(0xa000, 0xb000)], &[(0x2000, 0x3000), (0x8000, 0xb000)]);
+        let r = |start, end| memory::Run {
+            start,
+            end,
+            readable: true,
+        };
+        let got = subtract_runs(
+            vec![r(0x1000, 0x9000), r(0xa000, 0xb000)],
+            &[(0x2000, 0x3000), (0x8000, 0xb000)],
+        );
         assert_eq!(got, vec![r(0x1000, 0x2000), r(0x3000, 0x8000)]);
-        assert_eq!(subtract_runs(vec![r(0x1000, 0x2000)], &[]), vec![r(0x1000, 0x2000)]);
+        assert_eq!(
+            subtract_runs(vec![r(0x1000, 0x2000)], &[]),
+            vec![r(0x1000, 0x2000)]
+        );
     }
 }

@@ -81,14 +81,24 @@ impl PageBuf {
         // SAFETY: a fresh anonymous mapping, owned by the PageBuf from here; the advice only
         // concerns it.
         unsafe {
-            let p = libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error()).context("mmap a page buffer");
             }
             libc::madvise(p, cap, libc::MADV_NOHUGEPAGE);
             // Best effort: unpopulated pages are faulted in by the first read instead.
             libc::madvise(p, cap, libc::MADV_POPULATE_WRITE);
-            Ok(PageBuf { ptr: p.cast(), len: cap })
+            Ok(PageBuf {
+                ptr: p.cast(),
+                len: cap,
+            })
         }
     }
 
@@ -131,7 +141,10 @@ impl Drop for PageBuf {
 impl Default for PageBuf {
     /// An empty placeholder (no mapping); only `std::mem::take` uses it.
     fn default() -> PageBuf {
-        PageBuf { ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0 }
+        PageBuf {
+            ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
+            len: 0,
+        }
     }
 }
 
@@ -179,7 +192,8 @@ impl PendingPages {
     pub fn finish(mut self) -> Result<pb::PageMap> {
         self.shared.release_gate();
         let h = self.writer.take().expect("finish called once");
-        h.join().map_err(|_| anyhow!("the page writer thread panicked"))?
+        h.join()
+            .map_err(|_| anyhow!("the page writer thread panicked"))?
     }
 }
 
@@ -200,7 +214,12 @@ impl Drop for PendingPages {
 pub fn budget(total: u64) -> u64 {
     let avail = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemAvailable:")
+                    .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            })
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(1 << 30);
     total.min(avail / 4).max(2 * CHUNK)
@@ -209,7 +228,14 @@ pub fn budget(total: u64) -> u64 {
 /// Reads every run of `pid` (frozen) and hands the data to a writer thread.
 /// Returns once everything is read; the writes may still be going on.
 pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<PendingPages> {
-    let plan: Vec<PlanItem> = runs.iter().map(|r| PlanItem::Data { start: r.start, end: r.end, readable: r.readable }).collect();
+    let plan: Vec<PlanItem> = runs
+        .iter()
+        .map(|r| PlanItem::Data {
+            start: r.start,
+            end: r.end,
+            readable: r.readable,
+        })
+        .collect();
     run_copy(pid, &plan, writer, budget, false, readers())
 }
 
@@ -218,7 +244,11 @@ pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<P
 pub enum PlanItem {
     /// Copy `[start, end)` from the target (`readable`: process_vm_readv works; otherwise
     /// /proc/PID/mem).
-    Data { start: u64, end: u64, readable: bool },
+    Data {
+        start: u64,
+        end: u64,
+        readable: bool,
+    },
     /// `[start, end)` is unchanged since the parent image: an `in_parent` run.
     Parent { start: u64, end: u64 },
 }
@@ -230,7 +260,12 @@ pub enum PlanItem {
 /// When all the data fits in the buffers warmed before the freeze (and the budget), the writer
 /// is held back until [`PendingPages::start_writing`] or [`PendingPages::finish`]: while the
 /// target is frozen the CPU is the reader's.
-pub fn copy_plan(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64) -> Result<PendingPages> {
+pub fn copy_plan(
+    pid: i32,
+    plan: &[PlanItem],
+    writer: PageWriter,
+    budget: u64,
+) -> Result<PendingPages> {
     let data: u64 = plan
         .iter()
         .map(|i| match *i {
@@ -268,8 +303,15 @@ fn plan_batches(plan: &[PlanItem]) -> Vec<Planned> {
     };
     for item in plan {
         match *item {
-            PlanItem::Parent { start, end } => cur.pieces.push(Piece::Parent { vaddr: start, pages: (end - start) / 4096 }),
-            PlanItem::Data { start, end, readable } => {
+            PlanItem::Parent { start, end } => cur.pieces.push(Piece::Parent {
+                vaddr: start,
+                pages: (end - start) / 4096,
+            }),
+            PlanItem::Data {
+                start,
+                end,
+                readable,
+            } => {
                 if cur.forced != !readable && cur.used > 0 {
                     close(&mut cur, &mut out);
                 }
@@ -282,7 +324,12 @@ fn plan_batches(plan: &[PlanItem]) -> Vec<Planned> {
                     }
                     let len = ((end - addr) as usize).min(chunk - cur.used);
                     cur.ranges.push((addr, len));
-                    cur.pieces.push(Piece::Data { vaddr: addr, off: cur.used, len, crc: None });
+                    cur.pieces.push(Piece::Data {
+                        vaddr: addr,
+                        off: cur.used,
+                        len,
+                        crc: None,
+                    });
                     cur.used += len;
                     addr += len as u64;
                 }
@@ -299,7 +346,9 @@ fn plan_batches(plan: &[PlanItem]) -> Vec<Planned> {
 /// reader made the freeze a quarter longer (more threads to schedule and hand buffers between),
 /// hence no second reader below three cores.
 fn readers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)).clamp(1, 2)
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .clamp(1, 2)
 }
 
 /// The writer's pace so far, shared with the readers.
@@ -359,7 +408,10 @@ impl Shared {
     /// A buffer for the next batch: one the writer gave back, one warmed before the freeze, a
     /// fresh one (see the module doc), or the next one the writer gives back.
     fn take(&self, st: &mut ReadStats) -> Result<PageBuf> {
-        let mut b = self.bufs.lock().map_err(|_| anyhow!("page buffers poisoned"))?;
+        let mut b = self
+            .bufs
+            .lock()
+            .map_err(|_| anyhow!("page buffers poisoned"))?;
         let t_wait = Instant::now();
         let mut waited = false;
         loop {
@@ -382,7 +434,10 @@ impl Shared {
             if held && b.live >= self.max_live {
                 // Held back, the writer cannot give buffers back: let it go now rather than
                 // exceed the budget.
-                log::debug!("PID {}: the page data outgrew the buffers held back: writing while frozen", self.pid);
+                log::debug!(
+                    "PID {}: the page data outgrew the buffers held back: writing while frozen",
+                    self.pid
+                );
                 self.release_gate();
             }
             if b.live < MIN_BUFFERS || (b.live < self.max_live && (held || self.fresh_pays(st))) {
@@ -400,7 +455,10 @@ impl Shared {
                 return r;
             }
             waited = true;
-            b = self.returned.wait(b).map_err(|_| anyhow!("page buffers poisoned"))?;
+            b = self
+                .returned
+                .wait(b)
+                .map_err(|_| anyhow!("page buffers poisoned"))?;
         }
     }
 
@@ -429,8 +487,16 @@ impl Shared {
             return false;
         }
         let t_write = self.pace.ns.load(Ordering::Relaxed).saturating_mul(MIB) / wb;
-        let t_read = if st.bytes >= MIB { st.read_ns.saturating_mul(MIB) / st.bytes } else { 0 };
-        let t_fresh = if st.fresh > 0 { st.fresh_ns.saturating_mul(MIB) / (st.fresh * CHUNK) } else { FRESH_GUESS_NS_PER_MIB };
+        let t_read = if st.bytes >= MIB {
+            st.read_ns.saturating_mul(MIB) / st.bytes
+        } else {
+            0
+        };
+        let t_fresh = if st.fresh > 0 {
+            st.fresh_ns.saturating_mul(MIB) / (st.fresh * CHUNK)
+        } else {
+            FRESH_GUESS_NS_PER_MIB
+        };
         // Readers share the work: each only needs to keep up with its share of the writer.
         t_read + t_fresh < t_write * self.readers as u64
     }
@@ -443,7 +509,14 @@ impl Shared {
     }
 }
 
-fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: bool, readers: usize) -> Result<PendingPages> {
+fn run_copy(
+    pid: i32,
+    plan: &[PlanItem],
+    writer: PageWriter,
+    budget: u64,
+    hold: bool,
+    readers: usize,
+) -> Result<PendingPages> {
     let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
     let batches = plan_batches(plan);
     let (tx, rx) = mpsc::channel::<(usize, Batch)>();
@@ -451,7 +524,11 @@ fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: 
     let shared = Arc::new(Shared {
         pid,
         readers: readers.clamp(1, batches.len().max(1)),
-        bufs: std::sync::Mutex::new(Buffers { free: Vec::new(), live: 0, writer_gone: false }),
+        bufs: std::sync::Mutex::new(Buffers {
+            free: Vec::new(),
+            live: 0,
+            writer_gone: false,
+        }),
         returned: std::sync::Condvar::new(),
         max_live: ((budget / CHUNK) as usize).max(MIN_BUFFERS),
         gate: std::sync::Mutex::new(hold.then_some(gate_tx)),
@@ -470,19 +547,26 @@ fn run_copy(pid: i32, plan: &[PlanItem], writer: PageWriter, budget: u64, hold: 
             r
         })
         .context("start the page writer thread")?;
-    let mut pending = PendingPages { writer: Some(handle), shared: shared.clone() };
+    let mut pending = PendingPages {
+        writer: Some(handle),
+        shared: shared.clone(),
+    };
     let readers = shared.readers;
     let result = std::thread::scope(|s| {
         let helpers: Vec<_> = (1..readers)
             .map(|i| {
                 let (shared, batches, tx) = (&shared, &batches, tx.clone());
-                std::thread::Builder::new().name(format!("cr-page-read{i}")).spawn_scoped(s, move || read_batches(shared, batches, &tx))
+                std::thread::Builder::new()
+                    .name(format!("cr-page-read{i}"))
+                    .spawn_scoped(s, move || read_batches(shared, batches, &tx))
             })
             .collect();
         let mut result = read_batches(&shared, &batches, &tx);
         for h in helpers {
             let r = match h {
-                Ok(h) => h.join().unwrap_or_else(|_| Err(anyhow!("a page reader thread panicked"))),
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("a page reader thread panicked"))),
                 Err(e) => Err(anyhow::Error::new(e).context("start a page reader thread")),
             };
             if result.is_ok() {
@@ -525,7 +609,12 @@ fn read_batches(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>) -
     r
 }
 
-fn read_loop(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>, st: &mut ReadStats) -> Result<()> {
+fn read_loop(
+    sh: &Shared,
+    batches: &[Planned],
+    tx: &Sender<(usize, Batch)>,
+    st: &mut ReadStats,
+) -> Result<()> {
     let mut buf: Option<PageBuf> = None;
     loop {
         interrupt::check()?;
@@ -546,7 +635,14 @@ fn read_loop(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>, st: 
             .pieces
             .iter()
             .map(|p| match *p {
-                Piece::Data { vaddr, off, len, .. } => Piece::Data { vaddr, off, len, crc: None },
+                Piece::Data {
+                    vaddr, off, len, ..
+                } => Piece::Data {
+                    vaddr,
+                    off,
+                    len,
+                    crc: None,
+                },
                 Piece::Parent { vaddr, pages } => Piece::Parent { vaddr, pages },
             })
             .collect();
@@ -559,7 +655,10 @@ fn read_loop(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>, st: 
             let t = Instant::now();
             if b.forced {
                 for p in &pieces {
-                    if let Piece::Data { vaddr, off, len, .. } = *p {
+                    if let Piece::Data {
+                        vaddr, off, len, ..
+                    } = *p
+                    {
                         crate::ptrace::inject::read_mem(sh.pid, vaddr, &mut d[off..off + len])?;
                     }
                 }
@@ -580,7 +679,8 @@ fn read_loop(sh: &Shared, batches: &[Planned], tx: &Sender<(usize, Batch)>, st: 
             }
             data = d;
         }
-        tx.send((k, (data, pieces))).map_err(|_| anyhow!("the page writer stopped"))?;
+        tx.send((k, (data, pieces)))
+            .map_err(|_| anyhow!("the page writer stopped"))?;
         sh.sent.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -601,8 +701,16 @@ impl std::error::Error for Aborted {}
 enum Piece {
     /// `len` bytes at `off` in the batch's buffer are the memory at `vaddr`; `crc` if the
     /// reader already checksummed them.
-    Data { vaddr: u64, off: usize, len: usize, crc: Option<u32> },
-    Parent { vaddr: u64, pages: u64 },
+    Data {
+        vaddr: u64,
+        off: usize,
+        len: usize,
+        crc: Option<u32>,
+    },
+    Parent {
+        vaddr: u64,
+        pages: u64,
+    },
 }
 
 type Batch = (PageBuf, Vec<Piece>);
@@ -619,7 +727,12 @@ fn batch_bytes(b: &Batch) -> u64 {
 /// The writer thread: waits for the gate (if held back), then writes the batches in their
 /// order (readers may deliver them out of order), gathering consecutive ones into one write of
 /// up to [`WRITE_MAX`], and gives the buffers back.
-fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<Receiver<()>>, sh: &Shared) -> Result<pb::PageMap> {
+fn write_batches(
+    mut w: PageWriter,
+    rx: Receiver<(usize, Batch)>,
+    gate: Option<Receiver<()>>,
+    sh: &Shared,
+) -> Result<pb::PageMap> {
     if let Some(g) = gate {
         // Returns on a message or when every sender is gone: either means go.
         let _ = g.recv();
@@ -649,7 +762,9 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
         }
         let mut bytes = 0;
         while bytes < WRITE_MAX {
-            let Some(b) = waiting.remove(&next) else { break };
+            let Some(b) = waiting.remove(&next) else {
+                break;
+            };
             next += 1;
             bytes += batch_bytes(&b);
             batches.push(b);
@@ -662,8 +777,20 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
             .iter()
             .flat_map(|(buf, ps)| {
                 ps.iter().map(move |p| match *p {
-                    Piece::Data { vaddr, off, len, crc } => RunPiece::Data { vaddr, bytes: &buf[off..off + len], crc },
-                    Piece::Parent { vaddr, pages } => RunPiece::Parent { vaddr, nr_pages: pages },
+                    Piece::Data {
+                        vaddr,
+                        off,
+                        len,
+                        crc,
+                    } => RunPiece::Data {
+                        vaddr,
+                        bytes: &buf[off..off + len],
+                        crc,
+                    },
+                    Piece::Parent { vaddr, pages } => RunPiece::Parent {
+                        vaddr,
+                        nr_pages: pages,
+                    },
                 })
             })
             .collect();
@@ -674,7 +801,9 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
         bytes_total += bytes;
         sh.pace.ns.fetch_add(ns, Ordering::Relaxed);
         sh.pace.bytes.fetch_add(bytes, Ordering::Release);
-        sh.pace.batches.fetch_add(batches.len() as u64, Ordering::Release);
+        sh.pace
+            .batches
+            .fetch_add(batches.len() as u64, Ordering::Release);
         for (buf, _) in batches.drain(..) {
             if buf.is_mapped() {
                 sh.give(buf);
@@ -690,7 +819,11 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
         bytes_total / MIB,
         busy_ns as f64 / 1e6,
         (thread_cpu_ns() - cpu0) as f64 / 1e6,
-        if w.is_direct() { "O_DIRECT" } else { "page cache" }
+        if w.is_direct() {
+            "O_DIRECT"
+        } else {
+            "page cache"
+        }
     );
     w.finish()
 }
@@ -698,7 +831,10 @@ fn write_batches(mut w: PageWriter, rx: Receiver<(usize, Batch)>, gate: Option<R
 /// CPU time of the calling thread, in ns (for the log: on a busy machine the wall-clock times
 /// include waiting for a CPU).
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -765,7 +901,9 @@ mod tests {
         b.pieces
             .iter()
             .filter_map(|p| match *p {
-                Piece::Data { vaddr, off, len, .. } => Some((vaddr, off, len)),
+                Piece::Data {
+                    vaddr, off, len, ..
+                } => Some((vaddr, off, len)),
                 Piece::Parent { .. } => None,
             })
             .collect()
@@ -775,22 +913,55 @@ mod tests {
     fn plans_are_cut_into_batches() {
         let c = CHUNK;
         let plan = [
-            PlanItem::Data { start: 0x1000_0000, end: 0x1000_0000 + c + 2 * P, readable: true },
-            PlanItem::Parent { start: 0x2000_0000, end: 0x2000_0000 + 3 * P },
-            PlanItem::Data { start: 0x3000_0000, end: 0x3000_0000 + P, readable: false },
-            PlanItem::Data { start: 0x4000_0000, end: 0x4000_0000 + P, readable: true },
+            PlanItem::Data {
+                start: 0x1000_0000,
+                end: 0x1000_0000 + c + 2 * P,
+                readable: true,
+            },
+            PlanItem::Parent {
+                start: 0x2000_0000,
+                end: 0x2000_0000 + 3 * P,
+            },
+            PlanItem::Data {
+                start: 0x3000_0000,
+                end: 0x3000_0000 + P,
+                readable: false,
+            },
+            PlanItem::Data {
+                start: 0x4000_0000,
+                end: 0x4000_0000 + P,
+                readable: true,
+            },
         ];
         let b = plan_batches(&plan);
-        assert_eq!(b.len(), 4, "full chunk | rest + parent | unreadable | readable");
+        assert_eq!(
+            b.len(),
+            4,
+            "full chunk | rest + parent | unreadable | readable"
+        );
         assert_eq!(data_len(&b[0]), [(0x1000_0000, 0, c as usize)]);
         assert_eq!(data_len(&b[1]), [(0x1000_0000 + c, 0, 2 * P as usize)]);
-        assert!(matches!(b[1].pieces[1], Piece::Parent { vaddr: 0x2000_0000, pages: 3 }));
+        assert!(matches!(
+            b[1].pieces[1],
+            Piece::Parent {
+                vaddr: 0x2000_0000,
+                pages: 3
+            }
+        ));
         assert!(b[2].forced && !b[1].forced && !b[3].forced);
         assert_eq!((b[2].used, b[3].used), (P as usize, P as usize));
         // Many small ranges: IOV_MAX per batch at most.
-        let many: Vec<PlanItem> = (0..3000u64).map(|i| PlanItem::Data { start: i * 2 * P, end: i * 2 * P + P, readable: true }).collect();
+        let many: Vec<PlanItem> = (0..3000u64)
+            .map(|i| PlanItem::Data {
+                start: i * 2 * P,
+                end: i * 2 * P + P,
+                readable: true,
+            })
+            .collect();
         let b = plan_batches(&many);
-        assert!(b.iter().all(|x| x.ranges.len() <= crate::sys::IOV_MAX && x.used <= CHUNK as usize));
+        assert!(b
+            .iter()
+            .all(|x| x.ranges.len() <= crate::sys::IOV_MAX && x.used <= CHUNK as usize));
         assert_eq!(b.iter().map(|x| x.ranges.len()).sum::<usize>(), 3000);
         // Only parent runs: one batch without data.
         let b = plan_batches(&[PlanItem::Parent { start: 0, end: P }]);
@@ -809,7 +980,16 @@ mod tests {
         let pages = 3 * CHUNK / P + 5;
         let len = (pages * P) as usize;
         // SAFETY: a fresh private anonymous mapping of our own, unmapped at the end.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         assert_ne!(base, libc::MAP_FAILED);
         let base = base as u64;
         for pg in 0..pages {
@@ -822,10 +1002,25 @@ mod tests {
         unsafe { libc::mprotect(ro as *mut libc::c_void, (5 * P) as usize, libc::PROT_NONE) };
         let child = crate::sys::vm::tests::Forked::new();
         let plan = [
-            PlanItem::Data { start: base, end: base + CHUNK + 3 * P, readable: true },
-            PlanItem::Parent { start: base + CHUNK + 3 * P, end: base + CHUNK + 10 * P },
-            PlanItem::Data { start: base + CHUNK + 10 * P, end: ro, readable: true },
-            PlanItem::Data { start: ro, end: ro + 5 * P, readable: false },
+            PlanItem::Data {
+                start: base,
+                end: base + CHUNK + 3 * P,
+                readable: true,
+            },
+            PlanItem::Parent {
+                start: base + CHUNK + 3 * P,
+                end: base + CHUNK + 10 * P,
+            },
+            PlanItem::Data {
+                start: base + CHUNK + 10 * P,
+                end: ro,
+                readable: true,
+            },
+            PlanItem::Data {
+                start: ro,
+                end: ro + 5 * P,
+                readable: false,
+            },
         ];
         for (readers, hold) in [(1, false), (3, false), (1, true), (3, true)] {
             let t = TempDir::new("dump-pages");
@@ -835,10 +1030,18 @@ mod tests {
             let mut pending = run_copy(child.pid, &plan, pw, 64 << 20, hold, readers).unwrap();
             pending.start_writing();
             let pm = pending.finish().unwrap();
-            let got: Vec<_> = pm.runs.iter().map(|r| (r.vaddr, u64::from(r.nr_pages), r.in_parent)).collect();
+            let got: Vec<_> = pm
+                .runs
+                .iter()
+                .map(|r| (r.vaddr, u64::from(r.nr_pages), r.in_parent))
+                .collect();
             assert_eq!(
                 got,
-                [(base, CHUNK / P + 3, false), (base + CHUNK + 3 * P, 7, true), (base + CHUNK + 10 * P, pages - CHUNK / P - 10, false)],
+                [
+                    (base, CHUNK / P + 3, false),
+                    (base + CHUNK + 3 * P, 7, true),
+                    (base + CHUNK + 10 * P, pages - CHUNK / P - 10, false)
+                ],
                 "readers {readers}, hold {hold}"
             );
             w.write_msg(&pagemap_file(7), Kind::PageMap, &pm).unwrap();
@@ -850,7 +1053,10 @@ mod tests {
                 let bytes = pf.bytes(r.offset, u64::from(r.nr_pages) * P).unwrap();
                 for (i, page) in bytes.chunks(P as usize).enumerate() {
                     let pg = (r.vaddr - base) / P + i as u64;
-                    assert!(page.iter().all(|b| *b == pattern(pg)), "page {pg}, readers {readers}, hold {hold}");
+                    assert!(
+                        page.iter().all(|b| *b == pattern(pg)),
+                        "page {pg}, readers {readers}, hold {hold}"
+                    );
                 }
             }
         }
@@ -866,8 +1072,16 @@ mod tests {
         let t = TempDir::new("dump-pages-fail");
         let w = ImageWriter::create(t.path()).unwrap();
         let pw = PageWriter::create(&w, 8, 4).unwrap();
-        let plan = [PlanItem::Data { start: 0x1000, end: 0x5000, readable: true }];
+        let plan = [PlanItem::Data {
+            start: 0x1000,
+            end: 0x5000,
+            readable: true,
+        }];
         assert!(run_copy(child.pid, &plan, pw, 64 << 20, false, 1).is_err());
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0, "leftover files");
+        assert_eq!(
+            std::fs::read_dir(t.path()).unwrap().count(),
+            0,
+            "leftover files"
+        );
     }
 }

@@ -33,13 +33,23 @@ pub fn check_root(pid: i32) -> Result<Target> {
         }
     };
     if stat.flags & PF_KTHREAD != 0 {
-        bail!("PID {pid} ({}) is a kernel thread: only user processes can be dumped", stat.comm);
+        bail!(
+            "PID {pid} ({}) is a kernel thread: only user processes can be dumped",
+            stat.comm
+        );
     }
     if stat.pid != pid {
-        bail!("PID {pid} is a thread of process {}: dump the process (-t {})", stat.pid, stat.pid);
+        bail!(
+            "PID {pid} is a thread of process {}: dump the process (-t {})",
+            stat.pid,
+            stat.pid
+        );
     }
     match stat.state {
-        'Z' | 'X' => bail!("PID {pid} ({}) is a zombie: nothing left to dump", stat.comm),
+        'Z' | 'X' => bail!(
+            "PID {pid} ({}) is a zombie: nothing left to dump",
+            stat.comm
+        ),
         _ => {}
     }
     Ok(Target { pid, stat })
@@ -50,9 +60,14 @@ pub fn check_root(pid: i32) -> Result<Target> {
 /// unless `shell_job`.
 pub fn check(pid: i32, shell_job: bool) -> Result<Target> {
     let Target { pid, stat } = check_root(pid)?;
-    let threads = proc::task::threads(pid).with_context(|| format!("listing the threads of PID {pid}"))?;
+    let threads =
+        proc::task::threads(pid).with_context(|| format!("listing the threads of PID {pid}"))?;
     if threads.len() > 1 {
-        bail!("PID {pid} ({}) has {} threads: cr pre-dump handles single-threaded processes only", stat.comm, threads.len());
+        bail!(
+            "PID {pid} ({}) has {} threads: cr pre-dump handles single-threaded processes only",
+            stat.comm,
+            threads.len()
+        );
     }
     let children = proc::task::children(pid).unwrap_or_default();
     if !children.is_empty() {

@@ -26,5 +26,8 @@ pub const MADV_DONTDUMP: u32 = 1 << 5;
 
 /// The kernel-provided mappings: not restored from the image, moved into place instead.
 pub fn is_special(kind: u32) -> bool {
-    matches!(kind, KIND_VDSO | KIND_VVAR | KIND_VVAR_VCLOCK | KIND_VSYSCALL | KIND_UPROBES)
+    matches!(
+        kind,
+        KIND_VDSO | KIND_VVAR | KIND_VVAR_VCLOCK | KIND_VSYSCALL | KIND_UPROBES
+    )
 }

@@ -88,7 +88,8 @@ fn parse(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool> {
             NLMSG_ERROR => {
                 let err = u32_at(buf, off + NLMSG_HDRLEN).unwrap_or(0) as i32;
                 if err != 0 {
-                    return Err(std::io::Error::from_raw_os_error(-err)).context("sock_diag request");
+                    return Err(std::io::Error::from_raw_os_error(-err))
+                        .context("sock_diag request");
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
@@ -105,7 +106,13 @@ fn parse(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool> {
 
 fn netlink_socket() -> Result<OwnedFd> {
     // SAFETY: socket() with integer arguments.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("socket(NETLINK_SOCK_DIAG)");
     }
@@ -114,7 +121,9 @@ fn netlink_socket() -> Result<OwnedFd> {
 }
 
 fn netns_inode(path: &str) -> Result<u64> {
-    Ok(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).with_context(|| format!("stat {path}"))?))
+    Ok(std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(path).with_context(|| format!("stat {path}"))?,
+    ))
 }
 
 /// The network namespace of `pid` (its nsfs inode), to group processes by it.
@@ -135,12 +144,15 @@ fn netlink_socket_of(pid: i32) -> Result<OwnedFd> {
             let ns = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
             // SAFETY: setns on a valid namespace fd; it moves this short-lived thread only.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("enter the network namespace of PID {pid}"));
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("enter the network namespace of PID {pid}"));
             }
             netlink_socket()
         })
         .join()
-        .unwrap_or_else(|_| bail!("the thread entering the network namespace of PID {pid} panicked"))
+        .unwrap_or_else(|_| {
+            bail!("the thread entering the network namespace of PID {pid} panicked")
+        })
     })
 }
 
@@ -185,7 +197,9 @@ pub fn backlog(family: u32, inode: u64) -> Result<u32> {
         .iter()
         .find(|s| s.inode == inode)
         .map(|s| s.wqueue)
-        .with_context(|| format!("socket:[{inode}] not among the listening sockets sock_diag reports"))
+        .with_context(|| {
+            format!("socket:[{inode}] not among the listening sockets sock_diag reports")
+        })
 }
 
 #[cfg(test)]
@@ -195,7 +209,9 @@ mod tests {
     #[test]
     fn a_listener_reports_its_backlog() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap());
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap(),
+        );
         // std listens with a backlog of 128.
         assert_eq!(backlog(libc::AF_INET as u32, ino).unwrap(), 128);
     }
@@ -212,7 +228,10 @@ mod tests {
         m[64..68].copy_from_slice(&1000u32.to_ne_bytes());
         m[68..72].copy_from_slice(&4242u32.to_ne_bytes());
         let s = parse_msg(&m).unwrap();
-        assert_eq!((s.family, s.state, s.sport, s.dport), (libc::AF_INET as u16, 1, 8080, 40000));
+        assert_eq!(
+            (s.family, s.state, s.sport, s.dport),
+            (libc::AF_INET as u16, 1, 8080, 40000)
+        );
         assert_eq!(&s.src[..4], &[127, 0, 0, 1]);
         assert_eq!(&s.dst[..4], &[10, 0, 0, 2]);
         assert_eq!((s.uid, s.inode), (1000, 4242));
@@ -224,9 +243,20 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (a, _) = l.accept().unwrap();
-        let (cp, ap) = (c.local_addr().unwrap().port(), a.local_addr().unwrap().port());
+        let (cp, ap) = (
+            c.local_addr().unwrap().port(),
+            a.local_addr().unwrap().port(),
+        );
         let all = tcp_sockets(Some(std::process::id() as i32), 1 << 1).unwrap();
-        assert!(all.iter().any(|s| s.sport == cp && s.dport == ap && s.inode != 0), "client side missing");
-        assert!(all.iter().any(|s| s.sport == ap && s.dport == cp && s.inode != 0), "server side missing");
+        assert!(
+            all.iter()
+                .any(|s| s.sport == cp && s.dport == ap && s.inode != 0),
+            "client side missing"
+        );
+        assert!(
+            all.iter()
+                .any(|s| s.sport == ap && s.dport == cp && s.inode != 0),
+            "server side missing"
+        );
     }
 }

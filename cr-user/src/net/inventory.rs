@@ -39,15 +39,34 @@ pub struct Conn {
 
 impl Conn {
     pub fn key(&self) -> SockKey {
-        SockKey { laddr: self.local, raddr: self.remote, lport: self.lport, rport: self.rport, family: self.family, _pad: 0 }
+        SockKey {
+            laddr: self.local,
+            raddr: self.remote,
+            lport: self.lport,
+            rport: self.rport,
+            family: self.family,
+            _pad: 0,
+        }
     }
 
     pub fn from_key(k: &SockKey) -> Conn {
-        Conn { family: k.family, local: k.laddr, lport: k.lport, remote: k.raddr, rport: k.rport }
+        Conn {
+            family: k.family,
+            local: k.laddr,
+            lport: k.lport,
+            remote: k.raddr,
+            rport: k.rport,
+        }
     }
 
     fn from_diag(d: &DiagSock) -> Conn {
-        Conn { family: d.family, local: d.src, lport: d.sport, remote: d.dst, rport: d.dport }
+        Conn {
+            family: d.family,
+            local: d.src,
+            lport: d.sport,
+            remote: d.dst,
+            rport: d.dport,
+        }
     }
 
     /// The address bytes as the image stores them (4 for IPv4, 16 for IPv6).
@@ -63,17 +82,27 @@ impl Conn {
     /// Whether `listener` (a listening socket's Conn) accepts connections to this one's local
     /// address and port: same family and port, same address or the wildcard.
     pub fn served_by(&self, listener: &Conn) -> bool {
-        self.family == listener.family && self.lport == listener.lport && (listener.local == [0; 16] || listener.local == self.local)
+        self.family == listener.family
+            && self.lport == listener.lport
+            && (listener.local == [0; 16] || listener.local == self.local)
     }
 }
 
 impl fmt::Display for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let local = super::tcp::show_addr(self.family as u32, &self.addr_bytes(false), self.lport as u32);
+        let local = super::tcp::show_addr(
+            self.family as u32,
+            &self.addr_bytes(false),
+            self.lport as u32,
+        );
         if self.rport == 0 && self.remote == [0; 16] {
             return f.write_str(&local);
         }
-        let remote = super::tcp::show_addr(self.family as u32, &self.addr_bytes(true), self.rport as u32);
+        let remote = super::tcp::show_addr(
+            self.family as u32,
+            &self.addr_bytes(true),
+            self.rport as u32,
+        );
         write!(f, "{local} -> {remote}")
     }
 }
@@ -165,12 +194,18 @@ impl Inventory {
     }
 
     pub fn get(&self, c: &Conn) -> Option<&Sock> {
-        self.socks.binary_search_by_key(c, |s| s.conn).ok().map(|i| &self.socks[i])
+        self.socks
+            .binary_search_by_key(c, |s| s.conn)
+            .ok()
+            .map(|i| &self.socks[i])
     }
 
     /// The inventory's listener that accepts connections to `c` (exact address first).
     pub fn listener_of(&self, c: &Conn) -> Option<&Sock> {
-        let ls = self.socks.iter().filter(|s| s.state == tcp_state::LISTEN && c.served_by(&s.conn));
+        let ls = self
+            .socks
+            .iter()
+            .filter(|s| s.state == tcp_state::LISTEN && c.served_by(&s.conn));
         ls.max_by_key(|s| s.conn.local != [0; 16])
     }
 
@@ -186,7 +221,13 @@ impl Inventory {
         for (c, s) in &a {
             match b.get(c) {
                 None => out.push(format!("{c} ({}) only in {}", state_name(*s), self.source)),
-                Some(t) if t != s => out.push(format!("{c} is {} in {} but {} in {}", state_name(*s), self.source, state_name(*t), other.source)),
+                Some(t) if t != s => out.push(format!(
+                    "{c} is {} in {} but {} in {}",
+                    state_name(*s),
+                    self.source,
+                    state_name(*t),
+                    other.source
+                )),
                 Some(_) => {}
             }
         }
@@ -219,9 +260,14 @@ pub fn tree_of(root: i32) -> Vec<i32> {
 fn socket_inodes(pids: &[i32]) -> Result<HashMap<u64, i32>> {
     let mut out = HashMap::new();
     for &pid in pids {
-        let fds = crate::proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
+        let fds = crate::proc::fdinfo::list_fds(pid)
+            .with_context(|| format!("listing the fds of PID {pid}"))?;
         for (_, target) in fds {
-            if let Some(ino) = target.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok()) {
+            if let Some(ino) = target
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
+            {
                 out.entry(ino).or_insert(pid);
             }
         }
@@ -239,7 +285,12 @@ pub fn scan(pids: &[i32]) -> Result<Inventory> {
     let inodes = socket_inodes(pids)?;
     let mut by_ns: BTreeMap<u64, i32> = BTreeMap::new();
     for &pid in pids {
-        by_ns.entry(diag::netns_of(pid).with_context(|| format!("the network namespace of PID {pid}"))?).or_insert(pid);
+        by_ns
+            .entry(
+                diag::netns_of(pid)
+                    .with_context(|| format!("the network namespace of PID {pid}"))?,
+            )
+            .or_insert(pid);
     }
     let mut all: Vec<DiagSock> = Vec::new();
     for (_, pid) in by_ns {
@@ -250,17 +301,35 @@ pub fn scan(pids: &[i32]) -> Result<Inventory> {
         .filter(|d| kept(d.state))
         .filter_map(|d| {
             let holder = *inodes.get(&d.inode).filter(|_| d.inode != 0)?;
-            Some(Sock { conn: Conn::from_diag(d), state: d.state, inode: d.inode, pid: holder, from_listener: false, held: Some(true) })
+            Some(Sock {
+                conn: Conn::from_diag(d),
+                state: d.state,
+                inode: d.inode,
+                pid: holder,
+                from_listener: false,
+                held: Some(true),
+            })
         })
         .collect();
-    let listeners: Vec<Conn> = socks.iter().filter(|s| s.state == tcp_state::LISTEN).map(|s| s.conn).collect();
+    let listeners: Vec<Conn> = socks
+        .iter()
+        .filter(|s| s.state == tcp_state::LISTEN)
+        .map(|s| s.conn)
+        .collect();
     for s in socks.iter_mut().filter(|s| s.state != tcp_state::LISTEN) {
         s.from_listener = listeners.iter().any(|l| s.conn.served_by(l));
     }
     for d in all.iter().filter(|d| d.inode == 0 && acceptable(d.state)) {
         let conn = Conn::from_diag(d);
         if listeners.iter().any(|l| conn.served_by(l)) {
-            socks.push(Sock { conn, state: d.state, inode: 0, pid: 0, from_listener: true, held: Some(false) });
+            socks.push(Sock {
+                conn,
+                state: d.state,
+                inode: 0,
+                pid: 0,
+                from_listener: true,
+                held: Some(false),
+            });
         }
     }
     Ok(Inventory::new(Source::Scan, socks))
@@ -277,7 +346,14 @@ pub fn from_table(maps: &SockMaps, targets: &[u32]) -> Result<Inventory> {
         .entries()?
         .into_iter()
         .filter(|(_, v)| targets.contains(&v.tgid) && kept(v.state))
-        .map(|(k, v)| Sock { conn: Conn::from_key(&k), state: v.state, inode: 0, pid: v.pid as i32, from_listener: v.flags & SOCK_F_CHILD != 0, held: None })
+        .map(|(k, v)| Sock {
+            conn: Conn::from_key(&k),
+            state: v.state,
+            inode: 0,
+            pid: v.pid as i32,
+            from_listener: v.flags & SOCK_F_CHILD != 0,
+            held: None,
+        })
         .collect();
     Ok(Inventory::new(Source::Table, socks))
 }
@@ -296,7 +372,16 @@ fn sockopt_int(fd: &OwnedFd, level: i32, opt: i32, what: &str) -> Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `v`.
-    if unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) } != 0 {
+    if unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
     }
     Ok(v)
@@ -309,7 +394,13 @@ fn sock_name(fd: &OwnedFd, peer: bool) -> Result<Option<([u8; 16], u16)>> {
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
     // SAFETY: the kernel writes at most `len` bytes into `ss`.
-    let r = unsafe { if peer { libc::getpeername(fd.as_raw_fd(), p, &mut len) } else { libc::getsockname(fd.as_raw_fd(), p, &mut len) } };
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p, &mut len)
+        }
+    };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         if peer && e.raw_os_error() == Some(libc::ENOTCONN) {
@@ -321,13 +412,15 @@ fn sock_name(fd: &OwnedFd, peer: bool) -> Result<Option<([u8; 16], u16)>> {
     match ss.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             a[..4].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
             Ok(Some((a, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 =
+                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Ok(Some((sin6.sin6_addr.s6_addr, u16::from_be(sin6.sin6_port))))
         }
         f => bail!("socket address of family {f}"),
@@ -339,20 +432,45 @@ fn describe_fd(fd: &OwnedFd) -> Result<Option<(Conn, u32)>> {
     let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
     let ty = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
     let proto = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
-    if (domain != libc::AF_INET && domain != libc::AF_INET6) || ty != libc::SOCK_STREAM || proto != libc::IPPROTO_TCP {
+    if (domain != libc::AF_INET && domain != libc::AF_INET6)
+        || ty != libc::SOCK_STREAM
+        || proto != libc::IPPROTO_TCP
+    {
         return Ok(None);
     }
     let mut info = [0u8; 8];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes of struct tcp_info into `info`.
-    if unsafe { libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) } != 0 {
+    if unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error()).context("getsockopt TCP_INFO");
     }
     let state = info[0] as u32;
     let (local, lport) = sock_name(fd, false)?.unwrap_or(([0; 16], 0));
     let (remote, rport) = sock_name(fd, true)?.unwrap_or(([0; 16], 0));
-    let family = if domain == libc::AF_INET { AF_INET } else { AF_INET6 };
-    Ok(Some((Conn { family, local, lport, remote, rport }, state)))
+    let family = if domain == libc::AF_INET {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    Ok(Some((
+        Conn {
+            family,
+            local,
+            lport,
+            remote,
+            rport,
+        },
+        state,
+    )))
 }
 
 /// Every TCP socket the processes `pids` hold, through their fds (pidfd_getfd into cr: the
@@ -360,10 +478,19 @@ fn describe_fd(fd: &OwnedFd) -> Result<Option<(Conn, u32)>> {
 pub fn fd_view(pids: &[i32]) -> Result<Vec<FdSock>> {
     let mut out = Vec::new();
     for &pid in pids {
-        let fds = crate::proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
+        let fds = crate::proc::fdinfo::list_fds(pid)
+            .with_context(|| format!("listing the fds of PID {pid}"))?;
         let socks: Vec<(i32, u64)> = fds
             .iter()
-            .filter_map(|(fd, t)| Some((*fd, t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?)))
+            .filter_map(|(fd, t)| {
+                Some((
+                    *fd,
+                    t.strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()?,
+                ))
+            })
             .collect();
         if socks.is_empty() {
             continue;
@@ -371,8 +498,16 @@ pub fn fd_view(pids: &[i32]) -> Result<Vec<FdSock>> {
         let pidfd = crate::sys::pidfd::pidfd_open(pid)?;
         for (fd, inode) in socks {
             let mine = crate::sys::pidfd::pidfd_getfd(&pidfd, fd)?;
-            if let Some((conn, state)) = describe_fd(&mine).with_context(|| format!("socket fd {fd} of PID {pid}"))? {
-                out.push(FdSock { pid, fd, inode, conn, state });
+            if let Some((conn, state)) =
+                describe_fd(&mine).with_context(|| format!("socket fd {fd} of PID {pid}"))?
+            {
+                out.push(FdSock {
+                    pid,
+                    fd,
+                    inode,
+                    conn,
+                    state,
+                });
             }
         }
     }
@@ -389,14 +524,20 @@ pub struct TableSource<'a> {
 impl<'a> TableSource<'a> {
     /// No table: the dump scans, for this reason.
     pub fn none(why: impl Into<String>) -> TableSource<'a> {
-        TableSource { maps: None, why: why.into() }
+        TableSource {
+            maps: None,
+            why: why.into(),
+        }
     }
 
     /// The socket table among the maps of the tracker of `pid`, if one runs (the session has
     /// checked that it follows this very process).
     pub fn of(tracker: Option<&'a crate::track::maps::TrackMaps>, pid: i32) -> TableSource<'a> {
         match tracker {
-            Some(m) => TableSource { maps: Some(&m.sockets), why: String::new() },
+            Some(m) => TableSource {
+                maps: Some(&m.sockets),
+                why: String::new(),
+            },
             None => TableSource::none(format!("no tracker runs for PID {pid}")),
         }
     }
@@ -415,7 +556,10 @@ impl<'a> TableSource<'a> {
             None => self.why.clone(),
         };
         let inv = scan(pids)?;
-        log::info!("TCP sockets of the tree: {} from a sock_diag scan ({why})", inv.socks.len());
+        log::info!(
+            "TCP sockets of the tree: {} from a sock_diag scan ({why})",
+            inv.socks.len()
+        );
         Ok(inv)
     }
 }
@@ -440,7 +584,12 @@ pub fn survey(pids: &[i32], root: i32, src: &TableSource) -> Result<Survey> {
     let fds = fd_view(pids)?;
     if fds.is_empty() {
         log::debug!("the tree holds no TCP socket");
-        return Ok(Survey { inventory: None, fds, established: Vec::new(), unaccepted: Vec::new() });
+        return Ok(Survey {
+            inventory: None,
+            fds,
+            established: Vec::new(),
+            unaccepted: Vec::new(),
+        });
     }
     let inventory = src.inventory(pids, root)?;
     let mut by_conn: BTreeMap<Conn, &FdSock> = BTreeMap::new();
@@ -469,18 +618,49 @@ pub fn survey(pids: &[i32], root: i32, src: &TableSource) -> Result<Survey> {
             Some(_) => {}
         }
     }
-    let held_listeners: Vec<Conn> = fds.iter().filter(|f| f.state == tcp_state::LISTEN).map(|f| f.conn).collect();
+    let held_listeners: Vec<Conn> = fds
+        .iter()
+        .filter(|f| f.state == tcp_state::LISTEN)
+        .map(|f| f.conn)
+        .collect();
     let mut unaccepted = Vec::new();
-    for s in inventory.socks.iter().filter(|s| !by_conn.contains_key(&s.conn)) {
-        let listener = held_listeners.iter().filter(|l| s.conn.served_by(l)).max_by_key(|l| l.local != [0; 16]);
+    for s in inventory
+        .socks
+        .iter()
+        .filter(|s| !by_conn.contains_key(&s.conn))
+    {
+        let listener = held_listeners
+            .iter()
+            .filter(|l| s.conn.served_by(l))
+            .max_by_key(|l| l.local != [0; 16]);
         match listener {
-            Some(l) if acceptable(s.state) && s.state != tcp_state::LISTEN => unaccepted.push((s.conn, *l)),
-            _ if s.held == Some(true) => log::debug!("TCP {} ({}) was held by PID {} but no fd of the tree shows it now", s.conn, state_name(s.state), s.pid),
-            _ => log::debug!("TCP {} ({}) of the tree has no fd in it: closed and draining, or passed on", s.conn, state_name(s.state)),
+            Some(l) if acceptable(s.state) && s.state != tcp_state::LISTEN => {
+                unaccepted.push((s.conn, *l))
+            }
+            _ if s.held == Some(true) => log::debug!(
+                "TCP {} ({}) was held by PID {} but no fd of the tree shows it now",
+                s.conn,
+                state_name(s.state),
+                s.pid
+            ),
+            _ => log::debug!(
+                "TCP {} ({}) of the tree has no fd in it: closed and draining, or passed on",
+                s.conn,
+                state_name(s.state)
+            ),
         }
     }
-    let established: Vec<FdSock> = by_conn.values().filter(|f| f.state == tcp_state::ESTABLISHED).map(|f| (*f).clone()).collect();
-    Ok(Survey { inventory: Some(inventory), fds, established, unaccepted })
+    let established: Vec<FdSock> = by_conn
+        .values()
+        .filter(|f| f.state == tcp_state::ESTABLISHED)
+        .map(|f| (*f).clone())
+        .collect();
+    Ok(Survey {
+        inventory: Some(inventory),
+        fds,
+        established,
+        unaccepted,
+    })
 }
 
 #[cfg(test)]
@@ -491,16 +671,31 @@ mod tests {
         let (mut l, mut rr) = ([0u8; 16], [0u8; 16]);
         l[..4].copy_from_slice(&a);
         rr[..4].copy_from_slice(&r);
-        Conn { family: AF_INET, local: l, lport: p, remote: rr, rport: rp }
+        Conn {
+            family: AF_INET,
+            local: l,
+            lport: p,
+            remote: rr,
+            rport: rp,
+        }
     }
 
     #[test]
     fn shows_connections_and_listeners() {
-        assert_eq!(v4([127, 0, 0, 1], 80, [10, 0, 0, 2], 5000).to_string(), "127.0.0.1:80 -> 10.0.0.2:5000");
+        assert_eq!(
+            v4([127, 0, 0, 1], 80, [10, 0, 0, 2], 5000).to_string(),
+            "127.0.0.1:80 -> 10.0.0.2:5000"
+        );
         assert_eq!(v4([0, 0, 0, 0], 80, [0; 4], 0).to_string(), "0.0.0.0:80");
         let mut six = [0u8; 16];
         six[15] = 1;
-        let c = Conn { family: AF_INET6, local: six, lport: 443, remote: [0; 16], rport: 0 };
+        let c = Conn {
+            family: AF_INET6,
+            local: six,
+            lport: 443,
+            remote: [0; 16],
+            rport: 0,
+        };
         assert_eq!(c.to_string(), "[::1]:443");
         assert_eq!(Conn::from_key(&c.key()), c);
     }
@@ -515,8 +710,22 @@ mod tests {
         let inv = Inventory::new(
             Source::Scan,
             vec![
-                Sock { conn: v4([0; 4], 80, [0; 4], 0), state: tcp_state::LISTEN, inode: 1, pid: 1, from_listener: false, held: Some(true) },
-                Sock { conn: v4([127, 0, 0, 1], 80, [0; 4], 0), state: tcp_state::LISTEN, inode: 2, pid: 1, from_listener: false, held: Some(true) },
+                Sock {
+                    conn: v4([0; 4], 80, [0; 4], 0),
+                    state: tcp_state::LISTEN,
+                    inode: 1,
+                    pid: 1,
+                    from_listener: false,
+                    held: Some(true),
+                },
+                Sock {
+                    conn: v4([127, 0, 0, 1], 80, [0; 4], 0),
+                    state: tcp_state::LISTEN,
+                    inode: 2,
+                    pid: 1,
+                    from_listener: false,
+                    held: Some(true),
+                },
             ],
         );
         // The exact address wins over the wildcard.
@@ -525,14 +734,52 @@ mod tests {
 
     #[test]
     fn diff_names_what_differs() {
-        let s = |c, st| Sock { conn: c, state: st, inode: 0, pid: 0, from_listener: false, held: None };
-        let a = Inventory::new(Source::Table, vec![s(v4([127, 0, 0, 1], 1, [127, 0, 0, 1], 2), tcp_state::ESTABLISHED), s(v4([0; 4], 3, [0; 4], 0), tcp_state::LISTEN)]);
-        let b = Inventory::new(Source::Scan, vec![s(v4([127, 0, 0, 1], 1, [127, 0, 0, 1], 2), tcp_state::CLOSE_WAIT), s(v4([0; 4], 4, [0; 4], 0), tcp_state::LISTEN)]);
+        let s = |c, st| Sock {
+            conn: c,
+            state: st,
+            inode: 0,
+            pid: 0,
+            from_listener: false,
+            held: None,
+        };
+        let a = Inventory::new(
+            Source::Table,
+            vec![
+                s(
+                    v4([127, 0, 0, 1], 1, [127, 0, 0, 1], 2),
+                    tcp_state::ESTABLISHED,
+                ),
+                s(v4([0; 4], 3, [0; 4], 0), tcp_state::LISTEN),
+            ],
+        );
+        let b = Inventory::new(
+            Source::Scan,
+            vec![
+                s(
+                    v4([127, 0, 0, 1], 1, [127, 0, 0, 1], 2),
+                    tcp_state::CLOSE_WAIT,
+                ),
+                s(v4([0; 4], 4, [0; 4], 0), tcp_state::LISTEN),
+            ],
+        );
         let d = a.diff(&b);
         assert_eq!(d.len(), 3, "{d:?}");
-        assert!(d.iter().any(|l| l.ends_with("is ESTABLISHED in the tracker's socket table but CLOSE_WAIT in the sock_diag scan")), "{d:?}");
-        assert!(d.iter().any(|l| l == "0.0.0.0:3 (LISTEN) only in the tracker's socket table"), "{d:?}");
-        assert!(d.iter().any(|l| l == "0.0.0.0:4 (LISTEN) only in the sock_diag scan"), "{d:?}");
+        assert!(
+            d.iter().any(|l| l.ends_with(
+                "is ESTABLISHED in the tracker's socket table but CLOSE_WAIT in the sock_diag scan"
+            )),
+            "{d:?}"
+        );
+        assert!(
+            d.iter()
+                .any(|l| l == "0.0.0.0:3 (LISTEN) only in the tracker's socket table"),
+            "{d:?}"
+        );
+        assert!(
+            d.iter()
+                .any(|l| l == "0.0.0.0:4 (LISTEN) only in the sock_diag scan"),
+            "{d:?}"
+        );
         assert!(a.diff(&a).is_empty());
     }
 
@@ -549,11 +796,21 @@ mod tests {
         let client = v4([127, 0, 0, 1], cp, [127, 0, 0, 1], lp);
         let child = v4([127, 0, 0, 1], lp, [127, 0, 0, 1], cp);
         assert_eq!(inv.get(&listener).map(|s| s.state), Some(tcp_state::LISTEN));
-        assert_eq!(inv.get(&client).map(|s| (s.state, s.held)), Some((tcp_state::ESTABLISHED, Some(true))));
-        assert_eq!(inv.get(&child).map(|s| (s.state, s.held, s.from_listener)), Some((tcp_state::ESTABLISHED, Some(false), true)));
+        assert_eq!(
+            inv.get(&client).map(|s| (s.state, s.held)),
+            Some((tcp_state::ESTABLISHED, Some(true)))
+        );
+        assert_eq!(
+            inv.get(&child).map(|s| (s.state, s.held, s.from_listener)),
+            Some((tcp_state::ESTABLISHED, Some(false), true))
+        );
         let fds = fd_view(&[me]).unwrap();
-        assert!(fds.iter().any(|f| f.conn == client && f.state == tcp_state::ESTABLISHED));
-        assert!(fds.iter().any(|f| f.conn == listener && f.state == tcp_state::LISTEN));
+        assert!(fds
+            .iter()
+            .any(|f| f.conn == client && f.state == tcp_state::ESTABLISHED));
+        assert!(fds
+            .iter()
+            .any(|f| f.conn == listener && f.state == tcp_state::LISTEN));
         assert!(!fds.iter().any(|f| f.conn == child));
     }
 }

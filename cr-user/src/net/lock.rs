@@ -63,7 +63,10 @@ pub struct Record {
 /// Wall-clock time in ns since the epoch: dump and restore are different processes, possibly
 /// on different machines, so a monotonic clock would not do.
 fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// A lock being built by a dump.
@@ -79,7 +82,11 @@ pub struct NetLock {
 }
 
 fn keys(s: &pb::TcpSocket) -> Result<[FlowKey; 2]> {
-    let fam = if s.family == libc::AF_INET as u32 { 4 } else { 6 };
+    let fam = if s.family == libc::AF_INET as u32 {
+        4
+    } else {
+        6
+    };
     let pad = |a: &[u8]| -> Result<[u8; 16]> {
         let mut out = [0u8; 16];
         if a.len() > 16 {
@@ -92,8 +99,20 @@ fn keys(s: &pb::TcpSocket) -> Result<[FlowKey; 2]> {
     let lp = (s.src_port as u16).to_be_bytes();
     let rp = (s.dst_port as u16).to_be_bytes();
     Ok([
-        FlowKey { src: l, dst: r, sport: lp, dport: rp, family: fam },
-        FlowKey { src: r, dst: l, sport: rp, dport: lp, family: fam },
+        FlowKey {
+            src: l,
+            dst: r,
+            sport: lp,
+            dport: rp,
+            family: fam,
+        },
+        FlowKey {
+            src: r,
+            dst: l,
+            sport: rp,
+            dport: lp,
+            family: fam,
+        },
     ])
 }
 
@@ -133,14 +152,25 @@ fn if_addresses() -> Vec<(String, IpAddr)> {
         let ifa = unsafe { &*p };
         if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
             // SAFETY: ifa_name is a NUL-terminated string of the list.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
             // SAFETY: ifa_addr is valid; its family says which sockaddr it is.
             let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
             let ip = match fam {
                 // SAFETY: family AF_INET: a sockaddr_in.
-                libc::AF_INET => Some(IpAddr::from(unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in>() }.sin_addr.s_addr.to_ne_bytes())),
+                libc::AF_INET => Some(IpAddr::from(
+                    unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in>() }
+                        .sin_addr
+                        .s_addr
+                        .to_ne_bytes(),
+                )),
                 // SAFETY: family AF_INET6: a sockaddr_in6.
-                libc::AF_INET6 => Some(IpAddr::from(unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in6>() }.sin6_addr.s6_addr)),
+                libc::AF_INET6 => Some(IpAddr::from(
+                    unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in6>() }
+                        .sin6_addr
+                        .s6_addr,
+                )),
                 _ => None,
             };
             if let Some(ip) = ip {
@@ -163,33 +193,56 @@ impl NetLock {
         let mut made = std::fs::create_dir_all(&pin_dir);
         for _ in 0..3 {
             match &made {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => made = std::fs::create_dir_all(&pin_dir),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    made = std::fs::create_dir_all(&pin_dir)
+                }
                 _ => break,
             }
         }
-        made.with_context(|| format!("create {} (is bpffs mounted at /sys/fs/bpf?)", pin_dir.display()))?;
+        made.with_context(|| {
+            format!(
+                "create {} (is bpffs mounted at /sys/fs/bpf?)",
+                pin_dir.display()
+            )
+        })?;
         // Only the classifier and its map are used: the tracker's large maps at their
         // smallest, so loading costs little.
         let mut obj = crate::track::BpfObject::load_sized(Some(1))?;
-        let raw = obj.ebpf_mut().take_map(MAP).ok_or_else(|| anyhow!("the eBPF object has no map {MAP} (stale build? run cargo xtask build)"))?;
+        let raw = obj.ebpf_mut().take_map(MAP).ok_or_else(|| {
+            anyhow!("the eBPF object has no map {MAP} (stale build? run cargo xtask build)")
+        })?;
         let _ = std::fs::remove_file(pin_dir.join("map"));
         match &raw {
-            aya::maps::Map::HashMap(d) => d.pin(pin_dir.join("map")).with_context(|| format!("pin the lock map in {}", pin_dir.display()))?,
+            aya::maps::Map::HashMap(d) => d
+                .pin(pin_dir.join("map"))
+                .with_context(|| format!("pin the lock map in {}", pin_dir.display()))?,
             _ => bail!("{MAP} is not a hash map"),
         }
-        let map: BpfHashMap<MapData, FlowKey, u8> = BpfHashMap::try_from(raw).context("open the lock map")?;
+        let map: BpfHashMap<MapData, FlowKey, u8> =
+            BpfHashMap::try_from(raw).context("open the lock map")?;
         let prog: &mut SchedClassifier = obj
             .ebpf_mut()
             .program_mut(PROG)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {PROG} (stale build? run cargo xtask build)"))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "the eBPF object has no program {PROG} (stale build? run cargo xtask build)"
+                )
+            })?
             .try_into()
             .context("cr_netlock is not a classifier")?;
-        prog.load().context("load the network-lock classifier (verifier)")?;
+        prog.load()
+            .context("load the network-lock classifier (verifier)")?;
         let _ = std::fs::remove_file(pin_dir.join("prog"));
-        prog.pin(pin_dir.join("prog")).with_context(|| format!("pin the lock program in {}", pin_dir.display()))?;
-        let prog = SchedClassifier::from_pin(pin_dir.join("prog")).context("reopen the pinned lock program")?;
+        prog.pin(pin_dir.join("prog"))
+            .with_context(|| format!("pin the lock program in {}", pin_dir.display()))?;
+        let prog = SchedClassifier::from_pin(pin_dir.join("prog"))
+            .context("reopen the pinned lock program")?;
         let lock = NetLock {
-            rec: Record { pin_dir: pin_dir.display().to_string(), filters: Vec::new(), locked_at_ns: 0 },
+            rec: Record {
+                pin_dir: pin_dir.display().to_string(),
+                filters: Vec::new(),
+                locked_at_ns: 0,
+            },
             map,
             prog,
             _obj: obj,
@@ -203,7 +256,8 @@ impl NetLock {
 
     fn save(&self) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.rec)?;
-        std::fs::write(&self.record_path, text).with_context(|| format!("write {}", self.record_path.display()))
+        std::fs::write(&self.record_path, text)
+            .with_context(|| format!("write {}", self.record_path.display()))
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
@@ -217,10 +271,26 @@ impl NetLock {
         for (ty, ingress) in [(TcAttachType::Ingress, true), (TcAttachType::Egress, false)] {
             let id = self
                 .prog
-                .attach(c.as_c_str(), TcAttach::Netlink { parent: ty.into(), options: NlOptions::default() })
-                .with_context(|| format!("attach the network lock to {ifname} {}", if ingress { "ingress" } else { "egress" }))?;
+                .attach(
+                    c.as_c_str(),
+                    TcAttach::Netlink {
+                        parent: ty.into(),
+                        options: NlOptions::default(),
+                    },
+                )
+                .with_context(|| {
+                    format!(
+                        "attach the network lock to {ifname} {}",
+                        if ingress { "ingress" } else { "egress" }
+                    )
+                })?;
             let link = self.prog.take_link(id).context("take the tc link")?;
-            let f = Filter { ifname: ifname.to_string(), ingress, priority: link.priority()?, handle: link.handle()?.into() };
+            let f = Filter {
+                ifname: ifname.to_string(),
+                ingress,
+                priority: link.priority()?,
+                handle: link.handle()?.into(),
+            };
             // The filter stays attached after cr exits; `release` removes it by handle.
             std::mem::forget(link);
             self.rec.filters.push(f);
@@ -232,7 +302,9 @@ impl NetLock {
     /// Locks one connection: its packets are dropped from now on, both ways.
     pub fn add(&mut self, s: &pb::TcpSocket) -> Result<()> {
         for k in keys(s)? {
-            self.map.insert(&k, &1, 0).context("add a connection to the lock map")?;
+            self.map
+                .insert(&k, &1, 0)
+                .context("add a connection to the lock map")?;
         }
         // Interfaces are found once per local address (a getifaddrs netlink dump each time
         // would cost more than the rest of locking a connection).
@@ -264,7 +336,9 @@ impl NetLock {
 pub fn read_record(images_dir: &Path) -> Result<Option<Record>> {
     let p = images_dir.join(RECORD);
     match std::fs::read_to_string(&p) {
-        Ok(t) => Ok(Some(serde_json::from_str(&t).with_context(|| format!("parse {}", p.display()))?)),
+        Ok(t) => Ok(Some(
+            serde_json::from_str(&t).with_context(|| format!("parse {}", p.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
     }
@@ -273,8 +347,14 @@ pub fn read_record(images_dir: &Path) -> Result<Option<Record>> {
 /// Fails unless every connection of `socks` is still in the pinned lock map.
 pub fn check_locked(rec: &Record, socks: &[&pb::TcpSocket]) -> Result<()> {
     let path = Path::new(&rec.pin_dir).join("map");
-    let data = MapData::from_pin(&path).with_context(|| format!("the network lock ({}) is gone: the connections were not kept locked since the dump", path.display()))?;
-    let map: BpfHashMap<MapData, FlowKey, u8> = BpfHashMap::try_from(aya::maps::Map::HashMap(data)).context("open the lock map")?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "the network lock ({}) is gone: the connections were not kept locked since the dump",
+            path.display()
+        )
+    })?;
+    let map: BpfHashMap<MapData, FlowKey, u8> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(data)).context("open the lock map")?;
     for s in socks {
         for k in keys(s)? {
             if map.get(&k, 0).is_err() {
@@ -292,13 +372,30 @@ pub fn check_locked(rec: &Record, socks: &[&pb::TcpSocket]) -> Result<()> {
 /// Removes a lock: its filters (by handle), its pins and its record.
 pub fn release(rec: &Record, images_dir: Option<&Path>) {
     for f in &rec.filters {
-        let ty = if f.ingress { TcAttachType::Ingress } else { TcAttachType::Egress };
+        let ty = if f.ingress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
         let r = std::ffi::CString::new(f.ifname.as_str())
             .map_err(anyhow::Error::from)
-            .and_then(|c| SchedClassifierLink::attached(c.as_c_str(), ty.into(), f.priority, f.handle.into(), None).map_err(anyhow::Error::from))
+            .and_then(|c| {
+                SchedClassifierLink::attached(
+                    c.as_c_str(),
+                    ty.into(),
+                    f.priority,
+                    f.handle.into(),
+                    None,
+                )
+                .map_err(anyhow::Error::from)
+            })
             .and_then(|l| aya::programs::Link::detach(l).map_err(anyhow::Error::from));
         if let Err(e) = r {
-            log::warn!("removing the network lock's filter on {} ({}): {e:#}", f.ifname, if f.ingress { "ingress" } else { "egress" });
+            log::warn!(
+                "removing the network lock's filter on {} ({}): {e:#}",
+                f.ifname,
+                if f.ingress { "ingress" } else { "egress" }
+            );
         }
     }
     // Every filter gone: the connections pass packets again.
@@ -318,7 +415,10 @@ pub fn release(rec: &Record, images_dir: Option<&Path>) {
     }
     if rec.locked_at_ns > 0 && unlocked_at >= rec.locked_at_ns {
         let ms = (unlocked_at - rec.locked_at_ns) as f64 / 1e6;
-        log::info!("network lock {} removed: the connections were locked for {ms:.3} ms", rec.pin_dir);
+        log::info!(
+            "network lock {} removed: the connections were locked for {ms:.3} ms",
+            rec.pin_dir
+        );
     } else {
         log::info!("network lock {} removed", rec.pin_dir);
     }
@@ -330,7 +430,14 @@ mod tests {
 
     #[test]
     fn keys_cover_both_directions() {
-        let s = pb::TcpSocket { family: libc::AF_INET as u32, src_addr: vec![10, 0, 0, 1], src_port: 5000, dst_addr: vec![10, 0, 0, 2], dst_port: 80, ..Default::default() };
+        let s = pb::TcpSocket {
+            family: libc::AF_INET as u32,
+            src_addr: vec![10, 0, 0, 1],
+            src_port: 5000,
+            dst_addr: vec![10, 0, 0, 2],
+            dst_port: 80,
+            ..Default::default()
+        };
         let [a, b] = keys(&s).unwrap();
         assert_eq!(&a.src[..4], &[10, 0, 0, 1]);
         assert_eq!(a.sport, [0x13, 0x88]);

@@ -53,7 +53,10 @@ impl PreparedLock {
         }
         let t = std::time::Instant::now();
         let l = lock::NetLock::create(&lock_tag(pid), images_dir)?;
-        log::debug!("network lock prepared in {:.1} ms (before the freeze)", t.elapsed().as_secs_f64() * 1e3);
+        log::debug!(
+            "network lock prepared in {:.1} ms (before the freeze)",
+            t.elapsed().as_secs_f64() * 1e3
+        );
         Ok(PreparedLock(Some(l)))
     }
 }
@@ -82,7 +85,12 @@ fn lock_tag(pid: i32) -> String {
 impl DumpGuard {
     /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); the guard owns it from
     /// here.
-    pub fn begin(tcp_established: bool, images_dir: &Path, pid: i32, mut prepared: PreparedLock) -> DumpGuard {
+    pub fn begin(
+        tcp_established: bool,
+        images_dir: &Path,
+        pid: i32,
+        mut prepared: PreparedLock,
+    ) -> DumpGuard {
         if let Ok(mut g) = DUMP.lock() {
             *g = Some(DumpState {
                 tcp_established,
@@ -120,7 +128,11 @@ impl DumpGuard {
             return Ok(());
         }
         if !state.tcp_established {
-            let named: Vec<String> = s.established.iter().map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid)).collect();
+            let named: Vec<String> = s
+                .established
+                .iter()
+                .map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid))
+                .collect();
             bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
         }
         if state.lock.is_none() {
@@ -130,17 +142,25 @@ impl DumpGuard {
             for f in &s.established {
                 let c = &f.conn;
                 let t = pb::TcpSocket {
-                    family: if c.family == cr_common::sock::AF_INET { libc::AF_INET as u32 } else { libc::AF_INET6 as u32 },
+                    family: if c.family == cr_common::sock::AF_INET {
+                        libc::AF_INET as u32
+                    } else {
+                        libc::AF_INET6 as u32
+                    },
                     src_addr: c.addr_bytes(false),
                     src_port: c.lport as u32,
                     dst_addr: c.addr_bytes(true),
                     dst_port: c.rport as u32,
                     ..Default::default()
                 };
-                l.add(&t).with_context(|| format!("lock TCP connection {c}"))?;
+                l.add(&t)
+                    .with_context(|| format!("lock TCP connection {c}"))?;
             }
         }
-        log::info!("{} established TCP connection(s) of the tree locked", s.established.len());
+        log::info!(
+            "{} established TCP connection(s) of the tree locked",
+            s.established.len()
+        );
         Ok(())
     }
 
@@ -154,7 +174,11 @@ impl DumpGuard {
     pub fn resume(&mut self) {
         let (held, lock, dir) = match DUMP.lock() {
             Ok(mut g) => match g.as_mut() {
-                Some(s) => (std::mem::take(&mut s.held), s.lock.take(), s.images_dir.clone()),
+                Some(s) => (
+                    std::mem::take(&mut s.held),
+                    s.lock.take(),
+                    s.images_dir.clone(),
+                ),
                 None => return,
             },
             Err(_) => return,
@@ -185,11 +209,17 @@ impl Drop for DumpGuard {
 
 /// Why a socket fd cannot be dumped, or `None` when it can (called while surveying fds).
 pub fn refusal(fd: &OwnedFd) -> Result<Option<String>> {
-    let allowed = DUMP.lock().ok().and_then(|g| g.as_ref().map(|s| s.tcp_established)).unwrap_or(false);
+    let allowed = DUMP
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(|s| s.tcp_established))
+        .unwrap_or(false);
     Ok(match tcp::classify(fd)? {
         tcp::SockKind::Listen => None,
         tcp::SockKind::Established if allowed => None,
-        tcp::SockKind::Established => Some("an established TCP connection; dump it with --tcp-established".into()),
+        tcp::SockKind::Established => {
+            Some("an established TCP connection; dump it with --tcp-established".into())
+        }
         tcp::SockKind::Other(what) => Some(what),
     })
 }
@@ -248,7 +278,11 @@ impl RestoreLock {
 
 /// Refuses to restore established connections without --tcp-established, or when the lock the
 /// dump left is gone (the peers may have reset them meanwhile).
-pub fn check_restore(files: &pb::Files, tcp_established: bool, images_dir: &Path) -> Result<RestoreLock> {
+pub fn check_restore(
+    files: &pb::Files,
+    tcp_established: bool,
+    images_dir: &Path,
+) -> Result<RestoreLock> {
     let est: Vec<&pb::TcpSocket> = files
         .files
         .iter()
@@ -262,10 +296,16 @@ pub fn check_restore(files: &pb::Files, tcp_established: bool, images_dir: &Path
         if !est.is_empty() {
             match &rec {
                 Some(r) => lock::check_locked(r, &est)?,
-                None => bail!("the image holds established TCP connections but no network lock record ({})", lock::RECORD),
+                None => bail!(
+                    "the image holds established TCP connections but no network lock record ({})",
+                    lock::RECORD
+                ),
             }
         }
-        return Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() });
+        return Ok(RestoreLock {
+            rec,
+            images_dir: images_dir.to_path_buf(),
+        });
     }
     if let Some(t) = est.first() {
         bail!(
@@ -274,5 +314,8 @@ pub fn check_restore(files: &pb::Files, tcp_established: bool, images_dir: &Path
             tcp::show_addr(t.family, &t.dst_addr, t.dst_port)
         );
     }
-    Ok(RestoreLock { rec, images_dir: images_dir.to_path_buf() })
+    Ok(RestoreLock {
+        rec,
+        images_dir: images_dir.to_path_buf(),
+    })
 }

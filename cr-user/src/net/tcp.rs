@@ -56,7 +56,15 @@ pub enum SockKind {
 fn getsockopt_raw(fd: &OwnedFd, level: i32, opt: i32, buf: &mut [u8], what: &str) -> Result<usize> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `buf`.
-    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, buf.as_mut_ptr().cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     if r != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
     }
@@ -71,7 +79,15 @@ fn get_int(fd: &OwnedFd, level: i32, opt: i32, what: &str) -> Result<i32> {
 
 fn set_raw(fd: &OwnedFd, level: i32, opt: i32, val: &[u8], what: &str) -> Result<()> {
     // SAFETY: the kernel reads `val.len()` bytes from `val`.
-    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, opt, val.as_ptr().cast(), val.len() as libc::socklen_t) };
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            val.as_ptr().cast(),
+            val.len() as libc::socklen_t,
+        )
+    };
     if r != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt {what}"));
     }
@@ -94,7 +110,13 @@ fn ioctl_int(fd: &OwnedFd, req: libc::c_ulong, what: &str) -> Result<u32> {
 /// Puts the socket in (or out of) repair mode.
 pub fn set_repair(fd: &OwnedFd, on: bool) -> Result<()> {
     let v = if on { 1 } else { TCP_REPAIR_OFF_NO_WP };
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, v, if on { "TCP_REPAIR=1" } else { "TCP_REPAIR=off" })
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR,
+        v,
+        if on { "TCP_REPAIR=1" } else { "TCP_REPAIR=off" },
+    )
 }
 
 /// The first bytes of TCP_INFO: (state, options, snd_wscale, rcv_wscale).
@@ -104,7 +126,12 @@ fn tcp_info(fd: &OwnedFd) -> Result<(u32, u32, u32, u32)> {
     if n < 8 {
         bail!("TCP_INFO returned only {n} bytes");
     }
-    Ok((b[0] as u32, b[5] as u32, (b[6] & 0xf) as u32, (b[6] >> 4) as u32))
+    Ok((
+        b[0] as u32,
+        b[5] as u32,
+        (b[6] & 0xf) as u32,
+        (b[6] >> 4) as u32,
+    ))
 }
 
 /// What the socket `fd` (a copy of cr's own) is.
@@ -121,15 +148,23 @@ pub fn classify(fd: &OwnedFd) -> Result<SockKind> {
         d => return Ok(SockKind::Other(format!("a socket of family {d}"))),
     };
     if ty != libc::SOCK_STREAM || proto != libc::IPPROTO_TCP {
-        let what = if ty == libc::SOCK_DGRAM { "a UDP" } else { "an" };
-        return Ok(SockKind::Other(format!("{what} {fam} socket (type {ty}, protocol {proto})")));
+        let what = if ty == libc::SOCK_DGRAM {
+            "a UDP"
+        } else {
+            "an"
+        };
+        return Ok(SockKind::Other(format!(
+            "{what} {fam} socket (type {ty}, protocol {proto})"
+        )));
     }
     let (state, ..) = tcp_info(fd)?;
     Ok(match state {
         TCP_ESTABLISHED => SockKind::Established,
         TCP_LISTEN => SockKind::Listen,
         7 => SockKind::Other(format!("an unconnected {fam} TCP socket")),
-        s => SockKind::Other(format!("an {fam} TCP socket in state {s} (only listening and established ones are supported)")),
+        s => SockKind::Other(format!(
+            "an {fam} TCP socket in state {s} (only listening and established ones are supported)"
+        )),
     })
 }
 
@@ -138,13 +173,23 @@ fn parse_addr(ss: &libc::sockaddr_storage) -> Result<(u32, Vec<u8>, u32)> {
     match ss.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Ok((libc::AF_INET as u32, sin.sin_addr.s_addr.to_ne_bytes().to_vec(), u16::from_be(sin.sin_port) as u32))
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Ok((
+                libc::AF_INET as u32,
+                sin.sin_addr.s_addr.to_ne_bytes().to_vec(),
+                u16::from_be(sin.sin_port) as u32,
+            ))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Ok((libc::AF_INET6 as u32, sin6.sin6_addr.s6_addr.to_vec(), u16::from_be(sin6.sin6_port) as u32))
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Ok((
+                libc::AF_INET6 as u32,
+                sin6.sin6_addr.s6_addr.to_vec(),
+                u16::from_be(sin6.sin6_port) as u32,
+            ))
         }
         f => bail!("socket address of family {f}"),
     }
@@ -156,15 +201,29 @@ fn sock_name(fd: &OwnedFd, peer: bool) -> Result<(u32, Vec<u8>, u32)> {
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
     // SAFETY: the kernel writes at most `len` bytes into `ss`.
-    let r = unsafe { if peer { libc::getpeername(fd.as_raw_fd(), p, &mut len) } else { libc::getsockname(fd.as_raw_fd(), p, &mut len) } };
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p, &mut len)
+        }
+    };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).context(if peer { "getpeername" } else { "getsockname" });
+        return Err(std::io::Error::last_os_error()).context(if peer {
+            "getpeername"
+        } else {
+            "getsockname"
+        });
     }
     parse_addr(&ss)
 }
 
 /// A sockaddr for (family, address, port), and its length.
-fn make_addr(family: u32, addr: &[u8], port: u32) -> Result<(libc::sockaddr_storage, libc::socklen_t)> {
+fn make_addr(
+    family: u32,
+    addr: &[u8],
+    port: u32,
+) -> Result<(libc::sockaddr_storage, libc::socklen_t)> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let port = u16::try_from(port).context("port out of range")?.to_be();
@@ -172,20 +231,30 @@ fn make_addr(family: u32, addr: &[u8], port: u32) -> Result<(libc::sockaddr_stor
         libc::AF_INET => {
             let a: [u8; 4] = addr.try_into().context("IPv4 address is not 4 bytes")?;
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
             sin.sin_family = libc::AF_INET as u16;
             sin.sin_port = port;
             sin.sin_addr.s_addr = u32::from_ne_bytes(a);
-            Ok((ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t))
+            Ok((
+                ss,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ))
         }
         libc::AF_INET6 => {
             let a: [u8; 16] = addr.try_into().context("IPv6 address is not 16 bytes")?;
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             sin6.sin6_family = libc::AF_INET6 as u16;
             sin6.sin6_port = port;
             sin6.sin6_addr.s6_addr = a;
-            Ok((ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t))
+            Ok((
+                ss,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            ))
         }
         f => bail!("unknown address family {f}"),
     }
@@ -208,12 +277,26 @@ fn peek_queue(fd: &OwnedFd, queue: i32, len: u32, what: &str) -> Result<Vec<u8>>
     if len == 0 {
         return Ok(Vec::new());
     }
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )?;
     let mut buf = vec![0u8; len as usize];
     // SAFETY: recv writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("peek the {what} queue"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("peek the {what} queue"));
     }
     // Short when the queue changed meanwhile: the caller's snapshots notice and read again.
     buf.truncate(n as usize);
@@ -221,7 +304,13 @@ fn peek_queue(fd: &OwnedFd, queue: i32, len: u32, what: &str) -> Result<Vec<u8>>
 }
 
 fn queue_seq(fd: &OwnedFd, queue: i32) -> Result<u32> {
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )?;
     Ok(get_int(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32)
 }
 
@@ -242,7 +331,13 @@ fn save_options(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
 /// The addresses and options of a socket, before anything that changes it.
 pub fn describe(fd: &OwnedFd, inode: u64, kind: &SockKind) -> Result<pb::TcpSocket> {
     let (family, src_addr, src_port) = sock_name(fd, false)?;
-    let mut s = pb::TcpSocket { inode, family, src_addr, src_port, ..Default::default() };
+    let mut s = pb::TcpSocket {
+        inode,
+        family,
+        src_addr,
+        src_port,
+        ..Default::default()
+    };
     if *kind == SockKind::Established {
         let (_, dst_addr, dst_port) = sock_name(fd, true)?;
         s.dst_addr = dst_addr;
@@ -260,11 +355,17 @@ pub fn describe(fd: &OwnedFd, inode: u64, kind: &SockKind) -> Result<pb::TcpSock
 pub fn save_listen(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
     let pending = ioctl_int(fd, SIOCINQ, "SIOCINQ").unwrap_or(0);
     s.backlog = super::diag::backlog(s.family, s.inode).unwrap_or_else(|e| {
-        log::warn!("backlog of listening socket {} unknown ({e:#}); using 128", show_addr(s.family, &s.src_addr, s.src_port));
+        log::warn!(
+            "backlog of listening socket {} unknown ({e:#}); using 128",
+            show_addr(s.family, &s.src_addr, s.src_port)
+        );
         128
     });
     if pending != 0 {
-        log::warn!("listening socket {} has {pending} connection(s) not yet accepted: they are lost", show_addr(s.family, &s.src_addr, s.src_port));
+        log::warn!(
+            "listening socket {} has {pending} connection(s) not yet accepted: they are lost",
+            show_addr(s.family, &s.src_addr, s.src_port)
+        );
     }
     Ok(())
 }
@@ -279,11 +380,20 @@ fn queue_snapshot(fd: &OwnedFd) -> Result<Snapshot> {
     let outq_seq = queue_seq(fd, TCP_SEND_QUEUE)?;
     let inq_seq = queue_seq(fd, TCP_RECV_QUEUE)?;
     let mut w = [0u8; 20];
-    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w, "TCP_REPAIR_WINDOW")?;
+    let n = getsockopt_raw(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_WINDOW,
+        &mut w,
+        "TCP_REPAIR_WINDOW",
+    )?;
     if n != 20 {
         bail!("TCP_REPAIR_WINDOW returned {n} bytes, not 20");
     }
-    let window = w.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let window = w
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok((outq, unsq, inq, outq_seq, inq_seq, window))
 }
 
@@ -307,7 +417,10 @@ pub fn save_established(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
         let (outq, unsq, inq, outq_seq, inq_seq, ref window) = before;
         s.outq = peek_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
         s.inq = peek_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
-        if queue_snapshot(fd)? == before && s.outq.len() == outq as usize && s.inq.len() == inq as usize {
+        if queue_snapshot(fd)? == before
+            && s.outq.len() == outq as usize
+            && s.inq.len() == inq as usize
+        {
             s.outq_seq = outq_seq;
             s.inq_seq = inq_seq;
             s.window = window.clone();
@@ -339,7 +452,13 @@ pub fn save_established(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
 
 fn new_socket(family: u32) -> Result<OwnedFd> {
     // SAFETY: socket() with integer arguments.
-    let fd = unsafe { libc::socket(family as i32, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP) };
+    let fd = unsafe {
+        libc::socket(
+            family as i32,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_TCP,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("socket(SOCK_STREAM)");
     }
@@ -350,8 +469,16 @@ fn new_socket(family: u32) -> Result<OwnedFd> {
 fn bind(fd: &OwnedFd, family: u32, addr: &[u8], port: u32, what: &str) -> Result<()> {
     let (ss, len) = make_addr(family, addr, port)?;
     // SAFETY: ss is a valid sockaddr of length len.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("bind {what} to {}", show_addr(family, addr, port)));
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("bind {what} to {}", show_addr(family, addr, port)));
     }
     Ok(())
 }
@@ -361,9 +488,22 @@ fn send_all(fd: &OwnedFd, data: &[u8], what: &str) -> Result<()> {
     let mut off = 0;
     while off < data.len() {
         // SAFETY: send reads from the valid slice.
-        let n = unsafe { libc::send(fd.as_raw_fd(), data[off..].as_ptr().cast(), data.len() - off, libc::MSG_NOSIGNAL) };
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_NOSIGNAL,
+            )
+        };
         if n < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("refill the {what} queue ({} of {} bytes in)", off, data.len()));
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "refill the {what} queue ({} of {} bytes in)",
+                    off,
+                    data.len()
+                )
+            });
         }
         if n == 0 {
             bail!("refill the {what} queue: the kernel took no bytes");
@@ -374,10 +514,34 @@ fn send_all(fd: &OwnedFd, data: &[u8], what: &str) -> Result<()> {
 }
 
 fn restore_options(fd: &OwnedFd, s: &pb::TcpSocket) -> Result<()> {
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, s.reuseaddr as i32, "SO_REUSEADDR")?;
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, s.reuseport as i32, "SO_REUSEPORT")?;
-    set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, s.keepalive as i32, "SO_KEEPALIVE")?;
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, s.nodelay as i32, "TCP_NODELAY")?;
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        s.reuseaddr as i32,
+        "SO_REUSEADDR",
+    )?;
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEPORT,
+        s.reuseport as i32,
+        "SO_REUSEPORT",
+    )?;
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        s.keepalive as i32,
+        "SO_KEEPALIVE",
+    )?;
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        s.nodelay as i32,
+        "TCP_NODELAY",
+    )?;
     Ok(())
 }
 
@@ -387,10 +551,22 @@ fn restore_buffers(fd: &OwnedFd, s: &pb::TcpSocket) -> Result<()> {
     let cur_snd = get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")? as u32;
     let cur_rcv = get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, "SO_RCVBUF")? as u32;
     if s.sndbuf != 0 && s.sndbuf != cur_snd && s.sndbuf < cur_snd {
-        set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, (s.sndbuf / 2) as i32, "SO_SNDBUF")?;
+        set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (s.sndbuf / 2) as i32,
+            "SO_SNDBUF",
+        )?;
     }
     if s.rcvbuf != 0 && s.rcvbuf != cur_rcv && s.rcvbuf < cur_rcv {
-        set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (s.rcvbuf / 2) as i32, "SO_RCVBUF")?;
+        set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (s.rcvbuf / 2) as i32,
+            "SO_RCVBUF",
+        )?;
     }
     Ok(())
 }
@@ -400,7 +576,13 @@ pub fn restore(s: &pb::TcpSocket) -> Result<OwnedFd> {
     let src = show_addr(s.family, &s.src_addr, s.src_port);
     let fd = new_socket(s.family)?;
     if s.family == libc::AF_INET6 as u32 {
-        set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, s.v6only as i32, "IPV6_V6ONLY")?;
+        set_int(
+            &fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            s.v6only as i32,
+            "IPV6_V6ONLY",
+        )?;
     }
     match s.state {
         TCP_LISTEN => {
@@ -412,19 +594,23 @@ pub fn restore(s: &pb::TcpSocket) -> Result<OwnedFd> {
             restore_options(&fd, s).with_context(|| format!("listening socket {src}"))?;
             // SAFETY: listen with integer arguments.
             if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("listen on {src} (backlog {})", s.backlog));
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("listen on {src} (backlog {})", s.backlog));
             }
             restore_buffers(&fd, s)?;
             log::debug!("listening socket {src} restored (backlog {})", s.backlog);
         }
         TCP_ESTABLISHED => {
             let dst = show_addr(s.family, &s.dst_addr, s.dst_port);
-            restore_established(&fd, s).with_context(|| format!("TCP connection {src} -> {dst}"))?;
+            restore_established(&fd, s)
+                .with_context(|| format!("TCP connection {src} -> {dst}"))?;
             restore_options(&fd, s).with_context(|| format!("TCP connection {src} -> {dst}"))?;
             restore_buffers(&fd, s)?;
             log::debug!("TCP connection {src} -> {dst} restored");
         }
-        st => bail!("TCP socket {src} in state {st}: cr restores only listening and established sockets"),
+        st => bail!(
+            "TCP socket {src} in state {st}: cr restores only listening and established sockets"
+        ),
     }
     Ok(fd)
 }
@@ -432,15 +618,34 @@ pub fn restore(s: &pb::TcpSocket) -> Result<OwnedFd> {
 fn restore_established(fd: &OwnedFd, s: &pb::TcpSocket) -> Result<()> {
     set_repair(fd, true)?;
     let set_seq = |queue: i32, seq: u32| -> Result<()> {
-        set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
-        set_int(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, seq as i32, "TCP_QUEUE_SEQ")
+        set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_QUEUE,
+            queue,
+            "TCP_REPAIR_QUEUE",
+        )?;
+        set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_QUEUE_SEQ,
+            seq as i32,
+            "TCP_QUEUE_SEQ",
+        )
     };
     set_seq(TCP_RECV_QUEUE, s.inq_seq.wrapping_sub(s.inq.len() as u32))?;
     set_seq(TCP_SEND_QUEUE, s.outq_seq.wrapping_sub(s.outq.len() as u32))?;
     bind(fd, s.family, &s.src_addr, s.src_port, "connection")?;
     let (ss, len) = make_addr(s.family, &s.dst_addr, s.dst_port)?;
     // SAFETY: ss is a valid sockaddr of length len.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error()).context("connect in repair mode");
     }
     let mut opts: Vec<(u32, u32)> = vec![(TCPOPT_MAXSEG, s.mss)];
@@ -453,21 +658,54 @@ fn restore_established(fd: &OwnedFd, s: &pb::TcpSocket) -> Result<()> {
     if s.opts & TCPI_OPT_TIMESTAMPS != 0 {
         opts.push((TCPOPT_TIMESTAMP, 0));
     }
-    let raw: Vec<u8> = opts.iter().flat_map(|(c, v)| c.to_ne_bytes().into_iter().chain(v.to_ne_bytes())).collect();
-    set_raw(fd, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &raw, "TCP_REPAIR_OPTIONS")?;
+    let raw: Vec<u8> = opts
+        .iter()
+        .flat_map(|(c, v)| c.to_ne_bytes().into_iter().chain(v.to_ne_bytes()))
+        .collect();
+    set_raw(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_OPTIONS,
+        &raw,
+        "TCP_REPAIR_OPTIONS",
+    )?;
     if s.opts & TCPI_OPT_TIMESTAMPS != 0 {
-        set_int(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, s.timestamp as i32, "TCP_TIMESTAMP")?;
+        set_int(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_TIMESTAMP,
+            s.timestamp as i32,
+            "TCP_TIMESTAMP",
+        )?;
     }
     // The whole send queue goes in as sent and awaiting an ACK: the retransmit timer sends it
     // once repair mode is off. (Sending the unsent tail normally would put packets on the wire
     // before the peer of a local connection exists again, and earn an RST.)
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_QUEUE,
+        TCP_SEND_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
     send_all(fd, &s.outq, "send")?;
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
+    set_int(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
     send_all(fd, &s.inq, "receive")?;
     if s.window.len() == 5 {
         let raw: Vec<u8> = s.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        set_raw(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &raw, "TCP_REPAIR_WINDOW")?;
+        set_raw(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            &raw,
+            "TCP_REPAIR_WINDOW",
+        )?;
     }
     // No window probe: the peer may not exist yet (a connection within the restored tree).
     set_repair(fd, false)?;
@@ -482,11 +720,17 @@ mod tests {
     fn addresses_round_trip() {
         let (ss, len) = make_addr(libc::AF_INET as u32, &[127, 0, 0, 1], 8080).unwrap();
         assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
-        assert_eq!(parse_addr(&ss).unwrap(), (libc::AF_INET as u32, vec![127, 0, 0, 1], 8080));
+        assert_eq!(
+            parse_addr(&ss).unwrap(),
+            (libc::AF_INET as u32, vec![127, 0, 0, 1], 8080)
+        );
         let mut a6 = [0u8; 16];
         a6[15] = 1;
         let (ss, _) = make_addr(libc::AF_INET6 as u32, &a6, 443).unwrap();
-        assert_eq!(parse_addr(&ss).unwrap(), (libc::AF_INET6 as u32, a6.to_vec(), 443));
+        assert_eq!(
+            parse_addr(&ss).unwrap(),
+            (libc::AF_INET6 as u32, a6.to_vec(), 443)
+        );
         assert_eq!(show_addr(libc::AF_INET6 as u32, &a6, 443), "[::1]:443");
         assert!(make_addr(libc::AF_INET as u32, &[1, 2, 3], 1).is_err());
     }

@@ -21,7 +21,9 @@ pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
 /// Finds a `syscall` instruction inside `code` (the bytes of an executable mapping at `base`).
 pub fn find_syscall_insn(code: &[u8], base: u64) -> Option<u64> {
-    code.windows(2).position(|w| w == SYSCALL_INSN).map(|off| base + off as u64)
+    code.windows(2)
+        .position(|w| w == SYSCALL_INSN)
+        .map(|off| base + off as u64)
 }
 
 /// Scratch memory in the target.
@@ -43,7 +45,13 @@ impl<'t> Remote<'t> {
     /// Prepares remote calls through the `syscall` instruction at `syscall_ip` (in the target).
     pub fn new(t: &'t mut Tracee, syscall_ip: u64) -> Result<Remote<'t>> {
         let saved = t.regs()?;
-        Ok(Remote { t, syscall_ip, saved, scratch: None, restored: false })
+        Ok(Remote {
+            t,
+            syscall_ip,
+            saved,
+            scratch: None,
+            restored: false,
+        })
     }
 
     pub fn saved_regs(&self) -> &libc::user_regs_struct {
@@ -92,7 +100,11 @@ impl<'t> Remote<'t> {
                 }
                 Some(sig) => {
                     last_sig = sig;
-                    log::debug!("task {}: signal {sig} arrived during remote syscall {nr} (rip {:#x})", self.t.tid, self.t.regs().map(|r| r.rip).unwrap_or(0));
+                    log::debug!(
+                        "task {}: signal {sig} arrived during remote syscall {nr} (rip {:#x})",
+                        self.t.tid,
+                        self.t.regs().map(|r| r.rip).unwrap_or(0)
+                    );
                     // A signal arrived before the instruction ran: hold it back (it is sent
                     // again on detach) and retry from the same registers.
                     self.t.stashed.push(sig);
@@ -100,7 +112,10 @@ impl<'t> Remote<'t> {
                 }
             }
         }
-        bail!("remote syscall {nr} in task {}: signal {last_sig} kept arriving", self.t.tid)
+        bail!(
+            "remote syscall {nr} in task {}: signal {last_sig} kept arriving",
+            self.t.tid
+        )
     }
 
     /// Like [`Remote::raw_syscall`], but a negative result is an error naming the call.
@@ -125,7 +140,14 @@ impl<'t> Remote<'t> {
         let addr = self.syscall(
             "mmap(scratch)",
             libc::SYS_mmap,
-            &[0, len, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+            &[
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
         )?;
         let s = Scratch { addr, len };
         self.scratch = Some(s);
@@ -216,13 +238,16 @@ pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
         .write(true)
         .open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("open /proc/{pid}/mem"))?;
-    f.write_all_at(data, addr).with_context(|| format!("write {} bytes at {addr:#x} of task {pid}", data.len()))
+    f.write_all_at(data, addr)
+        .with_context(|| format!("write {} bytes at {addr:#x} of task {pid}", data.len()))
 }
 
 pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("open /proc/{pid}/mem"))?;
-    f.read_exact_at(buf, addr).with_context(|| format!("read {} bytes at {addr:#x} of task {pid}", buf.len()))
+    let f = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("open /proc/{pid}/mem"))?;
+    f.read_exact_at(buf, addr)
+        .with_context(|| format!("read {} bytes at {addr:#x} of task {pid}", buf.len()))
 }
 
 #[cfg(test)]

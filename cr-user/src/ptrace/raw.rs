@@ -27,7 +27,14 @@ pub const NT_PRSTATUS: u32 = 1;
 fn ptrace(req: u32, tid: i32, addr: usize, data: usize) -> io::Result<i64> {
     // SAFETY: every caller passes addr/data that are either integers or pointers to buffers
     // valid for the size the request implies (checked at each call site below).
-    let r = unsafe { libc::ptrace(req as _, tid, addr as *mut libc::c_void, data as *mut libc::c_void) };
+    let r = unsafe {
+        libc::ptrace(
+            req as _,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    };
     if r == -1 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(0) {
@@ -56,7 +63,12 @@ pub fn setoptions(tid: i32, options: u32) -> io::Result<()> {
 /// PTRACE_GETEVENTMSG: after a fork/clone event, the new task's id.
 pub fn geteventmsg(tid: i32) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
-    ptrace(libc::PTRACE_GETEVENTMSG as u32, tid, 0, &mut msg as *mut libc::c_ulong as usize)?;
+    ptrace(
+        libc::PTRACE_GETEVENTMSG as u32,
+        tid,
+        0,
+        &mut msg as *mut libc::c_ulong as usize,
+    )?;
     Ok(msg as u64)
 }
 
@@ -75,24 +87,52 @@ pub fn detach(tid: i32, sig: i32) -> io::Result<()> {
 pub fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
-    ptrace(libc::PTRACE_GETREGS as u32, tid, 0, &mut regs as *mut _ as usize)?;
+    ptrace(
+        libc::PTRACE_GETREGS as u32,
+        tid,
+        0,
+        &mut regs as *mut _ as usize,
+    )?;
     Ok(regs)
 }
 
 pub fn setregs(tid: i32, regs: &libc::user_regs_struct) -> io::Result<()> {
-    ptrace(libc::PTRACE_SETREGS as u32, tid, 0, regs as *const _ as usize).map(drop)
+    ptrace(
+        libc::PTRACE_SETREGS as u32,
+        tid,
+        0,
+        regs as *const _ as usize,
+    )
+    .map(drop)
 }
 
 /// PTRACE_GETREGSET into `buf`; returns the number of bytes the kernel filled.
 pub fn getregset(tid: i32, note: u32, buf: &mut [u8]) -> io::Result<usize> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    ptrace(libc::PTRACE_GETREGSET as u32, tid, note as usize, &mut iov as *mut _ as usize)?;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    ptrace(
+        libc::PTRACE_GETREGSET as u32,
+        tid,
+        note as usize,
+        &mut iov as *mut _ as usize,
+    )?;
     Ok(iov.iov_len)
 }
 
 pub fn setregset(tid: i32, note: u32, buf: &[u8]) -> io::Result<()> {
-    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-    ptrace(libc::PTRACE_SETREGSET as u32, tid, note as usize, &mut iov as *mut _ as usize).map(drop)
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut _,
+        iov_len: buf.len(),
+    };
+    ptrace(
+        libc::PTRACE_SETREGSET as u32,
+        tid,
+        note as usize,
+        &mut iov as *mut _ as usize,
+    )
+    .map(drop)
 }
 
 pub fn getsigmask(tid: i32) -> io::Result<u64> {
@@ -107,7 +147,12 @@ pub fn setsigmask(tid: i32, mask: u64) -> io::Result<()> {
 
 pub fn getsiginfo(tid: i32) -> io::Result<[u8; 128]> {
     let mut si = [0u8; 128];
-    ptrace(libc::PTRACE_GETSIGINFO as u32, tid, 0, si.as_mut_ptr() as usize)?;
+    ptrace(
+        libc::PTRACE_GETSIGINFO as u32,
+        tid,
+        0,
+        si.as_mut_ptr() as usize,
+    )?;
     Ok(si)
 }
 
@@ -125,7 +170,12 @@ pub fn peeksiginfo(tid: i32, off: u64, shared: bool, out: &mut [[u8; 128]]) -> i
         flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
         nr: out.len() as i32,
     };
-    let n = ptrace(PTRACE_PEEKSIGINFO, tid, &args as *const _ as usize, out.as_mut_ptr() as usize)?;
+    let n = ptrace(
+        PTRACE_PEEKSIGINFO,
+        tid,
+        &args as *const _ as usize,
+        out.as_mut_ptr() as usize,
+    )?;
     Ok(n as usize)
 }
 
@@ -142,7 +192,12 @@ pub struct RseqConfig {
 
 pub fn get_rseq_configuration(tid: i32) -> io::Result<RseqConfig> {
     let mut c = RseqConfig::default();
-    ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, std::mem::size_of::<RseqConfig>(), &mut c as *mut _ as usize)?;
+    ptrace(
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        tid,
+        std::mem::size_of::<RseqConfig>(),
+        &mut c as *mut _ as usize,
+    )?;
     Ok(c)
 }
 

@@ -42,21 +42,34 @@ impl Tracee {
     /// the stop is taken.
     pub fn seize(tgid: i32, tid: i32) -> Result<Tracee> {
         raw::seize(tid, 0).with_context(|| format!("PTRACE_SEIZE of task {tid}"))?;
-        let mut t = Tracee { tgid, tid, state: SeizedState::Running, stashed: Vec::new(), new_tasks: Vec::new(), attached: true, kill_on_drop: false };
+        let mut t = Tracee {
+            tgid,
+            tid,
+            state: SeizedState::Running,
+            stashed: Vec::new(),
+            new_tasks: Vec::new(),
+            attached: true,
+            kill_on_drop: false,
+        };
         raw::interrupt(tid).with_context(|| format!("PTRACE_INTERRUPT of task {tid}"))?;
         loop {
             match raw::wait(tid)? {
                 Wait::Stopped(sig, raw::PTRACE_EVENT_STOP) => {
-                    if matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
+                    if matches!(
+                        sig,
+                        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                    ) {
                         t.state = SeizedState::JobStopped(sig);
                     }
                     return Ok(t);
                 }
                 Wait::Stopped(sig, 0) => {
-                    raw::cont(tid, sig).with_context(|| format!("deliver signal {sig} to task {tid}"))?;
+                    raw::cont(tid, sig)
+                        .with_context(|| format!("deliver signal {sig} to task {tid}"))?;
                 }
                 Wait::Stopped(_, _) => {
-                    raw::cont(tid, 0).with_context(|| format!("resume task {tid} after a ptrace event"))?;
+                    raw::cont(tid, 0)
+                        .with_context(|| format!("resume task {tid} after a ptrace event"))?;
                 }
                 Wait::Exited(c) => {
                     t.attached = false;
@@ -86,7 +99,15 @@ impl Tracee {
     /// (auto-attached on a fork/clone event, with SIGSTOP queued by the kernel). It is killed
     /// if dropped before [`Tracee::detach`], or if cr dies.
     pub fn adopt_new_task(tgid: i32, tid: i32) -> Result<Tracee> {
-        let mut t = Tracee { tgid, tid, state: SeizedState::Running, stashed: Vec::new(), new_tasks: Vec::new(), attached: true, kill_on_drop: true };
+        let mut t = Tracee {
+            tgid,
+            tid,
+            state: SeizedState::Running,
+            stashed: Vec::new(),
+            new_tasks: Vec::new(),
+            attached: true,
+            kill_on_drop: true,
+        };
         match raw::wait(tid)? {
             Wait::Stopped(libc::SIGSTOP, 0) | Wait::Stopped(_, raw::PTRACE_EVENT_STOP) => {}
             other => {
@@ -95,7 +116,9 @@ impl Tracee {
             }
         }
         let opts = libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACECLONE;
-        raw::setoptions(tid, opts as u32).with_context(|| format!("PTRACE_SETOPTIONS(EXITKILL|TRACEFORK|TRACECLONE) on {tid}"))?;
+        raw::setoptions(tid, opts as u32).with_context(|| {
+            format!("PTRACE_SETOPTIONS(EXITKILL|TRACEFORK|TRACECLONE) on {tid}")
+        })?;
         Ok(t)
     }
 
@@ -117,8 +140,13 @@ impl Tracee {
     }
 
     pub fn set_xstate(&self, xsave: &[u8]) -> Result<()> {
-        raw::setregset(self.tid, raw::NT_X86_XSTATE, xsave)
-            .with_context(|| format!("PTRACE_SETREGSET(NT_X86_XSTATE, {} bytes) of task {}", xsave.len(), self.tid))
+        raw::setregset(self.tid, raw::NT_X86_XSTATE, xsave).with_context(|| {
+            format!(
+                "PTRACE_SETREGSET(NT_X86_XSTATE, {} bytes) of task {}",
+                xsave.len(),
+                self.tid
+            )
+        })
     }
 
     pub fn sigmask(&self) -> Result<u64> {
@@ -126,7 +154,8 @@ impl Tracee {
     }
 
     pub fn set_sigmask(&self, mask: u64) -> Result<()> {
-        raw::setsigmask(self.tid, mask).with_context(|| format!("PTRACE_SETSIGMASK of task {}", self.tid))
+        raw::setsigmask(self.tid, mask)
+            .with_context(|| format!("PTRACE_SETSIGMASK of task {}", self.tid))
     }
 
     /// Queued signals without dequeuing them: the thread's own queue, or the process-wide one.
@@ -144,7 +173,8 @@ impl Tracee {
     }
 
     pub fn rseq(&self) -> Result<raw::RseqConfig> {
-        raw::get_rseq_configuration(self.tid).with_context(|| format!("PTRACE_GET_RSEQ_CONFIGURATION of task {}", self.tid))
+        raw::get_rseq_configuration(self.tid)
+            .with_context(|| format!("PTRACE_GET_RSEQ_CONFIGURATION of task {}", self.tid))
     }
 
     /// Resumes the task for one instruction (`sig` 0: deliver nothing) and waits for the trap.
@@ -155,14 +185,23 @@ impl Tracee {
     /// [`Tracee::new_tasks`] and the step continues: the syscall finishes and the step trap
     /// follows.
     pub fn step(&mut self) -> Result<Option<i32>> {
-        raw::singlestep(self.tid, 0).with_context(|| format!("PTRACE_SINGLESTEP of task {}", self.tid))?;
+        raw::singlestep(self.tid, 0)
+            .with_context(|| format!("PTRACE_SINGLESTEP of task {}", self.tid))?;
         loop {
             match raw::wait(self.tid)? {
-                Wait::Stopped(libc::SIGTRAP, ev @ (raw::PTRACE_EVENT_FORK | raw::PTRACE_EVENT_VFORK | raw::PTRACE_EVENT_CLONE)) => {
-                    let child = raw::geteventmsg(self.tid).with_context(|| format!("PTRACE_GETEVENTMSG of task {}", self.tid))?;
+                Wait::Stopped(
+                    libc::SIGTRAP,
+                    ev @ (raw::PTRACE_EVENT_FORK
+                    | raw::PTRACE_EVENT_VFORK
+                    | raw::PTRACE_EVENT_CLONE),
+                ) => {
+                    let child = raw::geteventmsg(self.tid)
+                        .with_context(|| format!("PTRACE_GETEVENTMSG of task {}", self.tid))?;
                     log::debug!("task {} created task {child} (ptrace event {ev})", self.tid);
                     self.new_tasks.push(child as i32);
-                    raw::singlestep(self.tid, 0).with_context(|| format!("PTRACE_SINGLESTEP of task {} after event {ev}", self.tid))?;
+                    raw::singlestep(self.tid, 0).with_context(|| {
+                        format!("PTRACE_SINGLESTEP of task {} after event {ev}", self.tid)
+                    })?;
                 }
                 other => return self.step_result(other),
             }
@@ -173,14 +212,20 @@ impl Tracee {
         match w {
             Wait::Stopped(libc::SIGTRAP, 0) => Ok(None),
             Wait::Stopped(sig, 0) => Ok(Some(sig)),
-            Wait::Stopped(sig, ev) => bail!("task {}: unexpected ptrace event {ev} (signal {sig}) during a remote call", self.tid),
+            Wait::Stopped(sig, ev) => bail!(
+                "task {}: unexpected ptrace event {ev} (signal {sig}) during a remote call",
+                self.tid
+            ),
             Wait::Exited(c) => {
                 self.attached = false;
                 bail!("task {} exited (status {c}) during a remote call", self.tid)
             }
             Wait::Signaled(s) => {
                 self.attached = false;
-                bail!("task {} was killed by signal {s} during a remote call", self.tid)
+                bail!(
+                    "task {} was killed by signal {s} during a remote call",
+                    self.tid
+                )
             }
         }
     }
@@ -215,7 +260,8 @@ impl Tracee {
         self.attached = false;
         // SAFETY: plain kill(2) of a task we hold stopped.
         if unsafe { libc::kill(self.tgid, libc::SIGKILL) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("kill({}, SIGKILL)", self.tgid));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("kill({}, SIGKILL)", self.tgid));
         }
         loop {
             match raw::wait(self.tid) {
@@ -260,7 +306,11 @@ impl Drop for Tracee {
         if !self.attached {
             return;
         }
-        let r = if self.kill_on_drop { self.do_kill() } else { self.do_detach() };
+        let r = if self.kill_on_drop {
+            self.do_kill()
+        } else {
+            self.do_detach()
+        };
         if let Err(e) = r {
             log::warn!("releasing task {}: {e:#}", self.tid);
         }

@@ -210,8 +210,16 @@ impl TreeFiles {
             }
         }
         TreeFiles {
-            files: file_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
-            pipes: pipe_users.into_iter().filter(|&(_, n)| n > 1).map(|(id, _)| (id, None)).collect(),
+            files: file_users
+                .into_iter()
+                .filter(|&(_, n)| n > 1)
+                .map(|(id, _)| (id, None))
+                .collect(),
+            pipes: pipe_users
+                .into_iter()
+                .filter(|&(_, n)| n > 1)
+                .map(|(id, _)| (id, None))
+                .collect(),
             fifos_filled: HashSet::new(),
         }
     }
@@ -244,9 +252,11 @@ impl FdBuilder<'_, '_, '_, '_> {
         let pidfd = match self.cr_pidfd {
             Some(p) => p,
             None => {
-                let p = self
-                    .r
-                    .syscall("pidfd_open(cr)", libc::SYS_pidfd_open, &[std::process::id() as u64, 0])?;
+                let p = self.r.syscall(
+                    "pidfd_open(cr)",
+                    libc::SYS_pidfd_open,
+                    &[std::process::id() as u64, 0],
+                )?;
                 let p = self.move_high(p)?;
                 self.cr_pidfd = Some(p);
                 p
@@ -254,7 +264,11 @@ impl FdBuilder<'_, '_, '_, '_> {
         };
         let fd = self
             .r
-            .syscall("pidfd_getfd", libc::SYS_pidfd_getfd, &[pidfd, mine as u64, 0])
+            .syscall(
+                "pidfd_getfd",
+                libc::SYS_pidfd_getfd,
+                &[pidfd, mine as u64, 0],
+            )
             .with_context(|| format!("take {what} from cr"))?;
         self.move_high(fd)
     }
@@ -321,7 +335,10 @@ impl FdBuilder<'_, '_, '_, '_> {
     fn open_description(&mut self, f: &pb::FileEntry, fd_no: i32) -> Result<u64> {
         if let Some(Some(mine)) = self.tree.files.get(&f.id) {
             let mine = mine.as_raw_fd();
-            return self.install_from_cr(mine, &format!("file {} (shared with another process) for fd {fd_no}", f.id));
+            return self.install_from_cr(
+                mine,
+                &format!("file {} (shared with another process) for fd {fd_no}", f.id),
+            );
         }
         let flags = f.flags
             & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC)
@@ -364,7 +381,11 @@ impl FdBuilder<'_, '_, '_, '_> {
             Some(Kind::Tty(tty)) => {
                 // The terminal the tree had is outside it (--shell-job): the task gets cr's.
                 let path = own_terminal()?;
-                log::info!("PID {}: fd {fd_no} (terminal {} at dump time) now on {path}", self.pid, tty.path);
+                log::info!(
+                    "PID {}: fd {fd_no} (terminal {} at dump time) now on {path}",
+                    self.pid,
+                    tty.path
+                );
                 self.open(
                     &path,
                     flags | libc::O_NOCTTY as u32,
@@ -452,7 +473,9 @@ impl FdBuilder<'_, '_, '_, '_> {
     fn pipe_end(&mut self, pipe_id: u64, flags: u32, fd_no: i32) -> Result<u64> {
         if !self.pipes.contains_key(&pipe_id) {
             let shared = match self.tree.pipes.get(&pipe_id) {
-                Some(Some(sp)) => Some((sp.rd.as_raw_fd(), sp.wr.as_raw_fd(), sp.rd_used, sp.wr_used)),
+                Some(Some(sp)) => {
+                    Some((sp.rd.as_raw_fd(), sp.wr.as_raw_fd(), sp.rd_used, sp.wr_used))
+                }
                 _ => None,
             };
             let ends = match shared {
@@ -461,7 +484,12 @@ impl FdBuilder<'_, '_, '_, '_> {
                     let what = format!("pipe:[{pipe_id}] (shared with another process)");
                     let rd = self.install_from_cr(rd, &what)?;
                     let wr = self.install_from_cr(wr, &what)?;
-                    PipeEnds { rd, wr, rd_used, wr_used }
+                    PipeEnds {
+                        rd,
+                        wr,
+                        rd_used,
+                        wr_used,
+                    }
                 }
                 None => self.make_pipe(pipe_id)?,
             };
@@ -696,7 +724,12 @@ pub fn restore_fds_in_tree(
     }
     // Pipes other processes also hold an end of: cr keeps both ends (and which ends already
     // have their first description) before the temporaries close.
-    let pipe_ids: Vec<u64> = b.pipes.keys().copied().filter(|id| b.tree.pipes.contains_key(id)).collect();
+    let pipe_ids: Vec<u64> = b
+        .pipes
+        .keys()
+        .copied()
+        .filter(|id| b.tree.pipes.contains_key(id))
+        .collect();
     for id in pipe_ids {
         let (rd, wr, rd_used, wr_used) = {
             let e = &b.pipes[&id];
@@ -708,7 +741,12 @@ pub fn restore_fds_in_tree(
                 sp.wr_used |= wr_used;
                 sp
             }
-            None => SharedPipe { rd: b.take_into_cr(rd)?, wr: b.take_into_cr(wr)?, rd_used, wr_used },
+            None => SharedPipe {
+                rd: b.take_into_cr(rd)?,
+                wr: b.take_into_cr(wr)?,
+                rd_used,
+                wr_used,
+            },
         };
         b.tree.pipes.insert(id, Some(sp));
     }

@@ -47,18 +47,30 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let t0 = Instant::now();
     let chain = ImageChain::open(&o.images_dir)?;
     chain.validate()?;
-    log::debug!("images validated in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    log::debug!(
+        "images validated in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     let dir = chain.newest();
     let inv = dir.inventory();
     if inv.flags & crate::dump::DUMP_F_PRE_DUMP != 0 {
-        bail!("{} is a pre-dump (memory only): restore from the final dump", o.images_dir.display());
+        bail!(
+            "{} is a pre-dump (memory only): restore from the final dump",
+            o.images_dir.display()
+        );
     }
     if inv.flags & crate::dump::DUMP_F_SHELL_JOB != 0 && !o.shell_job {
-        bail!("{} was dumped with --shell-job: restore it with --shell-job (-j)", o.images_dir.display());
+        bail!(
+            "{} was dumped with --shell-job: restore it with --shell-job (-j)",
+            o.images_dir.display()
+        );
     }
     if let Ok(k) = crate::proc::task::kernel_release() {
         if k != inv.kernel_release {
-            log::warn!("the image was dumped on kernel {}, this is {k}", inv.kernel_release);
+            log::warn!(
+                "the image was dumped on kernel {}, this is {k}",
+                inv.kernel_release
+            );
         }
     }
     let pstree: pb::PsTree = dir.read_msg(imgdir::PSTREE, Kind::PsTree)?;
@@ -81,7 +93,11 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
         for &tid in &e.threads {
             let core: pb::Core = dir.read_msg(&imgdir::core_file(tid), Kind::Core)?;
             if core.tid != tid {
-                bail!("{} holds thread {}, not {tid}", imgdir::core_file(tid), core.tid);
+                bail!(
+                    "{} holds thread {}, not {tid}",
+                    imgdir::core_file(tid),
+                    core.tid
+                );
             }
             cores.push(core);
         }
@@ -124,7 +140,10 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     for p in &procs {
         let pid = p.entry.pid;
         let _scope = TaskScope::enter(pid);
-        let mut t = created.tasks.remove(&pid).context("internal: a process was not created")?;
+        let mut t = created
+            .tasks
+            .remove(&pid)
+            .context("internal: a process was not created")?;
         let no_links = HashMap::new();
         let ctx = BuildCtx {
             files: &files,
@@ -133,7 +152,8 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             zombie_children: created.zombie_parents.contains(&pid),
             locks: file_locks.get(&pid).map(Vec::as_slice).unwrap_or(&[]),
         };
-        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files).with_context(|| format!("restoring PID {pid}"))?;
+        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files)
+            .with_context(|| format!("restoring PID {pid}"))?;
         keep.push(k);
         released.push(t);
         released.extend(threads);
@@ -142,17 +162,23 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     net_lock.release();
     // Past this point the tree runs: write the pidfile before anything can observe it missing.
     if let Some(pf) = &o.pidfile {
-        if let Err(e) = std::fs::write(pf, format!("{root}\n")).with_context(|| format!("write pidfile {}", pf.display())) {
+        if let Err(e) = std::fs::write(pf, format!("{root}\n"))
+            .with_context(|| format!("write pidfile {}", pf.display()))
+        {
             drop(released); // killed: a restore that fails leaves nothing behind
             return Err(e);
         }
     }
     for t in released {
         let tid = t.tid;
-        t.detach().with_context(|| format!("releasing task {tid}"))?;
+        t.detach()
+            .with_context(|| format!("releasing task {tid}"))?;
     }
     drop(keep);
-    log::info!("PID {root} restored in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    log::info!(
+        "PID {root} restored in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     if o.detached {
         return Ok(0);
     }
@@ -192,19 +218,29 @@ struct BuildCtx<'a> {
 /// Rebuilds one process inside the stopped task `t` (a clean copy of cr, every signal
 /// blocked): memory, files, threads, task state, then every thread's registers. Returns what
 /// must stay open until the tree runs, and the threads.
-fn build(t: &mut Tracee, img: &ProcImage, ctx: &BuildCtx, tree_files: &mut files::TreeFiles) -> Result<(files::Keepalive, Vec<Tracee>)> {
+fn build(
+    t: &mut Tracee,
+    img: &ProcImage,
+    ctx: &BuildCtx,
+    tree_files: &mut files::TreeFiles,
+) -> Result<(files::Keepalive, Vec<Tracee>)> {
     let pid = t.tgid;
     // The task is a copy of cr: its vDSO is cr's, at the same address.
     let cur = crate::proc::maps::read_maps(pid)?;
     let vdso = cur
         .iter()
         .find(|v| v.name == crate::proc::maps::VmaName::Vdso)
-        .context("the new task has no vDSO (booted with vdso=0?): cr needs it for remote syscalls")?;
+        .context(
+            "the new task has no vDSO (booted with vdso=0?): cr needs it for remote syscalls",
+        )?;
     let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
     // Every signal stays blocked while cr drives the task: nothing may run a handler
     // mid-restore (set when the task was created; again here for the record).
     t.set_sigmask(!0)?;
-    let main_core = img.cores.first().context("the image has no core of the main thread")?;
+    let main_core = img
+        .cores
+        .first()
+        .context("the image has no core of the main thread")?;
     let mut r = Remote::new(t, ip)?;
     memory::clear_inherited(&mut r, pid)?;
     let delta = memory::move_vdso(&mut r, pid, &img.mm.vmas)?;
@@ -213,25 +249,44 @@ fn build(t: &mut Tracee, img: &ProcImage, ctx: &BuildCtx, tree_files: &mut files
     let scratch = r.scratch_at(scratch_at, memory::SCRATCH_LEN)?.addr;
     let t_map = std::time::Instant::now();
     memory::map_vmas_linked(&mut r, scratch, &img.mm.vmas, ctx.links)?;
-    log::debug!("{} VMAs mapped in {:.1} ms", img.mm.vmas.len(), t_map.elapsed().as_secs_f64() * 1e3);
+    log::debug!(
+        "{} VMAs mapped in {:.1} ms",
+        img.mm.vmas.len(),
+        t_map.elapsed().as_secs_f64() * 1e3
+    );
     let t_fill = std::time::Instant::now();
-    let linked: Vec<(u64, u64)> = img.mm.vmas.iter().filter(|v| ctx.links.contains_key(&v.start)).map(|v| (v.start, v.end)).collect();
+    let linked: Vec<(u64, u64)> = img
+        .mm
+        .vmas
+        .iter()
+        .filter(|v| ctx.links.contains_key(&v.start))
+        .map(|v| (v.start, v.end))
+        .collect();
     let segments = without_ranges(&img.segments, &linked);
     memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments)?;
-    log::debug!("pages written in {:.1} ms", t_fill.elapsed().as_secs_f64() * 1e3);
+    log::debug!(
+        "pages written in {:.1} ms",
+        t_fill.elapsed().as_secs_f64() * 1e3
+    );
     memory::set_mm(&mut r, scratch, &img.mm)?;
-    let keep = files::restore_fds_in_tree(&mut r, scratch, pid, ctx.dir, &img.fds, ctx.files, tree_files)?;
+    let keep = files::restore_fds_in_tree(
+        &mut r, scratch, pid, ctx.dir, &img.fds, ctx.files, tree_files,
+    )?;
     locks::take(&mut r, scratch, pid, ctx.locks)?;
     if ctx.zombie_children {
         tree::dequeue_sigchld(&mut r, scratch)?;
     }
     let mut threads = threads::create(&mut r, scratch, pid, &img.cores[1..])?;
-    let st = main_core.task.as_ref().context("core image has no task state")?;
+    let st = main_core
+        .task
+        .as_ref()
+        .context("core image has no task state")?;
     let syscall_ip = r.syscall_ip();
     for (th, core) in threads.iter_mut().zip(&img.cores[1..]) {
         let tid = th.tid;
         let mut tr = Remote::new(th, syscall_ip)?;
-        threads::restore_thread(&mut tr, scratch, pid, core, st).with_context(|| format!("restoring thread {tid}"))?;
+        threads::restore_thread(&mut tr, scratch, pid, core, st)
+            .with_context(|| format!("restoring thread {tid}"))?;
         tr.done_without_restoring_regs();
     }
     task::restore_task(&mut r, scratch, pid, main_core)?;
@@ -260,7 +315,11 @@ fn without_ranges(segments: &[PageSegment], ranges: &[(u64, u64)]) -> Vec<PageSe
                     next.push((a, b));
                     continue;
                 }
-                log::debug!("saved pages {:#x}-{:#x} belong to shared memory restored elsewhere", a.max(s), b.min(e));
+                log::debug!(
+                    "saved pages {:#x}-{:#x} belong to shared memory restored elsewhere",
+                    a.max(s),
+                    b.min(e)
+                );
                 if a < s {
                     next.push((a, s));
                 }

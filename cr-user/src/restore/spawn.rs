@@ -16,7 +16,13 @@ use crate::sys::abi::CloneArgs;
 /// it from its own memory): `flags`, `exit_signal`, and the address of a one-element set_tid
 /// array in the task.
 pub fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<u8> {
-    let args = CloneArgs { flags, exit_signal, set_tid: set_tid_addr, set_tid_size: 1, ..Default::default() };
+    let args = CloneArgs {
+        flags,
+        exit_signal,
+        set_tid: set_tid_addr,
+        set_tid_size: 1,
+        ..Default::default()
+    };
     [
         args.flags,
         args.pidfd,
@@ -47,7 +53,13 @@ fn clone3_at(pid: i32) -> std::io::Result<i32> {
     // SAFETY: fork-like clone3 (no CLONE_VM, no new stack): the child continues on a private copy
     // of this thread's stack and only runs `child_stop`, which makes raw syscalls and never
     // returns.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -58,7 +70,14 @@ fn clone3_at(pid: i32) -> std::io::Result<i32> {
 fn child_stop() -> ! {
     // SAFETY: raw syscalls with integer arguments; no allocation, no locks.
     unsafe {
-        libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        libc::syscall(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL,
+            0,
+            0,
+            0,
+        );
         if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
             libc::syscall(libc::SYS_exit_group, 126);
         }
@@ -74,7 +93,11 @@ fn child_stop() -> ! {
 fn owner_of(pid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("?").to_string();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string();
     format!("{} (state {state})", comm.trim())
 }
 
@@ -93,7 +116,8 @@ pub fn spawn_at(pid: i32, wait: Duration) -> Result<Tracee> {
                 if waited {
                     log::info!("PID {pid} became free");
                 }
-                return Tracee::adopt_stopped_child(pid).with_context(|| format!("taking the new task {pid}"));
+                return Tracee::adopt_stopped_child(pid)
+                    .with_context(|| format!("taking the new task {pid}"));
             }
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 if Instant::now() >= deadline {
@@ -104,7 +128,11 @@ pub fn spawn_at(pid: i32, wait: Duration) -> Result<Tracee> {
                     );
                 }
                 if !waited {
-                    log::info!("PID {pid} is still taken by {}; waiting up to {:?} for it to go", owner_of(pid), wait);
+                    log::info!(
+                        "PID {pid} is still taken by {}; waiting up to {:?} for it to go",
+                        owner_of(pid),
+                        wait
+                    );
                     waited = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -118,7 +118,12 @@ fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> Resul
     b[16..24].copy_from_slice(&ss.size.to_ne_bytes());
     r.write_mem(scratch, &b)?;
     r.syscall("sigaltstack", libc::SYS_sigaltstack, &[scratch, 0])
-        .with_context(|| format!("restore the alternate signal stack {:#x}+{:#x} of thread {}", ss.sp, ss.size, r.t.tid))?;
+        .with_context(|| {
+            format!(
+                "restore the alternate signal stack {:#x}+{:#x} of thread {}",
+                ss.sp, ss.size, r.t.tid
+            )
+        })?;
     Ok(())
 }
 
@@ -126,13 +131,25 @@ fn restore_altstack(r: &mut Remote, scratch: u64, ss: &pb::SigAltStack) -> Resul
 /// thread `r` drives).
 fn restore_thread_identity(r: &mut Remote, scratch: u64, core: &pb::Core) -> Result<()> {
     if core.clear_child_tid != 0 {
-        r.syscall("set_tid_address", libc::SYS_set_tid_address, &[core.clear_child_tid])?;
+        r.syscall(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            &[core.clear_child_tid],
+        )?;
     }
     let p = put_str(r, scratch, 0, &core.comm)?;
-    r.syscall("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, p])?;
+    r.syscall(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, p],
+    )?;
     if let Some(rs) = &core.rseq {
-        r.syscall("rseq", libc::SYS_rseq, &[rs.addr, rs.len as u64, 0, rs.signature as u64])
-            .with_context(|| format!("register rseq at {:#x} for thread {}", rs.addr, r.t.tid))?;
+        r.syscall(
+            "rseq",
+            libc::SYS_rseq,
+            &[rs.addr, rs.len as u64, 0, rs.signature as u64],
+        )
+        .with_context(|| format!("register rseq at {:#x} for thread {}", rs.addr, r.t.tid))?;
     }
     Ok(())
 }
@@ -627,4 +644,3 @@ mod tests {
         );
     }
 }
-

@@ -640,8 +640,15 @@ mod tests {
             let mut s = PagemapScanner::with_capacity(std::process::id() as i32, cap).unwrap();
             let r = s.scan(base, m.end(), &q).unwrap();
             assert_eq!(r.len(), touched.len(), "capacity {cap}");
-            assert!(r.windows(2).all(|w| w[0].end <= w[1].start), "capacity {cap}: regions overlap or go back");
-            assert_eq!(pages_of(&r, base, PAGE_IS_PRESENT), touched, "capacity {cap}");
+            assert!(
+                r.windows(2).all(|w| w[0].end <= w[1].start),
+                "capacity {cap}: regions overlap or go back"
+            );
+            assert_eq!(
+                pages_of(&r, base, PAGE_IS_PRESENT),
+                touched,
+                "capacity {cap}"
+            );
         }
     }
 

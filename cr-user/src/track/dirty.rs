@@ -141,7 +141,11 @@ impl Tracker {
 
     /// The current epoch of `tgid`.
     pub fn epoch(&self, tgid: u32) -> Result<u64> {
-        Ok(self.targets.get(&tgid, 0).with_context(|| format!("process {tgid} is not tracked"))?.epoch)
+        Ok(self
+            .targets
+            .get(&tgid, 0)
+            .with_context(|| format!("process {tgid} is not tracked"))?
+            .epoch)
     }
 
     /// Starts a new epoch for `tgid` and returns it: pages written from now on carry it, so a

@@ -66,7 +66,9 @@ impl BpfObject {
             log::warn!("tracefs is not mounted and cannot be: {e:#}");
         }
         let fault_layout = tracefs::read_fault_layout().map_err(|e| format!("{e:#}"));
-        let fork_off = match tracefs::read_format("sched", "sched_process_fork").and_then(|t| tracefs::fork_child_pid_offset(&t)) {
+        let fork_off = match tracefs::read_format("sched", "sched_process_fork")
+            .and_then(|t| tracefs::fork_child_pid_offset(&t))
+        {
             Ok(off) => Some(off),
             Err(e) => {
                 log::debug!("sched_process_fork layout: {e:#} (new threads of targets will not be recognized by task id)");
@@ -157,9 +159,8 @@ impl BpfObject {
         for (prog, syscall) in SYSCALL_PROGS {
             let event = format!("sys_enter_{syscall}");
             let text = tracefs::read_format("syscalls", &event)?;
-            tracefs::check_syscall_args(&event, &text).with_context(|| {
-                format!("cannot watch {syscall}(2) of tracked processes")
-            })?;
+            tracefs::check_syscall_args(&event, &text)
+                .with_context(|| format!("cannot watch {syscall}(2) of tracked processes"))?;
             self.attach_tracepoint(prog, "syscalls", &event)?;
         }
         self.attach_tracepoint(PROG_EXEC, "sched", "sched_process_exec")?;
@@ -196,7 +197,9 @@ impl BpfObject {
 /// untouched since the arming faults twice on its first write), 24 bytes a record with the
 /// ring's header, a power of two from 4 KiB to 64 MiB.
 pub fn dirty_ring_bytes(entries: u32) -> u32 {
-    (u64::from(entries) * 2 * 24).next_power_of_two().clamp(4096, 64 << 20) as u32
+    (u64::from(entries) * 2 * 24)
+        .next_power_of_two()
+        .clamp(4096, 64 << 20) as u32
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (< 5.11). Newer

@@ -104,7 +104,12 @@ impl Received {
     /// Opens `fds`, named by `names` (same order and count).
     pub(crate) fn open(fds: Vec<OwnedFd>, names: &[&'static str]) -> Result<Received> {
         if fds.len() != names.len() {
-            bail!("the tracker sent {} map fds, expected {} ({})", fds.len(), names.len(), names.join(", "));
+            bail!(
+                "the tracker sent {} map fds, expected {} ({})",
+                fds.len(),
+                names.len(),
+                names.join(", ")
+            );
         }
         let mut maps = Vec::with_capacity(fds.len());
         for (fd, &name) in fds.into_iter().zip(names) {
@@ -114,7 +119,9 @@ impl Received {
                 .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
             maps.push((name, map));
         }
-        Ok(Received { maps: maps.into_iter() })
+        Ok(Received {
+            maps: maps.into_iter(),
+        })
     }
 
     /// The next map, typed (e.g. `HashMap<MapData, K, V>`).
@@ -200,10 +207,7 @@ impl TrackMaps {
     /// [`TrackMaps::fds`] order). Each is checked to be the map it claims to be.
     pub fn from_fds(mut fds: Vec<OwnedFd>) -> Result<TrackMaps> {
         if fds.len() != MAP_FDS {
-            bail!(
-                "the tracker sent {} map fds, expected {MAP_FDS}",
-                fds.len(),
-            );
+            bail!("the tracker sent {} map fds, expected {MAP_FDS}", fds.len(),);
         }
         let lock_fds = fds.split_off(FD_ORDER.len() + SockMaps::FDS);
         let sock_fds = fds.split_off(FD_ORDER.len());

@@ -233,7 +233,8 @@ impl SockMaps {
 
     /// The maps from `FDS` fds sent by the tracker.
     pub fn from_fds(fds: Vec<OwnedFd>) -> Result<SockMaps> {
-        let mut it = super::maps::Received::open(fds, &[names::SOCKS, names::LISTENERS, names::SOCK_STATS])?;
+        let mut it =
+            super::maps::Received::open(fds, &[names::SOCKS, names::LISTENERS, names::SOCK_STATS])?;
         let inner = Inner {
             socks: it.next()?,
             listeners: it.next()?,

@@ -112,7 +112,10 @@ pub fn fork_child_pid_offset(text: &str) -> Result<u32> {
     let fields = parse_format(text);
     match fields.iter().find(|f| f.name == "child_pid") {
         Some(f) if f.size == 4 => Ok(f.offset),
-        Some(f) => bail!("sched:sched_process_fork: child_pid is {} bytes, cr-ebpf reads 4", f.size),
+        Some(f) => bail!(
+            "sched:sched_process_fork: child_pid is {} bytes, cr-ebpf reads 4",
+            f.size
+        ),
         None => bail!("sched:sched_process_fork has no child_pid field"),
     }
 }
@@ -223,9 +226,13 @@ format:
 ";
         check_syscall_args("sys_enter_munmap", f).unwrap();
         let moved = f.replace("len;\toffset:24", "len;\toffset:32");
-        let e = check_syscall_args("sys_enter_munmap", &moved).unwrap_err().to_string();
+        let e = check_syscall_args("sys_enter_munmap", &moved)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("argument 1 (len)"), "{e}");
-        let e = check_syscall_args("x", "field:int a;\toffset:8;\tsize:4;").unwrap_err().to_string();
+        let e = check_syscall_args("x", "field:int a;\toffset:8;\tsize:4;")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no __syscall_nr"), "{e}");
     }
 

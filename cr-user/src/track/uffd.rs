@@ -180,13 +180,19 @@ const UFFDIO_COPY: nix::sys::ioctl::ioctl_num_type =
 impl Userfaultfd {
     /// Registers `[start, start+len)` in missing-page mode (anonymous and shmem memory only).
     pub fn register_missing(&self, start: u64, len: u64) -> Result<()> {
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-        uffd_ioctl(&self.fd, UFFDIO_REGISTER, &mut reg).with_context(|| format!("UFFDIO_REGISTER (missing) of {start:#x}+{len:#x}"))
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        uffd_ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+            .with_context(|| format!("UFFDIO_REGISTER (missing) of {start:#x}+{len:#x}"))
     }
 
     pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
         let mut r = UffdioRange { start, len };
-        uffd_ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| format!("UFFDIO_UNREGISTER of {start:#x}+{len:#x}"))
+        uffd_ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r)
+            .with_context(|| format!("UFFDIO_UNREGISTER of {start:#x}+{len:#x}"))
     }
 
     /// Fills the missing pages at `dst` (in the uffd's process) with `data` (in ours).
@@ -209,7 +215,13 @@ impl Userfaultfd {
                 Ok(()) => bail!("UFFDIO_COPY to {:#x} made no progress", dst + done as u64),
                 Err(nix::errno::Errno::EAGAIN) if c.copy > 0 => {}
                 Err(e) => {
-                    return Err(e).with_context(|| format!("UFFDIO_COPY of {} bytes to {:#x}", data.len() - done, dst + done as u64));
+                    return Err(e).with_context(|| {
+                        format!(
+                            "UFFDIO_COPY of {} bytes to {:#x}",
+                            data.len() - done,
+                            dst + done as u64
+                        )
+                    });
                 }
             }
         }

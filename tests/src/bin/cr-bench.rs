@@ -36,18 +36,52 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { criu: None, size_mib: 1024, rounds: 3, only: None, dirty: vec![1, 10], tcp: tcp::TcpArgs::default() };
+    let mut a = Args {
+        criu: None,
+        size_mib: 1024,
+        rounds: 3,
+        only: None,
+        dirty: vec![1, 10],
+        tcp: tcp::TcpArgs::default(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--criu" => a.criu = it.next().map(PathBuf::from),
-            "--size-mib" => a.size_mib = it.next().and_then(|s| s.parse().ok()).expect("--size-mib N"),
+            "--size-mib" => {
+                a.size_mib = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--size-mib N")
+            }
             "--rounds" => a.rounds = it.next().and_then(|s| s.parse().ok()).expect("--rounds N"),
             "--only" => a.only = it.next(),
-            "--dirty" => a.dirty = it.next().map(|s| s.split(',').filter_map(|p| p.parse().ok()).collect()).expect("--dirty P,P"),
-            "--tcp-conns" => a.tcp.conns = it.next().and_then(|s| s.parse().ok()).expect("--tcp-conns N"),
-            "--tcp-interval-us" => a.tcp.interval = it.next().and_then(|s| s.parse().ok()).map(std::time::Duration::from_micros).expect("--tcp-interval-us N"),
-            "--tcp-window" => a.tcp.window = it.next().and_then(|s| s.parse().ok()).filter(|&w| w > 0).expect("--tcp-window N (1 or more)"),
+            "--dirty" => {
+                a.dirty = it
+                    .next()
+                    .map(|s| s.split(',').filter_map(|p| p.parse().ok()).collect())
+                    .expect("--dirty P,P")
+            }
+            "--tcp-conns" => {
+                a.tcp.conns = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--tcp-conns N")
+            }
+            "--tcp-interval-us" => {
+                a.tcp.interval = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .map(std::time::Duration::from_micros)
+                    .expect("--tcp-interval-us N")
+            }
+            "--tcp-window" => {
+                a.tcp.window = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&w| w > 0)
+                    .expect("--tcp-window N (1 or more)")
+            }
             "--tcp-loopback" => a.tcp.loopback = true,
             "-h" | "--help" => {
                 println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental|tcp] [--dirty 1,10]");
@@ -64,11 +98,23 @@ fn parse_args() -> Args {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }
 
 fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// One measurement of one tool.
@@ -84,7 +130,11 @@ fn max_gap_ms(result: &str) -> f64 {
     let mut it = result.split_whitespace();
     while let Some(w) = it.next() {
         if w == "max_gap_us" {
-            return it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1000.0;
+            return it
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+                / 1000.0;
         }
     }
     f64::NAN
@@ -98,7 +148,14 @@ struct Tool {
 
 impl Tool {
     fn run(&self, args: &[&str], dir: &Path, log: &str) -> bool {
-        Command::new(&self.bin).args(args).arg("-D").arg(dir).args(["-o", log]).status().map(|s| s.success()).unwrap_or(false)
+        Command::new(&self.bin)
+            .args(args)
+            .arg("-D")
+            .arg(dir)
+            .args(["-o", log])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     }
     fn dump(&self, pid: i32, dir: &Path, leave_running: bool) -> bool {
         // criu wants the images directory to exist (cr creates it).
@@ -124,7 +181,11 @@ fn measure(tool: &Tool, size_mib: usize) -> Option<Sample> {
     let img = d.join("img");
     let t = Instant::now();
     if !tool.dump(w.pid, &img, true) {
-        eprintln!("{}: dump failed (see {}/dump.log)", tool.name, img.display());
+        eprintln!(
+            "{}: dump failed (see {}/dump.log)",
+            tool.name,
+            img.display()
+        );
         return None;
     }
     let dump_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -138,7 +199,11 @@ fn measure(tool: &Tool, size_mib: usize) -> Option<Sample> {
     std::fs::remove_file(&w.result).ok();
     let t = Instant::now();
     if !tool.restore(&img) {
-        eprintln!("{}: restore failed (see {}/restore.log)", tool.name, img.display());
+        eprintln!(
+            "{}: restore failed (see {}/restore.log)",
+            tool.name,
+            img.display()
+        );
         return None;
     }
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -150,7 +215,12 @@ fn measure(tool: &Tool, size_mib: usize) -> Option<Sample> {
         eprintln!("{}: the restored workload failed: {res}", tool.name);
         return None;
     }
-    Some(Sample { dump_ms, frozen_ms, restore_ms, image_mib })
+    Some(Sample {
+        dump_ms,
+        frozen_ms,
+        restore_ms,
+        image_mib,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -182,11 +252,20 @@ fn main() {
     become_subreaper();
     let run = |section: &str| a.only.as_deref().is_none_or(|o| o == section);
     if run("full") || run("incremental") {
-        println!("cr-bench: {} MiB of touched anonymous memory, median of {} rounds", a.size_mib, a.rounds);
+        println!(
+            "cr-bench: {} MiB of touched anonymous memory, median of {} rounds",
+            a.size_mib, a.rounds
+        );
     }
-    let mut tools = vec![Tool { name: "cr", bin: cr_bin() }];
+    let mut tools = vec![Tool {
+        name: "cr",
+        bin: cr_bin(),
+    }];
     match &a.criu {
-        Some(p) => tools.push(Tool { name: "criu", bin: p.clone() }),
+        Some(p) => tools.push(Tool {
+            name: "criu",
+            bin: p.clone(),
+        }),
         None => println!("cr-bench: no criu given (--criu PATH) or on PATH: cr only"),
     }
     if run("full") {
@@ -217,12 +296,21 @@ fn full_section(a: &Args, tools: &[Tool]) {
         rows.push((tool.name.to_string(), summarize(&samples)));
     }
     println!();
-    println!("{:<8} {:>12} {:>12} {:>12} {:>12}", "tool", "dump ms", "frozen ms", "restore ms", "image MiB");
+    println!(
+        "{:<8} {:>12} {:>12} {:>12} {:>12}",
+        "tool", "dump ms", "frozen ms", "restore ms", "image MiB"
+    );
     for (name, s) in &rows {
-        println!("{:<8} {:>12.1} {:>12.1} {:>12.1} {:>12.1}", name, s.dump_ms, s.frozen_ms, s.restore_ms, s.image_mib);
+        println!(
+            "{:<8} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            name, s.dump_ms, s.frozen_ms, s.restore_ms, s.image_mib
+        );
     }
     println!("(heartbeat noise floor without any dump: {noise:.1} ms)");
-    if let (Some((_, c)), Some((_, k))) = (rows.iter().find(|r| r.0 == "cr"), rows.iter().find(|r| r.0 == "criu")) {
+    if let (Some((_, c)), Some((_, k))) = (
+        rows.iter().find(|r| r.0 == "cr"),
+        rows.iter().find(|r| r.0 == "criu"),
+    ) {
         println!(
             "criu/cr ratios: dump {:.2}x, frozen {:.2}x, restore {:.2}x, image {:.2}x",
             k.dump_ms / c.dump_ms,
@@ -260,21 +348,39 @@ mod incremental {
                         }
                         None
                     };
-                    return (num("max_gap_us").unwrap_or(0) as f64 / 1e3, num("writes").unwrap_or(0));
+                    return (
+                        num("max_gap_us").unwrap_or(0) as f64 / 1e3,
+                        num("writes").unwrap_or(0),
+                    );
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "the heartbeat does not report");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the heartbeat does not report"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 
     /// A number from the statistics of an image (`cr show`): e.g. "frozen_us".
     fn stat(img: &Path, key: &str) -> String {
-        let out = Command::new(cr_bin()).arg("show").arg(img.join("inventory.img")).output().expect("cr show");
+        let out = Command::new(cr_bin())
+            .arg("show")
+            .arg(img.join("inventory.img"))
+            .output()
+            .expect("cr show");
         let text = String::from_utf8_lossy(&out.stdout);
         let pat = format!("\"{key}\": ");
         text.find(&pat)
-            .map(|i| text[i + pat.len()..].split([',', '\n']).next().unwrap_or("").trim().trim_matches('"').to_string())
+            .map(|i| {
+                text[i + pat.len()..]
+                    .split([',', '\n'])
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .trim_matches('"')
+                    .to_string()
+            })
             .unwrap_or_default()
     }
 
@@ -292,14 +398,21 @@ mod incremental {
     fn checkpoint(w: &Workload, img: &Path, args: &[&str], env: &[(&str, &str)]) -> Option<Point> {
         report(w);
         let mut c = Command::new(cr_bin());
-        c.args(args).args(["-t", &w.pid.to_string(), "-D"]).arg(img).args(["-o", "dump.log"]);
+        c.args(args)
+            .args(["-t", &w.pid.to_string(), "-D"])
+            .arg(img)
+            .args(["-o", "dump.log"]);
         for (k, v) in env {
             c.env(k, v);
         }
         let ok = c.status().map(|s| s.success()).unwrap_or(false);
         let (gap_ms, _) = report(w);
         if !ok {
-            eprintln!("cr {}: failed (see {}/dump.log)", args.join(" "), img.display());
+            eprintln!(
+                "cr {}: failed (see {}/dump.log)",
+                args.join(" "),
+                img.display()
+            );
             return None;
         }
         let f = |k: &str| stat(img, k).parse::<f64>().unwrap_or(0.0);
@@ -340,7 +453,11 @@ mod incremental {
         let noise = baseline(a.size_mib);
         for &pct in &a.dirty {
             let d = TempDir::new(&format!("bench-inc-{pct}"));
-            let w = Workload::start("wl_heartbeat", &[&a.size_mib.to_string(), &pct.to_string()], &d);
+            let w = Workload::start(
+                "wl_heartbeat",
+                &[&a.size_mib.to_string(), &pct.to_string()],
+                &d,
+            );
             // Let the dirty window fill once.
             std::thread::sleep(Duration::from_millis(300));
             let full = checkpoint(&w, &d.join("full"), &["dump", "-R"], &[]);
@@ -348,7 +465,8 @@ mod incremental {
             let first = checkpoint(&w, &d.join("p0"), &["pre-dump"], &[]);
             let mut prev = "p0".to_string();
             // Pre-dumps and final dumps (-R, so the workload can tell its pause), each harvest.
-            let (mut pre_scans, mut pre_ebpfs, mut scans, mut ebpfs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut pre_scans, mut pre_ebpfs, mut scans, mut ebpfs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..a.rounds {
                 let kinds: [(&str, &str, &[(&str, &str)], &mut Vec<Point>); 4] = [
                     ("ps", "pre-dump", &[("CR_HARVEST", "scan")], &mut pre_scans),
@@ -380,21 +498,42 @@ mod incremental {
                 println!("dirty {pct}%: the workload failed its check: {res}");
             }
             println!();
-            println!("dirty {pct}% between checkpoints ({:.0} MiB):", a.size_mib as f64 * pct as f64 / 100.0);
-            println!("  {:<44} {:>10} {:>12} {:>11} {:>11}  harvest", "checkpoint", "frozen ms", "(cr says ms)", "harvest ms", "copied MiB");
+            println!(
+                "dirty {pct}% between checkpoints ({:.0} MiB):",
+                a.size_mib as f64 * pct as f64 / 100.0
+            );
+            println!(
+                "  {:<44} {:>10} {:>12} {:>11} {:>11}  harvest",
+                "checkpoint", "frozen ms", "(cr says ms)", "harvest ms", "copied MiB"
+            );
             let row = |name: &str, p: &Option<Point>| {
                 if let Some(p) = p {
-                    println!("  {:<44} {:>10.2} {:>12.2} {:>11.2} {:>11.1}  {}", name, p.gap_ms, p.frozen_ms, p.harvest_ms, p.written_mib, p.harvest);
+                    println!(
+                        "  {:<44} {:>10.2} {:>12.2} {:>11.2} {:>11.1}  {}",
+                        name, p.gap_ms, p.frozen_ms, p.harvest_ms, p.written_mib, p.harvest
+                    );
                 } else {
                     println!("  {name:<44} failed");
                 }
             };
             row("full dump -R", &full);
             row("first pre-dump (copies all, arms tracking)", &first);
-            row("pre-dump --prev-images-dir (scan)", &(!pre_scans.is_empty()).then_some(med(&pre_scans)));
-            row("pre-dump --prev-images-dir (eBPF)", &(!pre_ebpfs.is_empty()).then_some(med(&pre_ebpfs)));
-            row("dump -R --track-mem --prev-images-dir (scan)", &(!scans.is_empty()).then_some(scan.clone()));
-            row("dump -R --track-mem --prev-images-dir (eBPF)", &(!ebpfs.is_empty()).then_some(ebpf.clone()));
+            row(
+                "pre-dump --prev-images-dir (scan)",
+                &(!pre_scans.is_empty()).then_some(med(&pre_scans)),
+            );
+            row(
+                "pre-dump --prev-images-dir (eBPF)",
+                &(!pre_ebpfs.is_empty()).then_some(med(&pre_ebpfs)),
+            );
+            row(
+                "dump -R --track-mem --prev-images-dir (scan)",
+                &(!scans.is_empty()).then_some(scan.clone()),
+            );
+            row(
+                "dump -R --track-mem --prev-images-dir (eBPF)",
+                &(!ebpfs.is_empty()).then_some(ebpf.clone()),
+            );
             if let Some(f) = &full {
                 let ratio = |p: &Point| f.gap_ms / p.gap_ms.max(0.001);
                 println!(
@@ -408,11 +547,21 @@ mod incremental {
 
             // Throughput of the workload's writes: untracked, tracked, tracked with checkpoints.
             let d = TempDir::new(&format!("bench-inc-tp-{pct}"));
-            let w = Workload::start("wl_heartbeat", &[&a.size_mib.to_string(), &pct.to_string()], &d);
+            let w = Workload::start(
+                "wl_heartbeat",
+                &[&a.size_mib.to_string(), &pct.to_string()],
+                &d,
+            );
             std::thread::sleep(Duration::from_millis(300));
             let span = Duration::from_secs(2);
             let off = rate(&w, span);
-            let tracked = Command::new(cr_bin()).args(["pre-dump", "-t", &w.pid.to_string(), "-D"]).arg(d.join("t0")).args(["-o", "dump.log"]).status().map(|s| s.success()).unwrap_or(false);
+            let tracked = Command::new(cr_bin())
+                .args(["pre-dump", "-t", &w.pid.to_string(), "-D"])
+                .arg(d.join("t0"))
+                .args(["-o", "dump.log"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             if !tracked {
                 println!("  throughput: the pre-dump that arms tracking failed");
                 continue;
@@ -428,7 +577,12 @@ mod incremental {
                 let _ = Command::new(cr_bin())
                     .args(["pre-dump", "-t", &w.pid.to_string(), "-D"])
                     .arg(d.join(&format!("t{n}")))
-                    .args(["--prev-images-dir", &format!("../t{}", n - 1), "-o", "dump.log"])
+                    .args([
+                        "--prev-images-dir",
+                        &format!("../t{}", n - 1),
+                        "-o",
+                        "dump.log",
+                    ])
                     .status();
             }
             let (_, w1) = report(&w);

@@ -7,7 +7,11 @@ fn main() {
     let path = std::env::args().nth(1).expect("usage: wl_counter LOGFILE");
     // SAFETY: setsid has no preconditions; detaches from the caller's terminal and session.
     unsafe { libc::setsid() };
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open log");
     let mut n: u64 = 0;
     loop {
         n += 1;

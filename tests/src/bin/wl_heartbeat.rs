@@ -22,19 +22,31 @@ extern "C" fn on_usr1(_: libc::c_int) {
 }
 
 fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn main() {
-    let mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).expect("usage: wl_heartbeat SIZE_MIB [DIRTY_PERCENT]");
-    let dirty_pct: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("usage: wl_heartbeat SIZE_MIB [DIRTY_PERCENT]");
+    let dirty_pct: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let pages = mib * 256;
     // SAFETY: installing handlers that only store to atomics.
     unsafe {
-        for (sig, h) in [(libc::SIGUSR1, on_usr1 as *const () as usize), (libc::SIGUSR2, on_usr2 as *const () as usize)] {
+        for (sig, h) in [
+            (libc::SIGUSR1, on_usr1 as *const () as usize),
+            (libc::SIGUSR2, on_usr2 as *const () as usize),
+        ] {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = h;
             sa.sa_flags = libc::SA_RESTART;
@@ -64,7 +76,11 @@ fn main() {
             cursor += 1;
         }
         if REPORT.swap(false, Ordering::SeqCst) {
-            std::fs::write(&result, format!("max_gap_us {} writes {writes}\n", max_gap / 1000)).expect("write result");
+            std::fs::write(
+                &result,
+                format!("max_gap_us {} writes {writes}\n", max_gap / 1000),
+            )
+            .expect("write result");
             max_gap = 0;
             last = now_ns();
         }
@@ -72,8 +88,15 @@ fn main() {
             break;
         }
     }
-    let ok = mem.chunks(512).enumerate().all(|(pg, c)| c[0] == pg as u64 && c[511] == !(pg as u64));
+    let ok = mem
+        .chunks(512)
+        .enumerate()
+        .all(|(pg, c)| c[0] == pg as u64 && c[511] == !(pg as u64));
     let verdict = if ok { "PASS" } else { "FAIL: memory pattern" };
-    std::fs::write(&result, format!("{verdict} max_gap_us {} writes {writes}\n", max_gap / 1000)).expect("write result");
+    std::fs::write(
+        &result,
+        format!("{verdict} max_gap_us {} writes {writes}\n", max_gap / 1000),
+    )
+    .expect("write result");
     std::process::exit(if ok { 0 } else { 1 });
 }

@@ -33,14 +33,24 @@ unsafe fn fill(p: *mut u8, pages: usize, tag: u64, which: impl Fn(usize) -> bool
     }
 }
 
-unsafe fn verify(c: &mut Checker, what: &str, p: *const u8, pages: usize, tag: u64, which: impl Fn(usize) -> bool) {
+unsafe fn verify(
+    c: &mut Checker,
+    what: &str,
+    p: *const u8,
+    pages: usize,
+    tag: u64,
+    which: impl Fn(usize) -> bool,
+) {
     for pg in 0..pages {
         let w = p.add(pg * PAGE) as *const u64;
         let want_pattern = which(pg);
         for i in 0..PAGE / 8 {
             let want = if want_pattern { pattern(tag, pg, i) } else { 0 };
             if *w.add(i) != want {
-                c.check(false, format!("{what}: page {pg} word {i}: {:#x} != {want:#x}", *w.add(i)));
+                c.check(
+                    false,
+                    format!("{what}: page {pg} word {i}: {:#x} != {want:#x}", *w.add(i)),
+                );
                 return;
             }
         }
@@ -83,7 +93,8 @@ fn smaps_flags(addr: usize) -> String {
     for l in smaps.lines() {
         if let Some((range, _)) = l.split_once(' ') {
             if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
                     inside = a <= addr && addr < b;
                     continue;
                 }
@@ -97,8 +108,14 @@ fn smaps_flags(addr: usize) -> String {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: wl_memory DIR [--big]");
-    let big_pages = if std::env::args().any(|a| a == "--big") { 512 * 256 } else { 0 };
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: wl_memory DIR [--big]");
+    let big_pages = if std::env::args().any(|a| a == "--big") {
+        512 * 256
+    } else {
+        0
+    };
     let mut c = Checker::new();
     let mut maps_before = Vec::with_capacity(1 << 20);
     let mut maps_after = Vec::with_capacity(1 << 20);
@@ -116,10 +133,20 @@ fn main() {
         fill(brk0, 16, 3, |_| true);
         let boxed: Vec<u64> = (0..100_000).map(|i| pattern(4, 0, i)).collect();
         // Private anonymous: even pages touched, odd ones never.
-        let anon = mmap(64 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        let anon = mmap(
+            64 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         fill(anon, 64, 5, |pg| pg % 2 == 0);
         // Shared anonymous.
-        let shanon = mmap(8 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1);
+        let shanon = mmap(
+            8 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+        );
         fill(shanon, 8, 6, |pg| pg != 3);
         // File, MAP_PRIVATE: page 1 modified in memory, pages 0 and 2 from the file.
         let fpath = format!("{dir}/private.bin");
@@ -130,7 +157,14 @@ fn main() {
         std::fs::write(&fpath, &content).unwrap();
         let cpath = CString::new(fpath.clone()).unwrap();
         let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY);
-        let fpriv = libc::mmap(std::ptr::null_mut(), 3 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, 0) as *mut u8;
+        let fpriv = libc::mmap(
+            std::ptr::null_mut(),
+            3 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        ) as *mut u8;
         libc::close(fd);
         fill(fpriv.add(PAGE), 1, 7, |_| true);
         // File, MAP_SHARED: writes go to the file.
@@ -138,29 +172,75 @@ fn main() {
         std::fs::write(&spath, vec![0u8; 2 * PAGE]).unwrap();
         let cspath = CString::new(spath.clone()).unwrap();
         let fd = libc::open(cspath.as_ptr(), libc::O_RDWR);
-        let fshared = libc::mmap(std::ptr::null_mut(), 2 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) as *mut u8;
+        let fshared = libc::mmap(
+            std::ptr::null_mut(),
+            2 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        ) as *mut u8;
         libc::close(fd);
         fill(fshared, 2, 8, |_| true);
         // Read-only with content, then a PROT_NONE guard, inside one reservation.
-        let ro = mmap(6 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        let ro = mmap(
+            6 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         fill(ro, 4, 9, |_| true);
         libc::mprotect(ro.cast(), 4 * PAGE, libc::PROT_READ);
         libc::mprotect(ro.add(4 * PAGE).cast(), 2 * PAGE, libc::PROT_NONE);
         // A named anonymous VMA and madvise flags.
-        let named = mmap(4 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        let named = mmap(
+            4 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         fill(named, 4, 10, |_| true);
         let name = CString::new("cr-test-name").unwrap();
-        libc::prctl(libc::PR_SET_VMA, libc::PR_SET_VMA_ANON_NAME, named as usize, 4 * PAGE, name.as_ptr() as usize);
-        let dontfork = mmap(2 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        libc::prctl(
+            libc::PR_SET_VMA,
+            libc::PR_SET_VMA_ANON_NAME,
+            named as usize,
+            4 * PAGE,
+            name.as_ptr() as usize,
+        );
+        let dontfork = mmap(
+            2 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         libc::madvise(dontfork.cast(), 2 * PAGE, libc::MADV_DONTFORK);
-        let wipe = mmap(2 * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        let wipe = mmap(
+            2 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         libc::madvise(wipe.cast(), 2 * PAGE, libc::MADV_WIPEONFORK);
-        let huge = mmap(4 << 20, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+        let huge = mmap(
+            4 << 20,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        );
         libc::madvise(huge.cast(), 4 << 20, libc::MADV_HUGEPAGE);
         fill(huge, 16, 11, |pg| pg % 5 == 0);
-        let flags_before: Vec<String> = [dontfork, wipe, huge].iter().map(|p| smaps_flags(*p as usize)).collect();
+        let flags_before: Vec<String> = [dontfork, wipe, huge]
+            .iter()
+            .map(|p| smaps_flags(*p as usize))
+            .collect();
         let big = if big_pages > 0 {
-            let p = mmap(big_pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+            let p = mmap(
+                big_pages * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+            );
             fill(p, big_pages, 13, |_| true);
             p
         } else {
@@ -185,9 +265,17 @@ fn main() {
                 .iter()
                 .filter(|l| !after.contains(l))
                 .map(|l| format!("-{l}"))
-                .chain(after.iter().filter(|l| !before.contains(l)).map(|l| format!("+{l}")))
+                .chain(
+                    after
+                        .iter()
+                        .filter(|l| !before.contains(l))
+                        .map(|l| format!("+{l}")),
+                )
                 .collect();
-            c.check(false, format!("/proc/self/maps changed: {}", diff.join(" | ")));
+            c.check(
+                false,
+                format!("/proc/self/maps changed: {}", diff.join(" | ")),
+            );
         }
         for i in 0..1024 {
             if DATA[i] != pattern(1, 0, i) {
@@ -203,12 +291,31 @@ fn main() {
             }
         }
         verify(&mut c, "brk heap", brk0, 16, 3, |_| true);
-        c.check(boxed.iter().enumerate().all(|(i, v)| *v == pattern(4, 0, i)), "malloc'd vector");
+        c.check(
+            boxed
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == pattern(4, 0, i)),
+            "malloc'd vector",
+        );
         verify(&mut c, "private anon", anon, 64, 5, |pg| pg % 2 == 0);
         verify(&mut c, "shared anon", shanon, 8, 6, |pg| pg != 3);
-        c.check(std::slice::from_raw_parts(fpriv, PAGE) == &content[..PAGE], "private file page 0 (from the file)");
-        c.check(std::slice::from_raw_parts(fpriv.add(2 * PAGE), PAGE) == &content[2 * PAGE..], "private file page 2 (from the file)");
-        verify(&mut c, "private file page 1 (modified)", fpriv.add(PAGE), 1, 7, |_| true);
+        c.check(
+            std::slice::from_raw_parts(fpriv, PAGE) == &content[..PAGE],
+            "private file page 0 (from the file)",
+        );
+        c.check(
+            std::slice::from_raw_parts(fpriv.add(2 * PAGE), PAGE) == &content[2 * PAGE..],
+            "private file page 2 (from the file)",
+        );
+        verify(
+            &mut c,
+            "private file page 1 (modified)",
+            fpriv.add(PAGE),
+            1,
+            7,
+            |_| true,
+        );
         verify(&mut c, "shared file", fshared, 2, 8, |_| true);
         verify(&mut c, "read-only", ro, 4, 9, |_| true);
         verify(&mut c, "named anon", named, 4, 10, |_| true);
@@ -216,8 +323,17 @@ fn main() {
         if big_pages > 0 {
             verify(&mut c, "big region", big, big_pages, 13, |_| true);
         }
-        c.check(stack.iter().enumerate().all(|(i, v)| *v == pattern(12, 0, i)), "stack array");
-        let flags_after: Vec<String> = [dontfork, wipe, huge].iter().map(|p| smaps_flags(*p as usize)).collect();
+        c.check(
+            stack
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == pattern(12, 0, i)),
+            "stack array",
+        );
+        let flags_after: Vec<String> = [dontfork, wipe, huge]
+            .iter()
+            .map(|p| smaps_flags(*p as usize))
+            .collect();
         c.eq(flags_after, flags_before, "VmFlags of madvise'd regions");
         // The shared file mapping still writes through to the file.
         let saved = *fshared;
@@ -233,9 +349,17 @@ fn main() {
         for i in 0..100_000usize {
             many.push(vec![(i % 255) as u8; 600]);
         }
-        c.check(many.iter().enumerate().all(|(i, v)| v.iter().all(|b| *b == (i % 255) as u8)), "allocations after restore");
+        c.check(
+            many.iter()
+                .enumerate()
+                .all(|(i, v)| v.iter().all(|b| *b == (i % 255) as u8)),
+            "allocations after restore",
+        );
         let top = libc::sbrk(0) as usize;
-        c.check(libc::sbrk(1 << 20) as usize == top, "sbrk growth after restore");
+        c.check(
+            libc::sbrk(1 << 20) as usize == top,
+            "sbrk growth after restore",
+        );
     }
     c.report()
 }

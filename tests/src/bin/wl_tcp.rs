@@ -19,14 +19,24 @@ use cr_tests::workload::{check_requested, install_check_flag, ready, wait_for_ch
 
 /// Deterministic payload: `len` bytes starting at stream offset `off`, tagged by `seed`.
 fn payload(seed: u8, off: usize, len: usize) -> Vec<u8> {
-    (off..off + len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (off..off + len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn getsockopt_int(fd: i32, level: i32, opt: i32) -> i32 {
     let mut v: libc::c_int = 0;
     let mut len = 4 as libc::socklen_t;
     // SAFETY: valid out-pointers of the right size.
-    unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
     v
 }
 
@@ -46,7 +56,13 @@ fn local(bind: &str) -> ! {
     // SAFETY: setsockopt with a valid int.
     unsafe {
         let one: libc::c_int = 1;
-        libc::setsockopt(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, (&one as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            server.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
     }
     // Unread data both ways, in several writes (one spanning several segments).
     let sizes = [10usize, 3000, 30_000, 7];
@@ -81,18 +97,40 @@ fn local(bind: &str) -> ! {
     });
     match w {
         (Ok(Ok(())), Ok(got)) => c.check(got == more, "data sent after restore changed"),
-        (a, b) => c.check(false, format!("traffic after restore: write {a:?}, read {:?}", b.map(|v| v.len()))),
+        (a, b) => c.check(
+            false,
+            format!(
+                "traffic after restore: write {a:?}, read {:?}",
+                b.map(|v| v.len())
+            ),
+        ),
     }
-    c.eq(getsockopt_int(client.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0, true, "TCP_NODELAY of the client");
-    c.eq(getsockopt_int(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0, true, "SO_KEEPALIVE of the accepted socket");
-    c.eq(getsockopt_int(listener.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR) != 0, true, "SO_REUSEADDR of the listener");
+    c.eq(
+        getsockopt_int(client.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0,
+        true,
+        "TCP_NODELAY of the client",
+    );
+    c.eq(
+        getsockopt_int(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        true,
+        "SO_KEEPALIVE of the accepted socket",
+    );
+    c.eq(
+        getsockopt_int(listener.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR) != 0,
+        true,
+        "SO_REUSEADDR of the listener",
+    );
     // The listener still listens.
     match TcpStream::connect(addr) {
         Ok(mut s2) => match listener.accept() {
             Ok((mut a2, _)) => {
                 s2.write_all(b"hello").ok();
                 a2.set_read_timeout(timeout).ok();
-                c.eq(read_exactly(&mut a2, 5).ok(), Some(b"hello".to_vec()), "new connection data");
+                c.eq(
+                    read_exactly(&mut a2, 5).ok(),
+                    Some(b"hello".to_vec()),
+                    "new connection data",
+                );
             }
             Err(e) => c.check(false, format!("accept after restore: {e}")),
         },
@@ -114,7 +152,9 @@ struct Streams {
 impl Streams {
     /// One round: write what the socket takes, read what is there, check it.
     fn pump(&mut self) -> Result<(), String> {
-        let chunk: Vec<u8> = (self.sent..self.sent + 4096).map(|i| (i % 251) as u8).collect();
+        let chunk: Vec<u8> = (self.sent..self.sent + 4096)
+            .map(|i| (i % 251) as u8)
+            .collect();
         match self.s.write(&chunk) {
             Ok(n) => self.sent += n as u64,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -143,9 +183,16 @@ fn stream(addr: &str) -> ! {
     install_check_flag();
     let s = TcpStream::connect(addr).expect("connect to the peer");
     s.set_nonblocking(true).expect("nonblocking");
-    let mut st = Streams { s, sent: 0, recvd: 0 };
+    let mut st = Streams {
+        s,
+        sent: 0,
+        recvd: 0,
+    };
     let mut c = Checker::new();
-    ready(&format!("local={}", st.s.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+    ready(&format!(
+        "local={}",
+        st.s.local_addr().map(|a| a.to_string()).unwrap_or_default()
+    ));
     let mut failed = None;
     while !check_requested() {
         if let Err(e) = st.pump() {
@@ -159,7 +206,11 @@ fn stream(addr: &str) -> ! {
         let deadline = Instant::now() + Duration::from_secs(30);
         while st.sent < s0 + AFTER || st.recvd < r0 + AFTER {
             if Instant::now() > deadline {
-                failed = Some(format!("only {} bytes sent and {} received in 30 s after the check", st.sent - s0, st.recvd - r0));
+                failed = Some(format!(
+                    "only {} bytes sent and {} received in 30 s after the check",
+                    st.sent - s0,
+                    st.recvd - r0
+                ));
                 break;
             }
             if let Err(e) = st.pump() {
@@ -183,13 +234,19 @@ fn stream(addr: &str) -> ! {
             match st.s.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if let Some(k) = buf[..n].iter().enumerate().position(|(k, &b)| b != ((st.recvd + k as u64) % 251) as u8) {
+                    if let Some(k) = buf[..n]
+                        .iter()
+                        .enumerate()
+                        .position(|(k, &b)| b != ((st.recvd + k as u64) % 251) as u8)
+                    {
                         failed = Some(format!("byte {} is wrong", st.recvd + k as u64));
                         break;
                     }
                     st.recvd += n as u64;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
                 Err(e) => {
                     failed = Some(format!("read while closing: {e}"));
                     break;
@@ -213,7 +270,8 @@ fn many(n: usize) -> ! {
         let mut c = TcpStream::connect(addr).expect("connect");
         let (mut a, _) = listener.accept().expect("accept");
         c.write_all(&payload(i as u8, 0, 100)).expect("write");
-        a.write_all(&payload(i as u8 ^ 0x55, 0, 100)).expect("write");
+        a.write_all(&payload(i as u8 ^ 0x55, 0, 100))
+            .expect("write");
         pairs.push((c, a));
     }
     ready(&format!("port={}", addr.port()));
@@ -224,9 +282,16 @@ fn many(n: usize) -> ! {
         ac.set_read_timeout(Some(Duration::from_secs(20))).ok();
         let a = read_exactly(ac, 100).ok();
         let b = read_exactly(cl, 100).ok();
-        c.check(a == Some(payload(i as u8, 0, 100)), format!("connection {i}: client->server data"));
-        c.check(b == Some(payload(i as u8 ^ 0x55, 0, 100)), format!("connection {i}: server->client data"));
-        let ok = cl.write_all(b"ping").is_ok() && read_exactly(ac, 4).ok().as_deref() == Some(b"ping".as_slice());
+        c.check(
+            a == Some(payload(i as u8, 0, 100)),
+            format!("connection {i}: client->server data"),
+        );
+        c.check(
+            b == Some(payload(i as u8 ^ 0x55, 0, 100)),
+            format!("connection {i}: server->client data"),
+        );
+        let ok = cl.write_all(b"ping").is_ok()
+            && read_exactly(ac, 4).ok().as_deref() == Some(b"ping".as_slice());
         c.check(ok, format!("connection {i}: round trip after restore"));
     }
     c.report()

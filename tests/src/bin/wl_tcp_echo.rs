@@ -55,10 +55,22 @@ impl Conn {
 
 fn echo(conns: &mut [Conn]) -> Result<(), String> {
     let mut buf = vec![0u8; 64 << 10];
-    let mut fds: Vec<libc::pollfd> = conns.iter().map(|c| libc::pollfd { fd: c.s.as_raw_fd(), events: 0, revents: 0 }).collect();
+    let mut fds: Vec<libc::pollfd> = conns
+        .iter()
+        .map(|c| libc::pollfd {
+            fd: c.s.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        })
+        .collect();
     while !check_requested() {
         for (p, c) in fds.iter_mut().zip(conns.iter()) {
-            p.events = libc::POLLIN | if c.pending.is_empty() { 0 } else { libc::POLLOUT };
+            p.events = libc::POLLIN
+                | if c.pending.is_empty() {
+                    0
+                } else {
+                    libc::POLLOUT
+                };
             p.revents = 0;
         }
         // SAFETY: fds is a valid array of fds.len() pollfds.
@@ -74,7 +86,8 @@ fn echo(conns: &mut [Conn]) -> Result<(), String> {
             if p.revents == 0 {
                 continue;
             }
-            c.read_in(&mut buf).map_err(|e| format!("connection {i}: {e}"))?;
+            c.read_in(&mut buf)
+                .map_err(|e| format!("connection {i}: {e}"))?;
             c.write_out().map_err(|e| format!("connection {i}: {e}"))?;
         }
     }
@@ -83,17 +96,24 @@ fn echo(conns: &mut [Conn]) -> Result<(), String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(addr), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<usize>().ok())) else {
+    let (Some(addr), Some(n)) = (
+        args.get(1),
+        args.get(2).and_then(|n| n.parse::<usize>().ok()),
+    ) else {
         eprintln!("usage: wl_tcp_echo ADDR N");
         std::process::exit(2)
     };
     install_check_flag();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let s = TcpStream::connect(addr.as_str()).unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
+        let s = TcpStream::connect(addr.as_str())
+            .unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
         s.set_nodelay(true).expect("TCP_NODELAY");
         s.set_nonblocking(true).expect("O_NONBLOCK");
-        conns.push(Conn { s, pending: Vec::new() });
+        conns.push(Conn {
+            s,
+            pending: Vec::new(),
+        });
     }
     ready(&format!("conns={n}"));
     let mut c = Checker::new();

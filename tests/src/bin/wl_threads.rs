@@ -44,7 +44,10 @@ fn gettid() -> i32 {
 }
 
 fn my_name() -> String {
-    std::fs::read_to_string(format!("/proc/self/task/{}/comm", gettid())).unwrap_or_default().trim().to_string()
+    std::fs::read_to_string(format!("/proc/self/task/{}/comm", gettid()))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Answers a pending check request: the TID, the name and the thread-local value are still
@@ -53,13 +56,19 @@ fn answer(slot: &Slot, idx: usize) {
     if slot.check.load(Ordering::SeqCst) != 1 {
         return;
     }
-    let ok = gettid() == slot.tid.load(Ordering::SeqCst) && MINE.with(|m| m.get()) == 1000 + idx as u64 && my_name() == NAMES[idx];
+    let ok = gettid() == slot.tid.load(Ordering::SeqCst)
+        && MINE.with(|m| m.get()) == 1000 + idx as u64
+        && my_name() == NAMES[idx];
     slot.check.store(if ok { 2 } else { 3 }, Ordering::SeqCst);
 }
 
 fn tasks() -> Vec<i32> {
     let mut v: Vec<i32> = std::fs::read_dir("/proc/self/task")
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_unstable();
     v
@@ -146,27 +155,52 @@ fn main() {
     }
     let before = tasks();
     let main_tid = gettid();
-    ready(&format!("tids={}", before.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")));
+    ready(&format!(
+        "tids={}",
+        before
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
     wait_for_check();
 
     let mut c = Checker::new();
     c.eq(gettid(), main_tid, "main thread TID");
     c.eq(tasks(), before, "the threads in /proc/self/task");
-    c.check(!got_lock.load(Ordering::SeqCst), "the waiter got the mutex while the holder held it");
+    c.check(
+        !got_lock.load(Ordering::SeqCst),
+        "the waiter got the mutex while the holder held it",
+    );
     // Counters move on.
-    let snap: Vec<u64> = slots.iter().map(|s| s.counter.load(Ordering::SeqCst)).collect();
+    let snap: Vec<u64> = slots
+        .iter()
+        .map(|s| s.counter.load(Ordering::SeqCst))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (slots[0].counter.load(Ordering::SeqCst) <= snap[0] || slots[1].counter.load(Ordering::SeqCst) <= snap[1] + 5) && Instant::now() < deadline {
+    while (slots[0].counter.load(Ordering::SeqCst) <= snap[0]
+        || slots[1].counter.load(Ordering::SeqCst) <= snap[1] + 5)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
-    c.check(slots[0].counter.load(Ordering::SeqCst) > snap[0], "the busy thread's counter stands still");
-    c.check(slots[1].counter.load(Ordering::SeqCst) > snap[1] + 5, "the sleeper's counter stands still");
+    c.check(
+        slots[0].counter.load(Ordering::SeqCst) > snap[0],
+        "the busy thread's counter stands still",
+    );
+    c.check(
+        slots[1].counter.load(Ordering::SeqCst) > snap[1] + 5,
+        "the sleeper's counter stands still",
+    );
     // The holder lets go; the waiter gets the mutex.
     release.store(true, Ordering::SeqCst);
     while !got_lock.load(Ordering::SeqCst) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    c.check(got_lock.load(Ordering::SeqCst), "the waiter never got the mutex");
+    c.check(
+        got_lock.load(Ordering::SeqCst),
+        "the waiter never got the mutex",
+    );
     // Each thread checks its own TID, name and thread-local data.
     for s in slots.iter() {
         s.check.store(1, Ordering::SeqCst);
@@ -175,7 +209,15 @@ fn main() {
         std::thread::sleep(Duration::from_millis(1));
     }
     for (i, s) in slots.iter().enumerate() {
-        c.eq(s.check.load(Ordering::SeqCst), 2, &format!("thread {} ({}) sees its TID, name and thread-local value", NAMES[i], s.tid.load(Ordering::SeqCst)));
+        c.eq(
+            s.check.load(Ordering::SeqCst),
+            2,
+            &format!(
+                "thread {} ({}) sees its TID, name and thread-local value",
+                NAMES[i],
+                s.tid.load(Ordering::SeqCst)
+            ),
+        );
     }
     c.eq(*lock.lock().expect("lock"), 2, "both lockers counted");
     c.report()

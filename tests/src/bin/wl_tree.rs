@@ -64,7 +64,14 @@ struct Identity {
 impl Identity {
     fn now() -> Identity {
         // SAFETY: plain id queries.
-        unsafe { Identity { pid: libc::getpid(), ppid: libc::getppid(), pgid: libc::getpgid(0), sid: libc::getsid(0) } }
+        unsafe {
+            Identity {
+                pid: libc::getpid(),
+                ppid: libc::getppid(),
+                pgid: libc::getpgid(0),
+                sid: libc::getsid(0),
+            }
+        }
     }
 
     fn check(&self, c: &mut Checker, who: &str) {
@@ -113,13 +120,27 @@ impl Helper {
         let before = self.counter.load(Ordering::SeqCst);
         self.ask.store(1, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while (self.ask.load(Ordering::SeqCst) == 1 || self.counter.load(Ordering::SeqCst) <= before) && Instant::now() < deadline {
+        while (self.ask.load(Ordering::SeqCst) == 1
+            || self.counter.load(Ordering::SeqCst) <= before)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
-        c.eq(self.ask.load(Ordering::SeqCst), tid, &format!("{who}: the helper thread's TID"));
-        c.check(self.counter.load(Ordering::SeqCst) > before, format!("{who}: the helper thread stands still"));
+        c.eq(
+            self.ask.load(Ordering::SeqCst),
+            tid,
+            &format!("{who}: the helper thread's TID"),
+        );
+        c.check(
+            self.counter.load(Ordering::SeqCst) > before,
+            format!("{who}: the helper thread stands still"),
+        );
         let mut tasks: Vec<i32> = std::fs::read_dir("/proc/self/task")
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                    .collect()
+            })
             .unwrap_or_default();
         tasks.sort_unstable();
         // SAFETY: getpid has no arguments.
@@ -133,7 +154,11 @@ impl Helper {
 fn child_report(name: &str, c: Checker) -> ! {
     let path = format!("{}.{name}", std::env::var("CR_RESULT").expect("CR_RESULT"));
     let failures = c.failures();
-    let text = if failures.is_empty() { "PASS\n".to_string() } else { format!("FAIL: {}\n", failures.join("; ")) };
+    let text = if failures.is_empty() {
+        "PASS\n".to_string()
+    } else {
+        format!("FAIL: {}\n", failures.join("; "))
+    };
     std::fs::write(&path, text).expect("write the child's result");
     // SAFETY: _exit skips the parent's atexit work (this is a forked child).
     unsafe { libc::_exit(if failures.is_empty() { 0 } else { 1 }) }
@@ -150,7 +175,10 @@ fn check_child(c: &mut Checker, name: &str, pid: i32) {
     };
     let path = format!("{}.{name}", std::env::var("CR_RESULT").expect("CR_RESULT"));
     let res = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("no result: {e}"));
-    c.check(res.starts_with("PASS"), format!("{name} ({pid}): {} (status {st:#x})", res.trim()));
+    c.check(
+        res.starts_with("PASS"),
+        format!("{name} ({pid}): {} (status {st:#x})", res.trim()),
+    );
 }
 
 /// A child's part of the protocol: notes its identity and starts its helper thread, says
@@ -169,7 +197,10 @@ fn child_checkpoint(who: &str, ready_wr: &OwnedFd) -> Checker {
 
 fn say_ready(w: &OwnedFd) {
     // SAFETY: a one-byte write to our end of the ready pipe.
-    assert_eq!(unsafe { libc::write(w.as_raw_fd(), b"r".as_ptr().cast(), 1) }, 1);
+    assert_eq!(
+        unsafe { libc::write(w.as_raw_fd(), b"r".as_ptr().cast(), 1) },
+        1
+    );
 }
 
 /// Reads exactly `n` bytes from `fd`, giving up after a few seconds.
@@ -178,7 +209,11 @@ fn read_n(fd: &OwnedFd, n: usize) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut f = std::fs::File::from(fd.try_clone().expect("dup"));
     while out.len() < n && Instant::now() < deadline {
-        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
             continue;
@@ -202,17 +237,33 @@ fn main() {
     // SAFETY: a fresh shared mapping of one page, single-threaded here; it lives as long as
     // the process.
     let shm = unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED, "mmap shared");
         &*(p as *const [AtomicU64; 512])
     };
     let (p_rd, p_wr) = pipe();
     let (ready_rd, ready_wr) = pipe();
     let fpath = format!("{dir}/tree-shared-offset");
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&fpath).expect("create F");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&fpath)
+        .expect("create F");
     file.write_all(&[7u8; 100]).expect("write F");
     // SAFETY: lseek on our fd.
-    assert_eq!(unsafe { libc::lseek(file.as_raw_fd(), 10, libc::SEEK_SET) }, 10);
+    assert_eq!(
+        unsafe { libc::lseek(file.as_raw_fd(), 10, libc::SEEK_SET) },
+        10
+    );
     let fd = file.as_raw_fd();
 
     // Z: a zombie.
@@ -246,8 +297,16 @@ fn main() {
         }
         let mut c = child_checkpoint("A", &ready_wr);
         let got = read_n(&p_rd, b"before-dump".len() + b"after".len());
-        c.eq(String::from_utf8_lossy(&got).into_owned(), "before-dumpafter".to_string(), "A: what R wrote into the pipe");
-        c.eq(shm[0].load(Ordering::SeqCst), 0x1234, "A: what R wrote into the shared memory before the dump");
+        c.eq(
+            String::from_utf8_lossy(&got).into_owned(),
+            "before-dumpafter".to_string(),
+            "A: what R wrote into the pipe",
+        );
+        c.eq(
+            shm[0].load(Ordering::SeqCst),
+            0x1234,
+            "A: what R wrote into the shared memory before the dump",
+        );
         shm[1].store(0x5678, Ordering::SeqCst);
         check_child(&mut c, "G", g);
         child_report("A", c);
@@ -277,14 +336,26 @@ fn main() {
     unsafe {
         for zombie in [z, y] {
             let mut si: libc::siginfo_t = std::mem::zeroed();
-            assert_eq!(libc::waitid(libc::P_PID, zombie as u32, &mut si, libc::WEXITED | libc::WNOWAIT), 0, "waitid {zombie}");
+            assert_eq!(
+                libc::waitid(
+                    libc::P_PID,
+                    zombie as u32,
+                    &mut si,
+                    libc::WEXITED | libc::WNOWAIT
+                ),
+                0,
+                "waitid {zombie}"
+            );
         }
     }
     let got = read_n(&ready_rd, 3);
     assert_eq!(got.len(), 3, "children ready");
     let id = Identity::now();
     let h = Helper::start();
-    let g = std::fs::read_to_string(format!("/proc/{a}/task/{a}/children")).unwrap_or_default().trim().to_string();
+    let g = std::fs::read_to_string(format!("/proc/{a}/task/{a}/children"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     ready(&format!("pids={},{z},{y},{a},{g},{b}", id.pid));
     wait_for_check();
 
@@ -297,7 +368,10 @@ fn main() {
         c.eq(r, z, "R: Z is a zombie, reaped at once");
         st
     };
-    c.check(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42, format!("R: Z's exit status {st:#x}, want exit code 42"));
+    c.check(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42,
+        format!("R: Z's exit status {st:#x}, want exit code 42"),
+    );
     // SAFETY: waitpid on our zombie child.
     let st = unsafe {
         let mut st = 0;
@@ -305,13 +379,24 @@ fn main() {
         c.eq(r, y, "R: Y is a zombie, reaped at once");
         st
     };
-    c.check(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGTERM, format!("R: Y's exit status {st:#x}, want killed by SIGTERM"));
+    c.check(
+        libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGTERM,
+        format!("R: Y's exit status {st:#x}, want killed by SIGTERM"),
+    );
     p_wr.write_all(b"after").expect("write P");
     check_child(&mut c, "A", a);
-    c.eq(shm[1].load(Ordering::SeqCst), 0x5678, "R: what A wrote into the shared memory after the restore");
+    c.eq(
+        shm[1].load(Ordering::SeqCst),
+        0x5678,
+        "R: what A wrote into the shared memory after the restore",
+    );
     check_child(&mut c, "B", b);
     // SAFETY: lseek on our fd.
-    c.eq(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }, 50, "R: offset of F after B moved it");
+    c.eq(
+        unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) },
+        50,
+        "R: offset of F after B moved it",
+    );
     h.check(&mut c, "R");
     drop(file);
     c.report()

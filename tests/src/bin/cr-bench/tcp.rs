@@ -56,7 +56,12 @@ pub struct TcpArgs {
 
 impl Default for TcpArgs {
     fn default() -> TcpArgs {
-        TcpArgs { conns: 100, interval: Duration::from_millis(1), window: 1, loopback: false }
+        TcpArgs {
+            conns: 100,
+            interval: Duration::from_millis(1),
+            window: 1,
+            loopback: false,
+        }
     }
 }
 
@@ -71,9 +76,16 @@ struct NetPair {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("run ip: {e}"))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("run ip: {e}"))?;
     if !out.status.success() {
-        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -85,7 +97,10 @@ impl NetPair {
         let (va, vb) = (format!("crbva{id}"), format!("crbvb{id}"));
         ip(&["netns", "add", &a])?;
         // From here the drop removes what was made.
-        let pair = NetPair { a: a.clone(), b: b.clone() };
+        let pair = NetPair {
+            a: a.clone(),
+            b: b.clone(),
+        };
         ip(&["netns", "add", &b])?;
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
         ip(&["link", "set", &va, "netns", &a])?;
@@ -110,7 +125,8 @@ impl Drop for NetPair {
 /// Moves the calling thread (and the threads and processes it starts afterwards) into the
 /// network namespace `name`.
 fn enter_netns(name: &str) -> Result<(), String> {
-    let f = std::fs::File::open(format!("/run/netns/{name}")).map_err(|e| format!("open netns {name}: {e}"))?;
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .map_err(|e| format!("open netns {name}: {e}"))?;
     // SAFETY: setns on a namespace fd we hold open; it changes this thread only.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(format!("setns {name}: {}", std::io::Error::last_os_error()));
@@ -178,7 +194,12 @@ impl Conn {
                 self.inflight.push_back((self.next_seq, t));
                 self.next_seq += 1;
             }
-            Ok(n) => self.err = Some(format!("short write of {n} bytes at message {}", self.next_seq)),
+            Ok(n) => {
+                self.err = Some(format!(
+                    "short write of {n} bytes at message {}",
+                    self.next_seq
+                ))
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => self.err = Some(format!("write of message {}: {e}", self.next_seq)),
         }
@@ -190,7 +211,10 @@ impl Conn {
         loop {
             match self.s.read(buf) {
                 Ok(0) => {
-                    self.err = Some(format!("end of stream after {} echoes", self.next_seq - self.inflight.len() as u64));
+                    self.err = Some(format!(
+                        "end of stream after {} echoes",
+                        self.next_seq - self.inflight.len() as u64
+                    ));
                     return;
                 }
                 Ok(n) => self.rbuf.extend_from_slice(&buf[..n]),
@@ -209,7 +233,9 @@ impl Conn {
             match self.inflight.pop_front() {
                 Some((s, st)) if s == seq && st == t => {}
                 Some((s, _)) => {
-                    self.err = Some(format!("echo of message {s} reads as message {seq} (time {t})"));
+                    self.err = Some(format!(
+                        "echo of message {s} reads as message {seq} (time {t})"
+                    ));
                     return;
                 }
                 None => {
@@ -261,8 +287,14 @@ impl Peer {
             let l = ns
                 .as_deref()
                 .map_or(Ok(()), enter_netns)
-                .and_then(|_| TcpListener::bind(bind).map_err(|e| format!("peer: bind {bind}: {e}")))
-                .and_then(|l| l.local_addr().map(|ad| (l, ad.to_string())).map_err(|e| format!("peer: {e}")));
+                .and_then(|_| {
+                    TcpListener::bind(bind).map_err(|e| format!("peer: bind {bind}: {e}"))
+                })
+                .and_then(|l| {
+                    l.local_addr()
+                        .map(|ad| (l, ad.to_string()))
+                        .map_err(|e| format!("peer: {e}"))
+                });
             let l = match l {
                 Ok((l, addr)) => {
                     let _ = atx.send(Ok(addr));
@@ -275,14 +307,23 @@ impl Peer {
             };
             peer_main(l, &a, rx)
         });
-        let addr = arx.recv().map_err(|_| "the peer thread died".to_string())??;
-        Ok(Peer { addr, cmd: tx, handle })
+        let addr = arx
+            .recv()
+            .map_err(|_| "the peer thread died".to_string())??;
+        Ok(Peer {
+            addr,
+            cmd: tx,
+            handle,
+        })
     }
 
     fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Cmd) -> Result<T, String> {
         let (tx, rx) = channel();
-        self.cmd.send(make(tx)).map_err(|_| "the peer thread is gone".to_string())?;
-        rx.recv_timeout(PEER_LIMIT + Duration::from_secs(5)).map_err(|_| "the peer does not answer".to_string())
+        self.cmd
+            .send(make(tx))
+            .map_err(|_| "the peer thread is gone".to_string())?;
+        rx.recv_timeout(PEER_LIMIT + Duration::from_secs(5))
+            .map_err(|_| "the peer does not answer".to_string())
     }
 
     fn mark(&self) {
@@ -311,13 +352,29 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
                 if s.set_nonblocking(true).is_err() {
                     return conns;
                 }
-                conns.push(Conn { s, next_seq: 0, inflight: VecDeque::new(), rbuf: Vec::new(), last_echo: None, max_gap: Duration::ZERO, since_settle: 0, err: None });
+                conns.push(Conn {
+                    s,
+                    next_seq: 0,
+                    inflight: VecDeque::new(),
+                    rbuf: Vec::new(),
+                    last_echo: None,
+                    max_gap: Duration::ZERO,
+                    since_settle: 0,
+                    err: None,
+                });
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return conns,
         }
     }
-    let mut fds: Vec<libc::pollfd> = conns.iter().map(|c| libc::pollfd { fd: c.s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut fds: Vec<libc::pollfd> = conns
+        .iter()
+        .map(|c| libc::pollfd {
+            fd: c.s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let mut buf = vec![0u8; 64 << 10];
     let mut next_tick = Instant::now();
     let mut settle: Option<(u64, GapsReply, Instant)> = None;
@@ -337,7 +394,10 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
         }
         let now = Instant::now();
         if finish.is_none() && now >= next_tick {
-            for c in conns.iter_mut().filter(|c| c.err.is_none() && c.inflight.len() < a.window) {
+            for c in conns
+                .iter_mut()
+                .filter(|c| c.err.is_none() && c.inflight.len() < a.window)
+            {
                 c.send(t0);
             }
             next_tick += a.interval;
@@ -345,11 +405,25 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
                 next_tick = now + a.interval;
             }
         }
-        let wait = if finish.is_some() { Duration::from_millis(10) } else { next_tick.saturating_duration_since(Instant::now()) };
-        let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
+        let wait = if finish.is_some() {
+            Duration::from_millis(10)
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        let ts = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
         fds.iter_mut().for_each(|p| p.revents = 0);
         // SAFETY: fds is a valid array of fds.len() pollfds; ts a valid timespec; no sigmask.
-        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+        let r = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
         let now = Instant::now();
         if r > 0 {
             for (p, c) in fds.iter_mut().zip(conns.iter_mut()) {
@@ -363,13 +437,21 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
             }
         }
         if let Some((n, _, deadline)) = &settle {
-            let done = conns.iter().all(|c| c.err.is_some() || c.since_settle >= *n);
+            let done = conns
+                .iter()
+                .all(|c| c.err.is_some() || c.since_settle >= *n);
             if done || now > *deadline {
-                let res = match conns.iter().enumerate().find_map(|(i, c)| c.err.as_ref().map(|e| (i, e))) {
+                let res = match conns
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, c)| c.err.as_ref().map(|e| (i, e)))
+                {
                     Some((i, e)) => Err(format!("connection {i}: {e}")),
                     None if !done => {
                         let silent = conns.iter().filter(|c| c.since_settle < *n).count();
-                        Err(format!("{silent} connections did not echo {n} times within {PEER_LIMIT:?}"))
+                        Err(format!(
+                            "{silent} connections did not echo {n} times within {PEER_LIMIT:?}"
+                        ))
                     }
                     None => Ok(conns.iter().map(|c| c.max_gap).collect()),
                 };
@@ -379,11 +461,19 @@ fn peer_main(l: TcpListener, a: &TcpArgs, rx: Receiver<Cmd>) -> Vec<Conn> {
             }
         }
         if let Some((_, deadline)) = &finish {
-            let drained = conns.iter().all(|c| c.err.is_some() || c.inflight.is_empty());
+            let drained = conns
+                .iter()
+                .all(|c| c.err.is_some() || c.inflight.is_empty());
             if drained || now > *deadline {
-                let res = match conns.iter().enumerate().find_map(|(i, c)| c.err.as_ref().map(|e| (i, e))) {
+                let res = match conns
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, c)| c.err.as_ref().map(|e| (i, e)))
+                {
                     Some((i, e)) => Err(format!("connection {i}: {e}")),
-                    None if !drained => Err(format!("messages still unanswered after {PEER_LIMIT:?}")),
+                    None if !drained => {
+                        Err(format!("messages still unanswered after {PEER_LIMIT:?}"))
+                    }
                     None => Ok(conns.iter().map(|c| c.next_seq).sum()),
                 };
                 if let Some((tx, _)) = finish.take() {
@@ -415,23 +505,50 @@ struct LockWatch {
 fn netlink(protocol: libc::c_int, group: u32) -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::FromRawFd;
     // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
     if fd < 0 {
-        return Err(format!("netlink socket ({protocol}): {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "netlink socket ({protocol}): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: fd is a fresh socket nobody else owns.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     // A burst of 200 element notifications must not overflow the queue (root may force it).
     let size: libc::c_int = 8 << 20;
     // SAFETY: setsockopt with a valid int; failure only means a smaller buffer.
-    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), 4) };
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            4,
+        )
+    };
     // SAFETY: an all-zero sockaddr_nl is valid; the fields that matter are set below.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
     sa.nl_groups = 1 << (group - 1);
     // SAFETY: sa is a valid sockaddr_nl of the size given.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32) } != 0 {
-        return Err(format!("bind the netlink socket ({protocol}) to group {group}: {}", std::io::Error::last_os_error()));
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "bind the netlink socket ({protocol}) to group {group}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(fd)
 }
@@ -444,7 +561,12 @@ impl LockWatch {
         let handle = std::thread::spawn(move || {
             let mut events = Vec::new();
             let mut buf = vec![0u8; 1 << 16];
-            let mut fds = [tc.as_raw_fd(), nft.as_raw_fd(), stop_r.as_raw_fd()].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            let mut fds =
+                [tc.as_raw_fd(), nft.as_raw_fd(), stop_r.as_raw_fd()].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             loop {
                 fds.iter_mut().for_each(|p| p.revents = 0);
                 // SAFETY: three valid pollfds.
@@ -460,7 +582,9 @@ impl LockWatch {
                         continue;
                     }
                     // SAFETY: recv into a buffer of the length given.
-                    let n = unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                    let n = unsafe {
+                        libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    };
                     if n <= 0 {
                         // ENOBUFS (events lost) or nothing after all: the figures of this round
                         // may be off; nothing better to do than to go on.
@@ -482,7 +606,10 @@ impl LockWatch {
                 }
             }
         });
-        Ok(LockWatch { stop: stop_w.into(), handle })
+        Ok(LockWatch {
+            stop: stop_w.into(),
+            handle,
+        })
     }
 
     /// Stops listening: the events heard, in order.
@@ -524,7 +651,12 @@ fn cr_locked_ms(log: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(log).ok()?;
     let pat = "the connections were locked for ";
     let line = text.lines().find(|l| l.contains(pat))?;
-    line.split(pat).nth(1)?.split_whitespace().next()?.parse().ok()
+    line.split(pat)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The last error line of a log, for a one-line reason.
@@ -538,8 +670,16 @@ fn last_error(log: &Path) -> String {
 
 /// A lock a failed restore left: its pins removed (its filters go with the namespace).
 fn remove_lock_pins(img: &Path) {
-    let Ok(text) = std::fs::read_to_string(img.join("netlock.json")) else { return };
-    let Some(dir) = text.split("\"pin_dir\": \"").nth(1).and_then(|r| r.split('"').next()) else { return };
+    let Ok(text) = std::fs::read_to_string(img.join("netlock.json")) else {
+        return;
+    };
+    let Some(dir) = text
+        .split("\"pin_dir\": \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+    else {
+        return;
+    };
     let dir = Path::new(dir);
     if !dir.starts_with("/sys/fs/bpf/cr") {
         return;
@@ -591,7 +731,10 @@ fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
         .map_err(|e| format!("run {}: {e}", tool.bin.display()))?;
     let dump_ms = t_dump.elapsed().as_secs_f64() * 1e3;
     if !st.success() {
-        return Err(format!("dump failed: {}", last_error(&img.join("dump.log"))));
+        return Err(format!(
+            "dump failed: {}",
+            last_error(&img.join("dump.log"))
+        ));
     }
     w.reap_killed();
     let t_restore = Instant::now();
@@ -605,7 +748,10 @@ fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
     let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
     if !st.success() {
         remove_lock_pins(&img);
-        return Err(format!("restore failed: {}", last_error(&img.join("restore.log"))));
+        return Err(format!(
+            "restore failed: {}",
+            last_error(&img.join("restore.log"))
+        ));
     }
     if let Some(keep) = std::env::var_os("CR_BENCH_LOGS") {
         // The last round's logs, to read what the tools did.
@@ -615,7 +761,11 @@ fn round(tool: &Tool, net: &Net, a: &TcpArgs) -> Result<Round, String> {
             let _ = std::fs::copy(img.join(l), keep.join(format!("tcp-{}-{l}", tool.name)));
         }
     }
-    let mut r = Round { dump_ms, restore_ms, ..Round::default() };
+    let mut r = Round {
+        dump_ms,
+        restore_ms,
+        ..Round::default()
+    };
     r.locked_ms = watch.finish().locked_ms();
     if tool.name == "cr" {
         r.says_ms = cr_locked_ms(&img.join("restore.log"));
@@ -654,7 +804,10 @@ fn noise(net: &Net, a: &TcpArgs) -> Result<f64, String> {
     peer.finish()?;
     w.verify();
     let _ = peer.handle.join();
-    Ok(gaps.iter().map(|g| g.as_secs_f64() * 1e3).fold(0.0, f64::max))
+    Ok(gaps
+        .iter()
+        .map(|g| g.as_secs_f64() * 1e3)
+        .fold(0.0, f64::max))
 }
 
 /// The medians of a tool's rounds and how many of them kept every stream whole.
@@ -708,7 +861,12 @@ pub fn section(a: &Args) {
             }
         },
     };
-    let mut tools = vec![Tool { name: "cr", bin: cr_bin(), dump_extra: vec![], restore_extra: vec![] }];
+    let mut tools = vec![Tool {
+        name: "cr",
+        bin: cr_bin(),
+        dump_extra: vec![],
+        restore_extra: vec![],
+    }];
     if let Some(c) = &a.criu {
         tools.push(Tool {
             name: "criu",
@@ -735,7 +893,8 @@ pub fn section(a: &Args) {
             let floor = noise(&net, t);
             // Rounds alternate between the tools, so that a burst of load elsewhere on the
             // machine does not fall on one tool only. A tool that fails is not tried again.
-            let mut out: Vec<(&str, Vec<Round>, Option<String>)> = tools.iter().map(|tl| (tl.name, Vec::new(), None)).collect();
+            let mut out: Vec<(&str, Vec<Round>, Option<String>)> =
+                tools.iter().map(|tl| (tl.name, Vec::new(), None)).collect();
             for _ in 0..a.rounds {
                 for (tool, (_, rounds, why)) in tools.iter().zip(out.iter_mut()) {
                     if why.is_some() {
@@ -764,17 +923,29 @@ pub fn section(a: &Args) {
     };
     println!(
         "  {:<6} {:>10} {:>13} {:>13} {:>14} {:>9} {:>11}  streams",
-        "tool", "locked ms", "(cr says ms)", "peer max gap", "peer med. gap", "dump ms", "restore ms"
+        "tool",
+        "locked ms",
+        "(cr says ms)",
+        "peer max gap",
+        "peer med. gap",
+        "dump ms",
+        "restore ms"
     );
     let mut sums: Vec<(&str, Summary)> = Vec::new();
     for (name, rounds, why) in &results {
         if rounds.is_empty() {
-            println!("  {name:<6} failed: {}", why.as_deref().unwrap_or("no round"));
+            println!(
+                "  {name:<6} failed: {}",
+                why.as_deref().unwrap_or("no round")
+            );
             continue;
         }
         let s = summarize(rounds);
         let streams = match &s.fail {
-            None => format!("intact ({} of {} rounds, {} echoes)", s.intact, s.rounds, s.r.echoed),
+            None => format!(
+                "intact ({} of {} rounds, {} echoes)",
+                s.intact, s.rounds, s.r.echoed
+            ),
             Some(f) => format!("FAIL ({} of {} rounds intact): {f}", s.intact, s.rounds),
         };
         println!(
@@ -803,14 +974,21 @@ pub fn section(a: &Args) {
     let mut line = format!("tcp  {} conns ", t.conns);
     for (name, s) in &sums {
         let verdict = if s.fail.is_some() { " FAIL" } else { "" };
-        line.push_str(&format!(" {name}: locked {} ms (peer max gap {} ms){verdict}", fmt_ms(s.r.locked_ms), fmt_ms(s.r.gap_max_ms)));
+        line.push_str(&format!(
+            " {name}: locked {} ms (peer max gap {} ms){verdict}",
+            fmt_ms(s.r.locked_ms),
+            fmt_ms(s.r.gap_max_ms)
+        ));
     }
     for (name, rounds, why) in &results {
         if let (true, Some(w)) = (rounds.is_empty(), why) {
             line.push_str(&format!("  {name}: failed ({w})"));
         }
     }
-    if let (Some((_, c)), Some((_, k))) = (sums.iter().find(|s| s.0 == "cr"), sums.iter().find(|s| s.0 == "criu")) {
+    if let (Some((_, c)), Some((_, k))) = (
+        sums.iter().find(|s| s.0 == "cr"),
+        sums.iter().find(|s| s.0 == "criu"),
+    ) {
         let locked = match (k.r.locked_ms, c.r.locked_ms) {
             (Some(k), Some(c)) if c > 0.0 => format!("locked {:.1}x, ", k / c),
             _ => String::new(),
