@@ -1,9 +1,10 @@
-//! `cargo xtask`: setup, build-ebpf, build, run, test, bench, demo.
+//! `cargo xtask`: setup, build-ebpf, build, run, test, lint, bench, demo.
 //!
 //! Every command first checks the prerequisites (`setup`) and installs what is missing, so a
 //! fresh machine needs nothing but `cargo xtask <command>`.
 
 mod build;
+mod lint;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -41,6 +42,13 @@ enum Cmd {
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Check cr-user's layering (imports between its modules, `unsafe` only in kernel/ and
+    /// bpf/), then `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`.
+    Lint {
+        /// Print the module graph and stop after the layering check.
+        #[arg(long)]
+        report: bool,
     },
     /// Build, then run the benchmarks and print their tables.
     Bench {
@@ -86,6 +94,7 @@ fn run() -> Result<ExitCode> {
             println!("xtask: running tests with CR_BIN={}", cr.display());
             run_tests(cmd)
         }
+        Cmd::Lint { report } => lint::run(&root, report).map(|_| ExitCode::SUCCESS),
         Cmd::Bench { criu, args } => {
             let cr = build::all(true)?;
             let mut cmd = cargo();
