@@ -1,20 +1,22 @@
 //! cr: checkpoint/restore of Linux process trees, ptrace-driven, with eBPF-assisted tracking so
 //! that incremental checkpoints cost in proportion to what changed.
 //!
-//! Layers (data flows one way; nothing reaches around a layer):
-//! the kernel → [`proc`] / [`ptrace`] / [`track`] → [`dump`] → [`image`] → [`restore`] →
-//! [`ptrace`] → the kernel. [`sys`] holds the thin `unsafe` wrappers over raw syscalls that the
-//! layers share.
+//! Layers (docs/architecture.md; `cargo xtask lint` checks them): [`kernel`] at the bottom,
+//! [`bpf`] and [`image`] on it, [`tracker`] above, then one module per resource ([`tree`],
+//! [`task`], [`mem`], [`files`], [`locks`], [`tcp`]), and [`cmd`] on top, which alone
+//! sequences them.
 
-pub mod check;
+pub mod bpf;
 pub mod cli;
-pub mod dump;
+pub mod cmd;
+pub mod files;
 pub mod image;
+pub mod kernel;
+pub mod locks;
 pub mod logging;
-pub mod mounts;
-pub mod net;
-pub mod proc;
-pub mod ptrace;
-pub mod restore;
-pub mod sys;
-pub mod track;
+pub mod mem;
+pub mod ranges;
+pub mod task;
+pub mod tcp;
+pub mod tracker;
+pub mod tree;

@@ -87,10 +87,10 @@ impl Dirty {
         let at = addr + p * PAGE;
         match how {
             Remote::VmWritev(task) => {
-                let n = cr::sys::process_vm_writev(task, &data, at).unwrap();
+                let n = cr::kernel::sys::process_vm_writev(task, &data, at).unwrap();
                 assert_eq!(n, data.len(), "process_vm_writev to {task}: a short write");
             }
-            Remote::ProcMem => cr::sys::write_mem_file(self.pid, at, &data).unwrap(),
+            Remote::ProcMem => cr::kernel::sys::write_mem_file(self.pid, at, &data).unwrap(),
         }
         self.cmd(&format!("note {id} {p} {}", gen + 1));
     }
@@ -271,7 +271,7 @@ fn epoch(
     for c in cmds {
         w.cmd(c);
     }
-    let p = cr::track::harvest::peek(w.pid, &[(addr, addr + n * PAGE)]).unwrap();
+    let p = cr::mem::harvest::peek(w.pid, &[(addr, addr + n * PAGE)]).unwrap();
     let ebpf: BTreeSet<u64> = within(&p.ebpf.iter().copied().collect(), addr, n);
     let scan: BTreeSet<u64> = p.written.iter().copied().collect();
     assert!(
@@ -486,7 +486,7 @@ fn remote_writes_make_the_harvest_exact() {
     for (what, pages, act) in cases {
         act(&mut w);
         let expect = at(a, pages);
-        let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
+        let p = cr::mem::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
         assert_eq!(
             p.written.iter().copied().collect::<BTreeSet<_>>(),
             expect,
@@ -531,7 +531,7 @@ fn threads_writes_and_task_ids() {
     );
 
     w.write_from_outside(1, a, 9, Remote::VmWritev(tid));
-    let p = cr::track::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
+    let p = cr::mem::harvest::peek(w.pid, &[(a, a + 64 * PAGE)]).unwrap();
     assert!(
         !p.unsafe_why.is_empty(),
         "process_vm_writev to TID {tid} was not flagged"
@@ -562,7 +562,7 @@ fn a_full_dirty_map_makes_the_harvest_exact() {
     let written: Vec<u64> = (0..256).collect();
     let list: Vec<String> = written.iter().map(|p| p.to_string()).collect();
     w.cmd(&format!("write 1 {}", list.join(",")));
-    let p = cr::track::harvest::peek(w.pid, &[(a, a + 256 * PAGE)]).unwrap();
+    let p = cr::mem::harvest::peek(w.pid, &[(a, a + 256 * PAGE)]).unwrap();
     assert!(p.ebpf.len() <= 16, "the map holds {} entries", p.ebpf.len());
     // (The ring, sized to match, holds about 170 faults: the 256 do not fit.)
     assert!(

@@ -12,9 +12,9 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cr::proc::locks::{FileLock, LockKind};
-use cr::track::client::TrackerConn;
-use cr::track::locks::{InodeId, TableKind, TableLock};
+use cr::kernel::proc::locks::{FileLock, LockKind};
+use cr::locks::table::{InodeId, TableKind, TableLock};
+use cr::tracker::client::TrackerConn;
 use cr_tests::{dump_and_restore_tree, dump_cmd, workload_bin, CrCmd, TempDir, Workload};
 
 /// The churn workload, driven line by line.
@@ -152,7 +152,7 @@ impl Churn {
         let t0 = Instant::now();
         loop {
             let files = self.files();
-            let all = cr::proc::locks::read_locks().unwrap();
+            let all = cr::kernel::proc::locks::read_locks().unwrap();
             if all
                 .iter()
                 .any(|l| l.blocked && name_of(&files, l).as_deref() == Some(file))
@@ -214,7 +214,7 @@ impl Churn {
                     .then(|| line(name, kind, l.write, l.start, l.end, l.pid))
             })
             .collect();
-        let mut kernel: Vec<String> = cr::proc::locks::read_locks()
+        let mut kernel: Vec<String> = cr::kernel::proc::locks::read_locks()
             .unwrap()
             .iter()
             .filter(|l| !l.blocked)
@@ -226,7 +226,7 @@ impl Churn {
                     LockKind::Flock => "FLOCK",
                     _ => "OTHER",
                 };
-                let write = l.access == cr::proc::locks::LockAccess::Write;
+                let write = l.access == cr::kernel::proc::locks::LockAccess::Write;
                 (!unknown.contains(&name.as_str()))
                     .then(|| line(name, kind, write, l.start, l.end, l.pid))
             })

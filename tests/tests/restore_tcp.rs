@@ -156,10 +156,10 @@ fn restore_refused_when_lock_gone() {
     let d = TempDir::new("tcp-unlocked");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
     dump_and_reap(&mut w, &d, &["--tcp-established"]);
-    let rec = cr::net::lock::read_record(&d.join("img"))
+    let rec = cr::bpf::netlock::read_record(&d.join("img"))
         .unwrap()
         .expect("a lock record");
-    cr::net::lock::release(&rec, None);
+    cr::bpf::netlock::release(&rec, None);
     let err = restore_cmd(&d)
         .arg("--tcp-established")
         .fails("the network lock is gone");

@@ -1,5 +1,5 @@
 //! The tracker's eBPF TCP socket table (cr-ebpf/src/sock.rs) against a sock_diag scan of the
-//! same tree (cr::net::inventory): a tree (tests/src/bin/wl_sockets.rs) opens listeners (IPv4
+//! same tree (cr::tcp::inventory): a tree (tests/src/bin/wl_sockets.rs) opens listeners (IPv4
 //! and IPv6, wildcard and loopback), connects, accepts, leaves connections waiting, closes and
 //! half-closes, forks, with a tracker started before or after some of it; at each settled
 //! point the table and the scan must hold the same sockets in the same states.
@@ -12,10 +12,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use cr::net::inventory::{self, Inventory};
-use cr::track::client::TrackerConn;
-use cr::track::maps::TrackMaps;
-use cr::track::sockets::TableStats;
+use cr::bpf::maps::TrackMaps;
+use cr::bpf::sockets::TableStats;
+use cr::tcp::inventory::{self, Inventory};
+use cr::tracker::client::TrackerConn;
 use cr_tests::{dump_and_restore, dump_cmd, dump_leave_running, CrCmd, TempDir, Workload};
 
 /// The harness's ends of wl_sockets's command and answer FIFOs.

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use cr::track::Tracker;
+use cr::bpf::Tracker;
 use cr_common::{PAGE_SHIFT, TARGET_F_TRACK_WRITES};
 use cr_tests::{cr_ok, require_root};
 

@@ -663,7 +663,7 @@ fn pwritev_all(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> {
         .collect();
     let mut first = 0;
     while first < iov.len() {
-        let n = (iov.len() - first).min(crate::sys::IOV_MAX);
+        let n = (iov.len() - first).min(crate::kernel::sys::IOV_MAX);
         // SAFETY: the iovecs point into slices borrowed for this call (`data`), which the
         // kernel only reads; `n` entries starting at `first` are initialised.
         let r = unsafe {

@@ -1,0 +1,260 @@
+//! Tracepoint record layouts from tracefs (`events/CATEGORY/NAME/format`).
+//!
+//! Rust eBPF has no CO-RE, so cr-ebpf reads tracepoint fields at fixed offsets. Those offsets
+//! are a kernel ABI in practice, but not a promise: before loading, the user side reads the
+//! kernel's own description of each record, refuses a layout it cannot handle, and patches the
+//! offsets into the object (globals) when they differ from the compiled-in defaults.
+
+use anyhow::{bail, Context, Result};
+
+use crate::kernel::sys::mounts::TRACEFS;
+
+/// One `field:` line of a tracefs format file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub offset: u32,
+    pub size: u32,
+    pub signed: bool,
+}
+
+/// Parses the `field:` lines of a tracefs format file. Lines that do not parse are skipped
+/// (newer kernels may add attributes; a field we need and cannot read is reported by the
+/// caller as missing).
+pub fn parse_format(text: &str) -> Vec<Field> {
+    text.lines().filter_map(parse_field_line).collect()
+}
+
+fn parse_field_line(line: &str) -> Option<Field> {
+    let line = line.trim();
+    let decl = line.strip_prefix("field:")?;
+    let mut parts = decl.split(';').map(str::trim);
+    let decl = parts.next()?;
+    // "unsigned long address" or "char comm[16]" or "__data_loc char[] name".
+    let last = decl.split_whitespace().last()?;
+    let name = last.split('[').next()?.to_string();
+    let (mut offset, mut size, mut signed) = (None, None, false);
+    for p in parts {
+        if let Some(v) = p.strip_prefix("offset:") {
+            offset = v.trim().parse().ok();
+        } else if let Some(v) = p.strip_prefix("size:") {
+            size = v.trim().parse().ok();
+        } else if let Some(v) = p.strip_prefix("signed:") {
+            signed = v.trim() == "1";
+        }
+    }
+    Some(Field {
+        name,
+        offset: offset?,
+        size: size?,
+        signed,
+    })
+}
+
+/// Offsets of the fields cr-ebpf's fault tracker reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultLayout {
+    pub address: u32,
+    pub error_code: u32,
+}
+
+/// Finds `address` and `error_code` in the format text of an `exceptions:page_fault_*` event.
+/// Both must be 8-byte fields: the program reads them as u64.
+pub fn fault_layout(event: &str, text: &str) -> Result<FaultLayout> {
+    let fields = parse_format(text);
+    let get = |name: &str| -> Result<u32> {
+        let Some(f) = fields.iter().find(|f| f.name == name) else {
+            bail!("tracepoint {event} has no field `{name}` in its tracefs format: cr-ebpf cannot read this kernel's page-fault records");
+        };
+        if f.size != 8 {
+            bail!(
+                "tracepoint {event}: field `{name}` is {} bytes, cr-ebpf reads 8",
+                f.size
+            );
+        }
+        Ok(f.offset)
+    };
+    Ok(FaultLayout {
+        address: get("address")?,
+        error_code: get("error_code")?,
+    })
+}
+
+/// Checks that a `syscalls:sys_enter_*` record has its arguments where cr-ebpf reads them:
+/// `__syscall_nr` at 8, then every argument 8 bytes wide at SYSCALL_ARG0_OFFSET + 8*i.
+pub fn check_syscall_args(event: &str, text: &str) -> Result<()> {
+    let fields = parse_format(text);
+    let Some(nr) = fields.iter().position(|f| f.name == "__syscall_nr") else {
+        bail!("tracepoint syscalls:{event} has no __syscall_nr field");
+    };
+    if fields[nr].offset != 8 {
+        bail!(
+            "tracepoint syscalls:{event}: __syscall_nr at offset {}, cr-ebpf reads 8",
+            fields[nr].offset
+        );
+    }
+    for (i, f) in fields[nr + 1..].iter().enumerate() {
+        let want = cr_common::SYSCALL_ARG0_OFFSET + 8 * i as u32;
+        if f.offset != want || f.size != 8 {
+            bail!(
+                "tracepoint syscalls:{event}: argument {i} ({}) is {} bytes at offset {}, cr-ebpf reads 8 at {want}",
+                f.name,
+                f.size,
+                f.offset
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Offset of `child_pid` (a 4-byte pid_t) in a `sched:sched_process_fork` record.
+pub fn fork_child_pid_offset(text: &str) -> Result<u32> {
+    let fields = parse_format(text);
+    match fields.iter().find(|f| f.name == "child_pid") {
+        Some(f) if f.size == 4 => Ok(f.offset),
+        Some(f) => bail!(
+            "sched:sched_process_fork: child_pid is {} bytes, cr-ebpf reads 4",
+            f.size
+        ),
+        None => bail!("sched:sched_process_fork has no child_pid field"),
+    }
+}
+
+/// Reads a tracepoint's format file from tracefs.
+pub fn read_format(category: &str, name: &str) -> Result<String> {
+    let path = format!("{TRACEFS}/events/{category}/{name}/format");
+    std::fs::read_to_string(&path).with_context(|| {
+        format!("read {path}: tracepoint {category}:{name} is not available (kernel without it, or tracefs not mounted)")
+    })
+}
+
+/// The layout of exceptions:page_fault_user and page_fault_kernel, which must agree: one pair
+/// of offsets serves both programs.
+pub fn read_fault_layout() -> Result<FaultLayout> {
+    let user = fault_layout(
+        "exceptions:page_fault_user",
+        &read_format("exceptions", "page_fault_user")?,
+    )?;
+    let kernel = fault_layout(
+        "exceptions:page_fault_kernel",
+        &read_format("exceptions", "page_fault_kernel")?,
+    )?;
+    if user != kernel {
+        bail!("exceptions:page_fault_user ({user:?}) and page_fault_kernel ({kernel:?}) disagree on their layout; cr-ebpf needs them equal");
+    }
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PF_USER: &str = "name: page_fault_user
+ID: 190
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:unsigned long address;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned long ip;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long error_code;\toffset:24;\tsize:8;\tsigned:0;
+
+print fmt: \"address=%ps ip=%ps error_code=0x%lx\", (void *)REC->address, (void *)REC->ip, REC->error_code
+";
+
+    #[test]
+    fn parses_fields() {
+        let f = parse_format(PF_USER);
+        assert_eq!(f.len(), 7);
+        assert_eq!(
+            f[3],
+            Field {
+                name: "common_pid".into(),
+                offset: 4,
+                size: 4,
+                signed: true
+            }
+        );
+        assert_eq!(
+            f[6],
+            Field {
+                name: "error_code".into(),
+                offset: 24,
+                size: 8,
+                signed: false
+            }
+        );
+    }
+
+    #[test]
+    fn parses_arrays_and_data_loc() {
+        let f = parse_format("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:__data_loc char[] name;\toffset:24;\tsize:4;\tsigned:0;\n");
+        assert_eq!(f[0].name, "comm");
+        assert_eq!(f[0].size, 16);
+        assert_eq!(f[1].name, "name");
+    }
+
+    #[test]
+    fn finds_the_fault_layout() {
+        let l = fault_layout("x", PF_USER).unwrap();
+        assert_eq!(
+            l,
+            FaultLayout {
+                address: 8,
+                error_code: 24
+            }
+        );
+        // A kernel with another layout is followed, not refused.
+        let moved = PF_USER.replace("error_code;\toffset:24", "error_code;\toffset:32");
+        assert_eq!(fault_layout("x", &moved).unwrap().error_code, 32);
+    }
+
+    #[test]
+    fn checks_syscall_argument_layout() {
+        let f = "name: sys_enter_munmap
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:unsigned long addr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:size_t len;\toffset:24;\tsize:8;\tsigned:0;
+";
+        check_syscall_args("sys_enter_munmap", f).unwrap();
+        let moved = f.replace("len;\toffset:24", "len;\toffset:32");
+        let e = check_syscall_args("sys_enter_munmap", &moved)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("argument 1 (len)"), "{e}");
+        let e = check_syscall_args("x", "field:int a;\toffset:8;\tsize:4;")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no __syscall_nr"), "{e}");
+    }
+
+    #[test]
+    fn finds_the_fork_child_pid() {
+        let f = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(fork_child_pid_offset(f).unwrap(), 20);
+        // Older kernels: inline comm arrays.
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(fork_child_pid_offset(old).unwrap(), 44);
+        assert!(fork_child_pid_offset("").is_err());
+    }
+
+    #[test]
+    fn refuses_missing_or_narrow_fields() {
+        let missing = PF_USER.replace("error_code;", "err;");
+        let e = fault_layout("exceptions:page_fault_user", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no field `error_code`"), "{e}");
+        let narrow = PF_USER.replace("address;\toffset:8;\tsize:8", "address;\toffset:8;\tsize:4");
+        let e = fault_layout("x", &narrow).unwrap_err().to_string();
+        assert!(e.contains("is 4 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,445 @@
+//! `cr dump`: freeze → collect → write → commit → kill (or let run with -R).
+//!
+//! The target is the tree under `-t PID`: every thread of every process is seized first
+//! ([`tree::seize`]), then each process is collected in tree order ([`dump_process`]): one core
+//! image per thread, one mm/pagemap/fds image per process, one files.img and pstree.img for
+//! the tree. The tree is held with ptrace from seize to the end. On any error after seizing, every
+//! change is undone on the way out (registers put back by `Remote`, scratch memory unmapped,
+//! the task detached by `Tracee`'s drop), so a failed dump leaves the target running as before,
+//! and the image directory has no inventory (never mistaken for a complete image).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cli::DumpOpts;
+use crate::files::dump as files;
+use crate::image::dir::{self as imgdir, ImageWriter};
+use crate::image::file::Kind;
+use crate::image::pb;
+use crate::kernel::interrupt;
+use crate::kernel::proc;
+use crate::kernel::proc::maps::VmaName;
+use crate::kernel::ptrace::{self, Remote};
+use crate::locks::dump as locks;
+use crate::logging::TaskScope;
+use crate::mem::dump as memory;
+use crate::mem::{incremental, pages};
+use crate::task::dump as task;
+use crate::tree::{dump as tree, target};
+
+/// Inventory flag bits.
+pub const DUMP_F_PRE_DUMP: u64 = 1;
+pub const DUMP_F_TCP: u64 = 2;
+pub const DUMP_F_SHELL_JOB: u64 = 4;
+pub const DUMP_F_FILE_LOCKS: u64 = 8;
+
+pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
+    if pre_dump {
+        return incremental::pre_dump(o);
+    }
+    let t_start = Instant::now();
+    interrupt::install();
+    let target = target::check_root(o.pid)?;
+    let pid = target.pid;
+    let writer = ImageWriter::create(&o.images_dir)?;
+    log::info!(
+        "dumping PID {pid} ({}) into {}",
+        target.stat.comm,
+        o.images_dir.display()
+    );
+    let mut inc = incremental::Session::prepare(o, false, pid)?;
+    interrupt::check()?;
+
+    let prepared = crate::tcp::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
+    // The page copy's buffers are touched now, not while the tree is frozen (fresh memory is
+    // slow to fault in, very much so on a ballooned VM).
+    // As many as the root's resident memory needs, up to the 16 MiB the copy turns over.
+    pages::warm_buffers((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
+    let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
+    // Declared after the tree: on error, connections leave repair mode before it runs on.
+    let mut net = crate::tcp::DumpGuard::begin(o.tcp_established, &o.images_dir, pid, prepared);
+    let t_frozen = Instant::now();
+    log::info!("PID {pid} frozen");
+    // On error, dropping the tree detaches every task; each Remote (already dropped) restored
+    // its registers.
+    let live: Vec<i32> = tree
+        .procs
+        .iter()
+        .filter(|p| !p.zombie)
+        .map(|p| p.pid)
+        .collect();
+    let collected = tree::check(&tree, o.shell_job)
+        .and_then(|_| inc.frozen())
+        .and_then(|_| {
+            net.survey(
+                &live,
+                pid,
+                &crate::tcp::inventory::TableSource::of(inc.tracker().map(|(_, m)| m), pid),
+            )
+        })
+        .and_then(|_| dump_frozen(&mut tree, &live, &writer, o, &mut inc))?;
+    // With -R the tree needs nothing more from us: everything is read. Let it run while the
+    // page writer finishes.
+    let mut frozen_us = 0;
+    let tree = if o.leave_running {
+        net.resume();
+        tree.detach()?;
+        frozen_us = t_frozen.elapsed().as_micros() as u64;
+        log::info!(
+            "PID {pid} runs on (frozen {:.1} ms); finishing the image",
+            frozen_us as f64 / 1e3
+        );
+        None
+    } else {
+        Some(tree)
+    };
+    let result = write_images(&writer, collected).and_then(|mut stats| {
+        interrupt::check()?;
+        stats.frozen_us = if frozen_us != 0 {
+            frozen_us
+        } else {
+            t_frozen.elapsed().as_micros() as u64
+        };
+        stats.total_us = t_start.elapsed().as_micros() as u64;
+        let mut flags = 0;
+        if o.tcp_established {
+            flags |= DUMP_F_TCP;
+        }
+        if o.shell_job {
+            flags |= DUMP_F_SHELL_JOB;
+        }
+        if o.file_locks {
+            flags |= DUMP_F_FILE_LOCKS;
+        }
+        let mut inventory = pb::Inventory {
+            kernel_release: proc::task::kernel_release().unwrap_or_default(),
+            root_pid: pid,
+            flags,
+            stats: Some(stats),
+            cr_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            ..Default::default()
+        };
+        inc.fill_inventory(&mut inventory);
+        // Commit before the tree goes away: a dump that cannot be committed must not kill it.
+        writer.commit(inventory)?;
+        inc.committed(&o.images_dir);
+        Ok(())
+    });
+    let Some(tree) = tree else {
+        result?;
+        log::info!(
+            "dump of PID {pid} complete in {:.1} ms",
+            t_start.elapsed().as_secs_f64() * 1e3
+        );
+        return Ok(());
+    };
+    if let Err(e) = result {
+        drop(tree);
+        return Err(e);
+    }
+    let frozen = t_frozen.elapsed();
+    tree.kill()?;
+    net.target_killed();
+    inc.target_gone();
+    log::info!(
+        "dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)",
+        frozen.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// What was collected for one process while the tree was frozen; pages may still be on their
+/// way to disk.
+struct ProcDump {
+    pid: i32,
+    cores: Vec<pb::Core>,
+    mm: pb::Mm,
+    fds: pb::Fds,
+    pages: pages::PendingPages,
+}
+
+/// What was collected for the tree.
+struct Collected {
+    procs: Vec<ProcDump>,
+    files: Vec<pb::FileEntry>,
+    contents: Vec<(String, Vec<u8>)>,
+    pstree: pb::PsTree,
+    stats: pb::DumpStats,
+    /// locks.img (--file-locks).
+    locks: Option<pb::Locks>,
+}
+
+/// Everything that needs the tree frozen: the state of each process, and a copy of its memory.
+/// `live`: the tree's processes that are not zombies.
+fn dump_frozen(
+    tree: &mut tree::Tree,
+    live: &[i32],
+    w: &ImageWriter,
+    o: &DumpOpts,
+    inc: &mut incremental::Session,
+) -> Result<Collected> {
+    let pstree = tree.pstree();
+    let mut next_id = 1;
+    let mut dedup = tree::FileDedup::default();
+    let mut shmem = tree::ShmemOwners::default();
+    let mut out = Collected {
+        procs: Vec::new(),
+        files: Vec::new(),
+        contents: Vec::new(),
+        pstree,
+        stats: pb::DumpStats::default(),
+        locks: None,
+    };
+    let root = tree.root().pid;
+    // File locks first: a refused tree has not seen a single remote syscall.
+    let held = locks::survey_tree(
+        inc.tracker().map(|(c, _)| c),
+        root,
+        tree.root().stat.starttime,
+        live,
+    )?;
+    held.check(o.file_locks)?;
+    for p in tree.procs.iter_mut() {
+        if p.zombie {
+            log::info!(
+                "PID {} is a zombie (exit status {:#x})",
+                p.pid,
+                p.stat.exit_code
+            );
+            continue;
+        }
+        let d = dump_process(
+            p,
+            p.pid == root,
+            w,
+            o,
+            inc,
+            &mut next_id,
+            &mut dedup,
+            &mut shmem,
+            &mut out,
+        )
+        .with_context(|| format!("dumping PID {}", p.pid))?;
+        out.procs.push(d);
+    }
+    if o.file_locks {
+        let fds = out
+            .procs
+            .iter()
+            .flat_map(|p| p.fds.fds.iter().map(move |f| ((p.pid, f.fd), f.file_id)))
+            .collect();
+        out.locks = Some(held.image(&fds)?);
+    }
+    Ok(out)
+}
+
+/// One process of the frozen tree: its threads' cores, its mm, fds and memory. The root's
+/// memory goes through the incremental session (tracking, parent images); other processes get
+/// a full copy.
+#[allow(clippy::too_many_arguments)]
+fn dump_process(
+    p: &mut tree::Proc,
+    is_root: bool,
+    w: &ImageWriter,
+    o: &DumpOpts,
+    inc: &mut incremental::Session,
+    next_id: &mut u32,
+    dedup: &mut tree::FileDedup,
+    shmem: &mut tree::ShmemOwners,
+    out: &mut Collected,
+) -> Result<ProcDump> {
+    let pid = p.pid;
+    let _scope = TaskScope::enter(pid);
+    let stat = proc::stat::read_stat(pid)?;
+    let status = proc::status::read_status(pid)?;
+    let vmas = if is_root {
+        inc.vmas()?
+    } else {
+        proc::maps::read_smaps(pid)?
+    };
+    // Every thread's registers and thread state before any remote syscall (see dump::task).
+    let mut cores = Vec::with_capacity(p.threads.len());
+    for t in &p.threads {
+        let regs = t.regs()?;
+        if let Some(r) = task::describe_restart(&regs) {
+            log::debug!(
+                "task {} is inside syscall {} ({r})",
+                t.tid,
+                regs.orig_rax as i64
+            );
+        }
+        cores.push(task::thread_core(t, &regs)?);
+    }
+    interrupt::check()?;
+
+    let vdso = vmas
+        .iter()
+        .find(|v| v.name == VmaName::Vdso)
+        .with_context(|| {
+            format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
+        })?;
+    let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
+    // Signals stay queued (not stopping remote calls) until the masks are put back; every
+    // thread holds them, so a signal to the process stays process-wide pending too.
+    let mut held = Vec::with_capacity(p.threads.len());
+    for (t, c) in p.threads.iter().zip(&cores) {
+        held.push(task::SignalsHeld::hold(t, c.sigmask)?);
+    }
+    let mut brk_state = None;
+    for (i, (t, core)) in p.threads.iter_mut().zip(cores.iter_mut()).enumerate() {
+        let mut remote = Remote::new(t, ip)?;
+        task::thread_state(&mut remote, core)?;
+        if i == 0 {
+            brk_state = Some(task::task_state(pid, &mut remote, &status)?);
+        }
+        remote.finish()?;
+    }
+    for (i, (t, core)) in p.threads.iter().zip(cores.iter_mut()).enumerate() {
+        let mut pending = task::pending_signals(t)?;
+        if i != 0 {
+            // Process-wide signals are read once, with the main thread.
+            pending.retain(|s| !s.shared);
+        }
+        core.pending = pending;
+    }
+    for h in held {
+        h.release()?;
+    }
+    let (state, brk) = brk_state.context("internal: no main thread")?;
+    cores[0].task = Some(state);
+    interrupt::check()?;
+
+    let mut fdt = files::collect(pid, next_id, o.shell_job)?;
+    dedup.merge(pid, &mut fdt)?;
+    let mut mm = memory::mm_fields(pid, &stat, brk)?;
+    let (vma_entries, pending_pages) = if is_root {
+        let mem = inc.memory(&mut p.threads[0], Some(ip), &vmas, w)?;
+        out.stats = mem.stats;
+        (mem.vmas, mem.pages)
+    } else {
+        let (entries, runs, scanned) = memory::plan(pid, &vmas)?;
+        // Shared anonymous memory already dumped with an earlier VMA of the tree.
+        let mut skip: Vec<(u64, u64)> = Vec::new();
+        for e in &entries {
+            if let Some(link) = shmem.link(pid, e) {
+                log::debug!(
+                    "PID {pid}: {:#x}-{:#x} is shared with {} ({}): its pages are saved there",
+                    e.start,
+                    e.end,
+                    link.owner_pid,
+                    link.path()
+                );
+                skip.push((e.start, e.end));
+            }
+        }
+        let runs = subtract_runs(runs, &skip);
+        interrupt::check()?;
+        let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
+        let writer = crate::image::pages::PageWriter::create(w, pid, total_pages)?;
+        let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * 4096))?;
+        // Root first: its statistics are in place, the others' add to them.
+        out.stats.pages_scanned += scanned;
+        out.stats.pages_written += total_pages;
+        out.stats.vmas += entries.len() as u64;
+        (entries, pending)
+    };
+    if is_root {
+        for e in &vma_entries {
+            shmem.link(pid, e);
+        }
+    }
+    mm.vmas = vma_entries;
+    out.files.append(&mut fdt.files);
+    out.contents.append(&mut fdt.contents);
+    Ok(ProcDump {
+        pid,
+        cores,
+        mm,
+        fds: fdt.fds,
+        pages: pending_pages,
+    })
+}
+
+/// `runs` without the ranges in `skip`.
+fn subtract_runs(runs: Vec<memory::Run>, skip: &[(u64, u64)]) -> Vec<memory::Run> {
+    if skip.is_empty() {
+        return runs;
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        let mut pieces = vec![(r.start, r.end)];
+        for &(s, e) in skip {
+            let mut next = Vec::new();
+            for (a, b) in pieces {
+                if e <= a || b <= s {
+                    next.push((a, b));
+                    continue;
+                }
+                if a < s {
+                    next.push((a, s));
+                }
+                if e < b {
+                    next.push((e, b));
+                }
+            }
+            pieces = next;
+        }
+        out.extend(pieces.into_iter().map(|(start, end)| memory::Run {
+            start,
+            end,
+            readable: r.readable,
+        }));
+    }
+    out
+}
+
+/// Writes every descriptor once the pages are on disk. Returns the statistics.
+fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
+    for p in c.procs {
+        let pid = p.pid;
+        let pagemap = p.pages.finish()?;
+        for core in &p.cores {
+            w.write_msg(&imgdir::core_file(core.tid), Kind::Core, core)?;
+        }
+        w.write_msg(&imgdir::mm_file(pid), Kind::Mm, &p.mm)?;
+        w.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
+        w.write_msg(&imgdir::fds_file(pid), Kind::Fds, &p.fds)?;
+    }
+    for (name, bytes) in &c.contents {
+        w.write_blob(name, bytes)?;
+    }
+    w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: c.files })?;
+    w.write_msg(imgdir::PSTREE, Kind::PsTree, &c.pstree)?;
+    if let Some(l) = &c.locks {
+        w.write_msg(locks::LOCKS_IMG, Kind::Locks, l)?;
+    }
+    Ok(c.stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_minus_shared_ranges() {
+        let r = |start, end| memory::Run {
+            start,
+            end,
+            readable: true,
+        };
+        let got = subtract_runs(
+            vec![r(0x1000, 0x9000), r(0xa000, 0xb000)],
+            &[(0x2000, 0x3000), (0x8000, 0xb000)],
+        );
+        assert_eq!(got, vec![r(0x1000, 0x2000), r(0x3000, 0x8000)]);
+        assert_eq!(
+            subtract_runs(vec![r(0x1000, 0x2000)], &[]),
+            vec![r(0x1000, 0x2000)]
+        );
+    }
+}

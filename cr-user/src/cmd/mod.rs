@@ -1,0 +1,6 @@
+//! The commands: each sequences the resource modules; nothing imports them but `main.rs`.
+
+pub mod check;
+pub mod dump;
+pub mod restore;
+pub mod tracker;

@@ -1,0 +1,4 @@
+//! Open files: the fd table collected ([`dump`]) and rebuilt ([`restore`]).
+
+pub mod dump;
+pub mod restore;

@@ -1,0 +1,1012 @@
+//! Incremental dumps: `cr pre-dump`, `--track-mem`, `--prev-images-dir` (DESIGN §2, §5).
+//!
+//! A [`Session`] wraps the memory part of a dump when tracking is involved:
+//! 1. [`Session::prepare`] (before the freeze) finds the target's tracker process or starts
+//!    one, takes its state and fds, checks the parent image against the tracker's last
+//!    checkpoint, and reads smaps while the target still runs.
+//! 2. [`Session::frozen`] (right after the seize) snapshots the eBPF counters: what happens
+//!    from here on is cr's own doing.
+//! 3. [`Session::memory`] (frozen) harvests (eBPF or exact, see [`crate::mem::harvest`]),
+//!    plans every page as copied, `in_parent` or absent, reads the copied ones into buffers,
+//!    arms or re-arms write-protection and hands the tracker its new state.
+//! 4. [`Session::fill_inventory`], [`Session::committed`], [`Session::finish`] record the
+//!    parent link, the inventory CRC and stop the tracker when the target is gone.
+//!
+//! The rule that makes `in_parent` right: the tracker's state names the image of the last
+//! checkpoint (path and inventory CRC) and the write-protection was re-armed at that
+//! checkpoint's freeze. A page present (or swapped) now and not written since was present
+//! then, so the parent chain has it; a page not present now is absent. The exact harvest reads
+//! presence and "written" from the page tables; the eBPF harvest reads them only where the
+//! programs saw writes or VMA changes, and relies on the parent's page list elsewhere (a page
+//! can only disappear through a syscall the programs watch).
+//!
+//! Without a tracker a session is "plain" and the dump is the old full dump, unchanged.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use super::dump as memory;
+use super::pages::{self, PendingPages, PlanItem};
+use crate::bpf::maps::TrackMaps;
+use crate::cli::DumpOpts;
+use crate::image::dir::{self as imgdir, ImageDir, ImageWriter};
+use crate::image::file::Kind;
+use crate::image::pages::PageWriter;
+use crate::image::{pb, vma};
+use crate::kernel::interrupt;
+use crate::kernel::proc::maps::{Vma, VmaName};
+use crate::kernel::ptrace::{self, Remote, Tracee};
+use crate::kernel::sys::pagemap::{PageRegion, PagemapScanner, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
+use crate::kernel::sys::uffd::Userfaultfd;
+use crate::mem::arm;
+use crate::mem::harvest::{self, Epoch, EpochFacts, PageFate};
+use crate::ranges::RangeSet;
+use crate::tracker::client::{self, TrackerConn, TrackerState};
+use crate::tree::target;
+
+const PAGE: u64 = 4096;
+
+/// Scattered ranges past which an eBPF harvest covering most of the memory becomes one exact
+/// scan instead.
+const MANY_RANGES: usize = 256;
+
+/// Environment switch for tests and the benchmark: `ebpf` skips the "dirty blocks cover most
+/// of the memory" shortcut to the exact scan, `scan` always uses the exact scan.
+pub const HARVEST_ENV: &str = "CR_HARVEST";
+/// Test hook: the tracker process sizes CR_DIRTY to this many entries.
+pub const DIRTY_MAX_ENV: &str = "CR_TEST_DIRTY_MAX_ENTRIES";
+
+/// The tracker and what it handed over.
+struct Tracked {
+    conn: TrackerConn,
+    maps: TrackMaps,
+    uffd: Option<Userfaultfd>,
+    state: TrackerState,
+}
+
+/// The parent image a dump builds on.
+struct Parent {
+    /// As given (relative to the images dir, as CRIU has it).
+    rel: String,
+    crc: u32,
+    /// Every page the parent chain holds for the target.
+    pages: RangeSet,
+}
+
+/// What [`Session::memory`] produced.
+pub struct MemoryDump {
+    pub vmas: Vec<pb::Vma>,
+    pub pages: PendingPages,
+    pub stats: pb::DumpStats,
+}
+
+/// How tracked VMAs are read at this checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Scan (and re-arm) only where the eBPF records point.
+    Ebpf(RangeSet),
+    /// Scan (and re-arm) every tracked VMA; unchanged pages are `in_parent`.
+    Exact,
+    /// No usable parent: copy everything, re-arm.
+    FullRearm,
+    /// A dump that must not consume the tracking state (no tracking options given): copy
+    /// everything, change nothing.
+    FullPeek,
+}
+
+pub struct Session {
+    pid: i32,
+    pre_dump: bool,
+    /// Consume the dirty set (this dump is a checkpoint of the tracking chain).
+    harvest: bool,
+    /// Re-arm and keep the tracker for later dumps.
+    keep_tracking: bool,
+    tracked: Option<Tracked>,
+    parent: Option<Parent>,
+    /// Why this dump is not incremental (when it harvests without a parent).
+    full_reason: String,
+    /// Canonical path of this image.
+    image: String,
+    /// smaps read before the freeze, with the VMA and exec counters read just before it.
+    pre_smaps: Option<(u64, u64, Vec<Vma>)>,
+    epoch: Option<Epoch>,
+    /// The tracker state handed over at the end of the freeze.
+    put: bool,
+}
+
+impl Session {
+    /// The connection to the target's tracker and the maps it handed over, when one runs for
+    /// it: the dump's socket inventory and lock survey read the tracker's tables through them
+    /// (one connection, one `Get` per dump).
+    pub fn tracker(&self) -> Option<(&TrackerConn, &TrackMaps)> {
+        self.tracked.as_ref().map(|t| (&t.conn, &t.maps))
+    }
+
+    /// Before the freeze. `pid` passed [`target::check`]; `images_dir` exists.
+    pub fn prepare(o: &DumpOpts, pre_dump: bool, pid: i32) -> Result<Session> {
+        let want = pre_dump || o.track_mem;
+        let keep_wanted = want && (pre_dump || o.leave_running);
+        let image = canonical(&o.images_dir)?;
+        let start_time = crate::kernel::proc::stat::read_stat(pid)?.starttime;
+        let mut conn = TrackerConn::connect(pid)?;
+        let mut snap = None;
+        if let Some(c) = &conn {
+            let s = c.get()?;
+            if s.state.pid != pid || s.state.start_time != start_time {
+                log::warn!(
+                    "the tracker on @{} is for another process (PID reused): stopping it",
+                    client::socket_name(pid)
+                );
+                let _ = c.stop();
+                conn = None;
+            } else {
+                snap = Some(s);
+            }
+        }
+        if conn.is_none() && keep_wanted {
+            let dirty_max = std::env::var(DIRTY_MAX_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok());
+            let c = client::spawn(pid, dirty_max)?;
+            snap = Some(c.get()?);
+            conn = Some(c);
+        }
+        if let Some(c) = &conn {
+            c.register()?;
+        }
+        let tracked = match (conn, snap) {
+            (Some(conn), Some(s)) => Some(Tracked {
+                maps: TrackMaps::from_fds(s.map_fds)?,
+                uffd: s.uffd.map(Userfaultfd::from_fd),
+                state: s.state,
+                conn,
+            }),
+            _ => None,
+        };
+        let harvest = tracked.is_some() && (want || o.prev_images_dir.is_some());
+        let keep_tracking = harvest && (pre_dump || o.leave_running);
+        let mut full_reason = String::new();
+        let parent = match (&o.prev_images_dir, &tracked) {
+            (None, _) => {
+                full_reason = "no --prev-images-dir".into();
+                None
+            }
+            (Some(rel), None) => {
+                full_reason = format!(
+                    "no tracker runs for PID {pid}, so nothing says what changed since {}",
+                    rel.display()
+                );
+                None
+            }
+            (Some(rel), Some(t)) => match check_parent(&o.images_dir, rel, pid, &t.state) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    full_reason = format!("{e:#}");
+                    None
+                }
+            },
+        };
+        if o.prev_images_dir.is_some() && parent.is_none() {
+            log::warn!("PID {pid}: full dump: {full_reason}");
+        }
+        let mut pre_smaps = None;
+        if let Some(t) = &tracked {
+            let c = t.maps.counters(pid as u32)?;
+            if parent.is_some() {
+                // Have page buffers ready for what the epoch's write faults say will be copied
+                // (a fresh buffer's first touch zeroes its pages: better now than frozen).
+                let faults = c.write_faults.saturating_sub(t.state.baseline.write_faults);
+                pages::warm_buffers(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
+            }
+            pre_smaps = Some((
+                c.vma_events,
+                c.exec_events,
+                crate::kernel::proc::maps::read_smaps(pid)?,
+            ));
+        }
+        Ok(Session {
+            pid,
+            pre_dump,
+            harvest,
+            keep_tracking,
+            tracked,
+            parent,
+            full_reason,
+            image,
+            pre_smaps,
+            epoch: None,
+            put: false,
+        })
+    }
+
+    /// Right after the seize.
+    pub fn frozen(&mut self) -> Result<()> {
+        if let Some(t) = &self.tracked {
+            self.epoch = Some(Epoch::at_seize(&t.maps, self.pid)?);
+        }
+        Ok(())
+    }
+
+    /// The VMA list (smaps), frozen. With a tracker, the smaps read before the freeze is
+    /// reused when no VMA-changing syscall happened since and /proc/PID/maps still shows the
+    /// same layout: reading smaps walks every page table (about 18 ms per GiB here).
+    pub fn vmas(&self) -> Result<Vec<Vma>> {
+        if let (Some((vma_events, execs, pre)), Some(ep)) = (&self.pre_smaps, &self.epoch) {
+            if ep.at_seize.vma_events == *vma_events && ep.at_seize.exec_events == *execs {
+                let now = crate::kernel::proc::maps::read_maps(self.pid)?;
+                if same_layout(&now, pre) {
+                    log::debug!(
+                        "PID {}: VMA list unchanged since the smaps read before the freeze",
+                        self.pid
+                    );
+                    return Ok(pre.clone());
+                }
+            }
+        }
+        crate::kernel::proc::maps::read_smaps(self.pid)
+    }
+
+    /// Everything about memory that needs the target frozen: the VMA entries, the page plan
+    /// and its copy, and (when tracking goes on) the re-arming. `ip` is a `syscall`
+    /// instruction in the target (found from the vDSO when None and needed).
+    pub fn memory(
+        &mut self,
+        t: &mut Tracee,
+        ip: Option<u64>,
+        vmas: &[Vma],
+        w: &ImageWriter,
+    ) -> Result<MemoryDump> {
+        let t_mem = Instant::now();
+        let pid = self.pid;
+        if self.tracked.is_none() {
+            return plain_memory(pid, vmas, w, t_mem);
+        }
+        let mut entries = Vec::with_capacity(vmas.len());
+        let mut wanted: Vec<&Vma> = Vec::new();
+        for v in vmas {
+            let e = memory::vma_entry(v)?;
+            if e.kind == vma::KIND_UNSUPPORTED {
+                bail!(
+                    "mapping {:#x}-{:#x} ({}) of PID {pid} is not supported",
+                    v.start,
+                    v.end,
+                    e.name
+                );
+            }
+            if memory::wants_pages(v, e.kind) {
+                wanted.push(v);
+            }
+            entries.push(e);
+        }
+        let t_h = Instant::now();
+        let tr = self.tracked.as_mut().expect("checked above");
+        let mut facts = EpochFacts::default();
+        if self.harvest {
+            // From here until the new state is put, the tracker has no base image: a dump that
+            // dies now cannot leave a state a later dump would trust.
+            let t_inv = Instant::now();
+            tr.conn.invalidate()?;
+            log::debug!(
+                "PID {pid}: tracker state invalidated in {:?}",
+                t_inv.elapsed()
+            );
+            let ep = self
+                .epoch
+                .context("internal: the session was not told the target is frozen")?;
+            facts = harvest::read_epoch(&mut tr.maps, pid, &tr.state, &ep)?;
+        }
+        let armed = tr.state.armed && tr.uffd.is_some() && !facts.exec;
+        let (mut tracked_vmas, mut new_vmas, mut other_vmas) = (Vec::new(), Vec::new(), Vec::new());
+        for v in wanted {
+            if !arm::trackable(v) {
+                other_vmas.push(v);
+            } else if armed && tr.state.tracked.covers(v.start, v.end) {
+                tracked_vmas.push(v);
+            } else {
+                new_vmas.push(v);
+            }
+        }
+        let tracked_set = RangeSet::from_sorted(tracked_vmas.iter().map(|v| (v.start, v.end)));
+        let (mode, reason) = choose_mode(
+            self.harvest,
+            self.parent.is_some(),
+            &self.full_reason,
+            &facts,
+            &tracked_set,
+            &tracked_vmas,
+        );
+        log::info!(
+            "PID {pid}: harvest {} ({reason}): {} eBPF dirty pages, {} VMA events, {} tracked / {} new / {} other VMAs",
+            mode_name(&mode),
+            facts.dirty.len(),
+            facts.vma_events,
+            tracked_vmas.len(),
+            new_vmas.len(),
+            other_vmas.len()
+        );
+        let empty = RangeSet::new();
+        let parent_pages = self.parent.as_ref().map_or(&empty, |p| &p.pages);
+        let rearm = mode != Mode::FullPeek;
+        let swap = harvest::swap_active();
+        let mut scanner =
+            PagemapScanner::open(pid).with_context(|| format!("open the pagemap of PID {pid}"))?;
+        let mut plan: Vec<PlanItem> = Vec::new();
+        let mut scanned = 0u64;
+        let mut regions: Vec<PageRegion> = Vec::new();
+
+        // Tracked VMAs: scan where needed; elsewhere (eBPF mode) the parent has the pages.
+        let mut still_tracked = Vec::new();
+        for v in tracked_vmas {
+            let scan = match &mode {
+                Mode::Ebpf(r) => r.clip(v.start, v.end),
+                _ => RangeSet::from_ranges(vec![(v.start, v.end)]),
+            };
+            regions.clear();
+            let mut registered = true;
+            for &(s, e) in scan.ranges() {
+                if harvest::scan_range(&mut scanner, s, e, rearm, &mut regions)?.is_none() {
+                    registered = false;
+                    break;
+                }
+                scanned += (e - s) / PAGE;
+            }
+            if !registered {
+                log::info!(
+                    "PID {pid}: {:#x}-{:#x} is no longer write-protected: copied whole",
+                    v.start,
+                    v.end
+                );
+                new_vmas.push(v);
+                continue;
+            }
+            still_tracked.push((v.start, v.end));
+            let in_parent = if self.parent.is_some() {
+                parent_pages.clip(v.start, v.end)
+            } else {
+                RangeSet::new()
+            };
+            classify(&scanner, &regions, &in_parent, v.read, swap, &mut plan)?;
+            if let Mode::Ebpf(_) = mode {
+                for &(s, e) in in_parent.subtract(&scan).ranges() {
+                    plan.push(PlanItem::Parent { start: s, end: e });
+                }
+            }
+        }
+
+        // New VMAs (never write-protected, or no longer): all their data.
+        new_vmas.sort_by_key(|v| v.start);
+        for v in &new_vmas {
+            regions.clear();
+            harvest::scan_range(&mut scanner, v.start, v.end, false, &mut regions)?;
+            scanned += v.len() / PAGE;
+            classify(
+                &scanner,
+                &regions,
+                &RangeSet::new(),
+                v.read,
+                swap,
+                &mut plan,
+            )?;
+        }
+        // Memory cr does not track (shared, file-backed, droppable): all its data, as a full
+        // dump takes it.
+        for v in &other_vmas {
+            let found = scanner
+                .scan(v.start, v.end, &memory::resident_query(v))
+                .with_context(|| {
+                    format!("PAGEMAP_SCAN of {:#x}-{:#x} of PID {pid}", v.start, v.end)
+                })?;
+            scanned += v.len() / PAGE;
+            plan.extend(found.iter().map(|r| PlanItem::Data {
+                start: r.start,
+                end: r.end,
+                readable: v.read,
+            }));
+        }
+        let plan = merge_plan(plan)?;
+        let (data_pages, parent_pages_n) = plan.iter().fold((0u64, 0u64), |(d, p), i| match *i {
+            PlanItem::Data { start, end, .. } => (d + (end - start) / PAGE, p),
+            PlanItem::Parent { start, end } => (d, p + (end - start) / PAGE),
+        });
+        let harvest_us = t_h.elapsed().as_micros() as u64;
+        interrupt::check()?;
+
+        let t_copy = Instant::now();
+        let writer = PageWriter::create(w, pid, data_pages)?;
+        let t_writer = t_copy.elapsed();
+        let pending = pages::copy_plan(pid, &plan, writer, pages::budget(data_pages * PAGE))?;
+        let memdump_us = t_mem.elapsed().as_micros() as u64;
+        log::debug!(
+            "PID {pid}: page file started in {t_writer:?}, {} plan items read in {:?}",
+            plan.len(),
+            t_copy.elapsed() - t_writer
+        );
+
+        // Arm or re-arm for the next checkpoint.
+        let tr = self.tracked.as_mut().expect("checked above");
+        if self.keep_tracking {
+            let t_arm = Instant::now();
+            let mut fresh = None;
+            if !armed {
+                let ip = match ip {
+                    Some(ip) => ip,
+                    None => syscall_ip(pid, vmas)?,
+                };
+                let mut remote = Remote::new(t, ip)?;
+                let u = arm::take_userfaultfd(&mut remote, pid);
+                remote.finish()?;
+                fresh = Some(u?);
+            }
+            let uffd = fresh
+                .as_ref()
+                .or(tr.uffd.as_ref())
+                .context("internal: armed without a userfaultfd")?;
+            let fresh_ranges: Vec<(u64, u64)> = new_vmas.iter().map(|v| (v.start, v.end)).collect();
+            let registered = arm::register(uffd, pid, &fresh_ranges);
+            arm::protect(uffd, &registered)?;
+            let tracked_now = RangeSet::from_ranges(still_tracked).union(&registered);
+            // What cr did while the target was frozen is not the target's doing: start the
+            // next epoch here, except for remote writes by others, which only the next
+            // checkpoint can account for.
+            // (The dirty set was taken at the harvest; nothing the target did since, it is
+            // frozen, and cr's own reads fault in cr's context. A first arming drops what was
+            // recorded before it.)
+            let _ = tr.maps.drain_vma_events();
+            if !armed {
+                let _ = tr.maps.drain_dirty();
+            }
+            let mut baseline = tr.maps.counters(pid as u32)?;
+            if let Some(ep) = &self.epoch {
+                baseline.gup_events = ep.at_seize.gup_events;
+                baseline.last_unsafe_nr = ep.at_seize.last_unsafe_nr;
+            }
+            let state = TrackerState {
+                armed: true,
+                last_image: Some(self.image.clone()),
+                last_image_crc: None,
+                tracked: tracked_now,
+                baseline,
+                sticky: facts.sticky_next,
+                harvests: tr.state.harvests + 1,
+                ..tr.state.clone()
+            };
+            let fd = fresh.as_ref().map(|u| {
+                use std::os::fd::AsFd;
+                u.as_fd().try_clone_to_owned()
+            });
+            let fd = fd.transpose().context("dup the userfaultfd")?;
+            tr.conn.put(&state, fd.as_ref())?;
+            log::debug!(
+                "PID {pid}: re-armed and handed the tracker its state in {:?}",
+                t_arm.elapsed()
+            );
+            if let Some(u) = fresh {
+                tr.uffd = Some(u);
+            }
+            tr.state = state;
+            self.put = true;
+        }
+        let stats = pb::DumpStats {
+            memdump_us,
+            pages_scanned: scanned,
+            pages_written: data_pages,
+            pages_in_parent: parent_pages_n,
+            harvest: mode_name(&mode).into(),
+            harvest_reason: reason,
+            harvest_us,
+            ebpf_dirty_pages: facts.dirty.len() as u64,
+            vma_events: facts.vma_events,
+            new_vmas: new_vmas.len() as u64,
+            tracker_pid: tr.state.daemon_pid,
+            vmas: entries.len() as u64,
+            ..Default::default()
+        };
+        log::info!(
+            "PID {pid}: {} pages copied, {} in the parent, {scanned} scanned; harvest {:.2} ms, memory {:.2} ms",
+            data_pages,
+            parent_pages_n,
+            harvest_us as f64 / 1e3,
+            memdump_us as f64 / 1e3
+        );
+        Ok(MemoryDump {
+            vmas: entries,
+            pages: pending,
+            stats,
+        })
+    }
+
+    /// Sets the parent link and the pre-dump flag.
+    pub fn fill_inventory(&self, inv: &mut pb::Inventory) {
+        if let Some(p) = &self.parent {
+            inv.parent_path = p.rel.clone();
+            inv.parent_inventory_crc = p.crc;
+        }
+        if self.pre_dump {
+            inv.flags |= crate::cmd::dump::DUMP_F_PRE_DUMP;
+        }
+    }
+
+    /// After the commit: the tracker learns the inventory CRC of its new base image. A failure
+    /// only costs the next dump its parent (it will be full), so it is a warning.
+    pub fn committed(&self, images_dir: &Path) {
+        if !self.put {
+            return;
+        }
+        let Some(t) = &self.tracked else { return };
+        let r = t
+            .conn
+            .settle()
+            .and_then(|_| ImageDir::open(images_dir))
+            .and_then(|img| t.conn.commit(&self.image, img.inventory_crc()));
+        if let Err(e) = r {
+            log::warn!("the tracker could not record this image as its base ({e:#}): the next dump will be full");
+        }
+    }
+
+    /// The target was killed (a final dump): the tracker has nothing left to do.
+    pub fn target_gone(&self) {
+        if let Some(t) = &self.tracked {
+            if let Err(e) = t.conn.stop() {
+                log::debug!("stopping the tracker: {e:#} (it may have seen the target exit first)");
+            }
+        }
+    }
+}
+
+/// The dump without tracking: [`memory::plan`] and [`pages::copy`], as always.
+fn plain_memory(pid: i32, vmas: &[Vma], w: &ImageWriter, t_mem: Instant) -> Result<MemoryDump> {
+    let (entries, runs, scanned) = memory::plan(pid, vmas)?;
+    interrupt::check()?;
+    let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / PAGE).sum();
+    let writer = PageWriter::create(w, pid, total_pages)?;
+    let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * PAGE))?;
+    let memdump_us = t_mem.elapsed().as_micros() as u64;
+    log::info!(
+        "PID {pid}: {} VMAs, {total_pages} pages copied of {scanned} scanned in {:.1} ms",
+        entries.len(),
+        memdump_us as f64 / 1e3
+    );
+    let stats = pb::DumpStats {
+        memdump_us,
+        pages_scanned: scanned,
+        pages_written: total_pages,
+        harvest: "full".into(),
+        harvest_reason: "memory is not tracked".into(),
+        vmas: entries.len() as u64,
+        ..Default::default()
+    };
+    Ok(MemoryDump {
+        vmas: entries,
+        pages: pending,
+        stats,
+    })
+}
+
+fn mode_name(m: &Mode) -> &'static str {
+    match m {
+        Mode::Ebpf(_) => "ebpf",
+        Mode::Exact => "pagemap-scan",
+        Mode::FullRearm | Mode::FullPeek => "full",
+    }
+}
+
+/// Which harvest, and why.
+fn choose_mode(
+    harvest: bool,
+    has_parent: bool,
+    full_reason: &str,
+    f: &EpochFacts,
+    tracked: &RangeSet,
+    tracked_vmas: &[&Vma],
+) -> (Mode, String) {
+    if !harvest {
+        return (
+            Mode::FullPeek,
+            "a dump without --track-mem leaves the tracking state alone".into(),
+        );
+    }
+    if !has_parent {
+        return (Mode::FullRearm, full_reason.to_string());
+    }
+    if f.exec {
+        return (
+            Mode::FullRearm,
+            "the target exec'd: its memory is new".into(),
+        );
+    }
+    let forced = std::env::var(HARVEST_ENV).unwrap_or_default();
+    if forced == "scan" {
+        return (Mode::Exact, format!("forced by {HARVEST_ENV}=scan"));
+    }
+    if !f.unsafe_why.is_empty() {
+        return (Mode::Exact, f.unsafe_why.join("; "));
+    }
+    if f.all_vmas {
+        return (
+            Mode::Exact,
+            "mlockall: any page may have been populated".into(),
+        );
+    }
+    let mut ranges = harvest::blocks_of(&f.dirty).union(&f.vma_ranges);
+    if f.brk {
+        let heap = RangeSet::from_ranges(
+            tracked_vmas
+                .iter()
+                .filter(|v| v.name == VmaName::Heap)
+                .map(|v| (v.start, v.end))
+                .collect(),
+        );
+        ranges = ranges.union(&heap);
+    }
+    let ranges = ranges.intersect(tracked);
+    // Scanning the blocks never costs more page-table walking than scanning everything, but
+    // each block is an ioctl: past many scattered blocks covering most of the memory, one
+    // walk of all is cheaper.
+    let (cover, total) = (ranges.len_bytes(), tracked.len_bytes().max(1));
+    if forced != "ebpf" && ranges.ranges().len() > MANY_RANGES && cover * 2 > total {
+        return (
+            Mode::Exact,
+            format!(
+                "the eBPF dirty set falls in {} blocks covering {}% of the tracked memory: one scan of all is cheaper",
+                ranges.ranges().len(),
+                cover * 100 / total
+            ),
+        );
+    }
+    let why = if forced == "ebpf" {
+        format!("forced by {HARVEST_ENV}=ebpf")
+    } else {
+        "nothing escaped the eBPF records".to_string()
+    };
+    (Mode::Ebpf(ranges), why)
+}
+
+/// Turns the regions of one scanned VMA into plan items.
+fn classify(
+    scanner: &PagemapScanner,
+    regions: &[PageRegion],
+    in_parent: &RangeSet,
+    readable: bool,
+    swap: bool,
+    plan: &mut Vec<PlanItem>,
+) -> Result<()> {
+    for w in regions.windows(2) {
+        if w[1].start < w[0].end {
+            bail!(
+                "internal: PAGEMAP_SCAN regions overlap: {:x?} then {:x?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    for r in regions {
+        let whole = RangeSet::from_ranges(vec![(r.start, r.end)]);
+        let inside = in_parent.clip(r.start, r.end);
+        let outside = whole.subtract(&inside);
+        for (set, par) in [(&inside, true), (&outside, false)] {
+            for &(s, e) in set.ranges() {
+                match harvest::fate(r.categories, par) {
+                    PageFate::Copy => plan.push(PlanItem::Data {
+                        start: s,
+                        end: e,
+                        readable,
+                    }),
+                    PageFate::Parent => plan.push(PlanItem::Parent { start: s, end: e }),
+                    PageFate::Absent => {
+                        // Unwritten "swapped" pages not in the parent are uffd-wp markers
+                        // (untouched pages), unless a swap device holds real ones.
+                        if swap
+                            && r.categories & PAGE_IS_SWAPPED != 0
+                            && r.categories & PAGE_IS_WRITTEN == 0
+                            && !par
+                        {
+                            for &(a, b) in harvest::real_swapped(scanner, s, e)?.ranges() {
+                                plan.push(PlanItem::Data {
+                                    start: a,
+                                    end: b,
+                                    readable,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sorts the plan, merges neighbours of the same kind, and refuses overlaps.
+fn merge_plan(mut plan: Vec<PlanItem>) -> Result<Vec<PlanItem>> {
+    let key = |i: &PlanItem| match *i {
+        PlanItem::Data { start, .. } | PlanItem::Parent { start, .. } => start,
+    };
+    plan.sort_by_key(key);
+    let mut out: Vec<PlanItem> = Vec::with_capacity(plan.len());
+    for item in plan {
+        let merged = match (out.last_mut(), item) {
+            (
+                Some(PlanItem::Data { end, readable, .. }),
+                PlanItem::Data {
+                    start,
+                    end: e2,
+                    readable: r2,
+                },
+            ) if *end == start && *readable == r2 => {
+                *end = e2;
+                true
+            }
+            (Some(PlanItem::Parent { end, .. }), PlanItem::Parent { start, end: e2 })
+                if *end == start =>
+            {
+                *end = e2;
+                true
+            }
+            _ => false,
+        };
+        if merged {
+            continue;
+        }
+        if let Some(last) = out.last() {
+            let last_end = match *last {
+                PlanItem::Data { end, .. } | PlanItem::Parent { end, .. } => end,
+            };
+            if key(&item) < last_end {
+                bail!("internal: page plan overlaps: {item:x?} after {last:x?}");
+            }
+        }
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// The parent `rel` (relative to `images_dir`) if the tracker's last checkpoint is exactly it.
+fn check_parent(images_dir: &Path, rel: &Path, pid: i32, state: &TrackerState) -> Result<Parent> {
+    let path = images_dir.join(rel);
+    let img = ImageDir::open(&path).with_context(|| format!("parent image {}", rel.display()))?;
+    let canon = canonical(&path)?;
+    if !state.armed {
+        bail!("the tracker of PID {pid} has not armed write-protection yet");
+    }
+    match &state.last_image {
+        None => bail!("the tracker of PID {pid} has no complete checkpoint to build on (a dump after the last one failed)"),
+        Some(last) if *last != canon => bail!("the last checkpoint of PID {pid} is {last}, not {canon}"),
+        Some(_) => {}
+    }
+    if state.last_image_crc != Some(img.inventory_crc()) {
+        bail!("{canon} was not committed by the checkpoint the tracker remembers (its inventory differs)");
+    }
+    if img.inventory().root_pid != pid {
+        bail!(
+            "{canon} is an image of PID {}, not {pid}",
+            img.inventory().root_pid
+        );
+    }
+    let pm = img
+        .page_map(pid)
+        .with_context(|| format!("the page map of PID {pid} in {canon}"))?;
+    let pages = RangeSet::from_ranges(
+        pm.runs
+            .iter()
+            .map(|r| (r.vaddr, r.vaddr + u64::from(r.nr_pages) * PAGE))
+            .collect(),
+    );
+    Ok(Parent {
+        rel: rel.to_string_lossy().into_owned(),
+        crc: img.inventory_crc(),
+        pages,
+    })
+}
+
+fn canonical(p: &Path) -> Result<String> {
+    Ok(std::fs::canonicalize(p)
+        .with_context(|| format!("resolve {}", p.display()))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Whether two VMA lists describe the same layout (boundaries, protection, what is mapped).
+fn same_layout(a: &[Vma], b: &[Vma]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.start == y.start
+                && x.end == y.end
+                && (x.read, x.write, x.exec, x.shared) == (y.read, y.write, y.exec, y.shared)
+                && x.offset == y.offset
+                && x.inode == y.inode
+                && x.path == y.path
+                && x.name == y.name
+        })
+}
+
+/// The `syscall` instruction of the target's vDSO.
+fn syscall_ip(pid: i32, vmas: &[Vma]) -> Result<u64> {
+    let vdso = vmas
+        .iter()
+        .find(|v| v.name == VmaName::Vdso)
+        .with_context(|| {
+            format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
+        })?;
+    ptrace::locate_syscall(pid, vdso.start, vdso.end)
+}
+
+/// `cr pre-dump`: freeze, harvest (or arm), copy the pages to buffers, let the target go, then
+/// write the page files and a pre-dump inventory. The image holds pages and the VMA list only:
+/// it is a parent for later dumps, not restorable on its own.
+pub fn pre_dump(o: &DumpOpts) -> Result<()> {
+    let t_start = Instant::now();
+    interrupt::install();
+    // Sessions and terminals do not matter for memory; threads and children do (they must
+    // not run while the memory is read), so the whole tree is frozen, and the root's memory
+    // pre-dumped.
+    let target = target::check_root(o.pid)?;
+    let pid = target.pid;
+    let writer = ImageWriter::create(&o.images_dir)?;
+    log::info!(
+        "pre-dumping PID {pid} ({}) into {}",
+        target.stat.comm,
+        o.images_dir.display()
+    );
+    let mut session = Session::prepare(o, true, pid)?;
+    interrupt::check()?;
+    let mut tree =
+        crate::tree::dump::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
+    let t_frozen = Instant::now();
+    let mem = session.frozen().and_then(|_| {
+        let vmas = session.vmas()?;
+        let main = tree
+            .procs
+            .iter_mut()
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.threads.first_mut())
+            .with_context(|| format!("PID {pid} has no thread to work through"))?;
+        session.memory(main, None, &vmas, &writer)
+    });
+    // On error, dropping the tree lets every task go.
+    let mem = mem?;
+    tree.detach()?;
+    let frozen_us = t_frozen.elapsed().as_micros() as u64;
+    let mut mem = mem;
+    mem.pages.start_writing();
+    log::info!(
+        "PID {pid} runs on (frozen {:.2} ms); writing the pre-dump",
+        frozen_us as f64 / 1e3
+    );
+    let pagemap = mem.pages.finish()?;
+    let mm = pb::Mm {
+        vmas: mem.vmas,
+        ..Default::default()
+    };
+    writer.write_msg(&imgdir::mm_file(pid), Kind::Mm, &mm)?;
+    writer.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
+    let mut stats = mem.stats;
+    stats.frozen_us = frozen_us;
+    stats.total_us = t_start.elapsed().as_micros() as u64;
+    let mut inventory = pb::Inventory {
+        kernel_release: crate::kernel::proc::task::kernel_release().unwrap_or_default(),
+        root_pid: pid,
+        stats: Some(stats),
+        cr_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        ..Default::default()
+    };
+    session.fill_inventory(&mut inventory);
+    writer.commit(inventory)?;
+    session.committed(&o.images_dir);
+    log::info!(
+        "pre-dump of PID {pid} complete in {:.1} ms",
+        t_start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_merges_and_refuses_overlaps() {
+        let p = merge_plan(vec![
+            PlanItem::Parent {
+                start: 0x3000,
+                end: 0x5000,
+            },
+            PlanItem::Data {
+                start: 0x1000,
+                end: 0x2000,
+                readable: true,
+            },
+            PlanItem::Data {
+                start: 0x2000,
+                end: 0x3000,
+                readable: true,
+            },
+            PlanItem::Parent {
+                start: 0x5000,
+                end: 0x6000,
+            },
+            PlanItem::Data {
+                start: 0x6000,
+                end: 0x7000,
+                readable: false,
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            p,
+            vec![
+                PlanItem::Data {
+                    start: 0x1000,
+                    end: 0x3000,
+                    readable: true
+                },
+                PlanItem::Parent {
+                    start: 0x3000,
+                    end: 0x6000
+                },
+                PlanItem::Data {
+                    start: 0x6000,
+                    end: 0x7000,
+                    readable: false
+                },
+            ]
+        );
+        assert!(merge_plan(vec![
+            PlanItem::Parent {
+                start: 0,
+                end: 0x2000
+            },
+            PlanItem::Data {
+                start: 0x1000,
+                end: 0x3000,
+                readable: true
+            }
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn mode_choice() {
+        let tracked = RangeSet::from_ranges(vec![(0, 1 << 30)]);
+        let f = EpochFacts {
+            dirty: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let (m, _) = choose_mode(true, true, "", &f, &tracked, &[]);
+        assert_eq!(m, Mode::Ebpf(RangeSet::from_ranges(vec![(0, 2 << 20)])));
+        let (m, why) = choose_mode(true, false, "no --prev-images-dir", &f, &tracked, &[]);
+        assert_eq!((m, why.as_str()), (Mode::FullRearm, "no --prev-images-dir"));
+        let lost = EpochFacts {
+            unsafe_why: vec!["3 write faults lost".into()],
+            ..Default::default()
+        };
+        let (m, why) = choose_mode(true, true, "", &lost, &tracked, &[]);
+        assert_eq!(m, Mode::Exact);
+        assert!(why.contains("lost"));
+        // Many scattered dirty blocks over most of the memory: one exact scan. (4 GiB; two
+        // blocks of every three: 683 ranges, 2/3 of it.)
+        let big = RangeSet::from_ranges(vec![(0, 4 << 30)]);
+        let many = EpochFacts {
+            dirty: (0..(1u64 << 20))
+                .step_by(512)
+                .filter(|p| (p / 512) % 3 != 2)
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(choose_mode(true, true, "", &many, &big, &[]).0, Mode::Exact);
+        // Few blocks, even covering most of a small memory: the eBPF harvest.
+        assert!(matches!(
+            choose_mode(true, true, "", &many, &tracked, &[]).0,
+            Mode::Ebpf(_)
+        ));
+        assert_eq!(
+            choose_mode(false, true, "", &f, &tracked, &[]).0,
+            Mode::FullPeek
+        );
+    }
+}

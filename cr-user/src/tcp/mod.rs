@@ -1,0 +1,322 @@
+//! Network state: TCP sockets ([`tcp`]), the backlog of listeners ([`diag`]).
+//!
+//! A dump holds every established connection it saved in repair mode ([`DumpGuard`]) until
+//! the dump ends: if the tree is killed, cr's copies are closed still in repair mode, so the
+//! kernel sends neither FIN nor RST; on failure or with --leave-running, repair mode is left
+//! and the connections run on.
+
+pub mod inventory;
+pub mod socket;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+
+use crate::bpf::netlock as lock;
+use crate::image::pb;
+
+use self::socket as tcp;
+
+/// State of the dump in progress (one per cr process).
+struct DumpState {
+    tcp_established: bool,
+    /// cr's copies of the sockets put in repair mode, with a name for messages.
+    held: Vec<(OwnedFd, String)>,
+    /// The network lock, once a connection needed it.
+    lock: Option<lock::NetLock>,
+    images_dir: PathBuf,
+    /// Names the lock's pin directory.
+    tag: String,
+}
+
+static DUMP: Mutex<Option<DumpState>> = Mutex::new(None);
+
+/// Scope of one dump's network state: dropping it without [`DumpGuard::target_killed`] takes
+/// every saved connection out of repair mode.
+pub struct DumpGuard {
+    killed: bool,
+}
+
+/// A network lock loaded and pinned before the freeze, with no filter and no connection yet:
+/// nothing is dropped until the first connection is added, and loading the classifier
+/// (tens of ms) is not paid while the tree is frozen and its peers wait. Dropped unused (the
+/// seize failed, or the tree holds no established connection), it is released.
+pub struct PreparedLock(Option<lock::NetLock>);
+
+impl PreparedLock {
+    /// With --tcp-established, loads and pins the lock of the dump of `pid` into
+    /// `images_dir`; otherwise nothing.
+    pub fn new(tcp_established: bool, images_dir: &Path, pid: i32) -> Result<PreparedLock> {
+        if !tcp_established {
+            return Ok(PreparedLock(None));
+        }
+        let t = std::time::Instant::now();
+        let l = lock::NetLock::create(&lock_tag(pid), images_dir)?;
+        log::debug!(
+            "network lock prepared in {:.1} ms (before the freeze)",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(PreparedLock(Some(l)))
+    }
+}
+
+impl Drop for PreparedLock {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            release_unused(l);
+        }
+    }
+}
+
+/// Releases a lock that never locked a connection.
+fn release_unused(l: lock::NetLock) {
+    let rec = l.record().clone();
+    let dir = l.record_dir().to_path_buf();
+    drop(l);
+    lock::release(&rec, Some(&dir));
+}
+
+/// Names the lock's pin directory: the dumped PID and cr's own.
+fn lock_tag(pid: i32) -> String {
+    format!("{pid}-{}", std::process::id())
+}
+
+impl DumpGuard {
+    /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); the guard owns it from
+    /// here.
+    pub fn begin(
+        tcp_established: bool,
+        images_dir: &Path,
+        pid: i32,
+        mut prepared: PreparedLock,
+    ) -> DumpGuard {
+        if let Ok(mut g) = DUMP.lock() {
+            *g = Some(DumpState {
+                tcp_established,
+                held: Vec::new(),
+                lock: prepared.0.take(),
+                images_dir: images_dir.to_path_buf(),
+                tag: lock_tag(pid),
+            });
+        }
+        DumpGuard { killed: false }
+    }
+
+    /// Right after the freeze, before any remote syscall: the tree's TCP sockets from the
+    /// inventory (the tracker's table, or a scan: see [`inventory`]) checked against their
+    /// fds. Established connections are refused without --tcp-established, each named; with
+    /// it, every one goes into the network lock now, in one go. Connections waiting in a
+    /// listener's accept queue are lost at restore (as in CRIU): logged.
+    pub fn survey(&self, pids: &[i32], root: i32, src: &inventory::TableSource) -> Result<()> {
+        let s = inventory::survey(pids, root, src)?;
+        for (c, l) in &s.unaccepted {
+            log::warn!("TCP connection {c} waits in the accept queue of listener {l}: not accepted yet, it is lost (as in CRIU)");
+        }
+        let mut g = match DUMP.lock() {
+            Ok(g) => g,
+            Err(_) => bail!("internal: the dump's network state is poisoned"),
+        };
+        let Some(state) = g.as_mut() else {
+            bail!("internal: sockets surveyed outside a dump");
+        };
+        if s.established.is_empty() {
+            // A lock prepared for connections the tree does not have: none to keep.
+            if let Some(l) = state.lock.take() {
+                release_unused(l);
+            }
+            return Ok(());
+        }
+        if !state.tcp_established {
+            let named: Vec<String> = s
+                .established
+                .iter()
+                .map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid))
+                .collect();
+            bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
+        }
+        if state.lock.is_none() {
+            state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
+        }
+        if let Some(l) = state.lock.as_mut() {
+            for f in &s.established {
+                let c = &f.conn;
+                let t = pb::TcpSocket {
+                    family: if c.family == cr_common::sock::AF_INET {
+                        libc::AF_INET as u32
+                    } else {
+                        libc::AF_INET6 as u32
+                    },
+                    src_addr: c.addr_bytes(false),
+                    src_port: c.lport as u32,
+                    dst_addr: c.addr_bytes(true),
+                    dst_port: c.rport as u32,
+                    ..Default::default()
+                };
+                l.add(&t)
+                    .with_context(|| format!("lock TCP connection {c}"))?;
+            }
+        }
+        log::info!(
+            "{} established TCP connection(s) of the tree locked",
+            s.established.len()
+        );
+        Ok(())
+    }
+
+    /// The tree is gone: close the connections silently (still in repair mode).
+    pub fn target_killed(mut self) {
+        self.killed = true;
+    }
+
+    /// Takes the connections out of repair mode and removes the lock, now (before a
+    /// --leave-running tree runs on).
+    pub fn resume(&mut self) {
+        let (held, lock, dir) = match DUMP.lock() {
+            Ok(mut g) => match g.as_mut() {
+                Some(s) => (
+                    std::mem::take(&mut s.held),
+                    s.lock.take(),
+                    s.images_dir.clone(),
+                ),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        for (fd, what) in held {
+            if let Err(e) = tcp::set_repair(&fd, false) {
+                log::warn!("{what}: leaving repair mode: {e:#}");
+            }
+        }
+        if let Some(l) = lock {
+            let rec = l.record().clone();
+            drop(l);
+            lock::release(&rec, Some(&dir));
+        }
+    }
+}
+
+impl Drop for DumpGuard {
+    fn drop(&mut self) {
+        if !self.killed {
+            self.resume();
+        }
+        if let Ok(mut g) = DUMP.lock() {
+            *g = None;
+        }
+    }
+}
+
+/// Why a socket fd cannot be dumped, or `None` when it can (called while surveying fds).
+pub fn refusal(fd: &OwnedFd) -> Result<Option<String>> {
+    let allowed = DUMP
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(|s| s.tcp_established))
+        .unwrap_or(false);
+    Ok(match tcp::classify(fd)? {
+        tcp::SockKind::Listen => None,
+        tcp::SockKind::Established if allowed => None,
+        tcp::SockKind::Established => {
+            Some("an established TCP connection; dump it with --tcp-established".into())
+        }
+        tcp::SockKind::Other(what) => Some(what),
+    })
+}
+
+/// Saves the socket `fd` (cr's copy of fd `target_fd` of the target, inode `inode`).
+pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
+    let kind = tcp::classify(&fd)?;
+    let mut s = tcp::describe(&fd, inode, &kind)?;
+    match kind {
+        tcp::SockKind::Listen => tcp::save_listen(&fd, &mut s)?,
+        tcp::SockKind::Established => {
+            let what = format!(
+                "TCP connection {} -> {}",
+                tcp::show_addr(s.family, &s.src_addr, s.src_port),
+                tcp::show_addr(s.family, &s.dst_addr, s.dst_port)
+            );
+            let mut g = match DUMP.lock() {
+                Ok(g) => g,
+                Err(_) => bail!("internal: the dump's network state is poisoned"),
+            };
+            let Some(state) = g.as_mut() else {
+                bail!("internal: a TCP connection dumped outside a dump");
+            };
+            // Locked before its state is read: no packet reaches or leaves it from here on.
+            if state.lock.is_none() {
+                state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
+            }
+            if let Some(l) = state.lock.as_mut() {
+                l.add(&s).map_err(|e| e.context(what.clone()))?;
+            }
+            tcp::set_repair(&fd, true)?;
+            let r = tcp::save_established(&fd, &mut s);
+            state.held.push((fd, what.clone()));
+            r.map_err(|e| e.context(what))?;
+        }
+        tcp::SockKind::Other(what) => bail!("{what} cannot be dumped"),
+    }
+    Ok(s)
+}
+
+/// The network lock a restore removes once the connections are rebuilt. Dropped without
+/// [`RestoreLock::release`] (a failed restore), it stays: the connections stay locked for
+/// another try, as with CRIU.
+pub struct RestoreLock {
+    rec: Option<lock::Record>,
+    images_dir: PathBuf,
+}
+
+impl RestoreLock {
+    pub fn release(self) {
+        if let Some(rec) = &self.rec {
+            lock::release(rec, Some(&self.images_dir));
+        }
+    }
+}
+
+/// Refuses to restore established connections without --tcp-established, or when the lock the
+/// dump left is gone (the peers may have reset them meanwhile).
+pub fn check_restore(
+    files: &pb::Files,
+    tcp_established: bool,
+    images_dir: &Path,
+) -> Result<RestoreLock> {
+    let est: Vec<&pb::TcpSocket> = files
+        .files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(pb::file_entry::Kind::Tcp(t)) if t.state == tcp::TCP_ESTABLISHED => Some(t),
+            _ => None,
+        })
+        .collect();
+    let rec = lock::read_record(images_dir)?;
+    if tcp_established {
+        if !est.is_empty() {
+            match &rec {
+                Some(r) => lock::check_locked(r, &est)?,
+                None => bail!(
+                    "the image holds established TCP connections but no network lock record ({})",
+                    lock::RECORD
+                ),
+            }
+        }
+        return Ok(RestoreLock {
+            rec,
+            images_dir: images_dir.to_path_buf(),
+        });
+    }
+    if let Some(t) = est.first() {
+        bail!(
+            "the image holds the established TCP connection {} -> {}: restore it with --tcp-established",
+            tcp::show_addr(t.family, &t.src_addr, t.src_port),
+            tcp::show_addr(t.family, &t.dst_addr, t.dst_port)
+        );
+    }
+    Ok(RestoreLock {
+        rec,
+        images_dir: images_dir.to_path_buf(),
+    })
+}

@@ -1,0 +1,3 @@
+//! The tracker process's protocol and client (the process itself is `cmd::tracker`).
+
+pub mod client;
