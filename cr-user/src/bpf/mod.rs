@@ -6,6 +6,7 @@ pub mod dirty;
 pub mod loader;
 pub mod maps;
 pub mod netlock;
+pub mod probe;
 pub mod sockets;
 pub mod tracefs;
 

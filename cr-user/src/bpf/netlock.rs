@@ -130,57 +130,11 @@ fn interfaces(family: u32, addr: &[u8]) -> Vec<String> {
     if ip.is_loopback() {
         return out;
     }
-    for (name, a) in if_addresses() {
+    for (name, a) in crate::kernel::sys::sock::if_addresses() {
         if a == ip && !out.contains(&name) {
             out.push(name);
         }
     }
-    out
-}
-
-/// (interface, address) of every IP address of this network namespace.
-fn if_addresses() -> Vec<(String, IpAddr)> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
-    }
-    let mut p = head;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
-            // SAFETY: ifa_name is a NUL-terminated string of the list.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            // SAFETY: ifa_addr is valid; its family says which sockaddr it is.
-            let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-            let ip = match fam {
-                // SAFETY: family AF_INET: a sockaddr_in.
-                libc::AF_INET => Some(IpAddr::from(
-                    unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in>() }
-                        .sin_addr
-                        .s_addr
-                        .to_ne_bytes(),
-                )),
-                // SAFETY: family AF_INET6: a sockaddr_in6.
-                libc::AF_INET6 => Some(IpAddr::from(
-                    unsafe { *ifa.ifa_addr.cast::<libc::sockaddr_in6>() }
-                        .sin6_addr
-                        .s6_addr,
-                )),
-                _ => None,
-            };
-            if let Some(ip) = ip {
-                out.push((name, ip));
-            }
-        }
-        p = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs returned, freed once.
-    unsafe { libc::freeifaddrs(head) };
     out
 }
 

@@ -83,7 +83,7 @@ const FEATURES: &[Feature] = &[
         needed_by: "pre-dump, incremental dump: eBPF dirty set",
         required: true,
         only_all: false,
-        probe: probes::tracepoints,
+        probe: crate::bpf::probe::tracepoints,
     },
     Feature {
         name: "TCP_REPAIR",
@@ -97,14 +97,14 @@ const FEATURES: &[Feature] = &[
         needed_by: "--tcp-established: network lock",
         required: true,
         only_all: false,
-        probe: probes::tc_bpf,
+        probe: crate::bpf::probe::tc_bpf,
     },
     Feature {
         name: "bpffs",
         needed_by: "--tcp-established: pinned network lock",
         required: true,
         only_all: false,
-        probe: probes::bpffs,
+        probe: crate::bpf::probe::bpffs,
     },
     Feature {
         name: "nftables",

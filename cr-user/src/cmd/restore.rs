@@ -73,8 +73,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     }
     let pstree: pb::PsTree = dir.read_msg(imgdir::PSTREE, Kind::PsTree)?;
     let shell = if o.shell_job {
-        // SAFETY: getsid/getpgid of ourselves; no pointers.
-        Some(unsafe { (libc::getsid(0), libc::getpgid(0)) })
+        Some(crate::kernel::sys::process::session_and_group())
     } else {
         None
     };
@@ -190,8 +189,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
 /// group and the tree stays in the foreground as long as that parent does. Only the first case
 /// is worth a warning.
 fn warn_background_job(sid: i32, pgid: i32) {
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
+    let me = std::process::id() as i32;
     if pgid == me && sid != me {
         log::warn!(
             "cr leads its own process group {pgid} (a job of a job-control shell): the restored tree joins it, \

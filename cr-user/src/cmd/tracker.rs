@@ -12,17 +12,16 @@
 //! target's memory is no longer write-protected. Nothing is pinned.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept4, bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    UnixAddr,
+    bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
 
 use crate::bpf::maps::TrackMaps;
-use crate::kernel::sys::pidfd_open;
+use crate::kernel::sys::{fd, pidfd_open, unix};
 use crate::locks::table::{LockTable, TableView};
 use crate::tracker::client::{recv, send, socket_name, Reply, Request, TrackerState};
 
@@ -35,8 +34,8 @@ const MAX_DUMPERS: usize = 16;
 /// Entry point of `cr __tracker`. `ready_fd` (inherited) receives `READY <pid>` once the
 /// tracker listens, or `ERROR <why>`; it is closed either way.
 pub fn run(pid: i32, ready_fd: Option<RawFd>, dirty_max_entries: Option<u32>) -> Result<i32> {
-    // SAFETY: the spawner passed this fd for us alone; we own it from here.
-    let mut ready = ready_fd.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+    // The spawner passed this fd for us alone.
+    let mut ready = ready_fd.map(|fd| std::fs::File::from(fd::take_inherited(fd)));
     let tracker = match Tracker::setup(pid, dirty_max_entries) {
         Ok(t) => t,
         Err(e) => {
@@ -178,9 +177,8 @@ impl Tracker {
                 return Ok(0);
             }
             if ready[1] {
-                let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                    // SAFETY: accept4 returned a new fd that nobody else owns.
-                    Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                let conn = match unix::accept(&self.listener) {
+                    Ok(fd) => fd,
                     Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => {
                         continue
                     }

@@ -14,13 +14,14 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::Metadata;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use anyhow::{bail, Context, Result};
 
 use crate::image::pb;
 use crate::kernel::proc;
+use crate::kernel::sys::{fd, kcmp};
 
 /// Character devices that need no state beyond their path.
 const PLAIN_CHAR_DEVICES: &[&str] = &[
@@ -181,48 +182,25 @@ pub fn classify(target: &str, ftype: FType, nlink: u64, names_self: bool) -> FdK
     }
 }
 
-const KCMP_FILE: i32 = 0;
-
 /// kcmp(pid, pid, KCMP_FILE, a, b) == 0: the two fds share one open file description.
 fn same_description(pid: i32, a: i32, b: i32) -> Result<bool> {
-    // SAFETY: kcmp takes integers only.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("kcmp(KCMP_FILE) of fds {a} and {b} of PID {pid}"));
-    }
-    Ok(r == 0)
+    kcmp::same_file(pid, a, pid, b)
 }
 
 /// fcntl(fd, cmd, arg) on one of cr's own fds, as a Result.
 fn fcntl(fd: &OwnedFd, cmd: i32, arg: i32, what: &str) -> Result<i32> {
-    // SAFETY: fcntl with integer arguments on an fd we own.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| what.to_string());
-    }
-    Ok(r)
+    fd::fcntl_int(fd, cmd, arg, what)
 }
 
 /// FIONREAD: bytes waiting in a pipe.
 fn bytes_in_pipe(fd: &OwnedFd, what: &str) -> Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the valid pointer.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("FIONREAD on {what}"));
-    }
-    Ok(n.max(0) as usize)
+    Ok(fd::ioctl_int(fd, libc::FIONREAD, &format!("FIONREAD on {what}"))? as usize)
 }
 
 /// A pipe of cr's own with room for `capacity` bytes, both ends non-blocking.
 fn pipe_pair(capacity: i32) -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid out-array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2 for a copy of pipe data");
-    }
-    // SAFETY: pipe2 returned two fresh fds that we own now.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (r, w) =
+        fd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).context("pipe2 for a copy of pipe data")?;
     fcntl(
         &w,
         libc::F_SETPIPE_SZ,
@@ -263,19 +241,9 @@ fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(Vec<u8>, u32)> {
     }
     // Same capacity, hence the same number of buffer slots: tee can copy every buffer.
     let (r, w) = pipe_pair(cap)?;
-    // SAFETY: tee between two pipe fds we own; no pointers.
-    let n = unsafe {
-        libc::tee(
-            src.as_raw_fd(),
-            w.as_raw_fd(),
-            queued,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("tee from {what}"));
-    }
-    if n as usize != queued {
+    let n = fd::tee(src, &w, queued, libc::SPLICE_F_NONBLOCK)
+        .with_context(|| format!("tee from {what}"))?;
+    if n != queued {
         bail!("{what} holds {queued} unread bytes but tee copied only {n}");
     }
     let mut data = vec![0u8; queued];

@@ -28,6 +28,7 @@ use crate::image::dir::ImageDir;
 use crate::image::pb;
 use crate::image::pb::file_entry::Kind;
 use crate::kernel::ptrace::Remote;
+use crate::kernel::sys::{fd, process};
 
 use crate::mem::restore::put_str;
 
@@ -564,32 +565,14 @@ impl FdBuilder<'_, '_, '_, '_> {
     /// image plus the temporaries would not fit; the dumped limits are set later.
     fn make_room(&self, descriptions: usize) -> Result<()> {
         let need = self.base + 2 * descriptions as u64 + 16;
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 reading into a valid struct.
-        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }
-            != 0
-        {
-            return Err(std::io::Error::last_os_error())
-                .context("read RLIMIT_NOFILE of the new task");
-        }
-        if old.rlim_cur >= need {
+        let (cur, max) = process::get_rlimit(self.pid, libc::RLIMIT_NOFILE)
+            .context("read RLIMIT_NOFILE of the new task")?;
+        if cur >= need {
             return Ok(());
         }
-        let new = libc::rlimit64 {
-            rlim_cur: need,
-            rlim_max: old.rlim_max.max(need),
-        };
-        // SAFETY: prlimit64 with a valid input struct and no output.
-        if unsafe { libc::prlimit64(self.pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }
-            != 0
-        {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!("raise RLIMIT_NOFILE of the new task to {need} for fd {} (raising the hard limit {} needs CAP_SYS_RESOURCE)", self.base - 1, old.rlim_max)
-            });
-        }
+        process::set_rlimit(self.pid, libc::RLIMIT_NOFILE, need, max.max(need)).with_context(|| {
+            format!("raise RLIMIT_NOFILE of the new task to {need} for fd {} (raising the hard limit {max} needs CAP_SYS_RESOURCE)", self.base - 1)
+        })?;
         Ok(())
     }
 }
@@ -598,8 +581,7 @@ impl FdBuilder<'_, '_, '_, '_> {
 /// external terminal of a shell job is replaced with.
 pub fn own_terminal() -> Result<String> {
     for fd in 0..3 {
-        // SAFETY: isatty on one of our standard fds; no pointers.
-        if unsafe { libc::isatty(fd) } == 1 {
+        if fd::isatty(fd) {
             let p = std::fs::read_link(format!("/proc/self/fd/{fd}"))
                 .with_context(|| format!("readlink /proc/self/fd/{fd}"))?;
             return path_str(&p);
@@ -639,28 +621,16 @@ fn create_ghost(path: &str, id: u32) -> Result<(PathBuf, std::fs::File)> {
 
 /// FIONREAD: bytes waiting in a pipe.
 fn bytes_in_pipe(fd: &OwnedFd) -> Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the valid pointer.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("FIONREAD");
-    }
-    Ok(n.max(0) as usize)
+    Ok(fd::ioctl_int(fd, libc::FIONREAD, "FIONREAD")? as usize)
 }
 
 /// Sets a pipe's capacity and writes `data` into it through `fd` (non-blocking: data that does
 /// not fit is an error, never a hang).
 fn refill(fd: &OwnedFd, data: &[u8], capacity: u32, what: &str) -> Result<()> {
     if capacity != 0 {
-        // SAFETY: fcntl with integer arguments on an fd we own.
-        let cur = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        // SAFETY: as above.
-        if cur != capacity as i32
-            && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as i32) } < 0
-        {
-            let e = std::io::Error::last_os_error();
-            return Err(e).with_context(|| {
-                format!("set the capacity of {what} to {capacity} bytes (above /proc/sys/fs/pipe-max-size needs CAP_SYS_RESOURCE)")
-            });
+        let cur = fd::fcntl_int(fd, libc::F_GETPIPE_SZ, 0, "F_GETPIPE_SZ").unwrap_or(-1);
+        if cur != capacity as i32 {
+            fd::fcntl_int(fd, libc::F_SETPIPE_SZ, capacity as i32, &format!("set the capacity of {what} to {capacity} bytes (above /proc/sys/fs/pipe-max-size needs CAP_SYS_RESOURCE)"))?;
         }
     }
     let mut f = std::fs::File::from(

@@ -32,7 +32,6 @@
 //! from the returned slices, or `preadv` from the file at the run's offset.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +41,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::dir::{create_temp, pages_file, ImageWriter, Written};
 use super::file::{Header, Kind, FORMAT_VERSION, HEADER_LEN};
 use super::pb;
+use crate::kernel::sys::fs;
+use crate::kernel::sys::mman::FileMap;
 
 /// Page size of the images (x86_64).
 pub const PAGE_SIZE: usize = 4096;
@@ -257,13 +258,8 @@ impl PageWriter {
     fn reserve(&mut self, nr_pages: u64) -> Result<()> {
         const EXT4_SUPER_MAGIC: i64 = 0xEF53;
         const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
-        // SAFETY: fstatfs on an fd we own, into a zeroed struct it fills.
-        let fs_type = unsafe {
-            let mut st: libc::statfs = std::mem::zeroed();
-            if libc::fstatfs(self.file.as_raw_fd(), &mut st) != 0 {
-                return Ok(());
-            }
-            st.f_type as i64
+        let Some(fs_type) = fs::fs_type(&self.file) else {
+            return Ok(());
         };
         if fs_type != EXT4_SUPER_MAGIC && fs_type != XFS_SUPER_MAGIC {
             return Ok(());
@@ -271,12 +267,9 @@ impl PageWriter {
         let len = nr_pages
             .saturating_mul(PAGE_SIZE as u64)
             .saturating_add(HEADER_PAGE);
-        // SAFETY: fallocate on an fd we own; integer arguments only.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len as libc::off_t) };
-        if r == 0 {
+        let Err(e) = fs::fallocate(&self.file, len) else {
             return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
+        };
         match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(e).with_context(|| {
                 format!(
@@ -305,28 +298,15 @@ impl PageWriter {
         if self.direct_on == on {
             return true;
         }
-        let fd = self.file.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on an fd we own; only integer arguments.
-        let ok = unsafe {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            fl >= 0
-                && libc::fcntl(
-                    fd,
-                    libc::F_SETFL,
-                    if on {
-                        fl | libc::O_DIRECT
-                    } else {
-                        fl & !libc::O_DIRECT
-                    },
-                ) == 0
-        };
+        let r = fs::set_direct(&self.file, on);
+        let ok = r.is_ok();
         if ok {
             self.direct_on = on;
         } else if on {
             log::debug!(
                 "{}: O_DIRECT refused ({}): pages go through the page cache",
                 self.tmp.display(),
-                std::io::Error::last_os_error()
+                r.err().map(|e| e.to_string()).unwrap_or_default()
             );
         }
         ok
@@ -459,7 +439,7 @@ impl PageWriter {
             }
             let len: u64 = data[i..j].iter().map(|d| d.len() as u64).sum();
             let r = if direct {
-                pwritev_all(&self.file, &data[i..j], off)
+                fs::pwritev_all(&self.file, &data[i..j], off)
             } else {
                 pwrite_pieces(&self.file, &data[i..j], off)
             };
@@ -650,61 +630,6 @@ pub(crate) fn run_end(r: &pb::PageRun) -> u64 {
         .saturating_add(u64::from(r.nr_pages) * PAGE_SIZE as u64)
 }
 
-/// Writes all of `data`, back to back, at `off`: pwritev of up to IOV_MAX slices per call,
-/// resuming after short writes.
-fn pwritev_all(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> {
-    let mut iov: Vec<libc::iovec> = data
-        .iter()
-        .filter(|d| !d.is_empty())
-        .map(|d| libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        })
-        .collect();
-    let mut first = 0;
-    while first < iov.len() {
-        let n = (iov.len() - first).min(crate::kernel::sys::IOV_MAX);
-        // SAFETY: the iovecs point into slices borrowed for this call (`data`), which the
-        // kernel only reads; `n` entries starting at `first` are initialised.
-        let r = unsafe {
-            libc::pwritev(
-                f.as_raw_fd(),
-                iov[first..].as_ptr(),
-                n as libc::c_int,
-                off as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
-        }
-        let mut left = r as usize;
-        off += left as u64;
-        while left > 0 {
-            let v = &mut iov[first];
-            if left >= v.iov_len {
-                left -= v.iov_len;
-                first += 1;
-            } else {
-                // SAFETY: advancing within the same slice (left < its remaining length).
-                v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) }.cast();
-                v.iov_len -= left;
-                left = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Writes all of `data`, back to back, at `off`, through the page cache: one `pwrite` per
 /// [`BUFFERED_WRITE_MAX`]-aligned stretch of the file at most.
 fn pwrite_pieces(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> {
@@ -726,15 +651,7 @@ fn pwrite_pieces(f: &File, data: &[&[u8]], mut off: u64) -> std::io::Result<()> 
 /// call submits the I/O itself and waits for room when the device queue is full.
 fn start_writeback(f: &File, off: u64, len: u64) -> u64 {
     let t = std::time::Instant::now();
-    // SAFETY: sync_file_range only reads its integer arguments; the fd is owned by `f`.
-    unsafe {
-        libc::sync_file_range(
-            f.as_raw_fd(),
-            off as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
+    fs::start_writeback(f, off, len);
     t.elapsed().as_nanos() as u64
 }
 
@@ -775,58 +692,11 @@ impl Flusher {
     }
 }
 
-/// A read-only, shared mapping of a whole file.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned; sharing &[u8] views across threads is sound.
-unsafe impl Send for Mapping {}
-// SAFETY: as above, nothing mutates through the mapping.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn map_readonly(f: &File, len: usize) -> std::io::Result<Mapping> {
-        // SAFETY: a fresh PROT_READ mapping chosen by the kernel (addr NULL) of an fd we hold;
-        // it aliases no Rust memory. len > 0 is checked by the caller.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: advice on our own mapping; failure is harmless.
-        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
-        Ok(Mapping { ptr, len })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is a live PROT_READ mapping until Drop. (If someone truncates
-        // the file meanwhile, access raises SIGBUS: image files must not change under cr.)
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the region mmap returned; no slice of it outlives self.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// A page file mapped read-only. Slices returned by [`PageFile::bytes`] point into the
 /// mapping: restore can hand them to `process_vm_writev` without copying.
 pub struct PageFile {
     path: PathBuf,
-    map: Mapping,
+    map: FileMap,
     header: Header,
 }
 
@@ -871,7 +741,7 @@ impl PageFile {
         }
         let len =
             usize::try_from(size).map_err(|_| anyhow!("{}: too large to map", path.display()))?;
-        let map = Mapping::map_readonly(&f, len)
+        let map = FileMap::map_readonly(&f, len)
             .with_context(|| format!("cannot map page file {}", path.display()))?;
         Ok(PageFile {
             path: path.to_path_buf(),
@@ -886,7 +756,7 @@ impl PageFile {
 
     /// File size in bytes (header page included).
     pub fn size(&self) -> u64 {
-        self.map.len as u64
+        self.map.as_slice().len() as u64
     }
 
     /// Number of data pages after the header page.
@@ -971,6 +841,7 @@ mod tests {
     use super::*;
     use crate::image::dir::{pagemap_file, ImageDir};
     use crate::image::testutil::TempDir;
+    use crate::kernel::sys::mman::PageBuf;
 
     const P: u64 = PAGE_SIZE as u64;
 
@@ -1091,32 +962,19 @@ mod tests {
         );
     }
 
-    /// Page-aligned memory (as the dump's buffers are), freed on drop.
-    struct Aligned(*mut u8, usize);
+    /// Page-aligned memory (as the dump's buffers are), filled with a pattern.
+    struct Aligned(PageBuf);
     impl Aligned {
         fn new(pages: usize, seed: u64) -> Aligned {
-            let layout = std::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).unwrap();
-            // SAFETY: non-zero size; freed with the same layout in Drop.
-            let p = unsafe { std::alloc::alloc(layout) };
-            assert!(!p.is_null());
-            let mut a = Aligned(p, pages * PAGE_SIZE);
+            let mut a = Aligned(PageBuf::new(pages * PAGE_SIZE).unwrap());
             fill(a.bytes_mut(), seed);
             a
         }
         fn bytes(&self) -> &[u8] {
-            // SAFETY: our allocation of self.1 bytes.
-            unsafe { std::slice::from_raw_parts(self.0, self.1) }
+            &self.0
         }
         fn bytes_mut(&mut self) -> &mut [u8] {
-            // SAFETY: as above, exclusively.
-            unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
-        }
-    }
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            let layout = std::alloc::Layout::from_size_align(self.1, PAGE_SIZE).unwrap();
-            // SAFETY: allocated in new() with this layout.
-            unsafe { std::alloc::dealloc(self.0, layout) };
+            &mut self.0
         }
     }
 

@@ -15,6 +15,7 @@ use crate::image::dir::ImageDir;
 use crate::image::file::Kind;
 use crate::image::pb;
 use crate::kernel::ptrace::Remote;
+use crate::kernel::sys::abi::flock_bytes;
 use crate::locks::dump::LOCKS_IMG;
 
 /// Reads locks.img, if the image has one. An image with locks restored without
@@ -90,18 +91,6 @@ pub fn describe(l: &pb::FileLock) -> String {
     )
 }
 
-/// `struct flock` as the kernel reads it (x86_64: 32 bytes).
-fn flock_struct(write: bool, start: u64, len: u64) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    let ty = if write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
-    b[0..2].copy_from_slice(&ty.to_ne_bytes());
-    b[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
-    b[8..16].copy_from_slice(&start.to_ne_bytes());
-    b[16..24].copy_from_slice(&len.to_ne_bytes());
-    // l_pid (24..28) stays 0: F_OFD_SETLK requires it.
-    b
-}
-
 /// Takes `locks` (those of the process `r` drives, `pid`) again. `scratch` is 32 bytes of
 /// writable memory in the process.
 pub fn take(r: &mut Remote, scratch: u64, pid: i32, locks: &[pb::FileLock]) -> Result<()> {
@@ -122,7 +111,7 @@ pub fn take(r: &mut Remote, scratch: u64, pid: i32, locks: &[pb::FileLock]) -> R
                 } else {
                     ("fcntl(F_SETLK)", libc::F_SETLK)
                 };
-                r.write_mem(scratch, &flock_struct(l.write, l.start, l.len))?;
+                r.write_mem(scratch, &flock_bytes(l.write, l.start, l.len))?;
                 (
                     name,
                     r.raw_syscall(libc::SYS_fcntl, &[fd, cmd as u64, scratch])?,
@@ -209,19 +198,6 @@ mod tests {
         assert_eq!(
             describe(&lock("ofd", true, 5, 0)),
             "PID 7's OFD write lock on bytes 5-EOF on /x (fd 3)"
-        );
-    }
-
-    /// The byte layout matches libc's struct flock.
-    #[test]
-    fn flock_layout() {
-        let b = flock_struct(true, 100, 50);
-        // SAFETY: struct flock is plain data of 32 bytes; any bit pattern is valid.
-        let f: libc::flock = unsafe { std::ptr::read_unaligned(b.as_ptr() as *const libc::flock) };
-        assert_eq!(std::mem::size_of::<libc::flock>(), 32);
-        assert_eq!(
-            (f.l_type, f.l_whence, f.l_start, f.l_len, f.l_pid),
-            (libc::F_WRLCK as i16, libc::SEEK_SET as i16, 100, 50, 0)
         );
     }
 }

@@ -43,22 +43,11 @@ pub struct Epoch {
     pub at_seize: Counters,
 }
 
-/// CLOCK_MONOTONIC now, in ns.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 impl Epoch {
     /// Call right after the target is frozen.
     pub fn at_seize(maps: &TrackMaps, pid: i32) -> Result<Epoch> {
         Ok(Epoch {
-            seize_ns: monotonic_ns(),
+            seize_ns: crate::kernel::sys::time::monotonic_ns(),
             at_seize: maps.counters(pid as u32)?,
         })
     }

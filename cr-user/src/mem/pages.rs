@@ -40,6 +40,7 @@ use super::dump::Run;
 use crate::image::pages::{PageWriter, RunPiece};
 use crate::image::pb;
 use crate::kernel::interrupt;
+use crate::kernel::sys::mman::PageBuf;
 
 /// Size of one buffer. Small, so that the few buffers a copy turns over stay in the caches and
 /// the TLB between the read, the checksum and the write (2 MiB buffers read about a quarter
@@ -64,88 +65,8 @@ const MIB: u64 = 1 << 20;
 /// fresh 2 MiB page faults in from the host about five times slower than 512 small ones
 /// (measured), and since the buffers are turned over, huge pages' cheaper TLB never pays that
 /// back.
-pub struct PageBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a PageBuf exclusively owns its mapping; moving it to the writer thread moves that
-// ownership.
-unsafe impl Send for PageBuf {}
-
-impl PageBuf {
-    /// A new buffer, every page populated (so its cost is paid, and measured, here rather than
-    /// inside the first `process_vm_readv`).
-    fn new() -> Result<PageBuf> {
-        let cap = CHUNK as usize;
-        // SAFETY: a fresh anonymous mapping, owned by the PageBuf from here; the advice only
-        // concerns it.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error()).context("mmap a page buffer");
-            }
-            libc::madvise(p, cap, libc::MADV_NOHUGEPAGE);
-            // Best effort: unpopulated pages are faulted in by the first read instead.
-            libc::madvise(p, cap, libc::MADV_POPULATE_WRITE);
-            Ok(PageBuf {
-                ptr: p.cast(),
-                len: cap,
-            })
-        }
-    }
-
-    /// Sets the length in use (at most CHUNK); the content is whatever was there.
-    fn set_len(&mut self, len: usize) {
-        self.len = len.min(CHUNK as usize);
-    }
-
-    /// False for the empty placeholder left behind by `std::mem::take`.
-    fn is_mapped(&self) -> bool {
-        self.ptr != std::ptr::NonNull::<u8>::dangling().as_ptr()
-    }
-}
-
-impl std::ops::Deref for PageBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len lies in our live mapping.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl std::ops::DerefMut for PageBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold it exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for PageBuf {
-    fn drop(&mut self) {
-        if !self.is_mapped() {
-            return;
-        }
-        // SAFETY: unmapping the mapping this value owns.
-        unsafe { libc::munmap(self.ptr.cast(), CHUNK as usize) };
-    }
-}
-
-impl Default for PageBuf {
-    /// An empty placeholder (no mapping); only `std::mem::take` uses it.
-    fn default() -> PageBuf {
-        PageBuf {
-            ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
-            len: 0,
-        }
-    }
+fn new_buf() -> Result<PageBuf> {
+    PageBuf::new(CHUNK as usize)
 }
 
 /// Buffers made ready before a freeze (see [`warm_buffers`]).
@@ -168,7 +89,7 @@ pub fn warm_buffers(bytes: u64) {
         if POOL.lock().map(|p| p.len() >= n).unwrap_or(true) {
             return;
         }
-        let Ok(b) = PageBuf::new() else { return };
+        let Ok(b) = new_buf() else { return };
         let Ok(mut pool) = POOL.lock() else { return };
         pool.push(b);
     }
@@ -444,7 +365,7 @@ impl Shared {
                 b.live += 1;
                 drop(b);
                 let t = Instant::now();
-                let r = PageBuf::new();
+                let r = new_buf();
                 st.fresh_ns += t.elapsed().as_nanos() as u64;
                 st.fresh += 1;
                 if r.is_err() {
@@ -839,13 +760,7 @@ fn write_batches(
 /// CPU time of the calling thread, in ns (for the log: on a busy machine the wall-clock times
 /// include waiting for a CPU).
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::kernel::sys::time::thread_cpu_ns()
 }
 
 /// What the readers did, for the log.
@@ -902,6 +817,7 @@ mod tests {
     use crate::image::dir::{pagemap_file, ImageDir, ImageWriter};
     use crate::image::file::Kind;
     use crate::image::testutil::TempDir;
+    use crate::kernel::sys::mman::AnonMap;
 
     const P: u64 = 4096;
 
@@ -986,28 +902,20 @@ mod tests {
     #[test]
     fn copies_a_child_exactly() {
         let pages = 3 * CHUNK / P + 5;
-        let len = (pages * P) as usize;
-        // SAFETY: a fresh private anonymous mapping of our own, unmapped at the end.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        let base = base as u64;
-        for pg in 0..pages {
-            // SAFETY: inside our read/write mapping.
-            unsafe { std::ptr::write_bytes((base + pg * P) as *mut u8, pattern(pg), P as usize) };
+        let mut region = AnonMap::new(pages as usize).unwrap();
+        let base = region.addr();
+        for (pg, page) in region.as_mut_slice().chunks_mut(P as usize).enumerate() {
+            page.fill(pattern(pg as u64));
         }
         // The last 5 pages unreadable (in the child too: it inherits the protection).
         let ro = base + (pages - 5) * P;
-        // SAFETY: changing the protection of our own pages.
-        unsafe { libc::mprotect(ro as *mut libc::c_void, (5 * P) as usize, libc::PROT_NONE) };
+        region
+            .protect(
+                ((pages - 5) * P) as usize,
+                (5 * P) as usize,
+                libc::PROT_NONE,
+            )
+            .unwrap();
         let child = crate::kernel::sys::vm::tests::Forked::new();
         let plan = [
             PlanItem::Data {
@@ -1069,8 +977,7 @@ mod tests {
             }
         }
         drop(child);
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        drop(region);
     }
 
     /// A failed copy (a range the child does not have) leaves no page file behind.

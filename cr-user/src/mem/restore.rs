@@ -503,13 +503,7 @@ pub fn set_mm(r: &mut Remote, scratch: u64, mm: &pb::Mm) -> Result<()> {
         exe_fd: exe_fd as u32,
     };
     let map_addr = scratch + 8192;
-    // SAFETY: PrctlMmMap is repr(C) plain data; viewing it as bytes is sound.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &map as *const PrctlMmMap as *const u8,
-            std::mem::size_of::<PrctlMmMap>(),
-        )
-    };
+    let bytes = map.as_bytes();
     r.write_mem(map_addr, bytes)?;
     let res = r.syscall(
         "prctl(PR_SET_MM, PR_SET_MM_MAP)",

@@ -507,8 +507,7 @@ mod tests {
     use super::*;
 
     fn regs(rip: u64, orig_rax: i64, rax: i64) -> libc::user_regs_struct {
-        // SAFETY: plain integers; all-zero is valid.
-        let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        let mut r = crate::kernel::ptrace::raw::zeroed_regs();
         r.rip = rip;
         r.orig_rax = orig_rax as u64;
         r.rax = rax as u64;

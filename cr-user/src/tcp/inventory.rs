@@ -18,12 +18,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 use cr_common::sock::{tcp_state, SockKey, AF_INET, AF_INET6, SOCK_F_CHILD};
 
 use crate::bpf::sockets::SockMaps;
+use crate::kernel::sys::sock;
 use crate::kernel::sys::sock_diag::{self as diag, DiagSock};
 
 /// A TCP socket by address: family, local address and port, remote address and port (zero for
@@ -368,70 +369,11 @@ pub struct FdSock {
     pub state: u32,
 }
 
-fn sockopt_int(fd: &OwnedFd, level: i32, opt: i32, what: &str) -> Result<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `v`.
-    if unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
-    }
-    Ok(v)
-}
-
-/// (address, port) from getsockname/getpeername; None when not connected.
-fn sock_name(fd: &OwnedFd, peer: bool) -> Result<Option<([u8; 16], u16)>> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
-    // SAFETY: the kernel writes at most `len` bytes into `ss`.
-    let r = unsafe {
-        if peer {
-            libc::getpeername(fd.as_raw_fd(), p, &mut len)
-        } else {
-            libc::getsockname(fd.as_raw_fd(), p, &mut len)
-        }
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if peer && e.raw_os_error() == Some(libc::ENOTCONN) {
-            return Ok(None);
-        }
-        return Err(e).context(if peer { "getpeername" } else { "getsockname" });
-    }
-    let mut a = [0u8; 16];
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin =
-                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            a[..4].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
-            Ok(Some((a, u16::from_be(sin.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Ok(Some((sin6.sin6_addr.s6_addr, u16::from_be(sin6.sin6_port))))
-        }
-        f => bail!("socket address of family {f}"),
-    }
-}
-
 /// What socket `fd` (cr's copy) is, if a TCP socket.
 fn describe_fd(fd: &OwnedFd) -> Result<Option<(Conn, u32)>> {
-    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
-    let ty = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
-    let proto = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+    let domain = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
+    let ty = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
+    let proto = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
     if (domain != libc::AF_INET && domain != libc::AF_INET6)
         || ty != libc::SOCK_STREAM
         || proto != libc::IPPROTO_TCP
@@ -439,23 +381,13 @@ fn describe_fd(fd: &OwnedFd) -> Result<Option<(Conn, u32)>> {
         return Ok(None);
     }
     let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes of struct tcp_info into `info`.
-    if unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error()).context("getsockopt TCP_INFO");
-    }
+    sock::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info, "TCP_INFO")?;
     let state = info[0] as u32;
-    let (local, lport) = sock_name(fd, false)?.unwrap_or(([0; 16], 0));
-    let (remote, rport) = sock_name(fd, true)?.unwrap_or(([0; 16], 0));
+    let me = sock::local_addr(fd)?;
+    let (local, lport) = (me.addr, me.port);
+    let (remote, rport) = sock::peer_addr(fd)?
+        .map(|a| (a.addr, a.port))
+        .unwrap_or(([0; 16], 0));
     let family = if domain == libc::AF_INET {
         AF_INET
     } else {

@@ -12,11 +12,16 @@
 //!   the send queue, the receive queue, TCP_REPAIR_WINDOW (checked against rcv_nxt, so after the receive queue), then
 //!   TCP_REPAIR=0 and the socket options.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 
 use crate::image::pb;
+use crate::kernel::sys::fd::ioctl_int;
+use crate::kernel::sys::sock::{
+    self, getsockopt_bytes as getsockopt_raw, getsockopt_int as get_int,
+    setsockopt_bytes as set_raw, setsockopt_int as set_int,
+};
 
 const TCP_REPAIR: i32 = 19;
 const TCP_REPAIR_QUEUE: i32 = 20;
@@ -51,60 +56,6 @@ pub enum SockKind {
     Listen,
     /// Not restorable: the text says what it is.
     Other(String),
-}
-
-fn getsockopt_raw(fd: &OwnedFd, level: i32, opt: i32, buf: &mut [u8], what: &str) -> Result<usize> {
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `buf`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
-    }
-    Ok(len as usize)
-}
-
-fn get_int(fd: &OwnedFd, level: i32, opt: i32, what: &str) -> Result<i32> {
-    let mut b = [0u8; 4];
-    getsockopt_raw(fd, level, opt, &mut b, what)?;
-    Ok(i32::from_ne_bytes(b))
-}
-
-fn set_raw(fd: &OwnedFd, level: i32, opt: i32, val: &[u8], what: &str) -> Result<()> {
-    // SAFETY: the kernel reads `val.len()` bytes from `val`.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            val.as_ptr().cast(),
-            val.len() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt {what}"));
-    }
-    Ok(())
-}
-
-fn set_int(fd: &OwnedFd, level: i32, opt: i32, val: i32, what: &str) -> Result<()> {
-    set_raw(fd, level, opt, &val.to_ne_bytes(), what)
-}
-
-fn ioctl_int(fd: &OwnedFd, req: libc::c_ulong, what: &str) -> Result<u32> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: these socket ioctls write one int to the valid pointer.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut n) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("ioctl {what}"));
-    }
-    Ok(n.max(0) as u32)
 }
 
 /// Puts the socket in (or out of) repair mode.
@@ -168,96 +119,16 @@ pub fn classify(fd: &OwnedFd) -> Result<SockKind> {
     })
 }
 
-/// (family, address bytes, port) of a sockaddr_storage filled by getsockname/getpeername.
-fn parse_addr(ss: &libc::sockaddr_storage) -> Result<(u32, Vec<u8>, u32)> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin =
-                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Ok((
-                libc::AF_INET as u32,
-                sin.sin_addr.s_addr.to_ne_bytes().to_vec(),
-                u16::from_be(sin.sin_port) as u32,
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Ok((
-                libc::AF_INET6 as u32,
-                sin6.sin6_addr.s6_addr.to_vec(),
-                u16::from_be(sin6.sin6_port) as u32,
-            ))
-        }
-        f => bail!("socket address of family {f}"),
-    }
-}
-
+/// (family, address bytes, port) of the socket's own address, or of its peer's.
 fn sock_name(fd: &OwnedFd, peer: bool) -> Result<(u32, Vec<u8>, u32)> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
-    // SAFETY: the kernel writes at most `len` bytes into `ss`.
-    let r = unsafe {
-        if peer {
-            libc::getpeername(fd.as_raw_fd(), p, &mut len)
-        } else {
-            libc::getsockname(fd.as_raw_fd(), p, &mut len)
-        }
+    let a = if peer {
+        sock::peer_addr(fd)?
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOTCONN))
+            .context("getpeername")?
+    } else {
+        sock::local_addr(fd)?
     };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).context(if peer {
-            "getpeername"
-        } else {
-            "getsockname"
-        });
-    }
-    parse_addr(&ss)
-}
-
-/// A sockaddr for (family, address, port), and its length.
-fn make_addr(
-    family: u32,
-    addr: &[u8],
-    port: u32,
-) -> Result<(libc::sockaddr_storage, libc::socklen_t)> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let port = u16::try_from(port).context("port out of range")?.to_be();
-    match family as i32 {
-        libc::AF_INET => {
-            let a: [u8; 4] = addr.try_into().context("IPv4 address is not 4 bytes")?;
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            let sin = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sin.sin_family = libc::AF_INET as u16;
-            sin.sin_port = port;
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a);
-            Ok((
-                ss,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            ))
-        }
-        libc::AF_INET6 => {
-            let a: [u8; 16] = addr.try_into().context("IPv6 address is not 16 bytes")?;
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            let sin6 = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sin6.sin6_family = libc::AF_INET6 as u16;
-            sin6.sin6_port = port;
-            sin6.sin6_addr.s6_addr = a;
-            Ok((
-                ss,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            ))
-        }
-        f => bail!("unknown address family {f}"),
-    }
+    Ok((a.family as u32, a.bytes().to_vec(), a.port as u32))
 }
 
 /// Human form of an address, for messages and the lock.
@@ -285,19 +156,8 @@ fn peek_queue(fd: &OwnedFd, queue: i32, len: u32, what: &str) -> Result<Vec<u8>>
         "TCP_REPAIR_QUEUE",
     )?;
     let mut buf = vec![0u8; len as usize];
-    // SAFETY: recv writes at most buf.len() bytes into buf.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("peek the {what} queue"));
-    }
+    let n = sock::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .with_context(|| format!("peek the {what} queue"))?;
     // Short when the queue changed meanwhile: the caller's snapshots notice and read again.
     buf.truncate(n as usize);
     Ok(buf)
@@ -391,8 +251,10 @@ fn queue_snapshot(fd: &OwnedFd) -> Result<Snapshot> {
         bail!("TCP_REPAIR_WINDOW returned {n} bytes, not 20");
     }
     let window = w
-        .chunks_exact(4)
-        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .as_chunks::<4>()
+        .0
+        .iter()
+        .map(|c| u32::from_ne_bytes(*c))
         .collect();
     Ok((outq, unsq, inq, outq_seq, inq_seq, window))
 }
@@ -451,64 +313,34 @@ pub fn save_established(fd: &OwnedFd, s: &mut pb::TcpSocket) -> Result<()> {
 }
 
 fn new_socket(family: u32) -> Result<OwnedFd> {
-    // SAFETY: socket() with integer arguments.
-    let fd = unsafe {
-        libc::socket(
-            family as i32,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_TCP,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket(SOCK_STREAM)");
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sock::socket(
+        family as i32,
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+        libc::IPPROTO_TCP,
+        "SOCK_STREAM",
+    )
 }
 
 fn bind(fd: &OwnedFd, family: u32, addr: &[u8], port: u32, what: &str) -> Result<()> {
-    let (ss, len) = make_addr(family, addr, port)?;
-    // SAFETY: ss is a valid sockaddr of length len.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("bind {what} to {}", show_addr(family, addr, port)));
-    }
-    Ok(())
+    sock::bind(fd, family, addr, port)
+        .with_context(|| format!("bind {what} to {}", show_addr(family, addr, port)))
 }
 
 /// Writes `data` into the current repair queue (or, out of repair, sends it), all of it.
 fn send_all(fd: &OwnedFd, data: &[u8], what: &str) -> Result<()> {
     let mut off = 0;
     while off < data.len() {
-        // SAFETY: send reads from the valid slice.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                libc::MSG_NOSIGNAL,
+        let n = sock::send(fd, &data[off..], libc::MSG_NOSIGNAL).with_context(|| {
+            format!(
+                "refill the {what} queue ({} of {} bytes in)",
+                off,
+                data.len()
             )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!(
-                    "refill the {what} queue ({} of {} bytes in)",
-                    off,
-                    data.len()
-                )
-            });
-        }
+        })?;
         if n == 0 {
             bail!("refill the {what} queue: the kernel took no bytes");
         }
-        off += n as usize;
+        off += n;
     }
     Ok(())
 }
@@ -592,11 +424,8 @@ pub fn restore(s: &pb::TcpSocket) -> Result<OwnedFd> {
             bind(&fd, s.family, &s.src_addr, s.src_port, "listening socket")?;
             set_repair(&fd, false)?;
             restore_options(&fd, s).with_context(|| format!("listening socket {src}"))?;
-            // SAFETY: listen with integer arguments.
-            if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("listen on {src} (backlog {})", s.backlog));
-            }
+            sock::listen(&fd, s.backlog as i32)
+                .with_context(|| format!("listen on {src} (backlog {})", s.backlog))?;
             restore_buffers(&fd, s)?;
             log::debug!("listening socket {src} restored (backlog {})", s.backlog);
         }
@@ -636,18 +465,7 @@ fn restore_established(fd: &OwnedFd, s: &pb::TcpSocket) -> Result<()> {
     set_seq(TCP_RECV_QUEUE, s.inq_seq.wrapping_sub(s.inq.len() as u32))?;
     set_seq(TCP_SEND_QUEUE, s.outq_seq.wrapping_sub(s.outq.len() as u32))?;
     bind(fd, s.family, &s.src_addr, s.src_port, "connection")?;
-    let (ss, len) = make_addr(s.family, &s.dst_addr, s.dst_port)?;
-    // SAFETY: ss is a valid sockaddr of length len.
-    if unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error()).context("connect in repair mode");
-    }
+    sock::connect(fd, s.family, &s.dst_addr, s.dst_port).context("connect in repair mode")?;
     let mut opts: Vec<(u32, u32)> = vec![(TCPOPT_MAXSEG, s.mss)];
     if s.opts & TCPI_OPT_WSCALE != 0 {
         opts.push((TCPOPT_WINDOW, s.snd_wscale | (s.rcv_wscale << 16)));
@@ -717,21 +535,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_round_trip() {
-        let (ss, len) = make_addr(libc::AF_INET as u32, &[127, 0, 0, 1], 8080).unwrap();
-        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
-        assert_eq!(
-            parse_addr(&ss).unwrap(),
-            (libc::AF_INET as u32, vec![127, 0, 0, 1], 8080)
-        );
+    fn addresses_are_shown() {
         let mut a6 = [0u8; 16];
         a6[15] = 1;
-        let (ss, _) = make_addr(libc::AF_INET6 as u32, &a6, 443).unwrap();
-        assert_eq!(
-            parse_addr(&ss).unwrap(),
-            (libc::AF_INET6 as u32, a6.to_vec(), 443)
-        );
         assert_eq!(show_addr(libc::AF_INET6 as u32, &a6, 443), "[::1]:443");
-        assert!(make_addr(libc::AF_INET as u32, &[1, 2, 3], 1).is_err());
+        assert_eq!(
+            show_addr(libc::AF_INET as u32, &[127, 0, 0, 1], 8080),
+            "127.0.0.1:8080"
+        );
     }
 }

@@ -12,26 +12,23 @@
 //! image, and `Commit` after the inventory is written records its CRC. A dump that dies in
 //! between leaves a state no later dump will build on.
 
-use std::io::{IoSlice, IoSliceMut, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::socket::{
-    connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessage, ControlMessageOwned,
-    MsgFlags, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::bpf::maps::Counters;
+use crate::kernel::sys::{process, unix};
 use crate::locks::table::{SeedSet, TableView};
 use crate::ranges::RangeSet;
 
 /// Largest message (a state with thousands of tracked ranges fits easily).
 pub const MAX_MSG: usize = 1 << 20;
 /// Most fds in one message.
-pub const MAX_FDS: usize = 16;
+pub const MAX_FDS: usize = unix::MAX_FDS;
 // `Get` sends every map fd and the userfaultfd.
 const _: () = assert!(crate::bpf::maps::MAP_FDS < MAX_FDS);
 
@@ -111,70 +108,12 @@ pub struct Reply {
 
 /// Sends one message with optional fds.
 pub fn send(sock: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
-    let iov = [IoSlice::new(bytes)];
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(
-        sock.as_fd().as_raw_fd(),
-        &iov,
-        cmsgs,
-        MsgFlags::empty(),
-        None,
-    )
-    .context("send to the tracker socket")?;
-    Ok(())
+    unix::send_msg(sock, bytes, fds).context("send to the tracker socket")
 }
 
 /// Receives one message and the fds that came with it. Ok(None) at end of stream.
 pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-    // The message's length first (SOCK_SEQPACKET reports the whole length with MSG_TRUNC), so
-    // the buffer fits it instead of a large zeroed one per message.
-    let mut probe = [0u8; 1];
-    let len = loop {
-        match nix::sys::socket::recv(
-            sock.as_fd().as_raw_fd(),
-            &mut probe,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
-        ) {
-            Ok(n) => break n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("peek at the tracker socket"),
-        }
-    };
-    if len > MAX_MSG {
-        bail!("a tracker message of {len} bytes is larger than {MAX_MSG}");
-    }
-    let mut buf = vec![0u8; len.max(1)];
-    let mut cbuf = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, fds, truncated) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            sock.as_fd().as_raw_fd(),
-            &mut iov,
-            Some(&mut cbuf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("receive from the tracker socket")?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().context("read the control messages")? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed these fds in this process for us.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        let t = msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        (msg.bytes, fds, t)
-    };
-    if truncated {
-        bail!("a tracker message was truncated");
-    }
-    if n == 0 && fds.is_empty() {
-        return Ok(None);
-    }
-    buf.truncate(n);
-    Ok(Some((buf, fds)))
+    unix::recv_msg(sock, MAX_MSG).context("the tracker socket")
 }
 
 /// A connection to the tracker of one target.
@@ -422,18 +361,7 @@ pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .current_dir("/");
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::dup2(wfd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    process::new_session_with_fd(&mut cmd, wfd, 3);
     let child = cmd
         .spawn()
         .context("start the tracker process (cr __tracker)")?;

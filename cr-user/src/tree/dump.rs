@@ -14,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use crate::image::{pb, vma};
 use crate::kernel::proc;
 use crate::kernel::ptrace::Tracee;
+use crate::kernel::sys::kcmp::{self, Kcmp};
+use crate::kernel::sys::process;
 
 /// One process of the frozen tree.
 pub struct Proc {
@@ -58,9 +60,7 @@ impl Tree {
             if p.zombie {
                 continue;
             }
-            // SAFETY: plain kill(2) of a process we hold stopped.
-            if unsafe { libc::kill(p.pid, libc::SIGKILL) } != 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = process::kill(p.pid, libc::SIGKILL) {
                 log::warn!("kill({}, SIGKILL): {e}", p.pid);
             }
         }
@@ -199,8 +199,7 @@ fn freeze_process(p: &mut Proc, root: i32) -> Result<Freeze> {
 /// Whether process `p` shares its memory with its parent: a vfork child that has not called
 /// exec or exit yet (its parent waits for that in the kernel).
 fn in_vfork(p: &Proc) -> bool {
-    // SAFETY: kcmp takes integers only.
-    !p.zombie && unsafe { libc::syscall(libc::SYS_kcmp, p.stat.ppid, p.pid, KCMP_VM, 0, 0) } == 0
+    !p.zombie && kcmp::shares(p.stat.ppid, p.pid, Kcmp::Vm)
 }
 
 /// Finds and freezes the whole tree under `root` (which passed [`super::target::check_root`]).
@@ -362,14 +361,12 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
         // clone() without CLONE_THREAD but with CLONE_VM (a vfork child before its exec),
         // CLONE_FILES, CLONE_FS or CLONE_SIGHAND: a sharing cr does not recreate.
         for (kind, what) in [
-            (KCMP_VM, "its memory"),
-            (KCMP_FILES, "its fd table"),
-            (KCMP_FS, "its cwd/root/umask"),
-            (KCMP_SIGHAND, "its signal handlers"),
+            (Kcmp::Vm, "its memory"),
+            (Kcmp::Files, "its fd table"),
+            (Kcmp::Fs, "its cwd/root/umask"),
+            (Kcmp::Sighand, "its signal handlers"),
         ] {
-            // SAFETY: kcmp takes integers only.
-            let r = unsafe { libc::syscall(libc::SYS_kcmp, p.stat.ppid, p.pid, kind, 0, 0) };
-            if r == 0 {
+            if kcmp::shares(p.stat.ppid, p.pid, kind) {
                 bail!(
                     "PID {} ({}) shares {what} with its parent {} (clone without CLONE_THREAD, or a vfork child): not supported",
                     p.pid,
@@ -483,22 +480,9 @@ impl ShmemOwners {
     }
 }
 
-const KCMP_FILE: i32 = 0;
-const KCMP_VM: i32 = 1;
-const KCMP_FILES: i32 = 2;
-const KCMP_FS: i32 = 3;
-const KCMP_SIGHAND: i32 = 4;
-
 /// kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0: the two fds share one open file description.
 fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
-    // SAFETY: kcmp takes integers only.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!("kcmp(KCMP_FILE) of fd {fd1} of PID {pid1} and fd {fd2} of PID {pid2}")
-        });
-    }
-    Ok(r == 0)
+    kcmp::same_file(pid1, fd1, pid2, fd2)
 }
 
 /// What identifies the object behind a description, to find candidates for kcmp.

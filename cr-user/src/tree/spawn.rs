@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::kernel::ptrace::Tracee;
 use crate::kernel::sys::abi::CloneArgs;
+use crate::kernel::sys::process;
 
 /// `struct clone_args` as bytes, for a clone3 that cr makes another task run (the task reads
 /// it from its own memory): `flags`, `exit_signal`, and the address of a one-element set_tid
@@ -41,54 +42,6 @@ pub fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<
     .collect()
 }
 
-/// clone3 with set_tid: returns the child's pid in the parent, 0 in the child.
-fn clone3_at(pid: i32) -> std::io::Result<i32> {
-    let tids = [pid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    // SAFETY: fork-like clone3 (no CLONE_VM, no new stack): the child continues on a private copy
-    // of this thread's stack and only runs `child_stop`, which makes raw syscalls and never
-    // returns.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r as i32)
-}
-
-/// Runs in the child: async-signal-safe raw syscalls only.
-fn child_stop() -> ! {
-    // SAFETY: raw syscalls with integer arguments; no allocation, no locks.
-    unsafe {
-        libc::syscall(
-            libc::SYS_prctl,
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL,
-            0,
-            0,
-            0,
-        );
-        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
-            libc::syscall(libc::SYS_exit_group, 126);
-        }
-        let me = libc::syscall(libc::SYS_getpid);
-        libc::syscall(libc::SYS_kill, me, libc::SIGSTOP);
-        // Only reached if cr resumed us without rebuilding us: never run cr's code further.
-        libc::syscall(libc::SYS_exit_group, 127);
-    }
-    unreachable!()
-}
-
 /// Describes who holds `pid` now, for the "PID taken" error.
 fn owner_of(pid: i32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -107,8 +60,7 @@ pub fn spawn_at(pid: i32, wait: Duration) -> Result<Tracee> {
     let deadline = Instant::now() + wait;
     let mut waited = false;
     loop {
-        match clone3_at(pid) {
-            Ok(0) => child_stop(),
+        match process::spawn_stopped_at(pid) {
             Ok(child) => {
                 if child != pid {
                     bail!("clone3 created task {child}, not {pid}");

@@ -6,13 +6,9 @@
 //! A probe returns a short note on success (logged at debug level) and an error saying what
 //! failed otherwise.
 
-use std::ffi::c_void;
-use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 use nix::sys::ptrace;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
@@ -20,69 +16,13 @@ use nix::unistd::Pid;
 use super::child::{raw, read_byte, write_byte_raw, Child, TIMEOUT};
 use crate::kernel::sys::abi::CloneArgs;
 use crate::kernel::sys::abi::PrctlMmMap;
+use crate::kernel::sys::mman::AnonMap as Mapping;
 use crate::kernel::sys::pagemap::{PagemapScanner, ScanQuery, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::kernel::sys::pidfd::{pidfd_getfd, pidfd_open};
+use crate::kernel::sys::sock;
 use crate::kernel::sys::uffd::{Userfaultfd, CR_FEATURES};
 
 const PAGE: usize = cr_common::PAGE_SIZE as usize;
-
-/// An anonymous private mapping owned by a probe (unmapped on drop). THP is disabled on it so
-/// that every page faults on its own.
-struct Mapping {
-    ptr: NonNull<c_void>,
-    len: usize,
-}
-
-impl Mapping {
-    fn anon(pages: usize) -> Result<Mapping> {
-        let len = pages * PAGE;
-        let nz = NonZeroUsize::new(len).ok_or_else(|| anyhow!("empty mapping"))?;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                nz,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }
-        .context("mmap an anonymous probe region")?;
-        let m = Mapping { ptr, len };
-        // SAFETY: advice on our own fresh mapping.
-        unsafe {
-            nix::sys::mman::madvise(m.ptr, m.len, nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE)
-        }
-        .context("madvise(MADV_NOHUGEPAGE) on the probe region")?;
-        Ok(m)
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    fn page_addr(&self, i: usize) -> u64 {
-        self.addr() + (i * PAGE) as u64
-    }
-
-    fn write(&self, i: usize, v: u8) {
-        assert!(i * PAGE < self.len);
-        // SAFETY: inside our own RW mapping (checked above).
-        unsafe { std::ptr::write_volatile((self.ptr.as_ptr() as *mut u8).add(i * PAGE), v) }
-    }
-
-    fn read(&self, i: usize) -> u8 {
-        assert!(i * PAGE < self.len);
-        // SAFETY: inside our own RW mapping (checked above).
-        unsafe { std::ptr::read_volatile((self.ptr.as_ptr() as *const u8).add(i * PAGE)) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping and nothing refers to it any more.
-        let _ = unsafe { munmap(self.ptr, self.len) };
-    }
-}
 
 /// A child that does nothing until killed.
 fn idle_child() -> Result<Child> {
@@ -217,47 +157,6 @@ pub fn clone3_set_tid() -> Result<String> {
     ))
 }
 
-/// Fields of /proc/self/stat that PR_SET_MM_MAP takes (man 5 proc numbering).
-struct MmFields {
-    start_code: u64,
-    end_code: u64,
-    start_stack: u64,
-    start_data: u64,
-    end_data: u64,
-    start_brk: u64,
-    arg_start: u64,
-    arg_end: u64,
-    env_start: u64,
-    env_end: u64,
-}
-
-fn parse_stat_mm(stat: &str) -> Result<MmFields> {
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("no ')' in /proc/self/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state).
-    let get = |n: usize| -> Result<u64> {
-        f.get(n - 3)
-            .ok_or_else(|| anyhow!("/proc/self/stat has no field {n}"))?
-            .parse()
-            .with_context(|| format!("field {n} of /proc/self/stat"))
-    };
-    Ok(MmFields {
-        start_code: get(26)?,
-        end_code: get(27)?,
-        start_stack: get(28)?,
-        start_data: get(45)?,
-        end_data: get(46)?,
-        start_brk: get(47)?,
-        arg_start: get(48)?,
-        arg_end: get(49)?,
-        env_start: get(50)?,
-        env_end: get(51)?,
-    })
-}
-
 /// prctl(PR_SET_MM, PR_SET_MM_MAP) in a child, setting its mm fields to their current values.
 pub fn prctl_mm_map() -> Result<String> {
     let mut size: u32 = 0;
@@ -282,8 +181,7 @@ pub fn prctl_mm_map() -> Result<String> {
             std::mem::size_of::<PrctlMmMap>()
         );
     }
-    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
-    let m = parse_stat_mm(&stat)?;
+    let m = crate::kernel::proc::stat::read_stat(std::process::id() as i32)?;
     let mut child = Child::fork(move || {
         // SAFETY: brk(0) only reports the current break.
         let brk = unsafe { libc::syscall(libc::SYS_brk, 0) } as u64;
@@ -333,9 +231,9 @@ pub fn prctl_mm_map() -> Result<String> {
 fn armed_region(pages: usize) -> Result<(Userfaultfd, Mapping)> {
     let uffd = Userfaultfd::new_local()?;
     uffd.handshake(CR_FEATURES)?;
-    let m = Mapping::anon(pages)?;
-    uffd.register_wp(m.addr(), m.len as u64)?;
-    uffd.write_protect(m.addr(), m.len as u64, true)?;
+    let m = Mapping::new(pages)?;
+    uffd.register_wp(m.addr(), m.len() as u64)?;
+    uffd.write_protect(m.addr(), m.len() as u64, true)?;
     Ok((uffd, m))
 }
 
@@ -346,12 +244,12 @@ pub fn userfaultfd_wp_async() -> Result<String> {
     // With WP_ASYNC the kernel unprotects the page itself; without it this would block forever
     // (the probe's thread timeout reports that).
     m.write(1, 1);
-    Ok(format!("armed {} pages at {:#x}", m.len / PAGE, m.addr()))
+    Ok(format!("armed {} pages at {:#x}", m.len() / PAGE, m.addr()))
 }
 
 /// Region-relative indices of the pages of `m` that match `q`.
 fn scan_pages(scanner: &mut PagemapScanner, m: &Mapping, q: &ScanQuery) -> Result<Vec<u64>> {
-    let regions = scanner.scan(m.addr(), m.addr() + m.len as u64, q)?;
+    let regions = scanner.scan(m.addr(), m.addr() + m.len() as u64, q)?;
     let base = m.addr() / PAGE as u64;
     Ok(regions
         .iter()
@@ -363,7 +261,7 @@ fn scan_pages(scanner: &mut PagemapScanner, m: &Mapping, q: &ScanQuery) -> Resul
 /// armed region with PM_SCAN_WP_MATCHING, which must re-arm them.
 pub fn pagemap_scan_probe() -> Result<String> {
     let mut pagemap = PagemapScanner::open(std::process::id() as i32)?;
-    let m = Mapping::anon(6)?;
+    let m = Mapping::new(6)?;
     m.write(0, 1);
     m.write(3, 1);
     let present = ScanQuery {
@@ -410,78 +308,6 @@ pub fn pagemap_scan_probe() -> Result<String> {
     Ok("present-page scan and exact written-page scan with re-arm work".into())
 }
 
-/// Loads cr-ebpf, attaches the page-fault tracepoints, tracks this process, writes one fresh
-/// page and reads another: the write must be recorded, the read not.
-pub fn tracepoints() -> Result<String> {
-    use cr_common::{TARGET_F_LOG, TARGET_F_TRACK_WRITES};
-    let mut t = crate::bpf::Tracker::start()?;
-    let me = std::process::id();
-    let m = Mapping::anon(2)?;
-    let flags = TARGET_F_TRACK_WRITES
-        | if log::log_enabled!(log::Level::Debug) {
-            TARGET_F_LOG
-        } else {
-            0
-        };
-    t.add_target(me, flags)?;
-    m.write(0, 1);
-    let _ = m.read(1);
-    t.remove_target(me)?;
-    let pages = t.dirty_pages(me)?;
-    let stats = t.stats()?;
-    t.flush_log();
-    let (w, r) = (
-        m.page_addr(0) >> cr_common::PAGE_SHIFT,
-        m.page_addr(1) >> cr_common::PAGE_SHIFT,
-    );
-    if !pages.contains(&w) {
-        bail!(
-            "the write fault on page {w:#x} was not recorded (recorded {} pages, stats {stats:?})",
-            pages.len()
-        );
-    }
-    if pages.contains(&r) {
-        bail!("a read fault on page {r:#x} was recorded as a write");
-    }
-    if stats.read_faults == 0 {
-        bail!("no read fault was counted (stats {stats:?})");
-    }
-    Ok(format!(
-        "saw the write to {:#x}; stats {stats:?}",
-        m.page_addr(0)
-    ))
-}
-
-fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32, what: &str) -> Result<()> {
-    // SAFETY: an int option, passed by pointer with its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            &v as *const i32 as *const c_void,
-            std::mem::size_of::<i32>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("setsockopt {what}={v}"));
-    }
-    Ok(())
-}
-
-fn getsockopt_u32(fd: i32, level: i32, opt: i32, what: &str) -> Result<u32> {
-    let mut v: u32 = 0;
-    let mut len = std::mem::size_of::<u32>() as u32;
-    // SAFETY: a u32 option, buffer and length valid for the call.
-    let r =
-        unsafe { libc::getsockopt(fd, level, opt, &mut v as *mut u32 as *mut c_void, &mut len) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
-    }
-    Ok(v)
-}
-
 /// TCP_REPAIR on an established loopback connection: enter repair, read the send queue's
 /// sequence number, leave repair.
 pub fn tcp_repair() -> Result<String> {
@@ -492,210 +318,19 @@ pub fn tcp_repair() -> Result<String> {
     let c =
         std::net::TcpStream::connect_timeout(&addr, TIMEOUT).context("connect over loopback")?;
     let (_s, _) = l.accept().context("accept the loopback connection")?;
-    let fd = c.as_raw_fd();
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1, "TCP_REPAIR")
+    sock::setsockopt_int(&c, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1, "TCP_REPAIR=1")
         .context("TCP_REPAIR needs CAP_NET_ADMIN")?;
-    let seq = setsockopt_int(
-        fd,
+    let seq = sock::setsockopt_int(
+        &c,
         libc::IPPROTO_TCP,
         TCP_REPAIR_QUEUE,
         TCP_SEND_QUEUE,
         "TCP_REPAIR_QUEUE",
     )
-    .and_then(|_| getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ"));
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0, "TCP_REPAIR")?;
+    .and_then(|_| sock::getsockopt_int(&c, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ"))
+    .map(|v| v as u32);
+    sock::setsockopt_int(&c, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0, "TCP_REPAIR=0")?;
     Ok(format!("send queue seq {}", seq?))
-}
-
-/// Map and program of cr-ebpf/src/probe.rs.
-const PROBE_TC_PROG: &str = cr_common::names::PROG_PROBE_TC;
-const PROBE_TC_MAP: &str = cr_common::names::PROBE_TC;
-
-/// tc BPF: in a private network namespace (so nothing on the host is touched and everything
-/// vanishes with the thread), add a clsact qdisc to `lo`, attach cr's probe classifier at
-/// ingress, send a datagram over loopback and see the program count it. Where no network
-/// namespace can be made, attach through TCX on the host's `lo` instead (a link: gone when
-/// dropped, no qdisc left behind).
-pub fn tc_bpf() -> Result<String> {
-    let h = std::thread::Builder::new()
-        .name("cr-check-tc".into())
-        .spawn(|| -> Result<String> {
-            match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                Ok(()) => {
-                    set_lo_up()?;
-                    tc_roundtrip(true).map(|n| format!("clsact + classifier on lo (private netns) saw {n} packet(s)"))
-                }
-                Err(e) => {
-                    log::debug!("no private network namespace for the tc probe ({e}); using TCX on the host's lo");
-                    tc_roundtrip(false).map(|n| format!("TCX classifier on the host's lo saw {n} packet(s)"))
-                }
-            }
-        })
-        .context("start the tc probe thread")?;
-    h.join()
-        .map_err(|_| anyhow!("the tc probe thread panicked"))?
-}
-
-/// Brings `lo` up in the current thread's network namespace.
-fn set_lo_up() -> Result<()> {
-    // SAFETY: a plain datagram socket, owned right away.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket for SIOCSIFFLAGS");
-    }
-    // SAFETY: fresh fd.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, b) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *d = *b as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read/write an ifreq, which `ifr` is.
-    unsafe {
-        if libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCGIFFLAGS,
-            &mut ifr as *mut libc::ifreq,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS on lo");
-        }
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCSIFFLAGS,
-            &mut ifr as *mut libc::ifreq,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS (up) on lo");
-        }
-    }
-    Ok(())
-}
-
-/// Loads the probe classifier, attaches it at lo ingress (netlink/clsact or TCX), sends one
-/// datagram to itself over loopback and returns the program's packet count (must be > 0).
-fn tc_roundtrip(netlink: bool) -> Result<u64> {
-    use aya::maps::{Array, MapData};
-    use aya::programs::tc::{self, NlOptions, TcAttach, TcAttachType};
-    use aya::programs::{LinkOrder, SchedClassifier};
-
-    let mut obj = crate::bpf::BpfObject::load()?;
-    let count: Array<MapData, u64> = obj.take_map(PROBE_TC_MAP)?;
-    let prog: &mut SchedClassifier = obj
-        .ebpf_mut()
-        .program_mut(PROBE_TC_PROG)
-        .ok_or_else(|| anyhow!("the eBPF object has no program {PROBE_TC_PROG} (stale build? run cargo xtask build)"))?
-        .try_into()
-        .context("cr_probe_tc is not a classifier")?;
-    prog.load()
-        .context("load the tc probe classifier (verifier)")?;
-    if netlink {
-        tc::qdisc_add_clsact(c"lo").context("add a clsact qdisc to lo")?;
-        prog.attach(
-            c"lo",
-            TcAttach::Netlink {
-                parent: TcAttachType::Ingress.into(),
-                options: NlOptions::default(),
-            },
-        )
-        .context("attach the classifier at lo ingress (netlink)")?;
-    } else {
-        prog.attach(
-            c"lo",
-            TcAttach::Tcx {
-                attach_type: TcAttachType::Ingress,
-                order: LinkOrder::default(),
-            },
-        )
-        .context("attach the classifier at lo ingress (TCX)")?;
-    }
-    let rx = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a loopback UDP socket")?;
-    rx.set_read_timeout(Some(TIMEOUT))
-        .context("set a receive timeout")?;
-    let to = rx.local_addr().context("UDP socket address")?;
-    let tx = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a loopback UDP socket")?;
-    tx.send_to(b"cr check", to)
-        .context("send a datagram over loopback")?;
-    let mut buf = [0u8; 16];
-    // Once received, it has passed lo's ingress hook.
-    rx.recv_from(&mut buf)
-        .context("receive the datagram sent over loopback")?;
-    let n = count
-        .get(&0, 0)
-        .context("read the probe classifier's counter")?;
-    if n == 0 {
-        bail!("the datagram crossed lo but the classifier did not run");
-    }
-    Ok(n)
-}
-
-/// Removes a pin and the directory holding it, whatever happened.
-struct PinDir {
-    dir: std::path::PathBuf,
-    mounted: bool,
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.dir.join("probe"));
-        if self.mounted {
-            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// bpffs: create a directory, pin a map there, reopen it from the pin and read what was
-/// written through the first handle, then remove both. If /sys/fs/bpf is not a bpffs, the
-/// same is done on a bpffs mounted for the purpose on a temporary directory (cr mounts
-/// /sys/fs/bpf when it needs it).
-pub fn bpffs() -> Result<String> {
-    use aya::maps::{Array, Map, MapData};
-    let at_sys = crate::kernel::sys::mounts::is_mounted(crate::kernel::sys::mounts::BPFFS, "bpf")?;
-    let guard = if at_sys {
-        let dir = std::path::Path::new(crate::kernel::sys::mounts::BPFFS)
-            .join(format!("cr-check-{}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        PinDir {
-            dir,
-            mounted: false,
-        }
-    } else {
-        if !crate::kernel::sys::mounts::kernel_has_fs("bpf")? {
-            bail!("this kernel has no bpf filesystem");
-        }
-        let dir = std::env::temp_dir().join(format!("cr-check-bpffs-{}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let mut g = PinDir {
-            dir,
-            mounted: false,
-        };
-        crate::kernel::sys::mounts::mount_fs("bpf", &g.dir)?;
-        g.mounted = true;
-        g
-    };
-    let pin = guard.dir.join("probe");
-    let mut a: Array<MapData, u64> = Array::create(1, 0).context("create a BPF array map")?;
-    a.set(0, &0xC0FFEE, 0).context("write the BPF array map")?;
-    a.pin(&pin)
-        .with_context(|| format!("pin a map at {}", pin.display()))?;
-    let back =
-        MapData::from_pin(&pin).with_context(|| format!("open the pin {}", pin.display()))?;
-    let back: Array<MapData, u64> =
-        Array::try_from(Map::Array(back)).context("the pinned map's type")?;
-    if back.get(&0, 0).context("read the pinned map")? != 0xC0FFEE {
-        bail!("the map reopened from its pin does not hold what was written");
-    }
-    std::fs::remove_file(&pin).with_context(|| format!("remove the pin {}", pin.display()))?;
-    Ok(if at_sys {
-        format!(
-            "pinned and removed a map under {}",
-            crate::kernel::sys::mounts::BPFFS
-        )
-    } else {
-        "bpffs works (not mounted at /sys/fs/bpf; cr mounts it when needed)".into()
-    })
 }
 
 /// nftables (optional): the `nft` tool answers.
@@ -725,26 +360,5 @@ pub fn nftables() -> Result<String> {
             bail!("`nft --version` did not finish within {TIMEOUT:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_mm_fields_of_stat() {
-        // A real /proc/self/stat line (comm with a space and a parenthesis).
-        let s = "1234 (a b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 12345 10000000 200 \
-                 18446744073709551615 94000000000000 94000000100000 140720000000000 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 \
-                 94000000200000 94000000210000 94000001000000 140720000001000 140720000001100 140720000001100 140720000002000 0";
-        let m = parse_stat_mm(s).unwrap();
-        assert_eq!(m.start_code, 94000000000000);
-        assert_eq!(m.end_code, 94000000100000);
-        assert_eq!(m.start_stack, 140720000000000);
-        assert_eq!(m.start_data, 94000000200000);
-        assert_eq!(m.start_brk, 94000001000000);
-        assert_eq!(m.env_end, 140720000002000);
-        assert!(parse_stat_mm("1 (x) S 1").is_err());
     }
 }

@@ -84,9 +84,14 @@ pub fn detach(tid: i32, sig: i32) -> io::Result<()> {
     ptrace(libc::PTRACE_DETACH as u32, tid, 0, sig as usize).map(drop)
 }
 
-pub fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
+/// A register set of all zeroes.
+pub fn zeroed_regs() -> libc::user_regs_struct {
     // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
-    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    unsafe { std::mem::zeroed() }
+}
+
+pub fn getregs(tid: i32) -> io::Result<libc::user_regs_struct> {
+    let mut regs = zeroed_regs();
     ptrace(
         libc::PTRACE_GETREGS as u32,
         tid,

@@ -3,11 +3,19 @@
 //! the pid/fd it was about.
 
 pub mod abi;
+pub mod fd;
+pub mod fs;
+pub mod kcmp;
+pub mod mman;
 pub mod mounts;
 pub mod pagemap;
 pub mod pidfd;
+pub mod process;
+pub mod sock;
 pub mod sock_diag;
+pub mod time;
 pub mod uffd;
+pub mod unix;
 pub mod vm;
 
 pub use pagemap::{PageRegion, PagemapEntry, PagemapScanner, ScanQuery};

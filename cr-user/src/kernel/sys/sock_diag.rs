@@ -3,9 +3,14 @@
 //! fact about a listening socket that no sockopt gives, its backlog ([`backlog`]:
 //! inet_diag_msg.idiag_wqueue of a LISTEN socket is sk_max_ack_backlog).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
+
+use super::sock;
+
+/// The TCP_LISTEN state.
+const TCP_LISTEN: u32 = 10;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 1;
@@ -105,19 +110,12 @@ fn parse(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool> {
 }
 
 fn netlink_socket() -> Result<OwnedFd> {
-    // SAFETY: socket() with integer arguments.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket(NETLINK_SOCK_DIAG)");
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sock::socket(
+        libc::AF_NETLINK,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        libc::NETLINK_SOCK_DIAG,
+        "NETLINK_SOCK_DIAG",
+    )
 }
 
 fn netns_inode(path: &str) -> Result<u64> {
@@ -158,18 +156,11 @@ fn netlink_socket_of(pid: i32) -> Result<OwnedFd> {
 
 fn dump(fd: &OwnedFd, family: u8, states: u32, out: &mut Vec<DiagSock>) -> Result<()> {
     let req = request(family, states);
-    // SAFETY: send reads from the valid buffer.
-    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("send the sock_diag request");
-    }
+    sock::send(fd, &req, 0).context("send the sock_diag request")?;
     let mut buf = vec![0u8; 32 << 10];
     loop {
-        // SAFETY: recv writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error()).context("read the sock_diag reply");
-        }
-        if n == 0 || parse(&buf[..n as usize], out)? {
+        let n = sock::recv(fd, &mut buf, 0).context("read the sock_diag reply")?;
+        if n == 0 || parse(&buf[..n], out)? {
             return Ok(());
         }
     }
@@ -192,12 +183,7 @@ pub fn tcp_sockets(pid: Option<i32>, states: u32) -> Result<Vec<DiagSock>> {
 pub fn backlog(family: u32, inode: u64) -> Result<u32> {
     let fd = netlink_socket()?;
     let mut socks = Vec::new();
-    dump(
-        &fd,
-        family as u8,
-        1 << crate::tcp::socket::TCP_LISTEN,
-        &mut socks,
-    )?;
+    dump(&fd, family as u8, 1 << TCP_LISTEN, &mut socks)?;
     socks
         .iter()
         .find(|s| s.inode == inode)
