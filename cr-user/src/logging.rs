@@ -122,11 +122,11 @@ impl Log for Logger {
         if self.per_pid && task > 0 {
             if let Some(base) = &self.path {
                 let mut pids = self.pids.lock().unwrap_or_else(|e| e.into_inner());
-                if !pids.contains_key(&task) {
+                if let std::collections::hash_map::Entry::Vacant(e) = pids.entry(task) {
                     let mut p = base.as_os_str().to_owned();
                     p.push(format!(".{task}"));
                     if let Ok(f) = open_log(Path::new(&p)) {
-                        pids.insert(task, f);
+                        e.insert(f);
                     }
                 }
                 if let Some(f) = pids.get_mut(&task) {

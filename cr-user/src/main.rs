@@ -33,11 +33,11 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match &cli.cmd {
-        Command::Dump(o) => cr::cmd::dump::run(o, false).map(|_| 0),
-        Command::PreDump(o) => cr::cmd::dump::run(o, true).map(|_| 0),
+        Command::Dump(o) => cr::cmd::dump::run(o).map(|_| 0),
+        Command::PreDump(o) => cr::cmd::pre_dump::run(o).map(|_| 0),
         Command::Restore(o) => cr::cmd::restore::run(o, &cli.global),
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
-        Command::Show(o) => cr::image::show::run(o).map(|_| 0),
+        Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
         Command::Tracker(o) => cr::cmd::tracker::run(o.pid, o.ready_fd, o.dirty_max_entries),
     };
     log::logger().flush();

@@ -13,8 +13,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cr::kernel::proc::locks::{FileLock, LockKind};
-use cr::locks::table::{InodeId, TableKind, TableLock};
 use cr::tracker::client::TrackerConn;
+use cr::tracker::locks::{InodeId, TableKind, TableLock};
 use cr_tests::{dump_and_restore_tree, dump_cmd, workload_bin, CrCmd, TempDir, Workload};
 
 /// The churn workload, driven line by line.

@@ -365,6 +365,8 @@ fn resolve(here: &[String], path: &[String]) -> Option<Vec<String>> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FileFacts {
     pub paths: Vec<(Vec<String>, usize)>,
+    /// Lines of `paths` inside a `mod tests { … }` (test code may use a sibling file's API).
+    pub test_lines: Vec<usize>,
     pub unsafe_lines: Vec<usize>,
 }
 
@@ -382,6 +384,8 @@ pub fn scan(here: &[String], src: &str) -> FileFacts {
         let mut here_now = here.to_vec();
         here_now.extend(inline.iter().map(|(m, _)| m.clone()));
         let here = here_now.as_slice();
+        let in_tests = inline.iter().any(|(m, _)| m == "tests");
+        let before = f.paths.len();
         match t {
             Tok::Punct('{') => {
                 depth += 1;
@@ -445,6 +449,10 @@ pub fn scan(here: &[String], src: &str) -> FileFacts {
             }
             _ => i += 1,
         }
+        if in_tests {
+            let new: Vec<usize> = f.paths[before..].iter().map(|(_, l)| *l).collect();
+            f.test_lines.extend(new);
+        }
     }
     f
 }
@@ -481,7 +489,7 @@ pub struct Report {
     pub unsafe_total: usize,
     /// Cycles between top-level modules (each an SCC, sorted).
     pub cycles: Vec<Vec<String>>,
-    /// The same between files (for the record; not a failure).
+    /// The same between files, test code aside (for the record; not a failure).
     pub file_cycles: Vec<Vec<String>>,
     pub problems: Vec<String>,
 }
@@ -574,7 +582,10 @@ pub fn check_layers(src: &Path) -> Result<Report> {
     let mut file_graph = BTreeSet::new();
     for (rel, f) in &facts {
         let from = module_of(rel);
-        for (path, _) in &f.paths {
+        for (path, line) in &f.paths {
+            if f.test_lines.contains(line) {
+                continue;
+            }
             let to = (0..=path.len())
                 .rev()
                 .map(|n| path[..n].to_vec())

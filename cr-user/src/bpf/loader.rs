@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, Context, Result};
-use aya::maps::Map;
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{Map, MapData};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -76,7 +76,7 @@ impl BpfObject {
             }
         };
         let mut loader = EbpfLoader::new();
-        super::sockets::patch_layout(&mut loader);
+        tracefs::patch_sock_layout(&mut loader);
         if let Ok(l) = &fault_layout {
             log::debug!(
                 "page-fault tracepoint layout: address at {}, error_code at {}",
@@ -190,6 +190,44 @@ impl BpfObject {
         if let Some(p) = &self.log {
             p.flush();
         }
+    }
+}
+
+/// Map fds received from the tracker, in the order it sent them, each opened and then checked
+/// to be the map it claims to be (name for messages, type when taken).
+pub(crate) struct Received {
+    maps: std::vec::IntoIter<(&'static str, Map)>,
+}
+
+impl Received {
+    /// Opens `fds`, named by `names` (same order and count).
+    pub(crate) fn open(fds: Vec<OwnedFd>, names: &[&'static str]) -> Result<Received> {
+        if fds.len() != names.len() {
+            bail!(
+                "the tracker sent {} map fds, expected {} ({})",
+                fds.len(),
+                names.len(),
+                names.join(", ")
+            );
+        }
+        let mut maps = Vec::with_capacity(fds.len());
+        for (fd, &name) in fds.into_iter().zip(names) {
+            let data =
+                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
+            let map = Map::from_map_data(data)
+                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
+            maps.push((name, map));
+        }
+        Ok(Received {
+            maps: maps.into_iter(),
+        })
+    }
+
+    /// The next map, typed (e.g. `HashMap<MapData, K, V>`).
+    #[allow(clippy::should_implement_trait)]
+    pub(crate) fn next<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self) -> Result<T> {
+        let (name, map) = self.maps.next().context("a map is missing")?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
     }
 }
 

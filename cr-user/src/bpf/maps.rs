@@ -7,7 +7,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
+use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
 use cr_common::{
     names, stat, DirtyEvent, MemWriterKey, TrackState, VmaEvent, TARGET_F_RING,
     TARGET_F_TRACK_WRITES,
@@ -15,9 +15,9 @@ use cr_common::{
 use serde::{Deserialize, Serialize};
 
 use super::dirty::Tracker;
-use super::loader::BpfObject;
+use super::loader::{BpfObject, Received};
+use super::locks::LockMaps;
 use super::sockets::SockMaps;
-use crate::locks::table::LockMaps;
 
 /// Map fds are handed over in this order.
 const FD_ORDER: [&str; 8] = [
@@ -91,44 +91,6 @@ impl Counters {
             "events of an unregistered target",
         );
         why
-    }
-}
-
-/// Map fds received from the tracker, in the order it sent them, each opened and then checked
-/// to be the map it claims to be (name for messages, type when taken).
-pub(crate) struct Received {
-    maps: std::vec::IntoIter<(&'static str, Map)>,
-}
-
-impl Received {
-    /// Opens `fds`, named by `names` (same order and count).
-    pub(crate) fn open(fds: Vec<OwnedFd>, names: &[&'static str]) -> Result<Received> {
-        if fds.len() != names.len() {
-            bail!(
-                "the tracker sent {} map fds, expected {} ({})",
-                fds.len(),
-                names.len(),
-                names.join(", ")
-            );
-        }
-        let mut maps = Vec::with_capacity(fds.len());
-        for (fd, &name) in fds.into_iter().zip(names) {
-            let data =
-                MapData::from_fd(fd).with_context(|| format!("map {name} from the tracker"))?;
-            let map = Map::from_map_data(data)
-                .with_context(|| format!("map {name} from the tracker has an unknown type"))?;
-            maps.push((name, map));
-        }
-        Ok(Received {
-            maps: maps.into_iter(),
-        })
-    }
-
-    /// The next map, typed (e.g. `HashMap<MapData, K, V>`).
-    #[allow(clippy::should_implement_trait)]
-    pub(crate) fn next<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self) -> Result<T> {
-        let (name, map) = self.maps.next().context("a map is missing")?;
-        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
     }
 }
 

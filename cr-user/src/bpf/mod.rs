@@ -4,6 +4,7 @@
 
 pub mod dirty;
 pub mod loader;
+pub mod locks;
 pub mod maps;
 pub mod netlock;
 pub mod probe;

@@ -17,7 +17,7 @@ use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcAttach
 use aya::programs::SchedClassifier;
 use serde::{Deserialize, Serialize};
 
-use crate::image::pb;
+use crate::kernel::sys::sock::show_addr;
 
 const PROG: &str = "cr_netlock";
 const MAP: &str = "CR_NETLOCK";
@@ -81,7 +81,29 @@ pub struct NetLock {
     addrs_done: Vec<Vec<u8>>,
 }
 
-fn keys(s: &pb::TcpSocket) -> Result<[FlowKey; 2]> {
+/// One connection the lock drops the packets of: family (AF_INET or AF_INET6), the local and
+/// the remote address (4 or 16 bytes) and port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub family: u32,
+    pub src_addr: Vec<u8>,
+    pub src_port: u32,
+    pub dst_addr: Vec<u8>,
+    pub dst_port: u32,
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} -> {}",
+            show_addr(self.family, &self.src_addr, self.src_port),
+            show_addr(self.family, &self.dst_addr, self.dst_port)
+        )
+    }
+}
+
+fn keys(s: &Flow) -> Result<[FlowKey; 2]> {
     let fam = if s.family == libc::AF_INET as u32 {
         4
     } else {
@@ -254,7 +276,7 @@ impl NetLock {
     }
 
     /// Locks one connection: its packets are dropped from now on, both ways.
-    pub fn add(&mut self, s: &pb::TcpSocket) -> Result<()> {
+    pub fn add(&mut self, s: &Flow) -> Result<()> {
         for k in keys(s)? {
             self.map
                 .insert(&k, &1, 0)
@@ -299,7 +321,7 @@ pub fn read_record(images_dir: &Path) -> Result<Option<Record>> {
 }
 
 /// Fails unless every connection of `socks` is still in the pinned lock map.
-pub fn check_locked(rec: &Record, socks: &[&pb::TcpSocket]) -> Result<()> {
+pub fn check_locked(rec: &Record, socks: &[Flow]) -> Result<()> {
     let path = Path::new(&rec.pin_dir).join("map");
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
@@ -312,11 +334,7 @@ pub fn check_locked(rec: &Record, socks: &[&pb::TcpSocket]) -> Result<()> {
     for s in socks {
         for k in keys(s)? {
             if map.get(&k, 0).is_err() {
-                bail!(
-                    "TCP connection {} -> {} is no longer locked",
-                    crate::tcp::socket::show_addr(s.family, &s.src_addr, s.src_port),
-                    crate::tcp::socket::show_addr(s.family, &s.dst_addr, s.dst_port)
-                );
+                bail!("TCP connection {s} is no longer locked");
             }
         }
     }
@@ -384,13 +402,12 @@ mod tests {
 
     #[test]
     fn keys_cover_both_directions() {
-        let s = pb::TcpSocket {
+        let s = Flow {
             family: libc::AF_INET as u32,
             src_addr: vec![10, 0, 0, 1],
             src_port: 5000,
             dst_addr: vec![10, 0, 0, 2],
             dst_port: 80,
-            ..Default::default()
         };
         let [a, b] = keys(&s).unwrap();
         assert_eq!(&a.src[..4], &[10, 0, 0, 1]);

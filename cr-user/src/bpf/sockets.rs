@@ -3,8 +3,8 @@
 //!
 //! The tracker attaches the programs when it loads (so every state change from then on is
 //! seen), then seeds the table once, at the first `Get` (the dump that started it asks at
-//! once), with the sockets the targets' trees already had: a sock_diag scan
-//! ([`crate::tcp::inventory::scan`]), inserted with BPF_NOEXIST so that an entry an event made
+//! once), with the sockets the targets' trees already had ([`SockMaps::seed_once`], given a
+//! sock_diag scan by the tracker), inserted with BPF_NOEXIST so that an entry an event made
 //! meanwhile wins, then a second scan drops seeded entries whose socket closed in between.
 //! The processes of each tree go into CR_SOCK_PROCS so that their connects and listens count
 //! (the fork program adds later children). A table that cannot be attached or seeded is
@@ -13,14 +13,12 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use aya::EbpfLoader;
 use cr_common::sock::{
-    names, sock_stat, status, tcp_state, ListenKey, SockInfo, SockKey, SockLayout, SOCK_F_CHILD,
-    SOCK_F_SEEDED,
+    names, sock_stat, status, tcp_state, ListenKey, SockInfo, SockKey, SOCK_F_CHILD, SOCK_F_SEEDED,
 };
 use cr_common::TargetInfo;
 
@@ -28,62 +26,6 @@ use super::loader::BpfObject;
 use super::tracefs;
 
 const BPF_NOEXIST: u64 = 1;
-
-/// The record layout read from tracefs once per process (the loader patches it into the
-/// object; [`SockMaps::attach`] refuses to attach without it).
-static LAYOUT: OnceLock<std::result::Result<SockLayout, String>> = OnceLock::new();
-
-fn layout() -> Result<SockLayout> {
-    LAYOUT
-        .get_or_init(|| read_layout().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
-/// Patches the record layout into the object being loaded, when this kernel's differs from
-/// the compiled-in defaults (called by [`BpfObject::load_sized`]).
-pub fn patch_layout(loader: &mut EbpfLoader<'_>) {
-    if let Ok(l) = LAYOUT.get_or_init(|| read_layout().map_err(|e| format!("{e:#}"))) {
-        if *l != SockLayout::DEFAULT {
-            log::debug!("sock:inet_sock_set_state layout differs from cr-ebpf's defaults: {l:?}");
-        }
-        // Not must_exist: an object built before the table existed still loads.
-        loader.override_global(names::GLOBAL_LAYOUT, l, false);
-    }
-}
-
-fn read_layout() -> Result<SockLayout> {
-    let sock = tracefs::read_format("sock", "inet_sock_set_state")?;
-    let fork = tracefs::read_format("sched", "sched_process_fork")?;
-    parse_layout(&sock, &fork)
-}
-
-/// The offsets cr_sock_state reads, from the tracefs format texts of sock:inet_sock_set_state
-/// and sched:sched_process_fork. Every field must have the size the program reads.
-pub fn parse_layout(sock_format: &str, fork_format: &str) -> Result<SockLayout> {
-    let fields = tracefs::parse_format(sock_format);
-    let get = |name: &str, size: u32| -> Result<u32> {
-        match fields.iter().find(|f| f.name == name) {
-            Some(f) if f.size == size => Ok(f.offset),
-            Some(f) => bail!("sock:inet_sock_set_state: field `{name}` is {} bytes, cr-ebpf reads {size}", f.size),
-            None => bail!("sock:inet_sock_set_state has no field `{name}`: cr-ebpf cannot read this kernel's records"),
-        }
-    };
-    Ok(SockLayout {
-        skaddr: get("skaddr", 8)?,
-        oldstate: get("oldstate", 4)?,
-        newstate: get("newstate", 4)?,
-        sport: get("sport", 2)?,
-        dport: get("dport", 2)?,
-        family: get("family", 2)?,
-        protocol: get("protocol", 2)?,
-        saddr: get("saddr", 4)?,
-        daddr: get("daddr", 4)?,
-        saddr_v6: get("saddr_v6", 16)?,
-        daddr_v6: get("daddr_v6", 16)?,
-        fork_child_pid: tracefs::fork_child_pid_offset(fork_format)?,
-    })
-}
 
 /// The table's counters and status, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -198,7 +140,7 @@ impl SockMaps {
     }
 
     fn try_attach(&mut self, obj: &mut BpfObject) -> Result<()> {
-        layout().context("the layout of sock:inet_sock_set_state")?;
+        tracefs::sock_layout().context("the layout of sock:inet_sock_set_state")?;
         obj.attach_tracepoint(names::PROG_SOCK_STATE, "sock", "inet_sock_set_state")?;
         obj.attach_tracepoint(names::PROG_SOCK_FORK, "sched", "sched_process_fork")?;
         obj.attach_tracepoint(names::PROG_SOCK_EXIT, "sched", "sched_process_exit")?;
@@ -209,15 +151,21 @@ impl SockMaps {
         Ok(())
     }
 
-    /// Duplicates of the map fds, in the order [`SockMaps::from_fds`] expects. In the tracker,
-    /// the first call seeds the table (see the module doc).
-    pub fn fds(&self) -> Result<Vec<OwnedFd>> {
+    /// In the tracker, the first call seeds the table with the sockets `scan` finds in the
+    /// targets' trees (see the module doc); later calls, and dumps, do nothing. A table that
+    /// cannot be seeded stays unusable (dumps scan): logged, not an error.
+    pub fn seed_once(&self, scan: Scan) {
         let mut g = self.lock();
-        if let Err(e) = seed_once(&mut g) {
+        if let Err(e) = seed_once(&mut g, scan) {
             log::warn!(
                 "the TCP socket table could not be seeded (dumps will scan sockets instead): {e:#}"
             );
         }
+    }
+
+    /// Duplicates of the map fds, in the order [`SockMaps::from_fds`] expects.
+    pub fn fds(&self) -> Result<Vec<OwnedFd>> {
+        let g = self.lock();
         [
             (g.socks.map().fd().as_fd(), names::SOCKS),
             (g.listeners.map().fd().as_fd(), names::LISTENERS),
@@ -233,8 +181,10 @@ impl SockMaps {
 
     /// The maps from `FDS` fds sent by the tracker.
     pub fn from_fds(fds: Vec<OwnedFd>) -> Result<SockMaps> {
-        let mut it =
-            super::maps::Received::open(fds, &[names::SOCKS, names::LISTENERS, names::SOCK_STATS])?;
+        let mut it = super::loader::Received::open(
+            fds,
+            &[names::SOCKS, names::LISTENERS, names::SOCK_STATS],
+        )?;
         let inner = Inner {
             socks: it.next()?,
             listeners: it.next()?,
@@ -343,8 +293,22 @@ fn find_targets_map(obj: &mut BpfObject) -> Result<HashMap<MapData, u32, TargetI
     )
 }
 
+/// A socket a scan found, to seed the table with.
+#[derive(Clone, Copy, Debug)]
+pub struct Seed {
+    pub key: SockKey,
+    /// A process of the tree holding it.
+    pub pid: u32,
+    pub state: u32,
+    /// Spawned by a listener of the tree.
+    pub from_listener: bool,
+}
+
+/// What finds the sockets of a tree (`crate::tcp::inventory::seeds`: a sock_diag scan).
+pub type Scan<'a> = &'a dyn Fn(&[i32]) -> Result<Vec<Seed>>;
+
 /// Seeds the table with the targets' existing sockets, once (tracker side only).
-fn seed_once(g: &mut Inner) -> Result<()> {
+fn seed_once(g: &mut Inner, scan: Scan) -> Result<()> {
     let Inner {
         socks,
         listeners,
@@ -366,7 +330,7 @@ fn seed_once(g: &mut Inner) -> Result<()> {
     let mut seeded: BTreeSet<SockKey> = BTreeSet::new();
     let mut per_target = Vec::new();
     for &t in &targets {
-        let pids = crate::tcp::inventory::tree_of(t as i32);
+        let pids = crate::kernel::proc::task::descendants(t as i32);
         for &p in &pids {
             if p as u32 != t {
                 own.procs.insert(&(p as u32), &t, 0).with_context(|| {
@@ -377,14 +341,13 @@ fn seed_once(g: &mut Inner) -> Result<()> {
                 })?;
             }
         }
-        let inv = crate::tcp::inventory::scan(&pids)?;
         let mut n = 0;
-        for s in &inv.socks {
-            let key = s.conn.key();
+        for s in &scan(&pids)? {
+            let key = s.key;
             let info = SockInfo {
                 skaddr: 0,
                 tgid: t,
-                pid: s.pid.max(0) as u32,
+                pid: s.pid,
                 state: s.state,
                 flags: SOCK_F_SEEDED | if s.from_listener { SOCK_F_CHILD } else { 0 },
             };
@@ -415,8 +378,7 @@ fn seed_once(g: &mut Inner) -> Result<()> {
     // A socket that closed between the scan and its insertion was seeded after its last
     // event: the second scan finds it gone.
     for (t, pids, n) in &per_target {
-        let again = crate::tcp::inventory::scan(pids)?;
-        let live: BTreeSet<SockKey> = again.socks.iter().map(|s| s.conn.key()).collect();
+        let live: BTreeSet<SockKey> = scan(pids)?.iter().map(|s| s.key).collect();
         for key in seeded.iter().filter(|k| !live.contains(k)) {
             if let Ok(v) = socks.get(key, 0) {
                 if v.tgid == *t && v.skaddr == 0 && v.flags & SOCK_F_SEEDED != 0 {
@@ -434,55 +396,4 @@ fn seed_once(g: &mut Inner) -> Result<()> {
 
 fn exists(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SOCK_FORMAT: &str = "name: inet_sock_set_state
-ID: 2287
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
-\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
-\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
-\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
-\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
-\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
-\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
-\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
-\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
-\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
-
-print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
-";
-    const FORK_FORMAT: &str = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
-
-    #[test]
-    fn the_layout_of_this_kernel_generation_is_the_default() {
-        assert_eq!(
-            parse_layout(SOCK_FORMAT, FORK_FORMAT).unwrap(),
-            SockLayout::DEFAULT
-        );
-    }
-
-    #[test]
-    fn a_moved_field_is_followed_and_a_resized_one_refused() {
-        let moved = SOCK_FORMAT.replace("daddr_v6[16];\toffset:56", "daddr_v6[16];\toffset:64");
-        assert_eq!(parse_layout(&moved, FORK_FORMAT).unwrap().daddr_v6, 64);
-        let narrow =
-            SOCK_FORMAT.replace("sport;\toffset:24;\tsize:2", "sport;\toffset:24;\tsize:4");
-        let e = parse_layout(&narrow, FORK_FORMAT).unwrap_err().to_string();
-        assert!(e.contains("`sport` is 4 bytes"), "{e}");
-        let missing = SOCK_FORMAT.replace("protocol;", "proto;");
-        let e = parse_layout(&missing, FORK_FORMAT).unwrap_err().to_string();
-        assert!(e.contains("no field `protocol`"), "{e}");
-        assert!(parse_layout(SOCK_FORMAT, "").is_err());
-    }
 }

@@ -5,7 +5,11 @@
 //! kernel's own description of each record, refuses a layout it cannot handle, and patches the
 //! offsets into the object (globals) when they differ from the compiled-in defaults.
 
-use anyhow::{bail, Context, Result};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::EbpfLoader;
+use cr_common::sock::{names, SockLayout};
 
 use crate::kernel::sys::mounts::TRACEFS;
 
@@ -145,6 +149,62 @@ pub fn read_fault_layout() -> Result<FaultLayout> {
     Ok(user)
 }
 
+/// The record layout of sock:inet_sock_set_state (the socket table's), read from tracefs once per process (the loader patches it into the
+/// object; `SockMaps::attach` refuses to attach without it).
+static LAYOUT: OnceLock<std::result::Result<SockLayout, String>> = OnceLock::new();
+
+pub fn sock_layout() -> Result<SockLayout> {
+    LAYOUT
+        .get_or_init(|| read_sock_layout().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Patches the record layout into the object being loaded, when this kernel's differs from
+/// the compiled-in defaults (called by `BpfObject::load_sized`).
+pub fn patch_sock_layout(loader: &mut EbpfLoader<'_>) {
+    if let Ok(l) = LAYOUT.get_or_init(|| read_sock_layout().map_err(|e| format!("{e:#}"))) {
+        if *l != SockLayout::DEFAULT {
+            log::debug!("sock:inet_sock_set_state layout differs from cr-ebpf's defaults: {l:?}");
+        }
+        // Not must_exist: an object built before the table existed still loads.
+        loader.override_global(names::GLOBAL_LAYOUT, l, false);
+    }
+}
+
+fn read_sock_layout() -> Result<SockLayout> {
+    let sock = read_format("sock", "inet_sock_set_state")?;
+    let fork = read_format("sched", "sched_process_fork")?;
+    parse_sock_layout(&sock, &fork)
+}
+
+/// The offsets cr_sock_state reads, from the tracefs format texts of sock:inet_sock_set_state
+/// and sched:sched_process_fork. Every field must have the size the program reads.
+pub fn parse_sock_layout(sock_format: &str, fork_format: &str) -> Result<SockLayout> {
+    let fields = parse_format(sock_format);
+    let get = |name: &str, size: u32| -> Result<u32> {
+        match fields.iter().find(|f| f.name == name) {
+            Some(f) if f.size == size => Ok(f.offset),
+            Some(f) => bail!("sock:inet_sock_set_state: field `{name}` is {} bytes, cr-ebpf reads {size}", f.size),
+            None => bail!("sock:inet_sock_set_state has no field `{name}`: cr-ebpf cannot read this kernel's records"),
+        }
+    };
+    Ok(SockLayout {
+        skaddr: get("skaddr", 8)?,
+        oldstate: get("oldstate", 4)?,
+        newstate: get("newstate", 4)?,
+        sport: get("sport", 2)?,
+        dport: get("dport", 2)?,
+        family: get("family", 2)?,
+        protocol: get("protocol", 2)?,
+        saddr: get("saddr", 4)?,
+        daddr: get("daddr", 4)?,
+        saddr_v6: get("saddr_v6", 16)?,
+        daddr_v6: get("daddr_v6", 16)?,
+        fork_child_pid: fork_child_pid_offset(fork_format)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +316,55 @@ format:
         let narrow = PF_USER.replace("address;\toffset:8;\tsize:8", "address;\toffset:8;\tsize:4");
         let e = fault_layout("x", &narrow).unwrap_err().to_string();
         assert!(e.contains("is 4 bytes"), "{e}");
+    }
+
+    const SOCK_FORMAT: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+
+print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
+";
+    const FORK_FORMAT: &str = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+
+    #[test]
+    fn the_layout_of_this_kernel_generation_is_the_default() {
+        assert_eq!(
+            parse_sock_layout(SOCK_FORMAT, FORK_FORMAT).unwrap(),
+            SockLayout::DEFAULT
+        );
+    }
+
+    #[test]
+    fn a_moved_field_is_followed_and_a_resized_one_refused() {
+        let moved = SOCK_FORMAT.replace("daddr_v6[16];\toffset:56", "daddr_v6[16];\toffset:64");
+        assert_eq!(parse_sock_layout(&moved, FORK_FORMAT).unwrap().daddr_v6, 64);
+        let narrow =
+            SOCK_FORMAT.replace("sport;\toffset:24;\tsize:2", "sport;\toffset:24;\tsize:4");
+        let e = parse_sock_layout(&narrow, FORK_FORMAT)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sport` is 4 bytes"), "{e}");
+        let missing = SOCK_FORMAT.replace("protocol;", "proto;");
+        let e = parse_sock_layout(&missing, FORK_FORMAT)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no field `protocol`"), "{e}");
+        assert!(parse_sock_layout(SOCK_FORMAT, "").is_err());
     }
 }

@@ -28,16 +28,7 @@ use crate::mem::{incremental, pages};
 use crate::task::dump as task;
 use crate::tree::{dump as tree, target};
 
-/// Inventory flag bits.
-pub const DUMP_F_PRE_DUMP: u64 = 1;
-pub const DUMP_F_TCP: u64 = 2;
-pub const DUMP_F_SHELL_JOB: u64 = 4;
-pub const DUMP_F_FILE_LOCKS: u64 = 8;
-
-pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
-    if pre_dump {
-        return incremental::pre_dump(o);
-    }
+pub fn run(o: &DumpOpts) -> Result<()> {
     let t_start = Instant::now();
     interrupt::install();
     let target = target::check_root(o.pid)?;
@@ -48,7 +39,7 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
         target.stat.comm,
         o.images_dir.display()
     );
-    let mut inc = incremental::Session::prepare(o, false, pid)?;
+    let mut inc = incremental::Session::prepare(&tracking(o), false, pid)?;
     interrupt::check()?;
 
     let prepared = crate::tcp::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
@@ -104,13 +95,13 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
         stats.total_us = t_start.elapsed().as_micros() as u64;
         let mut flags = 0;
         if o.tcp_established {
-            flags |= DUMP_F_TCP;
+            flags |= imgdir::DUMP_F_TCP;
         }
         if o.shell_job {
-            flags |= DUMP_F_SHELL_JOB;
+            flags |= imgdir::DUMP_F_SHELL_JOB;
         }
         if o.file_locks {
-            flags |= DUMP_F_FILE_LOCKS;
+            flags |= imgdir::DUMP_F_FILE_LOCKS;
         }
         let mut inventory = pb::Inventory {
             kernel_release: proc::task::kernel_release().unwrap_or_default(),
@@ -153,6 +144,16 @@ pub fn run(o: &DumpOpts, pre_dump: bool) -> Result<()> {
     Ok(())
 }
 
+/// What the command line asks of memory tracking.
+pub fn tracking(o: &DumpOpts) -> incremental::Tracking<'_> {
+    incremental::Tracking {
+        images_dir: &o.images_dir,
+        track_mem: o.track_mem,
+        leave_running: o.leave_running,
+        prev_images_dir: o.prev_images_dir.as_deref(),
+    }
+}
+
 /// What was collected for one process while the tree was frozen; pages may still be on their
 /// way to disk.
 struct ProcDump {
@@ -185,8 +186,8 @@ fn dump_frozen(
 ) -> Result<Collected> {
     let pstree = tree.pstree();
     let mut next_id = 1;
-    let mut dedup = tree::FileDedup::default();
-    let mut shmem = tree::ShmemOwners::default();
+    let mut dedup = crate::files::dedup::FileDedup::default();
+    let mut shmem = crate::mem::shmem::ShmemOwners::default();
     let mut out = Collected {
         procs: Vec::new(),
         files: Vec::new(),
@@ -249,8 +250,8 @@ fn dump_process(
     o: &DumpOpts,
     inc: &mut incremental::Session,
     next_id: &mut u32,
-    dedup: &mut tree::FileDedup,
-    shmem: &mut tree::ShmemOwners,
+    dedup: &mut crate::files::dedup::FileDedup,
+    shmem: &mut crate::mem::shmem::ShmemOwners,
     out: &mut Collected,
 ) -> Result<ProcDump> {
     let pid = p.pid;
@@ -416,7 +417,7 @@ fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
     w.write_msg(imgdir::FILES, Kind::Files, &pb::Files { files: c.files })?;
     w.write_msg(imgdir::PSTREE, Kind::PsTree, &c.pstree)?;
     if let Some(l) = &c.locks {
-        w.write_msg(locks::LOCKS_IMG, Kind::Locks, l)?;
+        w.write_msg(imgdir::LOCKS, Kind::Locks, l)?;
     }
     Ok(c.stats)
 }

@@ -2,5 +2,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod pre_dump;
 pub mod restore;
+pub mod show;
 pub mod tracker;

@@ -23,9 +23,9 @@ use crate::kernel::ptrace::{self, Remote, Tracee};
 use crate::locks::restore as locks;
 use crate::logging::TaskScope;
 use crate::mem::restore as memory;
+use crate::mem::shmem::{ShmemLink, ShmemOwners};
 use crate::task::restore as task;
 use crate::task::threads;
-use crate::tree::dump::{ShmemLink, ShmemOwners};
 use crate::tree::restore as tree;
 
 /// How long restore waits for a PID still held by a dying process.
@@ -51,13 +51,13 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     );
     let dir = chain.newest();
     let inv = dir.inventory();
-    if inv.flags & crate::cmd::dump::DUMP_F_PRE_DUMP != 0 {
+    if inv.flags & imgdir::DUMP_F_PRE_DUMP != 0 {
         bail!(
             "{} is a pre-dump (memory only): restore from the final dump",
             o.images_dir.display()
         );
     }
-    if inv.flags & crate::cmd::dump::DUMP_F_SHELL_JOB != 0 && !o.shell_job {
+    if inv.flags & imgdir::DUMP_F_SHELL_JOB != 0 && !o.shell_job {
         bail!(
             "{} was dumped with --shell-job: restore it with --shell-job (-j)",
             o.images_dir.display()

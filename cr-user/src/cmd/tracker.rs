@@ -22,8 +22,9 @@ use nix::sys::socket::{
 
 use crate::bpf::maps::TrackMaps;
 use crate::kernel::sys::{fd, pidfd_open, unix};
-use crate::locks::table::{LockTable, TableView};
+use crate::locks::table::LockTable;
 use crate::tracker::client::{recv, send, socket_name, Reply, Request, TrackerState};
+use crate::tracker::locks::TableView;
 
 /// How often the lock events are drained when nothing wakes the tracker (ms).
 const LOCK_DRAIN_MS: u16 = 250;
@@ -225,6 +226,7 @@ impl Tracker {
         log::debug!("request {} with {} fds", request_name(&req), fds.len());
         match req {
             Request::Get => {
+                self.maps.sockets.seed_once(&crate::tcp::inventory::seeds);
                 let mut out = self.maps.fds()?;
                 if let Some(u) = &self.uffd {
                     out.push(u.try_clone().context("dup the userfaultfd")?);

@@ -30,7 +30,7 @@ use crate::image::pb::file_entry::Kind;
 use crate::kernel::ptrace::Remote;
 use crate::kernel::sys::{fd, process};
 
-use crate::mem::restore::put_str;
+use crate::kernel::ptrace::inject::put_str;
 
 /// The bit that, with O_DIRECTORY, makes O_TMPFILE. It stays in f_flags of a file opened with
 /// O_TMPFILE but must not be passed when reopening it.

@@ -43,10 +43,12 @@
 pub mod chain;
 pub mod dir;
 pub mod file;
+pub mod names;
 pub mod pages;
 pub mod show;
 /// `Vma.kind` / `Vma.madv` values (kept by the memory code).
 pub mod vma;
+pub mod writer;
 
 pub use chain::{ImageChain, PageSegment};
 pub use dir::{ImageDir, ImageWriter};

@@ -38,9 +38,10 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::dir::{create_temp, pages_file, ImageWriter, Written};
 use super::file::{Header, Kind, FORMAT_VERSION, HEADER_LEN};
+use super::names::pages_file;
 use super::pb;
+use super::writer::{create_temp, ImageWriter, Written};
 use crate::kernel::sys::fs;
 use crate::kernel::sys::mman::FileMap;
 

@@ -1,5 +1,5 @@
-//! `cr show DIR|FILE` (also `-f FILE`, `-D DIR`): prints an image file, or a whole images
-//! directory, as pretty JSON on stdout.
+//! An image file, or a whole images directory, as pretty JSON (`cr show`, see
+//! `cmd::show`).
 //!
 //! Fields keep the order of `cr.proto`. `bytes` fields (XSAVE area, siginfo, pipe data) are
 //! printed as hex when short and as a length plus the first bytes when long, so the output
@@ -17,25 +17,6 @@ use super::dir::{ImageDir, INVENTORY};
 use super::file::{self, Header, Kind, HEADER_LEN};
 use super::pages::PageFile;
 use super::pb;
-
-/// Entry point of `cr show`.
-pub fn run(o: &crate::cli::ShowOpts) -> Result<()> {
-    let given: Vec<&std::path::PathBuf> = [&o.path, &o.file, &o.images_dir]
-        .into_iter()
-        .flatten()
-        .collect();
-    let path = match given.as_slice() {
-        [p] => p,
-        [] => bail!("cr show: name an image file or an images directory (cr show DIR|FILE, -f FILE or -D DIR)"),
-        _ => bail!("cr show: give only one of DIR|FILE, -f FILE, -D DIR"),
-    };
-    let text = render(path)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|_| out.write_all(b"\n"))
-        .and_then(|_| out.flush())
-        .context("cannot write to stdout")
-}
 
 /// The JSON text for `path`: an images directory (an object keyed by file name, the inventory
 /// first) or one image file.

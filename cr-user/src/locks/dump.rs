@@ -28,11 +28,8 @@ use anyhow::{bail, Context, Result};
 use crate::image::pb;
 use crate::kernel::proc;
 use crate::kernel::proc::locks::{FileLock, LockAccess, LockKind, LockMode};
-use crate::locks::table::{InodeId, SeedSet, TableKind, TableLock, TableView};
 use crate::tracker::client::{self, TrackerConn};
-
-/// The image file.
-pub const LOCKS_IMG: &str = "locks.img";
+use crate::tracker::locks::{InodeId, SeedSet, TableKind, TableLock, TableView};
 
 /// One lock as seen through one fd of one process.
 #[derive(Debug, Clone)]

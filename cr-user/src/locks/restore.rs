@@ -12,11 +12,11 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{bail, Context, Result};
 
 use crate::image::dir::ImageDir;
+use crate::image::dir::LOCKS as LOCKS_IMG;
 use crate::image::file::Kind;
 use crate::image::pb;
 use crate::kernel::ptrace::Remote;
 use crate::kernel::sys::abi::flock_bytes;
-use crate::locks::dump::LOCKS_IMG;
 
 /// Reads locks.img, if the image has one. An image with locks restored without
 /// `--file-locks` is refused: the tree would run without the mutual exclusion it relies on.

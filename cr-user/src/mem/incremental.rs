@@ -30,9 +30,7 @@ use anyhow::{bail, Context, Result};
 use super::dump as memory;
 use super::pages::{self, PendingPages, PlanItem};
 use crate::bpf::maps::TrackMaps;
-use crate::cli::DumpOpts;
 use crate::image::dir::{self as imgdir, ImageDir, ImageWriter};
-use crate::image::file::Kind;
 use crate::image::pages::PageWriter;
 use crate::image::{pb, vma};
 use crate::kernel::interrupt;
@@ -44,7 +42,6 @@ use crate::mem::arm;
 use crate::mem::harvest::{self, Epoch, EpochFacts, PageFate};
 use crate::ranges::RangeSet;
 use crate::tracker::client::{self, TrackerConn, TrackerState};
-use crate::tree::target;
 
 const PAGE: u64 = 4096;
 
@@ -96,6 +93,18 @@ enum Mode {
     FullPeek,
 }
 
+/// What the command line asks of memory tracking.
+pub struct Tracking<'a> {
+    /// `-D`: this image's directory (it exists).
+    pub images_dir: &'a Path,
+    /// `--track-mem`.
+    pub track_mem: bool,
+    /// `-R`.
+    pub leave_running: bool,
+    /// `--prev-images-dir`, relative to `images_dir`.
+    pub prev_images_dir: Option<&'a Path>,
+}
+
 pub struct Session {
     pid: i32,
     pre_dump: bool,
@@ -124,11 +133,11 @@ impl Session {
         self.tracked.as_ref().map(|t| (&t.conn, &t.maps))
     }
 
-    /// Before the freeze. `pid` passed [`target::check`]; `images_dir` exists.
-    pub fn prepare(o: &DumpOpts, pre_dump: bool, pid: i32) -> Result<Session> {
+    /// Before the freeze. `pid` passed `tree::target::check_root`.
+    pub fn prepare(o: &Tracking, pre_dump: bool, pid: i32) -> Result<Session> {
         let want = pre_dump || o.track_mem;
         let keep_wanted = want && (pre_dump || o.leave_running);
-        let image = canonical(&o.images_dir)?;
+        let image = canonical(o.images_dir)?;
         let start_time = crate::kernel::proc::stat::read_stat(pid)?.starttime;
         let mut conn = TrackerConn::connect(pid)?;
         let mut snap = None;
@@ -168,7 +177,7 @@ impl Session {
         let harvest = tracked.is_some() && (want || o.prev_images_dir.is_some());
         let keep_tracking = harvest && (pre_dump || o.leave_running);
         let mut full_reason = String::new();
-        let parent = match (&o.prev_images_dir, &tracked) {
+        let parent = match (o.prev_images_dir, &tracked) {
             (None, _) => {
                 full_reason = "no --prev-images-dir".into();
                 None
@@ -180,7 +189,7 @@ impl Session {
                 );
                 None
             }
-            (Some(rel), Some(t)) => match check_parent(&o.images_dir, rel, pid, &t.state) {
+            (Some(rel), Some(t)) => match check_parent(o.images_dir, rel, pid, &t.state) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     full_reason = format!("{e:#}");
@@ -524,7 +533,7 @@ impl Session {
             inv.parent_inventory_crc = p.crc;
         }
         if self.pre_dump {
-            inv.flags |= crate::cmd::dump::DUMP_F_PRE_DUMP;
+            inv.flags |= imgdir::DUMP_F_PRE_DUMP;
         }
     }
 
@@ -830,79 +839,6 @@ fn syscall_ip(pid: i32, vmas: &[Vma]) -> Result<u64> {
             format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
         })?;
     ptrace::locate_syscall(pid, vdso.start, vdso.end)
-}
-
-/// `cr pre-dump`: freeze, harvest (or arm), copy the pages to buffers, let the target go, then
-/// write the page files and a pre-dump inventory. The image holds pages and the VMA list only:
-/// it is a parent for later dumps, not restorable on its own.
-pub fn pre_dump(o: &DumpOpts) -> Result<()> {
-    let t_start = Instant::now();
-    interrupt::install();
-    // Sessions and terminals do not matter for memory; threads and children do (they must
-    // not run while the memory is read), so the whole tree is frozen, and the root's memory
-    // pre-dumped.
-    let target = target::check_root(o.pid)?;
-    let pid = target.pid;
-    let writer = ImageWriter::create(&o.images_dir)?;
-    log::info!(
-        "pre-dumping PID {pid} ({}) into {}",
-        target.stat.comm,
-        o.images_dir.display()
-    );
-    let mut session = Session::prepare(o, true, pid)?;
-    interrupt::check()?;
-    let mut tree =
-        crate::tree::dump::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
-    let t_frozen = Instant::now();
-    let mem = session.frozen().and_then(|_| {
-        let vmas = session.vmas()?;
-        let main = tree
-            .procs
-            .iter_mut()
-            .find(|p| p.pid == pid)
-            .and_then(|p| p.threads.first_mut())
-            .with_context(|| format!("PID {pid} has no thread to work through"))?;
-        session.memory(main, None, &vmas, &writer)
-    });
-    // On error, dropping the tree lets every task go.
-    let mem = mem?;
-    tree.detach()?;
-    let frozen_us = t_frozen.elapsed().as_micros() as u64;
-    let mut mem = mem;
-    mem.pages.start_writing();
-    log::info!(
-        "PID {pid} runs on (frozen {:.2} ms); writing the pre-dump",
-        frozen_us as f64 / 1e3
-    );
-    let pagemap = mem.pages.finish()?;
-    let mm = pb::Mm {
-        vmas: mem.vmas,
-        ..Default::default()
-    };
-    writer.write_msg(&imgdir::mm_file(pid), Kind::Mm, &mm)?;
-    writer.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
-    let mut stats = mem.stats;
-    stats.frozen_us = frozen_us;
-    stats.total_us = t_start.elapsed().as_micros() as u64;
-    let mut inventory = pb::Inventory {
-        kernel_release: crate::kernel::proc::task::kernel_release().unwrap_or_default(),
-        root_pid: pid,
-        stats: Some(stats),
-        cr_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        ..Default::default()
-    };
-    session.fill_inventory(&mut inventory);
-    writer.commit(inventory)?;
-    session.committed(&o.images_dir);
-    log::info!(
-        "pre-dump of PID {pid} complete in {:.1} ms",
-        t_start.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,3 +7,4 @@ pub mod harvest;
 pub mod incremental;
 pub mod pages;
 pub mod restore;
+pub mod shmem;

@@ -8,21 +8,19 @@
 //! set with PR_SET_MM_MAP. After this the task's /proc/PID/maps equals the image's VMA list.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 
 use anyhow::{bail, Context, Result};
 
+use super::shmem::ShmemLink;
 use crate::image::chain::PageSegment;
 use crate::image::{pb, vma};
 use crate::kernel::proc::maps::{read_maps, VmaName};
 use crate::kernel::ptrace::Remote;
 use crate::kernel::sys::abi::PrctlMmMap;
 use crate::kernel::sys::uffd::Userfaultfd;
-use crate::tree::dump::ShmemLink;
 
 const PAGE: u64 = 4096;
-/// Size of the scratch mapping used for syscall arguments during restore.
-pub const SCRATCH_LEN: u64 = 64 * 1024;
+pub use crate::kernel::ptrace::inject::{put_str, SCRATCH_LEN};
 
 /// Lowest address mmap accepts (vm.mmap_min_addr's usual value).
 const MIN_ADDR: u64 = 0x10000;
@@ -49,20 +47,6 @@ pub fn find_gap(vmas: &[pb::Vma], len: u64) -> Result<u64> {
         prev_end = prev_end.max(e);
     }
     bail!("no free address range of {len} bytes in the image's address space")
-}
-
-/// Writes a NUL-terminated string into scratch memory at `off`; returns its address.
-pub fn put_str(r: &Remote, scratch: u64, off: u64, s: &str) -> Result<u64> {
-    let c = CString::new(s).with_context(|| format!("path {s:?} contains a NUL byte"))?;
-    let bytes = c.as_bytes_with_nul();
-    if off + bytes.len() as u64 > SCRATCH_LEN {
-        bail!(
-            "string of {} bytes does not fit the scratch area",
-            bytes.len()
-        );
-    }
-    r.write_mem(scratch + off, bytes)?;
-    Ok(scratch + off)
 }
 
 /// Unmaps everything the task inherited from cr except the kernel-provided mappings, and closes
@@ -238,7 +222,7 @@ pub fn map_vmas(r: &mut Remote, scratch: u64, vmas: &[pb::Vma]) -> Result<()> {
 
 /// [`map_vmas`], where the VMAs in `links` (by start address) map shared anonymous memory that
 /// an earlier VMA of the tree already maps: they map that very object, opened through
-/// /proc/OWNER/map_files, so the memory stays shared (see [`crate::tree::dump::ShmemOwners`]).
+/// /proc/OWNER/map_files, so the memory stays shared (see [`super::shmem::ShmemOwners`]).
 pub fn map_vmas_linked(
     r: &mut Remote,
     scratch: u64,

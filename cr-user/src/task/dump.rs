@@ -14,6 +14,9 @@
 
 use anyhow::{bail, Context, Result};
 
+use super::{
+    ARCH_GET_XCOMP_PERM, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, ERESTART_RESTARTBLOCK,
+};
 use crate::image::pb;
 use crate::kernel::proc;
 use crate::kernel::ptrace::{raw, Remote, Tracee};
@@ -320,10 +323,6 @@ fn read_u64(r: &Remote, addr: u64) -> Result<u64> {
     Ok(u64::from_ne_bytes(b))
 }
 
-/// arch_prctl codes for dynamically enabled XSAVE features (asm/prctl.h).
-pub const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
-pub const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
-
 /// RLIMIT_NLIMITS on Linux (libc deprecates its constant as unstable across OSes).
 pub const RLIMIT_NLIMITS: u32 = 16;
 
@@ -479,12 +478,6 @@ pub fn task_state(
     };
     Ok((st, brk))
 }
-
-/// The kernel's syscall-restart codes (include/linux/errno.h), as left in rax.
-pub const ERESTARTSYS: i64 = 512;
-pub const ERESTARTNOINTR: i64 = 513;
-pub const ERESTARTNOHAND: i64 = 514;
-pub const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Whether the registers say the task was inside a syscall that the kernel would restart.
 pub fn describe_restart(regs: &libc::user_regs_struct) -> Option<&'static str> {

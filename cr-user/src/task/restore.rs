@@ -18,11 +18,11 @@
 
 use anyhow::{bail, Context, Result};
 
+use super::{ARCH_REQ_XCOMP_PERM, ERESTART_RESTARTBLOCK};
 use crate::image::pb;
 use crate::kernel::ptrace::{Remote, Tracee};
-use crate::task::dump::{ARCH_REQ_XCOMP_PERM, ERESTART_RESTARTBLOCK};
 
-use crate::mem::restore::put_str;
+use crate::kernel::ptrace::inject::put_str;
 
 /// Restores everything about the main thread's task but its memory, files and registers (see
 /// the module docs for the order).

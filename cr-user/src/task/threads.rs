@@ -18,7 +18,7 @@ use crate::image::pb;
 use crate::kernel::ptrace::{Remote, Tracee};
 
 use super::restore as task;
-use crate::tree::restore::remote_clone3;
+use crate::kernel::ptrace::inject::clone3 as remote_clone3;
 
 const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_FS

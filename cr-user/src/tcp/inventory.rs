@@ -23,7 +23,7 @@ use std::os::fd::OwnedFd;
 use anyhow::{bail, Context, Result};
 use cr_common::sock::{tcp_state, SockKey, AF_INET, AF_INET6, SOCK_F_CHILD};
 
-use crate::bpf::sockets::SockMaps;
+use crate::bpf::sockets::{Seed, SockMaps};
 use crate::kernel::sys::sock;
 use crate::kernel::sys::sock_diag::{self as diag, DiagSock};
 
@@ -242,20 +242,7 @@ impl Inventory {
 }
 
 /// `root` and its descendants, now (processes that exit meanwhile are skipped).
-pub fn tree_of(root: i32) -> Vec<i32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let kids = crate::kernel::proc::task::children(out[i]).unwrap_or_default();
-        for k in kids {
-            if !out.contains(&k) {
-                out.push(k);
-            }
-        }
-        i += 1;
-    }
-    out
-}
+pub use crate::kernel::proc::task::descendants as tree_of;
 
 /// Socket inodes held by `pids`: inode → one holder.
 fn socket_inodes(pids: &[i32]) -> Result<HashMap<u64, i32>> {
@@ -357,6 +344,20 @@ pub fn from_table(maps: &SockMaps, targets: &[u32]) -> Result<Inventory> {
         })
         .collect();
     Ok(Inventory::new(Source::Table, socks))
+}
+
+/// The sockets the processes `pids` hold, to seed the tracker's socket table with.
+pub fn seeds(pids: &[i32]) -> Result<Vec<Seed>> {
+    Ok(scan(pids)?
+        .socks
+        .into_iter()
+        .map(|s| Seed {
+            key: s.conn.key(),
+            pid: s.pid.max(0) as u32,
+            state: s.state,
+            from_listener: s.from_listener,
+        })
+        .collect())
 }
 
 /// A TCP socket seen through an fd of the tree.

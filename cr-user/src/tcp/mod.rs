@@ -142,7 +142,7 @@ impl DumpGuard {
         if let Some(l) = state.lock.as_mut() {
             for f in &s.established {
                 let c = &f.conn;
-                let t = pb::TcpSocket {
+                let t = lock::Flow {
                     family: if c.family == cr_common::sock::AF_INET {
                         libc::AF_INET as u32
                     } else {
@@ -152,7 +152,6 @@ impl DumpGuard {
                     src_port: c.lport as u32,
                     dst_addr: c.addr_bytes(true),
                     dst_port: c.rport as u32,
-                    ..Default::default()
                 };
                 l.add(&t)
                     .with_context(|| format!("lock TCP connection {c}"))?;
@@ -249,7 +248,7 @@ pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
                 state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
             }
             if let Some(l) = state.lock.as_mut() {
-                l.add(&s).map_err(|e| e.context(what.clone()))?;
+                l.add(&flow(&s)).map_err(|e| e.context(what.clone()))?;
             }
             tcp::set_repair(&fd, true)?;
             let r = tcp::save_established(&fd, &mut s);
@@ -259,6 +258,17 @@ pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
         tcp::SockKind::Other(what) => bail!("{what} cannot be dumped"),
     }
     Ok(s)
+}
+
+/// The lock's view of a saved connection.
+fn flow(t: &pb::TcpSocket) -> lock::Flow {
+    lock::Flow {
+        family: t.family,
+        src_addr: t.src_addr.clone(),
+        src_port: t.src_port,
+        dst_addr: t.dst_addr.clone(),
+        dst_port: t.dst_port,
+    }
 }
 
 /// The network lock a restore removes once the connections are rebuilt. Dropped without
@@ -296,7 +306,10 @@ pub fn check_restore(
     if tcp_established {
         if !est.is_empty() {
             match &rec {
-                Some(r) => lock::check_locked(r, &est)?,
+                Some(r) => {
+                    let flows: Vec<lock::Flow> = est.iter().map(|t| flow(t)).collect();
+                    lock::check_locked(r, &flows)?
+                }
                 None => bail!(
                     "the image holds established TCP connections but no network lock record ({})",
                     lock::RECORD

@@ -131,17 +131,7 @@ fn sock_name(fd: &OwnedFd, peer: bool) -> Result<(u32, Vec<u8>, u32)> {
     Ok((a.family as u32, a.bytes().to_vec(), a.port as u32))
 }
 
-/// Human form of an address, for messages and the lock.
-pub fn show_addr(family: u32, addr: &[u8], port: u32) -> String {
-    match (family as i32, addr.len()) {
-        (libc::AF_INET, 4) => format!("{}.{}.{}.{}:{port}", addr[0], addr[1], addr[2], addr[3]),
-        (libc::AF_INET6, 16) => {
-            let a: [u8; 16] = addr.try_into().unwrap_or([0; 16]);
-            format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
-        }
-        _ => format!("?:{port}"),
-    }
-}
+pub use crate::kernel::sys::sock::show_addr;
 
 /// Peeks `len` bytes of queue `queue` (the socket is in repair mode).
 fn peek_queue(fd: &OwnedFd, queue: i32, len: u32, what: &str) -> Result<Vec<u8>> {

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpf::maps::Counters;
 use crate::kernel::sys::{process, unix};
-use crate::locks::table::{SeedSet, TableView};
 use crate::ranges::RangeSet;
+use crate::tracker::locks::{SeedSet, TableView};
 
 /// Largest message (a state with thousands of tracked ranges fits easily).
 pub const MAX_MSG: usize = 1 << 20;
@@ -86,10 +86,10 @@ pub enum Request {
     /// Exit now (the final dump killed the target, or tracking is no longer wanted).
     Stop,
     /// The file-lock table, for a dump of the (frozen) processes `tree`
-    /// ([`crate::locks::table::LockTable::view`]).
+    /// (`locks::table::LockTable::view`).
     Locks { tree: Vec<i32> },
     /// A dump's exact survey of the frozen tree's locks: the table describes those inodes
-    /// exactly again ([`crate::locks::table::LockTable::reseed`]).
+    /// exactly again (`locks::table::LockTable::reseed`).
     LockSeed { seed: SeedSet },
 }
 

@@ -124,22 +124,6 @@ fn clean_copy_syscall_ip(pid: i32) -> Result<u64> {
     ptrace::locate_syscall(pid, vdso.start, vdso.end)
 }
 
-/// Runs a clone3 in `t` (a stopped task cr drives) that makes a task with id `tid`; returns
-/// the raw result. The new task is in `t.new_tasks`.
-pub fn remote_clone3(
-    r: &mut Remote,
-    scratch: u64,
-    flags: u64,
-    exit_signal: u64,
-    tid: i32,
-) -> Result<i64> {
-    let set_tid = scratch + 512;
-    r.write_mem(set_tid, &tid.to_ne_bytes())?;
-    let args = spawn::clone_args_bytes(flags, exit_signal, set_tid);
-    r.write_mem(scratch, &args)?;
-    r.raw_syscall(libc::SYS_clone3, &[scratch, args.len() as u64])
-}
-
 /// Makes process `pid` as a child of the process `parent` (a clean copy of cr), stopped and
 /// traced. A PID still held by a dying process is waited for, up to `wait`.
 fn fork_child(parent: &mut Tracee, pid: i32, wait: Duration) -> Result<Tracee> {
@@ -149,7 +133,8 @@ fn fork_child(parent: &mut Tracee, pid: i32, wait: Duration) -> Result<Tracee> {
     loop {
         let mut r = Remote::new(parent, ip)?;
         let scratch = r.scratch(4096)?.addr;
-        let res = remote_clone3(&mut r, scratch, 0, libc::SIGCHLD as u64, pid);
+        let res =
+            crate::kernel::ptrace::inject::clone3(&mut r, scratch, 0, libc::SIGCHLD as u64, pid);
         r.finish()?;
         let res = res?;
         if res == -(libc::EEXIST as i64) && Instant::now() < deadline {

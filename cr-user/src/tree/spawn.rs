@@ -10,37 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::kernel::ptrace::Tracee;
-use crate::kernel::sys::abi::CloneArgs;
 use crate::kernel::sys::process;
-
-/// `struct clone_args` as bytes, for a clone3 that cr makes another task run (the task reads
-/// it from its own memory): `flags`, `exit_signal`, and the address of a one-element set_tid
-/// array in the task.
-pub fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<u8> {
-    let args = CloneArgs {
-        flags,
-        exit_signal,
-        set_tid: set_tid_addr,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    [
-        args.flags,
-        args.pidfd,
-        args.child_tid,
-        args.parent_tid,
-        args.exit_signal,
-        args.stack,
-        args.stack_size,
-        args.tls,
-        args.set_tid,
-        args.set_tid_size,
-        args.cgroup,
-    ]
-    .iter()
-    .flat_map(|w| w.to_ne_bytes())
-    .collect()
-}
 
 /// Describes who holds `pid` now, for the "PID taken" error.
 fn owner_of(pid: i32) -> String {

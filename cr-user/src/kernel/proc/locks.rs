@@ -9,6 +9,38 @@ use anyhow::{bail, Context, Result};
 
 use super::{parse_dec, parse_hex, read_text};
 
+/// An inode as `/proc/locks` and stat(2) name it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct InodeId {
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+}
+
+impl InodeId {
+    /// From a tracepoint's `s_dev` (kernel encoding: major << 20 | minor).
+    pub fn from_kernel(dev: u32, ino: u64) -> InodeId {
+        InodeId {
+            major: dev >> 20,
+            minor: dev & 0xf_ffff,
+            ino,
+        }
+    }
+
+    /// The kernel's encoding of its device (major << 20 | minor).
+    pub fn kernel_dev(&self) -> u32 {
+        (self.major << 20) | (self.minor & 0xf_ffff)
+    }
+}
+
+impl std::fmt::Display for InodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x}:{:02x}:{}", self.major, self.minor, self.ino)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockKind {
     /// flock(2).

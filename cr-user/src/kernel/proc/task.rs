@@ -55,6 +55,40 @@ pub fn children(pid: i32) -> Result<Vec<i32>> {
     Ok(out)
 }
 
+/// `root` and its descendants as they are now, parents before children. `visit` sees each
+/// process before its children are listed, so a child forked meanwhile is caught one way or
+/// the other (by the listing, or as a descendant of a visited process the caller follows).
+/// A process that exits meanwhile is skipped; a failure to list the root's children, or of
+/// `visit`, is the error.
+pub fn walk_tree(root: i32, mut visit: impl FnMut(i32) -> Result<()>) -> Result<Vec<i32>> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        visit(p)?;
+        match children(p) {
+            Ok(kids) => {
+                for k in kids {
+                    if !out.contains(&k) {
+                        out.push(k);
+                    }
+                }
+            }
+            Err(e) if p == root => {
+                return Err(e).with_context(|| format!("the children of PID {root}"))
+            }
+            Err(_) => {} // exited meanwhile
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// `root` and its descendants now (just `root` if its children cannot be listed).
+pub fn descendants(root: i32) -> Vec<i32> {
+    walk_tree(root, |_| Ok(())).unwrap_or_else(|_| vec![root])
+}
+
 /// True while `/proc/PID` exists (zombies included; a thread id also counts).
 pub fn exists(pid: i32) -> bool {
     pid > 0 && pid_path(pid, "").exists()

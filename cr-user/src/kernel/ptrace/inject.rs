@@ -12,6 +12,8 @@
 //! Scratch memory for syscalls that take pointers is an anonymous mapping created in the target
 //! with a remote mmap and removed again by [`Remote::finish`].
 
+use std::ffi::CString;
+
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::tracee::Tracee;
@@ -228,6 +230,39 @@ impl Drop for Remote<'_> {
             log::warn!("task {}: restoring registers: {e:#}", self.t.tid);
         }
     }
+}
+
+/// Size of the scratch mapping restore maps in a task for syscall arguments.
+pub const SCRATCH_LEN: u64 = 64 * 1024;
+
+/// Writes a NUL-terminated string into scratch memory at `off`; returns its address.
+pub fn put_str(r: &Remote<'_>, scratch: u64, off: u64, s: &str) -> Result<u64> {
+    let c = CString::new(s).with_context(|| format!("path {s:?} contains a NUL byte"))?;
+    let bytes = c.as_bytes_with_nul();
+    if off + bytes.len() as u64 > SCRATCH_LEN {
+        bail!(
+            "string of {} bytes does not fit the scratch area",
+            bytes.len()
+        );
+    }
+    r.write_mem(scratch + off, bytes)?;
+    Ok(scratch + off)
+}
+
+/// Runs a clone3 in `t` (a stopped task cr drives) that makes a task with id `tid`; returns
+/// the raw result. The new task is in `t.new_tasks`.
+pub fn clone3(
+    r: &mut Remote<'_>,
+    scratch: u64,
+    flags: u64,
+    exit_signal: u64,
+    tid: i32,
+) -> Result<i64> {
+    let set_tid = scratch + 512;
+    r.write_mem(set_tid, &tid.to_ne_bytes())?;
+    let args = crate::kernel::sys::abi::clone_args_bytes(flags, exit_signal, set_tid);
+    r.write_mem(scratch, &args)?;
+    r.raw_syscall(libc::SYS_clone3, &[scratch, args.len() as u64])
 }
 
 /// /proc/PID/mem works on any mapping, also read-only ones, and needs no iovec bookkeeping:

@@ -82,6 +82,18 @@ impl InetAddr {
     }
 }
 
+/// Human form of an address (family, 4 or 16 address bytes, port), for messages.
+pub fn show_addr(family: u32, addr: &[u8], port: u32) -> String {
+    match (family as i32, addr.len()) {
+        (libc::AF_INET, 4) => format!("{}.{}.{}.{}:{port}", addr[0], addr[1], addr[2], addr[3]),
+        (libc::AF_INET6, 16) => {
+            let a: [u8; 16] = addr.try_into().unwrap_or([0; 16]);
+            format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
+        }
+        _ => format!("?:{port}"),
+    }
+}
+
 /// Parses a sockaddr_storage that getsockname/getpeername/getifaddrs filled.
 fn parse_addr(ss: &libc::sockaddr_storage) -> Result<InetAddr> {
     let mut addr = [0u8; 16];
