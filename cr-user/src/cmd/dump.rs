@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::cli::DumpOpts;
+use crate::files::dedup::FileDedup;
 use crate::files::dump as files;
 use crate::image::dir::{self as imgdir, ImageWriter};
 use crate::image::file::Kind;
@@ -24,32 +25,78 @@ use crate::kernel::ptrace::{self, Remote};
 use crate::locks::dump as locks;
 use crate::logging::TaskScope;
 use crate::mem::dump as memory;
+use crate::mem::shmem::ShmemOwners;
 use crate::mem::{incremental, pages};
 use crate::task::dump as task;
 use crate::tree::{dump as tree, target};
 
-pub fn run(o: &DumpOpts) -> Result<()> {
-    let t_start = Instant::now();
+/// The opening steps of `cr dump` and `cr pre-dump`, before the freeze: the root checked, the
+/// image directory created, the memory session prepared (the tracker found or started).
+pub(super) struct Opened {
+    pub target: target::Target,
+    pub writer: ImageWriter,
+    pub inc: incremental::Session,
+    /// The page copy's buffers, warmed before the freeze.
+    pub warm: pages::WarmBuffers,
+}
+
+pub(super) fn open(o: &DumpOpts, pre_dump: bool) -> Result<Opened> {
     interrupt::install();
     let target = target::check_root(o.pid)?;
     let pid = target.pid;
     let writer = ImageWriter::create(&o.images_dir)?;
     log::info!(
-        "dumping PID {pid} ({}) into {}",
+        "{} PID {pid} ({}) into {}",
+        if pre_dump { "pre-dumping" } else { "dumping" },
         target.stat.comm,
         o.images_dir.display()
     );
-    let mut inc = incremental::Session::prepare(&tracking(o), false, pid)?;
+    let mut warm = pages::WarmBuffers::default();
+    let inc = incremental::Session::prepare(&tracking(o), pre_dump, pid, &mut warm)?;
     interrupt::check()?;
+    Ok(Opened {
+        target,
+        writer,
+        inc,
+        warm,
+    })
+}
+
+/// The inventory of an image of `pid` (the rest of its fields: `ImageWriter::commit` and the
+/// memory session).
+pub(super) fn inventory(pid: i32, flags: u64, stats: pb::DumpStats) -> pb::Inventory {
+    pb::Inventory {
+        kernel_release: proc::task::kernel_release().unwrap_or_default(),
+        root_pid: pid,
+        flags,
+        stats: Some(stats),
+        cr_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+pub fn run(o: &DumpOpts) -> Result<()> {
+    let t_start = Instant::now();
+    let Opened {
+        target,
+        writer,
+        mut inc,
+        mut warm,
+    } = open(o, false)?;
+    let pid = target.pid;
 
     let prepared = crate::tcp::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
     // The page copy's buffers are touched now, not while the tree is frozen (fresh memory is
     // slow to fault in, very much so on a ballooned VM).
     // As many as the root's resident memory needs, up to the 16 MiB the copy turns over.
-    pages::warm_buffers((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
+    warm.warm((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
-    let mut net = crate::tcp::DumpGuard::begin(o.tcp_established, &o.images_dir, pid, prepared);
+    let mut net = crate::tcp::DumpNet::begin(o.tcp_established, &o.images_dir, pid, prepared);
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
@@ -69,7 +116,21 @@ pub fn run(o: &DumpOpts) -> Result<()> {
                 &crate::tcp::inventory::TableSource::of(inc.tracker().map(|(_, m)| m), pid),
             )
         })
-        .and_then(|_| dump_frozen(&mut tree, &live, &writer, o, &mut inc))?;
+        .and_then(|_| {
+            let mut cx = DumpCtx {
+                o,
+                w: &writer,
+                inc: &mut inc,
+                net: &mut net,
+                warm: &mut warm,
+                next_id: 1,
+                dedup: FileDedup::default(),
+                shmem: ShmemOwners::default(),
+                out: Collected::new(tree.pstree()),
+            };
+            dump_frozen(&mut cx, &mut tree, &live)?;
+            Ok(cx.out)
+        })?;
     // With -R the tree needs nothing more from us: everything is read. Let it run while the
     // page writer finishes.
     let mut frozen_us = 0;
@@ -103,18 +164,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         if o.file_locks {
             flags |= imgdir::DUMP_F_FILE_LOCKS;
         }
-        let mut inventory = pb::Inventory {
-            kernel_release: proc::task::kernel_release().unwrap_or_default(),
-            root_pid: pid,
-            flags,
-            stats: Some(stats),
-            cr_version: env!("CARGO_PKG_VERSION").to_string(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            ..Default::default()
-        };
+        let mut inventory = inventory(pid, flags, stats);
         inc.fill_inventory(&mut inventory);
         // Commit before the tree goes away: a dump that cannot be committed must not kill it.
         writer.commit(inventory)?;
@@ -175,31 +225,45 @@ struct Collected {
     locks: Option<pb::Locks>,
 }
 
+impl Collected {
+    fn new(pstree: pb::PsTree) -> Collected {
+        Collected {
+            procs: Vec::new(),
+            files: Vec::new(),
+            contents: Vec::new(),
+            pstree,
+            stats: pb::DumpStats::default(),
+            locks: None,
+        }
+    }
+}
+
+/// What the steps of one dump share while the tree is frozen: owned by [`run`] (the session,
+/// the network state and the page buffers are lent), handed to each step.
+struct DumpCtx<'a> {
+    o: &'a DumpOpts,
+    w: &'a ImageWriter,
+    /// The memory session (tracker, parent image) of the root.
+    inc: &'a mut incremental::Session,
+    /// Connections in repair mode and the network lock.
+    net: &'a mut crate::tcp::DumpNet,
+    warm: &'a mut pages::WarmBuffers,
+    /// File ids are tree-wide: the next one, and the descriptions seen in earlier processes.
+    next_id: u32,
+    dedup: FileDedup,
+    /// Shared anonymous memory: the VMA of the tree that owns each object.
+    shmem: ShmemOwners,
+    out: Collected,
+}
+
 /// Everything that needs the tree frozen: the state of each process, and a copy of its memory.
 /// `live`: the tree's processes that are not zombies.
-fn dump_frozen(
-    tree: &mut tree::Tree,
-    live: &[i32],
-    w: &ImageWriter,
-    o: &DumpOpts,
-    inc: &mut incremental::Session,
-) -> Result<Collected> {
-    let pstree = tree.pstree();
-    let mut next_id = 1;
-    let mut dedup = crate::files::dedup::FileDedup::default();
-    let mut shmem = crate::mem::shmem::ShmemOwners::default();
-    let mut out = Collected {
-        procs: Vec::new(),
-        files: Vec::new(),
-        contents: Vec::new(),
-        pstree,
-        stats: pb::DumpStats::default(),
-        locks: None,
-    };
+fn dump_frozen(cx: &mut DumpCtx, tree: &mut tree::Tree, live: &[i32]) -> Result<()> {
+    let o = cx.o;
     let root = tree.root().pid;
     // File locks first: a refused tree has not seen a single remote syscall.
     let held = locks::survey_tree(
-        inc.tracker().map(|(c, _)| c),
+        cx.inc.tracker().map(|(c, _)| c),
         root,
         tree.root().stat.starttime,
         live,
@@ -214,52 +278,32 @@ fn dump_frozen(
             );
             continue;
         }
-        let d = dump_process(
-            p,
-            p.pid == root,
-            w,
-            o,
-            inc,
-            &mut next_id,
-            &mut dedup,
-            &mut shmem,
-            &mut out,
-        )
-        .with_context(|| format!("dumping PID {}", p.pid))?;
-        out.procs.push(d);
+        let d =
+            dump_process(cx, p, p.pid == root).with_context(|| format!("dumping PID {}", p.pid))?;
+        cx.out.procs.push(d);
     }
     if o.file_locks {
-        let fds = out
+        let fds = cx
+            .out
             .procs
             .iter()
             .flat_map(|p| p.fds.fds.iter().map(move |f| ((p.pid, f.fd), f.file_id)))
             .collect();
-        out.locks = Some(held.image(&fds)?);
+        cx.out.locks = Some(held.image(&fds)?);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One process of the frozen tree: its threads' cores, its mm, fds and memory. The root's
 /// memory goes through the incremental session (tracking, parent images); other processes get
 /// a full copy.
-#[allow(clippy::too_many_arguments)]
-fn dump_process(
-    p: &mut tree::Proc,
-    is_root: bool,
-    w: &ImageWriter,
-    o: &DumpOpts,
-    inc: &mut incremental::Session,
-    next_id: &mut u32,
-    dedup: &mut crate::files::dedup::FileDedup,
-    shmem: &mut crate::mem::shmem::ShmemOwners,
-    out: &mut Collected,
-) -> Result<ProcDump> {
+fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<ProcDump> {
     let pid = p.pid;
     let _scope = TaskScope::enter(pid);
     let stat = proc::stat::read_stat(pid)?;
     let status = proc::status::read_status(pid)?;
     let vmas = if is_root {
-        inc.vmas()?
+        cx.inc.vmas()?
     } else {
         proc::maps::read_smaps(pid)?
     };
@@ -315,19 +359,21 @@ fn dump_process(
     cores[0].task = Some(state);
     interrupt::check()?;
 
-    let mut fdt = files::collect(pid, next_id, o.shell_job)?;
-    dedup.merge(pid, &mut fdt)?;
+    let mut fdt = files::collect(pid, &mut cx.next_id, cx.o.shell_job, cx.net)?;
+    cx.dedup.merge(pid, &mut fdt)?;
     let mut mm = memory::mm_fields(pid, &stat, brk)?;
     let (vma_entries, pending_pages) = if is_root {
-        let mem = inc.memory(&mut p.threads[0], Some(ip), &vmas, w)?;
-        out.stats = mem.stats;
+        let mem = cx
+            .inc
+            .memory(&mut p.threads[0], Some(ip), &vmas, cx.w, cx.warm)?;
+        cx.out.stats = mem.stats;
         (mem.vmas, mem.pages)
     } else {
         let (entries, runs, scanned) = memory::plan(pid, &vmas)?;
         // Shared anonymous memory already dumped with an earlier VMA of the tree.
         let mut skip: Vec<(u64, u64)> = Vec::new();
         for e in &entries {
-            if let Some(link) = shmem.link(pid, e) {
+            if let Some(link) = cx.shmem.link(pid, e) {
                 log::debug!(
                     "PID {pid}: {:#x}-{:#x} is shared with {} ({}): its pages are saved there",
                     e.start,
@@ -341,22 +387,28 @@ fn dump_process(
         let runs = subtract_runs(runs, &skip);
         interrupt::check()?;
         let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
-        let writer = crate::image::pages::PageWriter::create(w, pid, total_pages)?;
-        let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * 4096))?;
+        let writer = crate::image::pages::PageWriter::create(cx.w, pid, total_pages)?;
+        let pending = pages::copy(
+            pid,
+            &runs,
+            writer,
+            pages::budget(total_pages * 4096),
+            cx.warm,
+        )?;
         // Root first: its statistics are in place, the others' add to them.
-        out.stats.pages_scanned += scanned;
-        out.stats.pages_written += total_pages;
-        out.stats.vmas += entries.len() as u64;
+        cx.out.stats.pages_scanned += scanned;
+        cx.out.stats.pages_written += total_pages;
+        cx.out.stats.vmas += entries.len() as u64;
         (entries, pending)
     };
     if is_root {
         for e in &vma_entries {
-            shmem.link(pid, e);
+            cx.shmem.link(pid, e);
         }
     }
     mm.vmas = vma_entries;
-    out.files.append(&mut fdt.files);
-    out.contents.append(&mut fdt.contents);
+    cx.out.files.append(&mut fdt.files);
+    cx.out.contents.append(&mut fdt.contents);
     Ok(ProcDump {
         pid,
         cores,

@@ -4,33 +4,28 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use super::dump::Opened;
 use crate::cli::DumpOpts;
-use crate::image::dir::{self as imgdir, ImageWriter};
+use crate::image::dir as imgdir;
 use crate::image::file::Kind;
 use crate::image::pb;
-use crate::kernel::interrupt;
-use crate::mem::incremental::Session;
-use crate::tree::{dump as tree, target};
+use crate::tree::dump as tree;
 
 /// `cr pre-dump`: freeze, harvest (or arm), copy the pages to buffers, let the target go, then
 /// write the page files and a pre-dump inventory. The image holds pages and the VMA list only:
 /// it is a parent for later dumps, not restorable on its own.
 pub fn run(o: &DumpOpts) -> Result<()> {
     let t_start = Instant::now();
-    interrupt::install();
     // Sessions and terminals do not matter for memory; threads and children do (they must
     // not run while the memory is read), so the whole tree is frozen, and the root's memory
     // pre-dumped.
-    let target = target::check_root(o.pid)?;
+    let Opened {
+        target,
+        writer,
+        inc: mut session,
+        mut warm,
+    } = super::dump::open(o, true)?;
     let pid = target.pid;
-    let writer = ImageWriter::create(&o.images_dir)?;
-    log::info!(
-        "pre-dumping PID {pid} ({}) into {}",
-        target.stat.comm,
-        o.images_dir.display()
-    );
-    let mut session = Session::prepare(&super::dump::tracking(o), true, pid)?;
-    interrupt::check()?;
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
     let mem = session.frozen().and_then(|_| {
@@ -41,7 +36,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
             .find(|p| p.pid == pid)
             .and_then(|p| p.threads.first_mut())
             .with_context(|| format!("PID {pid} has no thread to work through"))?;
-        session.memory(main, None, &vmas, &writer)
+        session.memory(main, None, &vmas, &writer, &mut warm)
     });
     // On error, dropping the tree lets every task go.
     let mem = mem?;
@@ -63,17 +58,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
     let mut stats = mem.stats;
     stats.frozen_us = frozen_us;
     stats.total_us = t_start.elapsed().as_micros() as u64;
-    let mut inventory = pb::Inventory {
-        kernel_release: crate::kernel::proc::task::kernel_release().unwrap_or_default(),
-        root_pid: pid,
-        stats: Some(stats),
-        cr_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        ..Default::default()
-    };
+    let mut inventory = super::dump::inventory(pid, 0, stats);
     session.fill_inventory(&mut inventory);
     writer.commit(inventory)?;
     session.committed(&o.images_dir);

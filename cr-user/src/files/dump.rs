@@ -278,7 +278,7 @@ struct Surveyed {
 
 /// First pass: what every fd is. Reads only /proc; fails naming every fd cr cannot dump, so a
 /// refused dump has not touched a single pipe.
-fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
+fn survey(pid: i32, shell_job: bool, net: &crate::tcp::DumpNet) -> Result<Vec<Surveyed>> {
     let fds =
         proc::fdinfo::list_fds(pid).with_context(|| format!("listing the fds of PID {pid}"))?;
     let mut out = Vec::with_capacity(fds.len());
@@ -299,7 +299,8 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
                 crate::kernel::sys::pidfd::pidfd_open(pid)?,
                 fd,
             )?;
-            kind = match crate::tcp::refusal(&mine)
+            kind = match net
+                .refusal(&mine)
                 .with_context(|| format!("fd {fd} ({target}) of PID {pid}"))?
             {
                 None => FdKind::Tcp,
@@ -338,8 +339,13 @@ fn survey(pid: i32, shell_job: bool) -> Result<Vec<Surveyed>> {
 }
 
 /// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
-pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> {
-    let surveyed = survey(pid, shell_job)?;
+pub fn collect(
+    pid: i32,
+    next_id: &mut u32,
+    shell_job: bool,
+    net: &mut crate::tcp::DumpNet,
+) -> Result<FdTable> {
+    let surveyed = survey(pid, shell_job, net)?;
     let mut table = FdTable::default();
     let pidfd = crate::kernel::sys::pidfd::pidfd_open(pid)?;
     // Descriptions seen so far, (fd, file id) by (dev, ino), to compare new fds with kcmp.
@@ -438,7 +444,7 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool) -> Result<FdTable> 
                 pb::file_entry::Kind::Reg(reg_file(path, &meta, true, content))
             }
             FdKind::Tcp => pb::file_entry::Kind::Tcp(
-                crate::tcp::dump_socket(
+                net.dump_socket(
                     crate::kernel::sys::pidfd::pidfd_getfd(&pidfd, fd)?,
                     meta.ino(),
                 )

@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use super::dump as memory;
-use super::pages::{self, PendingPages, PlanItem};
+use super::pages::{self, PendingPages, PlanItem, WarmBuffers};
 use crate::bpf::maps::TrackMaps;
 use crate::image::dir::{self as imgdir, ImageDir, ImageWriter};
 use crate::image::pages::PageWriter;
@@ -134,7 +134,12 @@ impl Session {
     }
 
     /// Before the freeze. `pid` passed `tree::target::check_root`.
-    pub fn prepare(o: &Tracking, pre_dump: bool, pid: i32) -> Result<Session> {
+    pub fn prepare(
+        o: &Tracking,
+        pre_dump: bool,
+        pid: i32,
+        warm: &mut WarmBuffers,
+    ) -> Result<Session> {
         let want = pre_dump || o.track_mem;
         let keep_wanted = want && (pre_dump || o.leave_running);
         let image = canonical(o.images_dir)?;
@@ -207,7 +212,7 @@ impl Session {
                 // Have page buffers ready for what the epoch's write faults say will be copied
                 // (a fresh buffer's first touch zeroes its pages: better now than frozen).
                 let faults = c.write_faults.saturating_sub(t.state.baseline.write_faults);
-                pages::warm_buffers(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
+                warm.warm(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
             }
             pre_smaps = Some((
                 c.vma_events,
@@ -266,11 +271,12 @@ impl Session {
         ip: Option<u64>,
         vmas: &[Vma],
         w: &ImageWriter,
+        warm: &mut WarmBuffers,
     ) -> Result<MemoryDump> {
         let t_mem = Instant::now();
         let pid = self.pid;
         if self.tracked.is_none() {
-            return plain_memory(pid, vmas, w, t_mem);
+            return plain_memory(pid, vmas, w, t_mem, warm);
         }
         let mut entries = Vec::with_capacity(vmas.len());
         let mut wanted: Vec<&Vma> = Vec::new();
@@ -425,7 +431,7 @@ impl Session {
         let t_copy = Instant::now();
         let writer = PageWriter::create(w, pid, data_pages)?;
         let t_writer = t_copy.elapsed();
-        let pending = pages::copy_plan(pid, &plan, writer, pages::budget(data_pages * PAGE))?;
+        let pending = pages::copy_plan(pid, &plan, writer, pages::budget(data_pages * PAGE), warm)?;
         let memdump_us = t_mem.elapsed().as_micros() as u64;
         log::debug!(
             "PID {pid}: page file started in {t_writer:?}, {} plan items read in {:?}",
@@ -565,12 +571,18 @@ impl Session {
 }
 
 /// The dump without tracking: [`memory::plan`] and [`pages::copy`], as always.
-fn plain_memory(pid: i32, vmas: &[Vma], w: &ImageWriter, t_mem: Instant) -> Result<MemoryDump> {
+fn plain_memory(
+    pid: i32,
+    vmas: &[Vma],
+    w: &ImageWriter,
+    t_mem: Instant,
+    warm: &mut WarmBuffers,
+) -> Result<MemoryDump> {
     let (entries, runs, scanned) = memory::plan(pid, vmas)?;
     interrupt::check()?;
     let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / PAGE).sum();
     let writer = PageWriter::create(w, pid, total_pages)?;
-    let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * PAGE))?;
+    let pending = pages::copy(pid, &runs, writer, pages::budget(total_pages * PAGE), warm)?;
     let memdump_us = t_mem.elapsed().as_micros() as u64;
     log::info!(
         "PID {pid}: {} VMAs, {total_pages} pages copied of {scanned} scanned in {:.1} ms",

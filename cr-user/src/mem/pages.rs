@@ -16,7 +16,7 @@
 //! buffers for everything, written after) froze a 1 GiB target for about 1 s.
 //!
 //! So, for each batch, a reader takes a buffer in this order: one the writer gave back, one
-//! warmed before the freeze ([`warm_buffers`]), a fresh one while the copy has fewer than
+//! warmed before the freeze ([`WarmBuffers`]), a fresh one while the copy has fewer than
 //! [`MIN_BUFFERS`], a fresh one if the measured costs say that reading plus populating a fresh
 //! buffer beats the writer's pace (a slow disk), and otherwise the next one the writer gives
 //! back. When the writer has a backlog (it sets the pace), the reader checksums the batch it
@@ -69,29 +69,27 @@ fn new_buf() -> Result<PageBuf> {
     PageBuf::new(CHUNK as usize)
 }
 
-/// Buffers made ready before a freeze (see [`warm_buffers`]).
-static POOL: std::sync::Mutex<Vec<PageBuf>> = std::sync::Mutex::new(Vec::new());
+/// Page buffers made ready before a freeze ([`WarmBuffers::warm`]) for the copies of one
+/// dump: the dump owns them and lends them to each copy in turn ([`copy`], [`copy_plan`]),
+/// which takes what it needs and leaves the rest for the next.
+#[derive(Default)]
+pub struct WarmBuffers(Vec<PageBuf>);
 
-fn pool_pop() -> Option<PageBuf> {
-    POOL.lock().ok().and_then(|mut p| p.pop())
-}
-
-fn pooled_bytes() -> u64 {
-    POOL.lock().map(|p| p.len() as u64 * CHUNK).unwrap_or(0)
-}
-
-/// Maps and populates buffers for about `bytes` of pages now, before the target is frozen:
-/// a fresh buffer's first touch costs the kernel (and the host) zeroing its pages, which would
-/// otherwise run while the target waits. Best effort: a failure only means fresh buffers later.
-pub fn warm_buffers(bytes: u64) {
-    let n = bytes.div_ceil(CHUNK) as usize;
-    loop {
-        if POOL.lock().map(|p| p.len() >= n).unwrap_or(true) {
-            return;
+impl WarmBuffers {
+    /// Maps and populates buffers for about `bytes` of pages now, before the target is frozen:
+    /// a fresh buffer's first touch costs the kernel (and the host) zeroing its pages, which
+    /// would otherwise run while the target waits. Best effort: a failure only means fresh
+    /// buffers later.
+    pub fn warm(&mut self, bytes: u64) {
+        let n = bytes.div_ceil(CHUNK) as usize;
+        while self.0.len() < n {
+            let Ok(b) = new_buf() else { return };
+            self.0.push(b);
         }
-        let Ok(b) = new_buf() else { return };
-        let Ok(mut pool) = POOL.lock() else { return };
-        pool.push(b);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.0.len() as u64 * CHUNK
     }
 }
 
@@ -148,7 +146,13 @@ pub fn budget(total: u64) -> u64 {
 
 /// Reads every run of `pid` (frozen) and hands the data to a writer thread.
 /// Returns once everything is read; the writes may still be going on.
-pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<PendingPages> {
+pub fn copy(
+    pid: i32,
+    runs: &[Run],
+    writer: PageWriter,
+    budget: u64,
+    warm: &mut WarmBuffers,
+) -> Result<PendingPages> {
     let plan: Vec<PlanItem> = runs
         .iter()
         .map(|r| PlanItem::Data {
@@ -157,7 +161,7 @@ pub fn copy(pid: i32, runs: &[Run], writer: PageWriter, budget: u64) -> Result<P
             readable: r.readable,
         })
         .collect();
-    run_copy(pid, &plan, writer, budget, false, readers())
+    run_copy(pid, &plan, writer, budget, false, readers(), warm)
 }
 
 /// One step of an incremental dump's page plan, in ascending address order.
@@ -186,6 +190,7 @@ pub fn copy_plan(
     plan: &[PlanItem],
     writer: PageWriter,
     budget: u64,
+    warm: &mut WarmBuffers,
 ) -> Result<PendingPages> {
     let data: u64 = plan
         .iter()
@@ -194,8 +199,8 @@ pub fn copy_plan(
             PlanItem::Parent { .. } => 0,
         })
         .sum();
-    let hold = data <= budget && data <= pooled_bytes() + HOLD_FRESH_MAX;
-    run_copy(pid, plan, writer, budget, hold, readers())
+    let hold = data <= budget && data <= warm.bytes() + HOLD_FRESH_MAX;
+    run_copy(pid, plan, writer, budget, hold, readers(), warm)
 }
 
 /// One batch of the copy, planned before any read: up to [`CHUNK`] bytes of data (read back to
@@ -298,6 +303,8 @@ struct Shared {
     /// Reader threads of this copy.
     readers: usize,
     bufs: std::sync::Mutex<Buffers>,
+    /// The dump's warmed buffers while the copy reads (given back when it is done).
+    warm: std::sync::Mutex<Vec<PageBuf>>,
     returned: std::sync::Condvar,
     max_live: usize,
     /// The held-back writer's gate (None: the writer runs).
@@ -346,7 +353,7 @@ impl Shared {
             if b.writer_gone || self.abort.load(Ordering::Acquire) {
                 return Err(anyhow!("the page writer stopped"));
             }
-            if let Some(buf) = pool_pop() {
+            if let Some(buf) = self.warm.lock().ok().and_then(|mut w| w.pop()) {
                 b.live += 1;
                 st.warmed += 1;
                 return Ok(buf);
@@ -437,6 +444,7 @@ fn run_copy(
     budget: u64,
     hold: bool,
     readers: usize,
+    warm: &mut WarmBuffers,
 ) -> Result<PendingPages> {
     let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
     let batches = plan_batches(plan);
@@ -450,6 +458,7 @@ fn run_copy(
             live: 0,
             writer_gone: false,
         }),
+        warm: std::sync::Mutex::new(std::mem::take(&mut warm.0)),
         returned: std::sync::Condvar::new(),
         max_live: ((budget / CHUNK) as usize).max(MIN_BUFFERS),
         gate: std::sync::Mutex::new(hold.then_some(gate_tx)),
@@ -497,6 +506,10 @@ fn run_copy(
         result
     });
     drop(tx);
+    // The readers are done: the warmed buffers they did not take are the next copy's.
+    if let Ok(mut w) = shared.warm.lock() {
+        warm.0 = std::mem::take(&mut *w);
+    }
     log_stats(&shared, t0, cpu0);
     if let Err(e) = result {
         shared.abort.store(true, Ordering::Release);
@@ -943,7 +956,16 @@ mod tests {
             let w = ImageWriter::create(t.path()).unwrap();
             let data_pages = pages - 7;
             let pw = PageWriter::create(&w, 7, data_pages).unwrap();
-            let mut pending = run_copy(child.pid, &plan, pw, 64 << 20, hold, readers).unwrap();
+            let mut pending = run_copy(
+                child.pid,
+                &plan,
+                pw,
+                64 << 20,
+                hold,
+                readers,
+                &mut WarmBuffers::default(),
+            )
+            .unwrap();
             pending.start_writing();
             let pm = pending.finish().unwrap();
             let got: Vec<_> = pm
@@ -992,7 +1014,16 @@ mod tests {
             end: 0x5000,
             readable: true,
         }];
-        assert!(run_copy(child.pid, &plan, pw, 64 << 20, false, 1).is_err());
+        assert!(run_copy(
+            child.pid,
+            &plan,
+            pw,
+            64 << 20,
+            false,
+            1,
+            &mut WarmBuffers::default()
+        )
+        .is_err());
         assert_eq!(
             std::fs::read_dir(t.path()).unwrap().count(),
             0,

@@ -11,7 +11,7 @@
 //! LAST_ACK, CLOSING with no fd) is in the table until it is gone, but no scan can tell whose it
 //! was. A connect still in SYN_SENT is in the table only if it was bound to a port first.
 //!
-//! The dump's use ([`survey`], called by `net::DumpGuard::survey` right after the freeze):
+//! The dump's use ([`survey`], called by `DumpNet::survey` right after the freeze):
 //! the inventory, and the per-fd view of the same sockets ([`fd_view`]: pidfd_getfd and
 //! getsockname/getpeername/TCP_INFO, which stays the authority for TCP_REPAIR) compared; the
 //! established connections held by the tree; the accepted-but-not-yet-accepted ones.

@@ -1,6 +1,7 @@
-//! Network state: TCP sockets ([`tcp`]), the backlog of listeners ([`diag`]).
+//! TCP: sockets saved and rebuilt with TCP_REPAIR ([`socket`]), the tree's sockets and the
+//! tracker's table of them ([`inventory`]), and the network lock of `--tcp-established`.
 //!
-//! A dump holds every established connection it saved in repair mode ([`DumpGuard`]) until
+//! A dump holds every established connection it saved in repair mode ([`DumpNet`]) until
 //! the dump ends: if the tree is killed, cr's copies are closed still in repair mode, so the
 //! kernel sends neither FIN nor RST; on failure or with --leave-running, repair mode is left
 //! and the connections run on.
@@ -10,7 +11,6 @@ pub mod socket;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 
@@ -19,8 +19,12 @@ use crate::image::pb;
 
 use self::socket as tcp;
 
-/// State of the dump in progress (one per cr process).
-struct DumpState {
+/// The network side of one dump: the connections cr holds in repair mode and the network
+/// lock. `cmd::dump` owns it (declared after the frozen tree, so that on error it is dropped
+/// first and the connections leave repair mode before the tree runs on). Dropping it without
+/// [`DumpNet::target_killed`] takes every saved connection out of repair mode and removes the
+/// lock.
+pub struct DumpNet {
     tcp_established: bool,
     /// cr's copies of the sockets put in repair mode, with a name for messages.
     held: Vec<(OwnedFd, String)>,
@@ -29,13 +33,6 @@ struct DumpState {
     images_dir: PathBuf,
     /// Names the lock's pin directory.
     tag: String,
-}
-
-static DUMP: Mutex<Option<DumpState>> = Mutex::new(None);
-
-/// Scope of one dump's network state: dropping it without [`DumpGuard::target_killed`] takes
-/// every saved connection out of repair mode.
-pub struct DumpGuard {
     killed: bool,
 }
 
@@ -83,25 +80,22 @@ fn lock_tag(pid: i32) -> String {
     format!("{pid}-{}", std::process::id())
 }
 
-impl DumpGuard {
-    /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); the guard owns it from
-    /// here.
+impl DumpNet {
+    /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); it is ours from here.
     pub fn begin(
         tcp_established: bool,
         images_dir: &Path,
         pid: i32,
         mut prepared: PreparedLock,
-    ) -> DumpGuard {
-        if let Ok(mut g) = DUMP.lock() {
-            *g = Some(DumpState {
-                tcp_established,
-                held: Vec::new(),
-                lock: prepared.0.take(),
-                images_dir: images_dir.to_path_buf(),
-                tag: lock_tag(pid),
-            });
+    ) -> DumpNet {
+        DumpNet {
+            tcp_established,
+            held: Vec::new(),
+            lock: prepared.0.take(),
+            images_dir: images_dir.to_path_buf(),
+            tag: lock_tag(pid),
+            killed: false,
         }
-        DumpGuard { killed: false }
     }
 
     /// Right after the freeze, before any remote syscall: the tree's TCP sockets from the
@@ -109,26 +103,19 @@ impl DumpGuard {
     /// fds. Established connections are refused without --tcp-established, each named; with
     /// it, every one goes into the network lock now, in one go. Connections waiting in a
     /// listener's accept queue are lost at restore (as in CRIU): logged.
-    pub fn survey(&self, pids: &[i32], root: i32, src: &inventory::TableSource) -> Result<()> {
+    pub fn survey(&mut self, pids: &[i32], root: i32, src: &inventory::TableSource) -> Result<()> {
         let s = inventory::survey(pids, root, src)?;
         for (c, l) in &s.unaccepted {
             log::warn!("TCP connection {c} waits in the accept queue of listener {l}: not accepted yet, it is lost (as in CRIU)");
         }
-        let mut g = match DUMP.lock() {
-            Ok(g) => g,
-            Err(_) => bail!("internal: the dump's network state is poisoned"),
-        };
-        let Some(state) = g.as_mut() else {
-            bail!("internal: sockets surveyed outside a dump");
-        };
         if s.established.is_empty() {
             // A lock prepared for connections the tree does not have: none to keep.
-            if let Some(l) = state.lock.take() {
+            if let Some(l) = self.lock.take() {
                 release_unused(l);
             }
             return Ok(());
         }
-        if !state.tcp_established {
+        if !self.tcp_established {
             let named: Vec<String> = s
                 .established
                 .iter()
@@ -136,32 +123,38 @@ impl DumpGuard {
                 .collect();
             bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
         }
-        if state.lock.is_none() {
-            state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
-        }
-        if let Some(l) = state.lock.as_mut() {
-            for f in &s.established {
-                let c = &f.conn;
-                let t = lock::Flow {
-                    family: if c.family == cr_common::sock::AF_INET {
-                        libc::AF_INET as u32
-                    } else {
-                        libc::AF_INET6 as u32
-                    },
-                    src_addr: c.addr_bytes(false),
-                    src_port: c.lport as u32,
-                    dst_addr: c.addr_bytes(true),
-                    dst_port: c.rport as u32,
-                };
-                l.add(&t)
-                    .with_context(|| format!("lock TCP connection {c}"))?;
-            }
+        let l = self.lock()?;
+        for f in &s.established {
+            let c = &f.conn;
+            let t = lock::Flow {
+                family: if c.family == cr_common::sock::AF_INET {
+                    libc::AF_INET as u32
+                } else {
+                    libc::AF_INET6 as u32
+                },
+                src_addr: c.addr_bytes(false),
+                src_port: c.lport as u32,
+                dst_addr: c.addr_bytes(true),
+                dst_port: c.rport as u32,
+            };
+            l.add(&t)
+                .with_context(|| format!("lock TCP connection {c}"))?;
         }
         log::info!(
             "{} established TCP connection(s) of the tree locked",
             s.established.len()
         );
         Ok(())
+    }
+
+    /// The network lock, made now if no connection needed it yet.
+    fn lock(&mut self) -> Result<&mut lock::NetLock> {
+        if self.lock.is_none() {
+            self.lock = Some(lock::NetLock::create(&self.tag, &self.images_dir)?);
+        }
+        self.lock
+            .as_mut()
+            .context("internal: the network lock vanished")
     }
 
     /// The tree is gone: close the connections silently (still in repair mode).
@@ -172,92 +165,64 @@ impl DumpGuard {
     /// Takes the connections out of repair mode and removes the lock, now (before a
     /// --leave-running tree runs on).
     pub fn resume(&mut self) {
-        let (held, lock, dir) = match DUMP.lock() {
-            Ok(mut g) => match g.as_mut() {
-                Some(s) => (
-                    std::mem::take(&mut s.held),
-                    s.lock.take(),
-                    s.images_dir.clone(),
-                ),
-                None => return,
-            },
-            Err(_) => return,
-        };
-        for (fd, what) in held {
+        for (fd, what) in std::mem::take(&mut self.held) {
             if let Err(e) = tcp::set_repair(&fd, false) {
                 log::warn!("{what}: leaving repair mode: {e:#}");
             }
         }
-        if let Some(l) = lock {
+        if let Some(l) = self.lock.take() {
             let rec = l.record().clone();
             drop(l);
-            lock::release(&rec, Some(&dir));
+            lock::release(&rec, Some(&self.images_dir));
         }
+    }
+
+    /// Why the socket `fd` (cr's copy) cannot be dumped, or `None` when it can.
+    pub fn refusal(&self, fd: &OwnedFd) -> Result<Option<String>> {
+        Ok(match tcp::classify(fd)? {
+            tcp::SockKind::Listen => None,
+            tcp::SockKind::Established if self.tcp_established => None,
+            tcp::SockKind::Established => {
+                Some("an established TCP connection; dump it with --tcp-established".into())
+            }
+            tcp::SockKind::Other(what) => Some(what),
+        })
+    }
+
+    /// Saves the socket `fd` (cr's copy of a socket of the target, inode `inode`). An
+    /// established connection is locked, then put in repair mode and held until the dump ends.
+    pub fn dump_socket(&mut self, fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
+        let kind = tcp::classify(&fd)?;
+        let mut s = tcp::describe(&fd, inode, &kind)?;
+        match kind {
+            tcp::SockKind::Listen => tcp::save_listen(&fd, &mut s)?,
+            tcp::SockKind::Established => {
+                let what = format!(
+                    "TCP connection {} -> {}",
+                    tcp::show_addr(s.family, &s.src_addr, s.src_port),
+                    tcp::show_addr(s.family, &s.dst_addr, s.dst_port)
+                );
+                // Locked before its state is read: no packet reaches or leaves it from here on.
+                self.lock()?
+                    .add(&flow(&s))
+                    .map_err(|e| e.context(what.clone()))?;
+                tcp::set_repair(&fd, true)?;
+                let r = tcp::save_established(&fd, &mut s);
+                self.held.push((fd, what.clone()));
+                r.map_err(|e| e.context(what))?;
+            }
+            tcp::SockKind::Other(what) => bail!("{what} cannot be dumped"),
+        }
+        Ok(s)
     }
 }
 
-impl Drop for DumpGuard {
+impl Drop for DumpNet {
     fn drop(&mut self) {
         if !self.killed {
             self.resume();
         }
-        if let Ok(mut g) = DUMP.lock() {
-            *g = None;
-        }
     }
-}
-
-/// Why a socket fd cannot be dumped, or `None` when it can (called while surveying fds).
-pub fn refusal(fd: &OwnedFd) -> Result<Option<String>> {
-    let allowed = DUMP
-        .lock()
-        .ok()
-        .and_then(|g| g.as_ref().map(|s| s.tcp_established))
-        .unwrap_or(false);
-    Ok(match tcp::classify(fd)? {
-        tcp::SockKind::Listen => None,
-        tcp::SockKind::Established if allowed => None,
-        tcp::SockKind::Established => {
-            Some("an established TCP connection; dump it with --tcp-established".into())
-        }
-        tcp::SockKind::Other(what) => Some(what),
-    })
-}
-
-/// Saves the socket `fd` (cr's copy of fd `target_fd` of the target, inode `inode`).
-pub fn dump_socket(fd: OwnedFd, inode: u64) -> Result<pb::TcpSocket> {
-    let kind = tcp::classify(&fd)?;
-    let mut s = tcp::describe(&fd, inode, &kind)?;
-    match kind {
-        tcp::SockKind::Listen => tcp::save_listen(&fd, &mut s)?,
-        tcp::SockKind::Established => {
-            let what = format!(
-                "TCP connection {} -> {}",
-                tcp::show_addr(s.family, &s.src_addr, s.src_port),
-                tcp::show_addr(s.family, &s.dst_addr, s.dst_port)
-            );
-            let mut g = match DUMP.lock() {
-                Ok(g) => g,
-                Err(_) => bail!("internal: the dump's network state is poisoned"),
-            };
-            let Some(state) = g.as_mut() else {
-                bail!("internal: a TCP connection dumped outside a dump");
-            };
-            // Locked before its state is read: no packet reaches or leaves it from here on.
-            if state.lock.is_none() {
-                state.lock = Some(lock::NetLock::create(&state.tag, &state.images_dir)?);
-            }
-            if let Some(l) = state.lock.as_mut() {
-                l.add(&flow(&s)).map_err(|e| e.context(what.clone()))?;
-            }
-            tcp::set_repair(&fd, true)?;
-            let r = tcp::save_established(&fd, &mut s);
-            state.held.push((fd, what.clone()));
-            r.map_err(|e| e.context(what))?;
-        }
-        tcp::SockKind::Other(what) => bail!("{what} cannot be dumped"),
-    }
-    Ok(s)
 }
 
 /// The lock's view of a saved connection.
