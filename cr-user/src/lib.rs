@@ -16,6 +16,7 @@ pub mod locks;
 pub mod logging;
 pub mod mem;
 pub mod ranges;
+pub mod refusal;
 pub mod task;
 pub mod tcp;
 pub mod tracker;

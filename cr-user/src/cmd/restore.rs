@@ -105,7 +105,8 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             segments: chain.pages_for(pid)?,
             entry: e.clone(),
         };
-        files::validate(&files, &img.mm.vmas)?;
+        files::validate(&files)?;
+        memory::validate_mapped(&img.mm.vmas)?;
         procs.push(img);
     }
     // Shared anonymous memory: which VMAs map an object an earlier one creates.

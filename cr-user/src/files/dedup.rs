@@ -15,15 +15,18 @@ fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
 
 /// What identifies the object behind a description, to find candidates for kcmp.
 fn identity(f: &pb::FileEntry) -> Option<String> {
-    use pb::file_entry::Kind;
-    Some(match f.kind.as_ref()? {
-        Kind::Reg(r) => format!("reg:{}:{}", r.dev, r.inode),
-        Kind::Pipe(p) => format!("pipe:{}", p.pipe_id),
-        Kind::Fifo(p) => format!("fifo:{}", p.pipe_id),
-        Kind::Chr(c) => format!("chr:{}:{}", c.path, c.rdev),
-        Kind::Tty(t) => format!("tty:{}:{}", t.path, t.rdev),
-        Kind::Tcp(t) => format!("tcp:{}", t.inode),
-    })
+    let k = f.kind.as_ref()?;
+    super::kind_of(k)?.identity(k)
+}
+
+/// The blobs an entry refers to.
+fn blobs(f: &pb::FileEntry) -> Vec<&str> {
+    match &f.kind {
+        Some(k) => super::kind_of(k)
+            .map(|kind| kind.blobs(k))
+            .unwrap_or_default(),
+        None => Vec::new(),
+    }
 }
 
 /// Makes file ids tree-wide: a description shared by several processes (inherited across fork)
@@ -60,10 +63,15 @@ impl FileDedup {
                 Some(oid) => {
                     log::debug!("PID {pid}: fd {fd} shares file {oid} with an earlier process");
                     remap.insert(f.id, oid);
-                    // Saved content of an unlinked file that is now someone else's.
-                    if let Some(pb::file_entry::Kind::Reg(r)) = &f.kind {
-                        if r.unlinked && !r.content.is_empty() && !t.files.iter().chain(keep.iter()).any(|k| matches!(&k.kind, Some(pb::file_entry::Kind::Reg(o)) if o.content == r.content)) {
-                            t.contents.retain(|(name, _)| *name != r.content);
+                    // Saved content (of an unlinked file) that is now someone else's.
+                    for b in blobs(&f) {
+                        if !t
+                            .files
+                            .iter()
+                            .chain(keep.iter())
+                            .any(|k| blobs(k).contains(&b))
+                        {
+                            t.contents.retain(|(name, _)| name != b);
                         }
                     }
                 }

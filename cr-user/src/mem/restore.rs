@@ -8,6 +8,7 @@
 //! set with PR_SET_MM_MAP. After this the task's /proc/PID/maps equals the image's VMA list.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context, Result};
 
@@ -25,6 +26,27 @@ pub use crate::kernel::ptrace::inject::{put_str, SCRATCH_LEN};
 /// Lowest address mmap accepts (vm.mmap_min_addr's usual value).
 const MIN_ADDR: u64 = 0x10000;
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+/// Checks, before anything is created, that every file the image maps is still there with
+/// the size it had.
+pub fn validate_mapped(vmas: &[pb::Vma]) -> Result<()> {
+    for v in vmas {
+        if v.flags & libc::MAP_ANONYMOUS as u32 != 0 || vma::is_special(v.kind) {
+            continue;
+        }
+        let meta = std::fs::metadata(&v.path)
+            .with_context(|| format!("mapped file {} (at {:#x}) is gone", v.path, v.start))?;
+        if meta.size() != v.file_size {
+            bail!(
+                "mapped file {} changed size since the dump ({} bytes then, {} now)",
+                v.path,
+                v.file_size,
+                meta.size()
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Finds `len` bytes (plus a guard page on each side) that no VMA of the image uses.
 pub fn find_gap(vmas: &[pb::Vma], len: u64) -> Result<u64> {

@@ -372,15 +372,11 @@ pub struct FdSock {
 
 /// What socket `fd` (cr's copy) is, if a TCP socket.
 fn describe_fd(fd: &OwnedFd) -> Result<Option<(Conn, u32)>> {
-    let domain = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
-    let ty = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
-    let proto = sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
-    if (domain != libc::AF_INET && domain != libc::AF_INET6)
-        || ty != libc::SOCK_STREAM
-        || proto != libc::IPPROTO_TCP
-    {
+    let st = sock::SockType::of(fd)?;
+    if !st.is_tcp() {
         return Ok(None);
     }
+    let domain = st.domain;
     let mut info = [0u8; 8];
     sock::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info, "TCP_INFO")?;
     let state = info[0] as u32;

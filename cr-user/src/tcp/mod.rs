@@ -177,15 +177,17 @@ impl DumpNet {
         }
     }
 
-    /// Why the socket `fd` (cr's copy) cannot be dumped, or `None` when it can.
-    pub fn refusal(&self, fd: &OwnedFd) -> Result<Option<String>> {
+    /// Why the socket `fd` (cr's copy) cannot be dumped, and the flag that would allow it, or
+    /// `None` when it can.
+    pub fn refusal(&self, fd: &OwnedFd) -> Result<Option<(String, Option<&'static str>)>> {
         Ok(match tcp::classify(fd)? {
             tcp::SockKind::Listen => None,
             tcp::SockKind::Established if self.tcp_established => None,
-            tcp::SockKind::Established => {
-                Some("an established TCP connection; dump it with --tcp-established".into())
-            }
-            tcp::SockKind::Other(what) => Some(what),
+            tcp::SockKind::Established => Some((
+                "an established TCP connection; dump it with --tcp-established".into(),
+                Some("--tcp-established"),
+            )),
+            tcp::SockKind::Other(what) => Some((what, None)),
         })
     }
 

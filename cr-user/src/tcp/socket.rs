@@ -87,27 +87,10 @@ fn tcp_info(fd: &OwnedFd) -> Result<(u32, u32, u32, u32)> {
 
 /// What the socket `fd` (a copy of cr's own) is.
 pub fn classify(fd: &OwnedFd) -> Result<SockKind> {
-    let domain = get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
-    let ty = get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
-    let proto = get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
-    let fam = match domain {
-        libc::AF_INET => "IPv4",
-        libc::AF_INET6 => "IPv6",
-        libc::AF_UNIX => return Ok(SockKind::Other("a unix socket".into())),
-        libc::AF_NETLINK => return Ok(SockKind::Other("a netlink socket".into())),
-        libc::AF_PACKET => return Ok(SockKind::Other("a packet socket".into())),
-        d => return Ok(SockKind::Other(format!("a socket of family {d}"))),
+    let st = sock::SockType::of(fd)?;
+    let Some(fam) = st.inet_family().filter(|_| st.is_tcp()) else {
+        return Ok(SockKind::Other(st.describe()));
     };
-    if ty != libc::SOCK_STREAM || proto != libc::IPPROTO_TCP {
-        let what = if ty == libc::SOCK_DGRAM {
-            "a UDP"
-        } else {
-            "an"
-        };
-        return Ok(SockKind::Other(format!(
-            "{what} {fam} socket (type {ty}, protocol {proto})"
-        )));
-    }
     let (state, ..) = tcp_info(fd)?;
     Ok(match state {
         TCP_ESTABLISHED => SockKind::Established,

@@ -61,6 +61,67 @@ pub fn setsockopt_int(fd: impl AsFd, level: i32, opt: i32, val: i32, what: &str)
     setsockopt_bytes(fd, level, opt, &val.to_ne_bytes(), what)
 }
 
+/// What a socket is: SO_DOMAIN, SO_TYPE, SO_PROTOCOL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockType {
+    pub domain: i32,
+    pub ty: i32,
+    pub protocol: i32,
+}
+
+impl SockType {
+    /// Reads the three options of the socket `fd`.
+    pub fn of(fd: impl AsFd) -> Result<SockType> {
+        let fd = fd.as_fd();
+        Ok(SockType {
+            domain: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?,
+            ty: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?,
+            protocol: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?,
+        })
+    }
+
+    /// "IPv4" or "IPv6" for an inet socket.
+    pub fn inet_family(&self) -> Option<&'static str> {
+        match self.domain {
+            libc::AF_INET => Some("IPv4"),
+            libc::AF_INET6 => Some("IPv6"),
+            _ => None,
+        }
+    }
+
+    /// An IPv4 or IPv6 TCP socket.
+    pub fn is_tcp(&self) -> bool {
+        self.inet_family().is_some()
+            && self.ty == libc::SOCK_STREAM
+            && self.protocol == libc::IPPROTO_TCP
+    }
+
+    /// What it is, for messages ("a unix socket", "a UDP IPv4 socket (type 2, protocol 17)").
+    pub fn describe(&self) -> String {
+        let fam = match self.domain {
+            libc::AF_UNIX => return "a unix socket".into(),
+            libc::AF_NETLINK => return "a netlink socket".into(),
+            libc::AF_PACKET => return "a packet socket".into(),
+            d => match self.inet_family() {
+                Some(f) => f,
+                None => return format!("a socket of family {d}"),
+            },
+        };
+        if self.is_tcp() {
+            return format!("an {fam} TCP socket");
+        }
+        let what = if self.ty == libc::SOCK_DGRAM {
+            "a UDP"
+        } else {
+            "an"
+        };
+        format!(
+            "{what} {fam} socket (type {}, protocol {})",
+            self.ty, self.protocol
+        )
+    }
+}
+
 /// An IPv4 or IPv6 socket address. IPv4 addresses fill the first 4 bytes of `addr`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InetAddr {
