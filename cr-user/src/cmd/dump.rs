@@ -384,7 +384,7 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
                 skip.push((e.start, e.end));
             }
         }
-        let runs = subtract_runs(runs, &skip);
+        let runs = memory::without(runs, &skip);
         interrupt::check()?;
         let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
         let writer = crate::image::pages::PageWriter::create(cx.w, pid, total_pages)?;
@@ -418,39 +418,6 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
     })
 }
 
-/// `runs` without the ranges in `skip`.
-fn subtract_runs(runs: Vec<memory::Run>, skip: &[(u64, u64)]) -> Vec<memory::Run> {
-    if skip.is_empty() {
-        return runs;
-    }
-    let mut out = Vec::with_capacity(runs.len());
-    for r in runs {
-        let mut pieces = vec![(r.start, r.end)];
-        for &(s, e) in skip {
-            let mut next = Vec::new();
-            for (a, b) in pieces {
-                if e <= a || b <= s {
-                    next.push((a, b));
-                    continue;
-                }
-                if a < s {
-                    next.push((a, s));
-                }
-                if e < b {
-                    next.push((e, b));
-                }
-            }
-            pieces = next;
-        }
-        out.extend(pieces.into_iter().map(|(start, end)| memory::Run {
-            start,
-            end,
-            readable: r.readable,
-        }));
-    }
-    out
-}
-
 /// Writes every descriptor once the pages are on disk. Returns the statistics.
 fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
     for p in c.procs {
@@ -472,27 +439,4 @@ fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
         w.write_msg(imgdir::LOCKS, Kind::Locks, l)?;
     }
     Ok(c.stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_minus_shared_ranges() {
-        let r = |start, end| memory::Run {
-            start,
-            end,
-            readable: true,
-        };
-        let got = subtract_runs(
-            vec![r(0x1000, 0x9000), r(0xa000, 0xb000)],
-            &[(0x2000, 0x3000), (0x8000, 0xb000)],
-        );
-        assert_eq!(got, vec![r(0x1000, 0x2000), r(0x3000, 0x8000)]);
-        assert_eq!(
-            subtract_runs(vec![r(0x1000, 0x2000)], &[]),
-            vec![r(0x1000, 0x2000)]
-        );
-    }
 }

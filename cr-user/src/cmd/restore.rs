@@ -259,7 +259,7 @@ fn build(
         .filter(|v| ctx.links.contains_key(&v.start))
         .map(|v| (v.start, v.end))
         .collect();
-    let segments = without_ranges(&img.segments, &linked);
+    let segments = memory::without_ranges(&img.segments, &linked);
     memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments)?;
     log::debug!(
         "pages written in {:.1} ms",
@@ -294,47 +294,6 @@ fn build(
         task::restore_cpu(th, core)?;
     }
     Ok((keep, threads))
-}
-
-/// The page segments without the parts inside `ranges` (memory shared with an earlier VMA,
-/// whose pages that VMA's owner restores).
-fn without_ranges(segments: &[PageSegment], ranges: &[(u64, u64)]) -> Vec<PageSegment> {
-    if ranges.is_empty() {
-        return segments.to_vec();
-    }
-    let mut out = Vec::with_capacity(segments.len());
-    for seg in segments {
-        let mut pieces = vec![(seg.vaddr, seg.vaddr + seg.len())];
-        for &(s, e) in ranges {
-            let mut next = Vec::new();
-            for (a, b) in pieces {
-                if e <= a || b <= s {
-                    next.push((a, b));
-                    continue;
-                }
-                log::debug!(
-                    "saved pages {:#x}-{:#x} belong to shared memory restored elsewhere",
-                    a.max(s),
-                    b.min(e)
-                );
-                if a < s {
-                    next.push((a, s));
-                }
-                if e < b {
-                    next.push((e, b));
-                }
-            }
-            pieces = next;
-        }
-        for (a, b) in pieces {
-            let mut p = seg.clone();
-            p.offset = seg.offset + (a - seg.vaddr);
-            p.vaddr = a;
-            p.nr_pages = (b - a) / 4096;
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Without -d: wait for the restored task and exit with its status (128+N if killed by N).

@@ -43,6 +43,7 @@ impl FileDedup {
     pub fn merge(&mut self, pid: i32, t: &mut super::dump::FdTable) -> Result<()> {
         let mut remap: HashMap<u32, u32> = HashMap::new();
         let mut keep = Vec::with_capacity(t.files.len());
+        let mut dropped: Vec<String> = Vec::new();
         for f in std::mem::take(&mut t.files) {
             let Some(fd) = t.fds.fds.iter().find(|x| x.file_id == f.id).map(|x| x.fd) else {
                 keep.push(f);
@@ -63,17 +64,7 @@ impl FileDedup {
                 Some(oid) => {
                     log::debug!("PID {pid}: fd {fd} shares file {oid} with an earlier process");
                     remap.insert(f.id, oid);
-                    // Saved content (of an unlinked file) that is now someone else's.
-                    for b in blobs(&f) {
-                        if !t
-                            .files
-                            .iter()
-                            .chain(keep.iter())
-                            .any(|k| blobs(k).contains(&b))
-                        {
-                            t.contents.retain(|(name, _)| name != b);
-                        }
-                    }
+                    dropped.extend(blobs(&f).into_iter().map(str::to_string));
                 }
                 None => {
                     self.seen.entry(key).or_default().push((pid, fd, f.id));
@@ -81,6 +72,10 @@ impl FileDedup {
                 }
             }
         }
+        // Saved content (of an unlinked file) that is now someone else's, unless an entry
+        // kept here refers to it too (another description of the same inode).
+        dropped.retain(|b| !keep.iter().any(|k| blobs(k).contains(&b.as_str())));
+        t.contents.retain(|(name, _)| !dropped.contains(name));
         t.files = keep;
         for fd in t.fds.fds.iter_mut() {
             if let Some(&n) = remap.get(&fd.file_id) {

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use crate::image::{pb, vma};
 use crate::kernel::proc::maps::{VmFlags, Vma, VmaName};
 use crate::kernel::sys::pagemap::{self, PagemapScanner, ScanQuery};
+use crate::ranges::RangeSet;
 
 /// A range of pages to copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +41,7 @@ fn kind_of(v: &Vma) -> u32 {
 
 fn madv_of(f: VmFlags) -> u32 {
     let mut m = 0;
-    for (flag, bit) in [
-        (VmFlags::DONTCOPY, vma::MADV_DONTFORK),
-        (VmFlags::WIPEONFORK, vma::MADV_WIPEONFORK),
-        (VmFlags::HUGEPAGE, vma::MADV_HUGEPAGE),
-        (VmFlags::NOHUGEPAGE, vma::MADV_NOHUGEPAGE),
-        (VmFlags::MERGEABLE, vma::MADV_MERGEABLE),
-        (VmFlags::DONTDUMP, vma::MADV_DONTDUMP),
-    ] {
+    for (flag, bit, _) in super::MADVISE {
         if f.contains(flag) {
             m |= bit;
         }
@@ -241,4 +235,45 @@ pub fn mm_fields(pid: i32, stat: &crate::kernel::proc::stat::Stat, brk: u64) -> 
         vmas: Vec::new(),
         thp_disabled: false,
     })
+}
+
+/// `runs` without the ranges in `skip` (memory another process of the tree saves).
+pub fn without(runs: Vec<Run>, skip: &[(u64, u64)]) -> Vec<Run> {
+    if skip.is_empty() {
+        return runs;
+    }
+    let skip = RangeSet::from_ranges(skip.to_vec());
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        let rest = RangeSet::from_ranges(vec![(r.start, r.end)]).subtract(&skip);
+        out.extend(rest.ranges().iter().map(|&(start, end)| Run {
+            start,
+            end,
+            readable: r.readable,
+        }));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_minus_shared_ranges() {
+        let r = |start, end| Run {
+            start,
+            end,
+            readable: true,
+        };
+        let got = without(
+            vec![r(0x1000, 0x9000), r(0xa000, 0xb000)],
+            &[(0x2000, 0x3000), (0x8000, 0xb000)],
+        );
+        assert_eq!(got, vec![r(0x1000, 0x2000), r(0x3000, 0x8000)]);
+        assert_eq!(
+            without(vec![r(0x1000, 0x2000)], &[]),
+            vec![r(0x1000, 0x2000)]
+        );
+    }
 }

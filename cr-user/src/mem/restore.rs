@@ -19,6 +19,7 @@ use crate::kernel::proc::maps::{read_maps, VmaName};
 use crate::kernel::ptrace::Remote;
 use crate::kernel::sys::abi::PrctlMmMap;
 use crate::kernel::sys::uffd::Userfaultfd;
+use crate::ranges::RangeSet;
 
 const PAGE: u64 = 4096;
 pub use crate::kernel::ptrace::inject::{put_str, SCRATCH_LEN};
@@ -222,14 +223,7 @@ pub fn move_vdso(r: &mut Remote, pid: i32, image: &[pb::Vma]) -> Result<i64> {
 
 fn madvise(r: &mut Remote, v: &pb::Vma) -> Result<()> {
     let len = v.end - v.start;
-    for (bit, advice) in [
-        (vma::MADV_DONTFORK, libc::MADV_DONTFORK),
-        (vma::MADV_WIPEONFORK, libc::MADV_WIPEONFORK),
-        (vma::MADV_HUGEPAGE, libc::MADV_HUGEPAGE),
-        (vma::MADV_NOHUGEPAGE, libc::MADV_NOHUGEPAGE),
-        (vma::MADV_MERGEABLE, libc::MADV_MERGEABLE),
-        (vma::MADV_DONTDUMP, libc::MADV_DONTDUMP),
-    ] {
+    for (_, bit, advice) in super::MADVISE {
         if v.madv & bit != 0 {
             r.syscall("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
         }
@@ -469,6 +463,30 @@ pub fn fill_pages(
         filled?;
     }
     crate::kernel::sys::vm::process_vm_writev_slices(pid, &batch)
+}
+
+/// The page segments without the parts inside `ranges` (memory shared with an earlier VMA,
+/// whose pages that VMA's owner restores).
+pub fn without_ranges(segments: &[PageSegment], ranges: &[(u64, u64)]) -> Vec<PageSegment> {
+    if ranges.is_empty() {
+        return segments.to_vec();
+    }
+    let skip = RangeSet::from_ranges(ranges.to_vec());
+    let mut out = Vec::with_capacity(segments.len());
+    for seg in segments {
+        let whole = RangeSet::from_ranges(vec![(seg.vaddr, seg.vaddr + seg.len())]);
+        for &(a, b) in whole.intersect(&skip).ranges() {
+            log::debug!("saved pages {a:#x}-{b:#x} belong to shared memory restored elsewhere");
+        }
+        for &(a, b) in whole.subtract(&skip).ranges() {
+            let mut p = seg.clone();
+            p.offset = seg.offset + (a - seg.vaddr);
+            p.vaddr = a;
+            p.nr_pages = (b - a) / 4096;
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Sets the mm fields (code/data/brk/stack/args/env, auxv, exe) with PR_SET_MM_MAP.
