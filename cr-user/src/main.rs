@@ -1,11 +1,26 @@
 //! The `cr` binary: parses the command line, sets up logging, runs the command, and turns its
-//! outcome into an exit status (0 only on full success).
+//! outcome into an exit status: 0 success, 1 failure, 2 bad input or usage (clap's own status
+//! for a bad command line), 3 refusal (the target, or the image, holds something cr will not
+//! dump or restore as asked). `cr restore` without `-d` exits with the restored root's status,
+//! `cr check` with 1 when a required feature is missing.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use cr::cli::{Cli, Command};
+use cr::refusal::{BadInput, Refusal};
+
+/// The exit status of a failed command.
+fn status_of(e: &anyhow::Error) -> ExitCode {
+    if Refusal::of(e).is_some() {
+        ExitCode::from(3)
+    } else if BadInput::of(e).is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,7 +39,7 @@ fn main() -> ExitCode {
             // The log may live in the images dir; create it now (0700) so the log can open.
             if let Err(e) = cr::image::dir::create_images_dir(d) {
                 eprintln!("Error: {e:#}");
-                return ExitCode::FAILURE;
+                return status_of(&e);
             }
         }
     }
@@ -46,7 +61,7 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("{e:#}");
             log::logger().flush();
-            ExitCode::FAILURE
+            status_of(&e)
         }
     }
 }

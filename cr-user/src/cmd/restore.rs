@@ -24,6 +24,7 @@ use crate::locks::restore as locks;
 use crate::logging::TaskScope;
 use crate::mem::restore as memory;
 use crate::mem::shmem::{ShmemLink, ShmemOwners};
+use crate::refusal::BadInput;
 use crate::task::restore as task;
 use crate::task::threads;
 use crate::tree::restore as tree;
@@ -43,8 +44,8 @@ struct ProcImage {
 
 pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let t0 = Instant::now();
-    let chain = ImageChain::open(&o.images_dir)?;
-    chain.validate()?;
+    let chain = ImageChain::open(&o.images_dir).map_err(BadInput::wrap)?;
+    chain.validate().map_err(BadInput::wrap)?;
     log::debug!(
         "images validated in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
@@ -52,13 +53,14 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let dir = chain.newest();
     let inv = dir.inventory();
     if inv.flags & imgdir::DUMP_F_PRE_DUMP != 0 {
-        bail!(
+        crate::bad_input!(
             "{} is a pre-dump (memory only): restore from the final dump",
             o.images_dir.display()
         );
     }
     if inv.flags & imgdir::DUMP_F_SHELL_JOB != 0 && !o.shell_job {
-        bail!(
+        crate::refuse!(
+            "--shell-job",
             "{} was dumped with --shell-job: restore it with --shell-job (-j)",
             o.images_dir.display()
         );

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::cli::ShowOpts;
 
@@ -15,10 +15,10 @@ pub fn run(o: &ShowOpts) -> Result<()> {
         .collect();
     let path = match given.as_slice() {
         [p] => p,
-        [] => bail!("cr show: name an image file or an images directory (cr show DIR|FILE, -f FILE or -D DIR)"),
-        _ => bail!("cr show: give only one of DIR|FILE, -f FILE, -D DIR"),
+        [] => crate::bad_input!("cr show: name an image file or an images directory (cr show DIR|FILE, -f FILE or -D DIR)"),
+        _ => crate::bad_input!("cr show: give only one of DIR|FILE, -f FILE, -D DIR"),
     };
-    let text = crate::image::show::render(path)?;
+    let text = crate::image::show::render(path).map_err(crate::refusal::BadInput::wrap)?;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|_| out.write_all(b"\n"))

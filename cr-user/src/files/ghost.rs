@@ -109,7 +109,7 @@ impl FileKind for Ghost {
 /// offset is not touched).
 fn read_ghost(link: &str, path: &str, fd: i32, pid: i32, size: u64) -> Result<Vec<u8>> {
     if size > GHOST_LIMIT {
-        bail!("fd {fd} of PID {pid} is the unlinked file {path} of {size} bytes: larger than the {GHOST_LIMIT}-byte limit for saving unlinked files");
+        crate::refuse!(None, "fd {fd} of PID {pid} is the unlinked file {path} of {size} bytes: larger than the {GHOST_LIMIT}-byte limit for saving unlinked files");
     }
     std::fs::read(link)
         .with_context(|| format!("read the unlinked file {path} (fd {fd} of PID {pid})"))

@@ -30,7 +30,7 @@ pub fn create_images_dir(path: &Path) -> Result<()> {
 /// (its `inventory.img` removed) so the new dump replaces it.
 pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
     match std::fs::metadata(path) {
-        Ok(m) if !m.is_dir() => bail!(
+        Ok(m) if !m.is_dir() => crate::bad_input!(
             "images dir {} exists and is not a directory",
             path.display()
         ),
@@ -62,7 +62,7 @@ pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
     let inv = path.join(INVENTORY);
     if inv.exists() {
         if !overwrite {
-            bail!(
+            crate::bad_input!(
                 "images dir {} already holds a complete image ({INVENTORY} exists); use another directory or remove it",
                 path.display()
             );

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use crate::image::pb;
 use crate::kernel::proc;
 use crate::kernel::proc::locks::{FileLock, LockAccess, LockKind, LockMode};
+use crate::refusal::Refusal;
 use crate::tracker::client::{self, TrackerConn};
 use crate::tracker::locks::{InodeId, SeedSet, TableKind, TableLock, TableView};
 
@@ -489,12 +490,17 @@ impl Survey {
         if refused.is_empty() {
             return Ok(());
         }
-        let hint = if allowed {
-            ""
+        let message =
+            |hint: &str| format!("the tree holds file locks: {}{hint}", refused.join("; "));
+        if allowed {
+            Err(Refusal::new(message("")).into())
         } else {
-            "; dump with --file-locks (-l) to save and re-take them"
-        };
-        bail!("the tree holds file locks: {}{hint}", refused.join("; "))
+            Err(Refusal::unless(
+                "--file-locks",
+                message("; dump with --file-locks (-l) to save and re-take them"),
+            )
+            .into())
+        }
     }
 
     /// The image: each lock once, with the owner that takes it again. `fds` gives the file id

@@ -37,7 +37,8 @@ pub fn plan(
     }
     if !allowed {
         let names: Vec<String> = locks.locks.iter().map(describe).collect();
-        bail!(
+        crate::refuse!(
+            "--file-locks",
             "{} holds file locks ({}): restore with --file-locks (-l) to take them again",
             dir.path().display(),
             names.join("; ")

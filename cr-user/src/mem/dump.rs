@@ -88,7 +88,8 @@ pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
     };
     if file_backed {
         if v.deleted {
-            anyhow::bail!(
+            crate::refuse!(
+                None,
                 "mapping {:#x}-{:#x} is of the deleted file {}: mappings of unlinked files are not supported yet",
                 v.start,
                 v.end,
@@ -168,7 +169,8 @@ pub fn plan(pid: i32, vmas: &[Vma]) -> Result<(Vec<pb::Vma>, Vec<Run>, u64)> {
     for v in vmas {
         let e = vma_entry(v)?;
         if e.kind == vma::KIND_UNSUPPORTED {
-            anyhow::bail!(
+            crate::refuse!(
+                None,
                 "mapping {:#x}-{:#x} ({}) of PID {pid} is not supported",
                 v.start,
                 v.end,

@@ -283,7 +283,8 @@ impl Session {
         for v in vmas {
             let e = memory::vma_entry(v)?;
             if e.kind == vma::KIND_UNSUPPORTED {
-                bail!(
+                crate::refuse!(
+                    None,
                     "mapping {:#x}-{:#x} ({}) of PID {pid} is not supported",
                     v.start,
                     v.end,

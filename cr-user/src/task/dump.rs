@@ -337,7 +337,8 @@ pub fn task_state(
 ) -> Result<(pb::TaskState, u64)> {
     if status.seccomp != 0 {
         // Restoring without the filters would silently drop a security boundary.
-        bail!(
+        crate::refuse!(
+            None,
             "PID {pid} runs under seccomp (mode {}, {} filters): dumping seccomp state is not supported yet",
             status.seccomp,
             status.seccomp_filters.unwrap_or(0)

@@ -121,7 +121,7 @@ impl DumpNet {
                 .iter()
                 .map(|f| format!("{} (fd {} of PID {})", f.conn, f.fd, f.pid))
                 .collect();
-            bail!("the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
+            crate::refuse!("--tcp-established", "the tree holds {} established TCP connection(s): {}; dump them with --tcp-established", named.len(), named.join(", "));
         }
         let l = self.lock()?;
         for f in &s.established {
@@ -289,7 +289,8 @@ pub fn check_restore(
         });
     }
     if let Some(t) = est.first() {
-        bail!(
+        crate::refuse!(
+            "--tcp-established",
             "the image holds the established TCP connection {} -> {}: restore it with --tcp-established",
             tcp::show_addr(t.family, &t.src_addr, t.src_port),
             tcp::show_addr(t.family, &t.dst_addr, t.dst_port)

@@ -11,6 +11,8 @@ use std::collections::HashSet;
 
 use anyhow::{bail, Context, Result};
 
+use crate::refuse;
+
 use crate::image::pb;
 use crate::kernel::proc;
 use crate::kernel::ptrace::Tracee;
@@ -166,7 +168,8 @@ fn freeze_process(p: &mut Proc, root: i32) -> Result<Freeze> {
                 if tids.len() == 1 {
                     return vanished(p.pid, root, anyhow::anyhow!("PID {} exited", p.pid));
                 }
-                bail!(
+                refuse!(
+                    None,
                     "the main thread of PID {} ({}) has exited while its other threads run on: not supported",
                     p.pid,
                     p.stat.comm
@@ -217,7 +220,7 @@ pub fn seize(root: i32) -> Result<Tree> {
                 tries += 1;
                 let (pid, ppid) = (p.pid, p.stat.ppid);
                 if tries >= 100 {
-                    bail!("PID {pid} stays a vfork child of {ppid} (sharing its memory, before exec): cannot be dumped");
+                    refuse!(None, "PID {pid} stays a vfork child of {ppid} (sharing its memory, before exec): cannot be dumped");
                 }
                 log::debug!(
                     "PID {pid} is a vfork child of {ppid} before its exec: freezing the tree again"
@@ -367,7 +370,8 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
             (Kcmp::Sighand, "its signal handlers"),
         ] {
             if kcmp::shares(p.stat.ppid, p.pid, kind) {
-                bail!(
+                refuse!(
+                    None,
                     "PID {} ({}) shares {what} with its parent {} (clone without CLONE_THREAD, or a vfork child): not supported",
                     p.pid,
                     p.stat.comm,
@@ -378,7 +382,8 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
     }
     for p in &tree.procs {
         if !shell_job && p.stat.tty_nr != 0 && !p.zombie {
-            bail!(
+            refuse!(
+                "--shell-job",
                 "PID {} ({}) has a controlling terminal (tty {}:{}); dump it with --shell-job (-j)",
                 p.pid,
                 p.stat.comm,
@@ -387,7 +392,8 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
             );
         }
         if !pids.contains(&p.stat.session) && p.stat.session != root.stat.session {
-            bail!(
+            refuse!(
+                None,
                 "PID {} ({}) is in session {}, which is neither the session of the root nor led by a process of the tree",
                 p.pid,
                 p.stat.comm,
@@ -395,7 +401,8 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
             );
         }
         if !pids.contains(&p.stat.pgrp) && p.stat.pgrp != root.stat.pgrp {
-            bail!(
+            refuse!(
+                None,
                 "PID {} ({}) is in process group {}, whose leader is outside the dumped tree: not supported",
                 p.pid,
                 p.stat.comm,
@@ -404,7 +411,8 @@ pub fn check(tree: &Tree, shell_job: bool) -> Result<()> {
         }
     }
     if !shell_job && !pids.contains(&root.stat.session) {
-        bail!(
+        refuse!(
+            "--shell-job",
             "the session leader of PID {} ({}) is PID {}, outside the dumped tree; dump it with --shell-job (-j), or dump the session leader",
             root.pid,
             root.stat.comm,

@@ -67,7 +67,8 @@ pub fn plan_sessions(
     }
     let root = &out[0];
     if root.sid != root.pid && shell.map(|s| s.0) != Some(root.sid) {
-        bail!(
+        crate::refuse!(
+            "--shell-job",
             "the session of PID {} is led by PID {}, outside the image (dumped with --shell-job?): restore with --shell-job (-j)",
             root.pid,
             root.sid
@@ -88,7 +89,8 @@ pub fn plan_sessions(
             bail!("PID {} has the zombie {} as its parent", e.pid, e.ppid);
         }
         if e.sid != e.pid && e.sid != out[pi].sid {
-            bail!(
+            crate::refuse!(
+                None,
                 "PID {} is in session {}, but its parent {} is in session {}: a session it did not inherit is not supported",
                 e.pid,
                 e.sid,
@@ -106,7 +108,7 @@ pub fn plan_sessions(
             None => shell.is_some_and(|(sid, pgid)| e.pgid == pgid && e.sid == sid),
         };
         if !ok {
-            bail!("PID {} is in process group {}, which has no leader in its session in the image: not supported", e.pid, e.pgid);
+            crate::refuse!(None, "PID {} is in process group {}, which has no leader in its session in the image: not supported", e.pid, e.pgid);
         }
     }
     Ok(out)
