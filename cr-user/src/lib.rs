@@ -21,3 +21,4 @@ pub mod task;
 pub mod tcp;
 pub mod tracker;
 pub mod tree;
+pub mod tunables;

@@ -40,6 +40,9 @@ pub const MODULES: &[(&str, Layer)] = &[
     ("tunables", Layer::Support),
     ("refusal", Layer::Support),
     ("ranges", Layer::Support),
+    // refusal.rs's macros, exported at the crate root.
+    ("refuse", Layer::Support),
+    ("bad_input", Layer::Support),
     ("kernel", Layer::Kernel),
     ("bpf", Layer::Bpf),
     ("image", Layer::Image),
@@ -441,8 +444,10 @@ pub fn scan(here: &[String], src: &str) -> FileFacts {
                         _ => break,
                     }
                 }
-                // `pub(crate)`, `pub(super)` have no `::` and were skipped above.
-                if let Some(m) = resolve(here, &p) {
+                // `pub(crate)`, `pub(super)` have no `::` and were skipped above; a macro
+                // (`crate::refuse!`) lives at the crate root.
+                let is_macro = toks.get(j).map(|t| &t.0) == Some(&Tok::Punct('!'));
+                if let Some(m) = resolve(here, &p).filter(|_| !is_macro) {
                     f.paths.push((m, line));
                 }
                 i = j;
@@ -759,7 +764,8 @@ fn f<'a>(s: &'a str) -> char {
 
     #[test]
     fn macros_and_visibility_are_skipped() {
-        let src = "macro_rules! m { () => { $crate::x::y() } }\npub(crate) struct S;\n";
+        let src = "macro_rules! m { () => { $crate::x::y() } }\npub(crate) struct S;\n\
+                   fn f() { crate::refuse!(None, \"x\") }\n";
         assert!(paths("tcp", src).is_empty());
     }
 

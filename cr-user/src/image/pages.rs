@@ -155,9 +155,6 @@ mod crc_shift {
     }
 }
 
-/// Environment switch: `direct` writes page files with `O_DIRECT` (see the module doc).
-pub const PAGE_IO_ENV: &str = "CR_PAGE_IO";
-
 /// One piece for [`PageWriter::add`], in ascending address order.
 #[derive(Clone, Copy, Debug)]
 pub enum RunPiece<'a> {
@@ -228,7 +225,7 @@ impl PageWriter {
             data_len: 0,
             data_crc: 0,
             end_vaddr: 0,
-            direct_ok: std::env::var(PAGE_IO_ENV).as_deref() == Ok("direct"),
+            direct_ok: crate::tunables::get().page_io_direct,
             direct_on: false,
             writeback_from: HEADER_PAGE,
             direct_bytes: 0,

@@ -42,18 +42,13 @@ use crate::mem::arm;
 use crate::mem::harvest::{self, Epoch, EpochFacts, PageFate};
 use crate::ranges::RangeSet;
 use crate::tracker::client::{self, TrackerConn, TrackerState};
+use crate::tunables::Harvest;
 
 const PAGE: u64 = 4096;
 
 /// Scattered ranges past which an eBPF harvest covering most of the memory becomes one exact
 /// scan instead.
 const MANY_RANGES: usize = 256;
-
-/// Environment switch for tests and the benchmark: `ebpf` skips the "dirty blocks cover most
-/// of the memory" shortcut to the exact scan, `scan` always uses the exact scan.
-pub const HARVEST_ENV: &str = "CR_HARVEST";
-/// Test hook: the tracker process sizes CR_DIRTY to this many entries.
-pub const DIRTY_MAX_ENV: &str = "CR_TEST_DIRTY_MAX_ENTRIES";
 
 /// The tracker and what it handed over.
 struct Tracked {
@@ -160,10 +155,7 @@ impl Session {
             }
         }
         if conn.is_none() && keep_wanted {
-            let dirty_max = std::env::var(DIRTY_MAX_ENV)
-                .ok()
-                .and_then(|v| v.parse().ok());
-            let c = client::spawn(pid, dirty_max)?;
+            let c = client::spawn(pid, crate::tunables::get().dirty_max_entries)?;
             snap = Some(c.get()?);
             conn = Some(c);
         }
@@ -638,9 +630,9 @@ fn choose_mode(
             "the target exec'd: its memory is new".into(),
         );
     }
-    let forced = std::env::var(HARVEST_ENV).unwrap_or_default();
-    if forced == "scan" {
-        return (Mode::Exact, format!("forced by {HARVEST_ENV}=scan"));
+    let forced = crate::tunables::get().harvest;
+    if forced == Harvest::Scan {
+        return (Mode::Exact, "forced by CR_HARVEST=scan".into());
     }
     if !f.unsafe_why.is_empty() {
         return (Mode::Exact, f.unsafe_why.join("; "));
@@ -667,7 +659,7 @@ fn choose_mode(
     // each block is an ioctl: past many scattered blocks covering most of the memory, one
     // walk of all is cheaper.
     let (cover, total) = (ranges.len_bytes(), tracked.len_bytes().max(1));
-    if forced != "ebpf" && ranges.ranges().len() > MANY_RANGES && cover * 2 > total {
+    if forced != Harvest::Ebpf && ranges.ranges().len() > MANY_RANGES && cover * 2 > total {
         return (
             Mode::Exact,
             format!(
@@ -677,8 +669,8 @@ fn choose_mode(
             ),
         );
     }
-    let why = if forced == "ebpf" {
-        format!("forced by {HARVEST_ENV}=ebpf")
+    let why = if forced == Harvest::Ebpf {
+        "forced by CR_HARVEST=ebpf".to_string()
     } else {
         "nothing escaped the eBPF records".to_string()
     };

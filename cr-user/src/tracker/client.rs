@@ -352,7 +352,7 @@ pub fn spawn(pid: i32, dirty_max_entries: Option<u32>) -> Result<TrackerConn> {
     if let Some(n) = dirty_max_entries {
         cmd.args(["--dirty-max-entries", &n.to_string()]);
     }
-    if let Some(log) = std::env::var_os("CR_TRACKER_LOG") {
+    if let Some(log) = &crate::tunables::get().tracker_log {
         cmd.arg("-o").arg(log);
     } else {
         cmd.args(["-o", "/dev/null"]);
