@@ -1,5 +1,6 @@
 //! Compiles the image schemas (proto/*.proto, with prost) and embeds the eBPF object that
-//! `cargo xtask build-ebpf` produced (CR_EBPF_OBJECT), so `cr` is one self-contained binary.
+//! `cargo xtask build-ebpf` produced (CR_EBPF_OBJECT, else its default place), so `cr` is one
+//! self-contained binary. Without the object the build fails, saying how to make it.
 
 use std::path::{Path, PathBuf};
 
@@ -22,10 +23,15 @@ fn main() {
         .unwrap_or_else(|| root.join("target/bpfel-unknown-none/release/cr-ebpf"));
     println!("cargo:rerun-if-changed={}", src.display());
     match std::fs::read(&src) {
-        Ok(bytes) => std::fs::write(&out, bytes).unwrap(),
-        Err(_) => {
-            println!("cargo:warning=no eBPF object at {}: this cr cannot track (build with `cargo xtask build`)", src.display());
-            std::fs::write(&out, b"").unwrap();
+        Ok(bytes) if !bytes.is_empty() => std::fs::write(&out, bytes).unwrap(),
+        _ => {
+            // A cr without its eBPF object could not track anything: refuse to build one.
+            eprintln!(
+                "error: no eBPF object at {}: build it first with `cargo xtask build-ebpf` \
+                 (`cargo xtask build` builds it and cr), or set CR_EBPF_OBJECT to one",
+                src.display()
+            );
+            std::process::exit(1);
         }
     }
 }

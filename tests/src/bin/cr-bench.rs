@@ -468,6 +468,7 @@ mod incremental {
             let (mut pre_scans, mut pre_ebpfs, mut scans, mut ebpfs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..a.rounds {
+                #[allow(clippy::type_complexity)]
                 let kinds: [(&str, &str, &[(&str, &str)], &mut Vec<Point>); 4] = [
                     ("ps", "pre-dump", &[("CR_HARVEST", "scan")], &mut pre_scans),
                     ("pe", "pre-dump", &[], &mut pre_ebpfs),

@@ -107,6 +107,8 @@ fn smaps_flags(addr: usize) -> String {
     String::new()
 }
 
+// DATA and BSS are `static mut`: indexed, not borrowed as slices.
+#[allow(clippy::needless_range_loop)]
 fn main() {
     let dir = std::env::args()
         .nth(1)
