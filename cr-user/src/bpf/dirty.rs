@@ -1,18 +1,12 @@
-//! The write-fault tracker: which pages each tracked process wrote, as seen by cr-ebpf's
-//! exceptions:page_fault_user / page_fault_kernel programs.
+//! The write-fault tracker: which pages each tracked process wrote, as cr-ebpf's
+//! exceptions:page_fault_user / page_fault_kernel programs record them in CR_DIRTY, keyed by
+//! (tgid, page).
 //!
-//! The eBPF side records every write fault of a target (any thread of the tgid) in CR_DIRTY,
-//! keyed by (tgid, page). A page shows up only if the write faulted: the first write to a fresh
-//! page does, and with userfaultfd async write-protection armed ([`crate::kernel::sys::uffd`]) so does the
-//! first write after each re-arm. Writes that take no fault in the target's context (GUP:
-//! process_vm_writev, /proc/PID/mem, O_DIRECT, io_uring, …) are not seen here; other programs
-//! must cover them (DESIGN §5).
-//!
-//! Completeness contract: the set is exact only while [`Tracker::lost`] is false. A write the
-//! kernel side could not record (map full, unreadable record) bumps a counter; once it moved,
-//! the caller must fall back to the exact scan ([`crate::kernel::sys::pagemap`] with
-//! PM_SCAN_WP_MATCHING) for that harvest, and for every target of this tracker, since the
-//! counter is shared.
+//! A page shows up only if the write faulted (the first write to a fresh page, or the first after
+//! a re-arm of the write-protection); writes without a fault in the target (process_vm_writev,
+//! O_DIRECT, io_uring, …) are the syscall programs' to see. The set is exact only while
+//! [`Tracker::lost`] is false: a write the programs could not record bumps a shared counter, and
+//! the harvest is then the exact scan.
 
 use std::os::fd::{AsFd, AsRawFd};
 

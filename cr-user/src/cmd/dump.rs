@@ -307,7 +307,7 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
     } else {
         proc::maps::read_smaps(pid)?
     };
-    // Every thread's registers and thread state before any remote syscall (see dump::task).
+    // Every thread's registers and thread state before any remote syscall (see task::dump).
     let mut cores = Vec::with_capacity(p.threads.len());
     for t in &p.threads {
         let regs = t.regs()?;

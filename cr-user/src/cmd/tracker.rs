@@ -1,15 +1,11 @@
 //! The tracker process (`cr __tracker --pid PID`): keeps a target's tracking alive between `cr`
 //! invocations (DESIGN §5).
 //!
-//! It loads cr's eBPF programs (write faults, VMA-changing and remote-write syscalls, exec,
-//! file locks), records the target, and then mostly holds things: the loaded programs and their
-//! maps, the userfaultfd with the target's memory write-protected (handed over by the dump that
-//! armed it), and a small [`TrackerState`]. The one thing it keeps up itself is the tree's lock
-//! table ([`crate::locks::table`]): it drains the lock events as they come and answers `Locks`. Dumps do the work themselves on the fds it hands out
-//! ([`crate::tracker::client`]). It answers on the abstract socket `cr-track-PID` (so no file is left
-//! behind) and exits when the target exits (its pidfd polls readable) or when told to
-//! (`Stop`). Exiting closes everything: programs detach, maps and the userfaultfd go, and the
-//! target's memory is no longer write-protected. Nothing is pinned.
+//! It loads cr's eBPF programs, records the target, and then holds things: the programs and
+//! their maps, the userfaultfd that write-protects the target's memory (handed over by the dump
+//! that armed it) and a small [`TrackerState`]. The one thing it computes is the tree's lock table
+//! ([`crate::locks::table`]). Dumps work on the fds it hands out ([`crate::tracker::client`]). It
+//! exits when the target does or when told to; exiting closes everything (nothing is pinned).
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};

@@ -1,44 +1,12 @@
-//! The images directory: protobuf descriptors (prost, schema in `proto/cr.proto`), raw page
-//! files, checksums, parent chains, and `cr show`. This layer reads and writes files only; it
-//! knows nothing of ptrace or /proc.
+//! The images directory: framed protobuf descriptors ([`file`], schema `proto/cr.proto`,
+//! types [`pb`]), their names and the inventory's flags ([`names`]), writing ([`writer`]) and
+//! reading ([`dir`]) a directory, page files ([`pages`]), parent chains ([`chain`]) and `cr show`
+//! ([`show`]). It reads and writes files only; it knows nothing of ptrace or /proc.
 //!
-//! # How to use
-//!
-//! Dump (write one image):
-//! ```ignore
-//! use cr::image::{dir::*, file::Kind, pages::PageWriter, pb};
-//! let w = ImageWriter::create(dir)?;                       // 0700; refuses a complete image
-//! w.write_msg(PSTREE, Kind::PsTree, &pstree)?;             // temp 0600 + fsync + rename
-//! w.write_msg(&core_file(tid), Kind::Core, &core)?;        // also mm_file, fds_file, FILES
-//! let mut pw = PageWriter::create(&w, pid, pages_hint)?;   // pages-PID.img
-//! for each present run (ascending vaddr), chunk by chunk:
-//!     let win = pw.window(remaining_pages);               // &mut [u8], <= WINDOW_PAGES pages
-//!     /* process_vm_readv(pid, ..., win) */
-//!     pw.finish_run(vaddr, pages_filled)?;                 // CRC + one large write; merges runs
-//! pw.add_parent_run(vaddr, nr_pages)?;                     // unchanged since --prev-images-dir
-//! let pagemap = pw.finish()?;                              // fsync + rename + registered
-//! w.write_msg(&pagemap_file(pid), Kind::PageMap, &pagemap)?;
-//! // with a parent: inv.parent_path = rel path (relative to dir), and
-//! // inv.parent_inventory_crc = ImageDir::open(parent)?.inventory_crc();
-//! w.commit(inventory)?;                                    // fills inventory.files; written LAST
-//! ```
-//! A dump that fails before `commit` leaves no `inventory.img`: the directory is never taken
-//! for an image. Dropping an unfinished `PageWriter` removes its temporary file.
-//!
-//! Restore (read a chain):
-//! ```ignore
-//! let chain = ImageChain::open(dir)?;           // follows parent_path; broken link = error
-//! chain.validate()?;                            // every file, every page CRC, every in_parent run
-//! let img = chain.newest();
-//! let ps: pb::PsTree = img.read_msg(PSTREE, Kind::PsTree)?;
-//! let mm: pb::Mm = img.read_msg(&mm_file(pid), Kind::Mm)?;
-//! for seg in chain.pages_for(pid)? {            // sorted by vaddr, in_parent resolved
-//!     /* process_vm_writev(pid, seg.vaddr, seg.bytes()) — bytes() is a read-only mmap slice;
-//!        or remote preadv of seg.file.path() at seg.offset */
-//! }
-//! ```
-//! Single files: [`file::read_msg`] reads any framed file by path; [`show::run`] prints images as
-//! JSON.
+//! A dump writes every file atomically and `inventory.img` last (`ImageWriter::commit`), so a
+//! directory without it is never taken for an image; restore opens the newest image of a chain
+//! (`ImageChain::open`), validates every file and page run, and reads pages through the chain
+//! (`ImageChain::pages_for`, `in_parent` runs resolved).
 
 pub mod chain;
 pub mod dir;

@@ -1,35 +1,15 @@
-//! Page files (`pages-PID.img`): one 4096-byte header page, then raw page data, every run page
-//! aligned and contiguous in the order it was added.
+//! Page files (`pages-PID.img`): one 4096-byte header page (the usual frame header, kind
+//! [`Kind::Pages`], whose CRC covers all the data after it), then page-aligned runs in the order
+//! they were added. [`PageWriter`] takes pieces already in the dump's buffers, checksums them
+//! (unless the reader did) and writes them at the end of the file; the whole-file CRC is
+//! combined from the run CRCs, so the data is never read back. [`PageFile`] maps a page file
+//! read-only for restore.
 //!
-//! The header page starts with the usual frame header (see `file.rs`) of kind
-//! [`Kind::Pages`] whose payload is all the page data after the header page (its length and
-//! CRC32C), so a page file checks itself; the rest of the header page is zero.
-//!
-//! Writing: the dump hands [`PageWriter::add`] pieces that already sit in its buffers (see
-//! `dump::pages`): their CRC32C (computed there, or here), then positional writes of the data
-//! at the end of the file, with writeback started every [`WRITEBACK_CHUNK`] so the final fsync
-//! has little left to do. The whole-file CRC that the inventory records is combined from the
-//! run CRCs (`crc32c_combine`), so the data is never read back.
-//!
-//! Each `pwrite` through the page cache is at most [`BUFFERED_WRITE_MAX`]: the kernel sizes the
-//! page-cache folios it allocates by the length of the write, and a 2 MiB folio needs a free
-//! 2 MiB block. On a VM with free page reporting (the balloon hands free blocks of 2 MiB and up
-//! back to the host) such a block faults in from the host page by page on first touch: writing
-//! 1 GiB took 1.2-2.6 s in 2 MiB (or larger) writes, 0.25-0.35 s in 512 KiB ones, which come
-//! from the smaller free blocks the host never took back.
-//!
-//! `CR_PAGE_IO=direct` writes page-aligned data with `O_DIRECT` instead: the disk reads the
-//! buffers itself and nothing is copied into (or allocated for) the page cache; not the default
-//! because a restore right after the dump then reads the image from the disk (about 1 GB/s
-//! here) instead of from the page cache. Unaligned data, and filesystems that refuse
-//! `O_DIRECT`, go through the page cache either way.
-//!
-//! Why not a `MAP_SHARED` mapping of the file: a full disk then kills `cr` with SIGBUS instead
-//! of returning ENOSPC, every page costs a fault plus a zeroing of the fresh page-cache page,
-//! and munmap costs TLB shootdowns.
-//!
-//! Reading: [`PageFile`] maps a page file read-only; restore can `process_vm_writev` straight
-//! from the returned slices, or `preadv` from the file at the run's offset.
+//! Writes through the page cache are cut at [`BUFFERED_WRITE_MAX`] (the kernel sizes page-cache
+//! folios by the write, and large folios are slow to get on a ballooned VM: docs/benchmarks.md);
+//! writeback is started as it goes. `CR_PAGE_IO=direct` uses O_DIRECT instead (not the default:
+//! a restore right after the dump then reads the disk). Not a shared mapping of the output: a
+//! full disk would be SIGBUS instead of ENOSPC.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -59,8 +39,8 @@ const WRITEBACK_CHUNK: u64 = 32 << 20;
 pub const BUFFERED_WRITE_MAX: usize = 512 << 10;
 
 /// `crc32c_combine`: the CRC32C of A followed by B from their CRCs and B's length. The crate's
-/// version builds the "append `len2` zero bytes" operator from scratch on every call (some
-/// 10 µs); a dump combines twice per buffer it writes, nearly always with the same length, so
+/// version builds the "append `len2` zero bytes" operator from scratch on every call (dear, for
+/// a hot path); a dump combines twice per buffer it writes, nearly always with the same length, so
 /// the operator is kept per length (a few per thread) and applying it is one 32×32 bit
 /// matrix-vector product.
 fn combine(crc1: u32, crc2: u32, len2: u64) -> u32 {
@@ -249,8 +229,8 @@ impl PageWriter {
 
     /// Allocates the disk blocks of `nr_pages` of data up front (fallocate; finish() trims the
     /// file to what was written): a full disk fails the dump here, before any page is copied,
-    /// and the writes skip ext4's delayed-allocation bookkeeping (a quarter less CPU per page
-    /// here). Only on ext4 and XFS: tmpfs would allocate and zero every page now (while the
+    /// and the writes skip ext4's delayed-allocation bookkeeping (less CPU per page). Only on
+    /// ext4 and XFS: tmpfs would allocate and zero every page now (while the
     /// target waits), and copy-on-write filesystems gain nothing. Elsewhere, and where
     /// fallocate is not supported, blocks are allocated as pages are written.
     fn reserve(&mut self, nr_pages: u64) -> Result<()> {
@@ -655,7 +635,7 @@ fn start_writeback(f: &File, off: u64, len: u64) -> u64 {
 
 /// Starts writeback of the ranges it is given on a thread of its own, so that the writer (and,
 /// while the target is frozen, the target behind it) does not wait for room in the device
-/// queue: that waiting was a sixth of the writer's time for 1 GiB here.
+/// queue (docs/benchmarks.md).
 struct Flusher {
     tx: std::sync::mpsc::Sender<(u64, u64)>,
     thread: std::thread::JoinHandle<u64>,

@@ -1,24 +1,11 @@
 //! File locks held by the tree (`--file-locks`): found, refused or saved in `locks.img`.
 //!
-//! A lock has an owner the kernel checks on every conflict, and restore must make the same
-//! owner take it again:
-//! - flock and OFD locks belong to an open file description: fdinfo shows them under every fd
-//!   of that description (`lock:` lines), so each is saved with one fd and its file id.
-//! - POSIX (fcntl) locks belong to a process (its fd table) and a file: fdinfo shows them under
-//!   the fd they were taken through, in the owning process only.
-//!
-//! `/proc/locks` cross-checks the fdinfo survey: a held lock of a tree process that no fd of the
-//! tree shows (a flock kept alive by a mapping after its fd was closed, …) cannot be re-taken
-//! and is refused. Waiters (`->` lines) are not locks and are ignored. Leases are refused.
-//!
-//! With a tracker running for the tree, its lock table ([`crate::locks::table`]) replaces that
-//! survey ([`survey_tree`]): a tree holding no lock costs one request to the tracker and no read
-//! at all (reading `/proc/locks` costs an RCU grace period, while the tree is frozen); with
-//! locks, only the fds on the locked inodes have their fdinfo read, and fdinfo and the table
-//! must agree. When the table cannot tell, the survey decides and the table gets its result.
-//!
-//! Without `--file-locks` a tree holding any lock is refused, naming each lock, before anything
-//! was touched: restoring it without its locks would silently break its mutual exclusion.
+//! Restore must make the same owner take each lock again: flock and OFD locks belong to an open
+//! file description (saved with one fd and its file id), POSIX locks to a process and a file
+//! (saved with the fd they were taken through). The survey reads every fd's fdinfo `lock:` lines
+//! and cross-checks `/proc/locks` (a lock no fd of the tree shows cannot be re-taken: refused);
+//! with a tracker, its lock table replaces that ([`survey_tree`]) and only the locked inodes' fds
+//! are read. Without `--file-locks` a tree holding any lock is refused, naming each lock.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;

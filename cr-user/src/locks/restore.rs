@@ -1,6 +1,6 @@
 //! Taking the tree's file locks again (`--file-locks`), each by the owner it had: flock and OFD
 //! locks on an fd of their open file description, POSIX locks in their owning process (see
-//! `dump::locks`).
+//! [`super::dump`]).
 //!
 //! Every lock is taken non-blocking, from inside its process, once its fd table is complete
 //! (closing a temporary fd of a file would drop the process's POSIX locks on it). A lock

@@ -125,7 +125,7 @@ pub fn wants_pages(v: &Vma, kind: u32) -> bool {
 ///
 /// Private anonymous memory has no page-cache pages, so its query leaves PAGE_IS_FILE out:
 /// telling a file page needs the kernel to look at every page's `struct page` (a cache miss
-/// each), which made the scan ten times slower (30 ms per GiB instead of 3 here).
+/// each), which makes the scan several times slower (docs/benchmarks.md).
 pub fn resident_query(v: &Vma) -> ScanQuery {
     if v.is_shmem_anon() {
         ScanQuery {

@@ -1,22 +1,12 @@
 //! Harvesting at a checkpoint: what the target wrote since the last one (DESIGN §5).
 //!
-//! Two ways, one truth. The kernel's own record is the userfaultfd-wp bit of every PTE:
-//! PAGEMAP_SCAN reports a page PAGE_IS_WRITTEN once its protection was lifted by a write, and
-//! with PM_SCAN_WP_MATCHING re-protects it in the same walk. Scanning every tracked VMA that
-//! way is the exact harvest: O(mapped) (about 13-18 ms per GiB of 4 KiB pages here).
-//!
-//! The eBPF harvest asks cr-ebpf where to look instead: every page whose protection a write
-//! lifted took a write fault in the target, which the fault programs recorded in CR_DIRTY.
-//! (The programs queue each fault in the ring CR_DIRTY_RING: taking the set is a read of it.)
-//! Those pages, widened to their 2 MiB blocks (a huge page populated by one fault covers the
-//! whole block), plus the ranges of VMA-changing syscalls, are scanned (and re-armed) exactly
-//! as above: O(dirty). What escapes the fault programs is watched by the syscall programs
-//! (see cr-ebpf/src/sys.rs) and, at the checkpoint, by [`lasting_sources`]; when any of it
-//! fired, or a record was lost, the harvest is the exact one.
-//!
-//! The checkpoint's epoch is everything between the end of the previous checkpoint's freeze
-//! and this seize: [`Epoch::at_seize`] snapshots the counters at the seize, so that the remote
-//! syscalls cr itself makes in the frozen target do not count.
+//! Two ways, one truth: PAGEMAP_SCAN reports a page PAGE_IS_WRITTEN once a write lifted its
+//! userfaultfd-wp protection, and re-protects it in the same walk. Scanning every tracked VMA
+//! that way is the exact harvest, O(mapped). The eBPF harvest scans only the 2 MiB blocks around
+//! the pages whose write faults cr-ebpf recorded, plus the ranges of VMA-changing syscalls:
+//! O(dirty). When something could have escaped the fault programs (a remote write, a lasting
+//! source such as O_DIRECT, a lost record), the harvest is the exact one. The epoch is everything
+//! between the end of the last checkpoint's freeze and this seize ([`Epoch::at_seize`]).
 
 use std::collections::HashSet;
 

@@ -1,26 +1,14 @@
 //! Incremental dumps: `cr pre-dump`, `--track-mem`, `--prev-images-dir` (DESIGN §2, §5).
 //!
-//! A [`Session`] wraps the memory part of a dump when tracking is involved:
-//! 1. [`Session::prepare`] (before the freeze) finds the target's tracker process or starts
-//!    one, takes its state and fds, checks the parent image against the tracker's last
-//!    checkpoint, and reads smaps while the target still runs.
-//! 2. [`Session::frozen`] (right after the seize) snapshots the eBPF counters: what happens
-//!    from here on is cr's own doing.
-//! 3. [`Session::memory`] (frozen) harvests (eBPF or exact, see [`crate::mem::harvest`]),
-//!    plans every page as copied, `in_parent` or absent, reads the copied ones into buffers,
-//!    arms or re-arms write-protection and hands the tracker its new state.
-//! 4. [`Session::fill_inventory`], [`Session::committed`], [`Session::finish`] record the
-//!    parent link, the inventory CRC and stop the tracker when the target is gone.
+//! A [`Session`] is the memory part of a dump when tracking is involved: before the freeze
+//! ([`Session::prepare`]) it finds or starts the target's tracker and checks the parent image;
+//! frozen, it harvests, plans every page as copied, `in_parent` or absent, copies and re-arms
+//! ([`Session::memory`]); after the commit it tells the tracker its new base image.
 //!
-//! The rule that makes `in_parent` right: the tracker's state names the image of the last
-//! checkpoint (path and inventory CRC) and the write-protection was re-armed at that
-//! checkpoint's freeze. A page present (or swapped) now and not written since was present
-//! then, so the parent chain has it; a page not present now is absent. The exact harvest reads
-//! presence and "written" from the page tables; the eBPF harvest reads them only where the
-//! programs saw writes or VMA changes, and relies on the parent's page list elsewhere (a page
-//! can only disappear through a syscall the programs watch).
-//!
-//! Without a tracker a session is "plain" and the dump is the old full dump, unchanged.
+//! `in_parent` is right because the tracker's state names the image of the last checkpoint
+//! (path and inventory CRC) and write-protection was re-armed at that checkpoint's freeze: a page
+//! present now and not written since was present then. Without a tracker the session is "plain"
+//! and the dump is a full one.
 
 use std::path::Path;
 use std::time::Instant;
@@ -237,7 +225,7 @@ impl Session {
 
     /// The VMA list (smaps), frozen. With a tracker, the smaps read before the freeze is
     /// reused when no VMA-changing syscall happened since and /proc/PID/maps still shows the
-    /// same layout: reading smaps walks every page table (about 18 ms per GiB here).
+    /// same layout: reading smaps walks every page table (docs/benchmarks.md).
     pub fn vmas(&self) -> Result<Vec<Vma>> {
         if let (Some((vma_events, execs, pre)), Some(ep)) = (&self.pre_smaps, &self.epoch) {
             if ep.at_seize.vma_events == *vma_events && ep.at_seize.exec_events == *execs {

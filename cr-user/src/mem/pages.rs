@@ -1,32 +1,15 @@
 //! Copying the pages of a frozen target into its page file.
 //!
-//! The page plan is cut into batches of at most [`CHUNK`] bytes ([`plan_batches`]). Reader
-//! threads (the dumping thread, plus one more on machines with at least three cores, see
-//! [`readers`]) copy batches out of the target with `process_vm_readv` into page-aligned
-//! buffers; one writer thread appends them, in plan order, to the page file
-//! (`image::pages::PageWriter`: page cache, writeback started by a helper thread as it goes).
-//! Readers and writer run side by side while the target is frozen, and buffers go back to the
-//! readers once written: a dump of any size turns over a few MiB of buffers.
-//!
-//! Why the readers do not copy everything into memory first and let the target go: on this
-//! kind of machine (a VM whose free memory is reported back to the host) touching fresh memory
-//! is the dearest thing a dump does. Measured for 1 GiB: populating fresh 4 KiB pages 0.35-0.5
-//! s (fresh 2 MiB pages 2-3 s), while `process_vm_readv` into buffers already touched takes
-//! about 0.25 s and writing them into the page cache about 0.25 s. The old way (fresh 2 MiB
-//! buffers for everything, written after) froze a 1 GiB target for about 1 s.
-//!
-//! So, for each batch, a reader takes a buffer in this order: one the writer gave back, one
-//! warmed before the freeze ([`WarmBuffers`]), a fresh one while the copy has fewer than
-//! [`MIN_BUFFERS`], a fresh one if the measured costs say that reading plus populating a fresh
-//! buffer beats the writer's pace (a slow disk), and otherwise the next one the writer gives
-//! back. When the writer has a backlog (it sets the pace), the reader checksums the batch it
-//! just read (still in the cache) so that the writer only writes; otherwise the writer
-//! checksums. Up to a memory budget ([`budget`]) of buffers may be in flight. With `-R` the
-//! target is let go as soon as the last read is done, while the last writes finish.
-//!
-//! Incremental dumps ([`copy_plan`]) may hold the writer back until the target runs again
-//! when everything fits in the buffers warmed before the freeze: then the freeze costs the
-//! reads alone.
+//! The page plan is cut into batches of at most [`CHUNK`] bytes ([`plan_batches`]); reader
+//! threads ([`readers`]) copy them with `process_vm_readv` into page-aligned buffers and one
+//! writer thread appends them, in plan order, to the page file. Buffers go back to the readers
+//! once written, so a dump of any size turns over a few MiB of them: touching fresh memory is
+//! the dearest thing a dump does on a VM that reports free memory to its host (numbers:
+//! docs/benchmarks.md). A reader takes, in order: a buffer the writer gave back, one warmed
+//! before the freeze ([`WarmBuffers`]), a fresh one while the copy has fewer than
+//! [`MIN_BUFFERS`] or when the measured costs say that beats waiting for the writer; else it
+//! waits. Whoever has the time checksums. Incremental dumps ([`copy_plan`]) may hold the writer
+//! back until the target runs again when the data fits in the warmed buffers.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -43,8 +26,7 @@ use crate::kernel::interrupt;
 use crate::kernel::sys::mman::PageBuf;
 
 /// Size of one buffer. Small, so that the few buffers a copy turns over stay in the caches and
-/// the TLB between the read, the checksum and the write (2 MiB buffers read about a quarter
-/// quicker than 8 MiB ones here).
+/// the TLB between the read, the checksum and the write (docs/benchmarks.md).
 const CHUNK: u64 = 2 << 20;
 /// Buffers a copy takes fresh without weighing the cost: enough for the writer to write one
 /// gathered batch while the reader fills as much again.
@@ -62,8 +44,7 @@ const MIB: u64 = 1 << 20;
 
 /// A buffer for pages copied out of the target: an anonymous mapping of [`CHUNK`] bytes, page
 /// aligned (as `O_DIRECT` writes want), with small pages: on a VM with free page reporting a
-/// fresh 2 MiB page faults in from the host about five times slower than 512 small ones
-/// (measured), and since the buffers are turned over, huge pages' cheaper TLB never pays that
+/// fresh 2 MiB page faults in from the host much slower than 512 small ones, and since the buffers are turned over, huge pages' cheaper TLB never pays that
 /// back.
 fn new_buf() -> Result<PageBuf> {
     PageBuf::new(CHUNK as usize)
@@ -268,9 +249,8 @@ fn plan_batches(plan: &[PlanItem]) -> Vec<Planned> {
 
 /// Threads that read at the same time: one core is the writer's (a file takes one buffered
 /// writer at a time), the others may read, up to two (two readers keep pace with the writer).
-/// On the 2-core machine this was tuned on, with a third party keeping one core busy, a second
-/// reader made the freeze a quarter longer (more threads to schedule and hand buffers between),
-/// hence no second reader below three cores.
+/// On two cores, with a third party keeping one busy, a second reader made the freeze longer
+/// (more threads to schedule and hand buffers between): no second reader below three cores.
 fn readers() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get().saturating_sub(1))

@@ -4,7 +4,7 @@
 //! 1. state that needs no privilege and nothing else: of the process, cwd, umask, signal
 //!    dispositions and subreaper ([`restore_process_state`]); of the thread, sigaltstack,
 //!    personality, clear_child_tid, comm, rseq and timer slack ([`restore_thread_state`]).
-//!    Sessions and groups are set by restore::tree while the tree is created: they depend on
+//!    Sessions and groups are set by tree::restore while the tree is created: they depend on
 //!    the order the processes are made in;
 //! 2. pending signals, queued by the task to itself (only the task itself may queue a siginfo
 //!    that claims to come from the kernel or from kill()), while every signal is blocked;
@@ -14,7 +14,7 @@
 //!    ([`restore_creds_and_resets`]).
 //!
 //! The other threads of a process go through the per-thread steps of the same order
-//! (restore::threads). [`restore_cpu`] comes last, once no further remote syscall is needed.
+//! ([`super::threads`]). [`restore_cpu`] comes last, once no further remote syscall is needed.
 
 use anyhow::{bail, Context, Result};
 
@@ -74,7 +74,7 @@ fn restore_process_state(r: &mut Remote, scratch: u64, st: &pb::TaskState) -> Re
 
 /// What every thread has of its own and that needs no privilege, for the thread `r` drives:
 /// alternate signal stack, personality, clear_child_tid, name, rseq, timer slack. The same
-/// steps for the main thread and for the others (restore::threads), from the thread's core and
+/// steps for the main thread and for the others ([`super::threads`]), from the thread's core and
 /// the process's task state (which holds personality and timer slack as the main thread had
 /// them; the image keeps no per-thread copy).
 pub fn restore_thread_state(

@@ -258,11 +258,8 @@ impl Tracee {
             return Ok(());
         }
         self.attached = false;
-        // SAFETY: plain kill(2) of a task we hold stopped.
-        if unsafe { libc::kill(self.tgid, libc::SIGKILL) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("kill({}, SIGKILL)", self.tgid));
-        }
+        crate::kernel::sys::process::kill(self.tgid, libc::SIGKILL)
+            .with_context(|| format!("kill({}, SIGKILL)", self.tgid))?;
         loop {
             match raw::wait(self.tid) {
                 Ok(Wait::Exited(_)) | Ok(Wait::Signaled(_)) | Err(_) => return Ok(()),

@@ -1,6 +1,6 @@
-//! Thin safe wrappers over raw syscalls that the layers share. Every `unsafe` block of the
-//! crate's syscall plumbing lives here, each with a `// SAFETY:` note; errors name the call and
-//! the pid/fd it was about.
+//! Thin safe wrappers over raw syscalls, one per call (or small family), each `unsafe` block
+//! with a `// SAFETY:` note; errors name the call and the pid/fd it was about. With the rest of
+//! `kernel/` and `bpf/`, the only place `unsafe` may appear (`cargo xtask lint`).
 
 pub mod abi;
 pub mod fd;

@@ -1,6 +1,6 @@
 //! userfaultfd in asynchronous write-protect mode: how cr makes every first write to a page
-//! after a harvest take a fault (which cr-ebpf sees) and leave a mark that PAGEMAP_SCAN ([`crate::kernel::sys::pagemap`]) reports
-//! (PAGE_IS_WRITTEN), without ever stopping the writer.
+//! after a harvest take a fault (which cr-ebpf sees) and leave a mark that PAGEMAP_SCAN
+//! ([`super::pagemap`]) reports (PAGE_IS_WRITTEN), without ever stopping the writer.
 //!
 //! With UFFD_FEATURE_WP_ASYNC the kernel resolves write-protect faults itself (no handler
 //! thread); with UFFD_FEATURE_WP_UNPOPULATED even never-touched pages are protected, so a
