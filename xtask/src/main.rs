@@ -83,7 +83,7 @@ fn run() -> Result<ExitCode> {
         Cmd::Build { debug } => build::all(!debug).map(|_| ExitCode::SUCCESS),
         Cmd::Run { debug, args } => {
             let cr = build::all(!debug)?;
-            status_code(as_root(&cr, &args)?)
+            status_code(as_root(&cr, &args, &[])?)
         }
         Cmd::Test { args } => {
             let cr = build::all(true)?;
@@ -115,18 +115,11 @@ fn run() -> Result<ExitCode> {
         }
         Cmd::Demo => {
             let cr = build::all(true)?;
-            let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "cr-tests",
-                "--bin",
-                "cr-demo",
-            ]);
-            cmd.env("CR_BIN", &cr);
-            status_code(cmd.status().context("run the demo")?)
+            // The demo binary was built beside cr (build::all builds cr-tests' binaries too);
+            // run it directly, as root, with cr's path.
+            let demo = cr.with_file_name("cr-demo");
+            let env = [("CR_BIN".to_string(), cr.display().to_string())];
+            status_code(as_root(&demo, &[], &env)?)
         }
     }
 }
@@ -138,12 +131,26 @@ pub fn cargo() -> Command {
     cmd
 }
 
-fn as_root(bin: &std::path::Path, args: &[String]) -> Result<std::process::ExitStatus> {
+/// Runs `bin ARGS` as root (through sudo when we are not), with `env` set (sudo would drop it
+/// from our environment, so it goes on sudo's command line).
+fn as_root(
+    bin: &std::path::Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<std::process::ExitStatus> {
     let status = if setup::is_root() {
-        Command::new(bin).args(args).status()
+        Command::new(bin)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .status()
     } else {
-        println!("xtask: cr needs root; running it with sudo");
-        Command::new("sudo").arg(bin).args(args).status()
+        println!("xtask: {} needs root; running it with sudo", bin.display());
+        Command::new("sudo")
+            .arg("env")
+            .args(env.iter().map(|(k, v)| format!("{k}={v}")))
+            .arg(bin)
+            .args(args)
+            .status()
     };
     status.with_context(|| format!("run {}", bin.display()))
 }
