@@ -1,9 +1,10 @@
-//! `cargo xtask`: setup, build-ebpf, build, run, test, lint, bench, demo.
+//! `cargo xtask`: setup, build-ebpf, build, run, test, lint, bench, demo, install.
 //!
 //! Every command first checks the prerequisites (`setup`) and installs what is missing, so a
 //! fresh machine needs nothing but `cargo xtask <command>`.
 
 mod build;
+mod install;
 mod lint;
 mod setup;
 
@@ -60,6 +61,13 @@ enum Cmd {
     },
     /// Start a counter service, dump it, restore it, and show it counting on.
     Demo,
+    /// Build cr (release, eBPF object embedded) and install it: PREFIX/bin/cr, bash, zsh and
+    /// fish completions, and man pages (cr.1, cr-dump.1, …).
+    Install {
+        /// Installation prefix.
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +128,20 @@ fn run() -> Result<ExitCode> {
             let demo = cr.with_file_name("cr-demo");
             let env = [("CR_BIN".to_string(), cr.display().to_string())];
             status_code(as_root(&demo, &[], &env)?)
+        }
+        Cmd::Install { prefix } => {
+            let cr = build::all(true)?;
+            let prefix = std::path::absolute(&prefix)
+                .with_context(|| format!("the prefix {}", prefix.display()))?;
+            println!("xtask: installing cr under {}", prefix.display());
+            for f in install::install(&cr, &prefix)? {
+                println!("xtask: installed {}", f.display());
+            }
+            let bin = prefix.join("bin");
+            if !install::on_path(&bin) {
+                println!("xtask: note: {} is not on your PATH", bin.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
