@@ -67,6 +67,58 @@ pub enum Command {
     /// (internal) The tracker process that `cr pre-dump` and `--track-mem` start.
     #[command(name = "__tracker", hide = true)]
     Tracker(TrackerOpts),
+    /// (internal) Print the completion script for SHELL (`cargo xtask install` installs them).
+    #[command(name = "__completions", hide = true)]
+    Completions(CompletionsOpts),
+    /// (internal) Write the man pages (cr.1, cr-dump.1, …) into DIR (`cargo xtask install`).
+    #[command(name = "__man", hide = true)]
+    Man(ManOpts),
+}
+
+/// Options of the hidden `cr __completions`.
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsOpts {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Options of the hidden `cr __man`.
+#[derive(Args, Debug, Clone)]
+pub struct ManOpts {
+    /// Directory to write the pages into (created if missing).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Writes the completion script for `shell`, generated from these definitions (so it can never
+/// disagree with the binary that prints it).
+pub fn write_completions(
+    shell: clap_complete::Shell,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    // Without the hidden subcommands: clap_complete's generators would offer them.
+    let full = Cli::command();
+    let mut cmd = clap::Command::new("cr")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    // Into memory first: clap_complete panics on a write error (a closed pipe); we report it.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "cr", &mut script);
+    out.write_all(&script)
+        .and_then(|_| out.flush())
+        .with_context(|| format!("write the {shell} completion script"))
+}
+
+/// Writes one man page per visible command into `dir`: cr.1, cr-dump.1, cr-restore.1, …
+pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("write the man pages into {}", dir.display()))
 }
 
 /// Options of the hidden `cr __tracker` (see `track::daemon`).

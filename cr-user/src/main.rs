@@ -54,6 +54,10 @@ fn main() -> ExitCode {
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
         Command::Tracker(o) => cr::cmd::tracker::run(o.pid, o.ready_fd, o.dirty_max_entries),
+        Command::Completions(o) => {
+            cr::cli::write_completions(o.shell, &mut std::io::stdout()).map(|_| 0)
+        }
+        Command::Man(o) => cr::cli::write_man_pages(&o.dir).map(|_| 0),
     };
     log::logger().flush();
     match result {

@@ -1,9 +1,10 @@
-//! `cargo xtask`: setup, build-ebpf, build, run, test, lint, bench, demo.
+//! `cargo xtask`: setup, build-ebpf, build, run, test, lint, bench, demo, install.
 //!
 //! Every command first checks the prerequisites (`setup`) and installs what is missing, so a
 //! fresh machine needs nothing but `cargo xtask <command>`.
 
 mod build;
+mod install;
 mod lint;
 mod setup;
 
@@ -60,6 +61,13 @@ enum Cmd {
     },
     /// Start a counter service, dump it, restore it, and show it counting on.
     Demo,
+    /// Build cr (release, eBPF object embedded) and install it: PREFIX/bin/cr, bash, zsh and
+    /// fish completions, and man pages (cr.1, cr-dump.1, …).
+    Install {
+        /// Installation prefix.
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,7 +91,7 @@ fn run() -> Result<ExitCode> {
         Cmd::Build { debug } => build::all(!debug).map(|_| ExitCode::SUCCESS),
         Cmd::Run { debug, args } => {
             let cr = build::all(!debug)?;
-            status_code(as_root(&cr, &args)?)
+            status_code(as_root(&cr, &args, &[])?)
         }
         Cmd::Test { args } => {
             let cr = build::all(true)?;
@@ -115,18 +123,25 @@ fn run() -> Result<ExitCode> {
         }
         Cmd::Demo => {
             let cr = build::all(true)?;
-            let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "cr-tests",
-                "--bin",
-                "cr-demo",
-            ]);
-            cmd.env("CR_BIN", &cr);
-            status_code(cmd.status().context("run the demo")?)
+            // The demo binary was built beside cr (build::all builds cr-tests' binaries too);
+            // run it directly, as root, with cr's path.
+            let demo = cr.with_file_name("cr-demo");
+            let env = [("CR_BIN".to_string(), cr.display().to_string())];
+            status_code(as_root(&demo, &[], &env)?)
+        }
+        Cmd::Install { prefix } => {
+            let cr = build::all(true)?;
+            let prefix = std::path::absolute(&prefix)
+                .with_context(|| format!("the prefix {}", prefix.display()))?;
+            println!("xtask: installing cr under {}", prefix.display());
+            for f in install::install(&cr, &prefix)? {
+                println!("xtask: installed {}", f.display());
+            }
+            let bin = prefix.join("bin");
+            if !install::on_path(&bin) {
+                println!("xtask: note: {} is not on your PATH", bin.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -138,12 +153,26 @@ pub fn cargo() -> Command {
     cmd
 }
 
-fn as_root(bin: &std::path::Path, args: &[String]) -> Result<std::process::ExitStatus> {
+/// Runs `bin ARGS` as root (through sudo when we are not), with `env` set (sudo would drop it
+/// from our environment, so it goes on sudo's command line).
+fn as_root(
+    bin: &std::path::Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<std::process::ExitStatus> {
     let status = if setup::is_root() {
-        Command::new(bin).args(args).status()
+        Command::new(bin)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .status()
     } else {
-        println!("xtask: cr needs root; running it with sudo");
-        Command::new("sudo").arg(bin).args(args).status()
+        println!("xtask: {} needs root; running it with sudo", bin.display());
+        Command::new("sudo")
+            .arg("env")
+            .args(env.iter().map(|(k, v)| format!("{k}={v}")))
+            .arg(bin)
+            .args(args)
+            .status()
     };
     status.with_context(|| format!("run {}", bin.display()))
 }
