@@ -207,21 +207,30 @@ fn recv(fd: i32) -> Result<(Option<SocketAddr>, Vec<u8>, bool), i32> {
 /// How many datagrams are queued at `fd`, counted by peeking with SO_PEEK_OFF (left disabled
 /// afterwards, as it was).
 fn queued(fd: i32) -> usize {
+    peeked(fd).len()
+}
+
+/// The sizes of the datagrams queued at `fd`, peeked with SO_PEEK_OFF (left disabled
+/// afterwards, as it was).
+fn peeked(fd: i32) -> Vec<isize> {
     setopt(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0);
-    let mut n = 0;
+    let mut n = Vec::new();
     // Whole datagrams: the peek offset moves by what was copied.
     let mut b = vec![0u8; 65536];
-    // SAFETY: peeks into a valid buffer.
-    while unsafe {
-        libc::recv(
-            fd,
-            b.as_mut_ptr().cast(),
-            b.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    } >= 0
-    {
-        n += 1;
+    loop {
+        // SAFETY: a peek into a valid buffer.
+        let k = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if k < 0 {
+            break;
+        }
+        n.push(k);
     }
     setopt(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
     n
@@ -234,8 +243,38 @@ fn await_queued(fd: i32, n: usize, what: &str) {
     while queued(fd) < n {
         assert!(
             Instant::now() < deadline,
-            "{what}: {} of {n} datagrams queued",
-            queued(fd)
+            "{what}: {:?} queued, want {n} datagrams",
+            peeked(fd)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The memory S's receive queue holds (SO_MEMINFO's first field, sk_rmem_alloc): it grows
+/// with every datagram queued, the empty ones too, which lets the workload wait for one
+/// without peeking at it.
+fn rmem(fd: i32) -> u32 {
+    let mut v = [0u32; 9];
+    let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
+    // SAFETY: valid out-pointers of the right size.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            v.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    v[0]
+}
+
+fn await_rmem_above(fd: i32, was: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rmem(fd) <= was {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: a datagram never arrived"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -350,25 +389,9 @@ fn set_up(v6: bool, lite: bool, peer: Option<SocketAddr>) -> Set {
     bind(c2, &SocketAddr::new(lo, 0));
     let (a1, a2) = (name(c1, false).unwrap(), name(c2, false).unwrap());
     let mut at_s = Vec::new();
-    for (who, data) in [
-        (1, b"c1-first".to_vec()),
-        (2, b"c2-a".to_vec()),
-        (1, Vec::new()),
-        (1, pattern(1, 1400)),
-        (2, pattern(2, 60_000)),
-    ] {
-        if who == 1 {
-            send(c1, &data, None).unwrap();
-            at_s.push((a1, data));
-        } else {
-            send(c2, &data, Some(&sa)).unwrap();
-            at_s.push((a2, data));
-        }
-    }
-    send(s, b"s-to-c1-1", Some(&a1)).unwrap();
-    send(s, b"s-to-c1-2", Some(&a1)).unwrap();
-    send(s, b"s-to-c2", Some(&a2)).unwrap();
-    await_queued(s, at_s.len(), &what);
+    // The harness's datagrams first: they are awaited by peeking, which must not see the
+    // empty datagram below (a zero-length datagram once peeked is skipped by every later
+    // SO_PEEK_OFF peek: the kernel's rule, which a dump must not trip over either).
     if let Some(p) = peer {
         send(s, b"hello", Some(&p)).unwrap();
         for i in 0..3 {
@@ -376,6 +399,26 @@ fn set_up(v6: bool, lite: bool, peer: Option<SocketAddr>) -> Set {
         }
         await_queued(s, at_s.len(), &format!("{what}: the harness's datagrams"));
     }
+    for (who, data) in [
+        (1, b"c1-first".to_vec()),
+        (2, b"c2-a".to_vec()),
+        (1, Vec::new()),
+        (1, pattern(1, 1400)),
+        (2, pattern(2, 60_000)),
+    ] {
+        let mem = rmem(s);
+        if who == 1 {
+            send(c1, &data, None).unwrap();
+            at_s.push((a1, data));
+        } else {
+            send(c2, &data, Some(&sa)).unwrap();
+            at_s.push((a2, data));
+        }
+        await_rmem_above(s, mem, &what);
+    }
+    send(s, b"s-to-c1-1", Some(&a1)).unwrap();
+    send(s, b"s-to-c1-2", Some(&a1)).unwrap();
+    send(s, b"s-to-c2", Some(&a2)).unwrap();
     await_queued(c1, 2, &what);
     await_queued(c2, 1, &what);
     let mut set = Set {
