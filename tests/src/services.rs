@@ -406,7 +406,12 @@ impl Nginx {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new("nginx");
+        // /usr/sbin may be missing from a test runner's PATH.
+        let bin = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|b| !b.starts_with('/') || Path::new(b).exists())
+            .unwrap();
+        let mut cmd = Command::new(bin);
         cmd.arg("-c")
             .arg(&conf)
             .arg("-p")
