@@ -10,15 +10,19 @@
 //!    exits 0 (pass) or 1 (fail). The harness reads both (it is the subreaper of restored tasks).
 //!
 //! Modules: [`workload`] (the process side of the protocol), [`cr_cmd`] (running cr: command
-//! lines, failure reports), [`procfs`] (what /proc says about a process), [`pty`] (terminals),
-//! [`net`] (TCP peers, network namespaces, the network lock), [`sys`] (syscall wrappers the
-//! workloads share), [`page_pattern`] (the page contents of wl_dirty, for both sides).
+//! lines, failure reports), [`fdinfo`] (the kernel's view of a workload's own fds),
+//! [`services`] (Debian's redis-server and nginx run by the tests, and their clients),
+//! [`procfs`] (what /proc says about a process), [`pty`] (terminals), [`net`] (TCP peers,
+//! network namespaces, the network lock), [`sys`] (syscall wrappers the workloads share),
+//! [`page_pattern`] (the page contents of wl_dirty, for both sides).
 
 pub mod cr_cmd;
+pub mod fdinfo;
 pub mod net;
 pub mod page_pattern;
 pub mod procfs;
 pub mod pty;
+pub mod services;
 pub mod sys;
 pub mod workload;
 
@@ -492,4 +496,30 @@ pub fn exits_within(pid: i32, ms: i32) -> bool {
     // SAFETY: the fd opened above, closed once.
     unsafe { libc::close(fd) };
     r > 0
+}
+
+/// `cr pre-dump` of `w` into DIR/p1 (the tracker starts), then the final `cr dump --track-mem
+/// --prev-images-dir ../p1 EXTRA` into DIR/img, reaping `pids` (the tree's other processes)
+/// and restoring from DIR/img with `restore_extra`: the incremental path a service takes.
+/// `between` runs after the pre-dump, before the final dump (to change memory meanwhile).
+pub fn pre_dump_then_dump_and_restore(
+    w: &mut Workload,
+    dir: &TempDir,
+    pids: &[i32],
+    dump_extra: &[&str],
+    restore_extra: &[&str],
+    between: impl FnOnce(),
+) {
+    become_subreaper();
+    CrCmd::pre_dump(w.pid, dir.join("p1"))
+        .args(dump_extra)
+        .env("CR_TRACKER_LOG", dir.join("tracker.log"))
+        .ok();
+    between();
+    dump_cmd(w, dir)
+        .args(&["--track-mem", "--prev-images-dir", "../p1"])
+        .args(dump_extra)
+        .ok();
+    w.reap_killed_tree(pids);
+    restore_cmd(dir).args(restore_extra).ok();
 }

@@ -36,9 +36,15 @@ impl Checker {
 
     /// Writes PASS / FAIL to $CR_RESULT and exits 0 / 1.
     pub fn report(self) -> ! {
+        self.report_noting("")
+    }
+
+    /// [`Checker::report`] with a note after PASS (`PASS note`): what the workload saw that
+    /// the harness checks further (e.g. whether queued events were kept).
+    pub fn report_noting(self, note: &str) -> ! {
         let path = std::env::var_os("CR_RESULT").expect("CR_RESULT");
         let text = if self.failures.is_empty() {
-            "PASS\n".to_string()
+            format!("PASS{}{note}\n", if note.is_empty() { "" } else { " " })
         } else {
             format!("FAIL: {}\n", self.failures.join("; "))
         };
@@ -122,4 +128,36 @@ pub fn install_check_flag() {
 
 pub fn check_requested() -> bool {
     CHECK_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// A forked child's verdict: written to `$CR_RESULT.NAME`, then `_exit` with 0 (pass) or 1.
+/// Its parent collects it with [`check_child`].
+pub fn child_report(name: &str, c: Checker) -> ! {
+    let path = format!("{}.{name}", std::env::var("CR_RESULT").expect("CR_RESULT"));
+    let text = if c.failures.is_empty() {
+        "PASS\n".to_string()
+    } else {
+        format!("FAIL: {}\n", c.failures.join("; "))
+    };
+    std::fs::write(&path, text).expect("write the child's result");
+    // SAFETY: _exit skips the parent's atexit work (this is a forked child).
+    unsafe { libc::_exit(if c.failures.is_empty() { 0 } else { 1 }) }
+}
+
+/// The verdict of child `name` (our child `pid`, which waits in [`wait_for_check`]): SIGUSR1
+/// it, wait for it to exit, read its result into `c`.
+pub fn check_child(c: &mut Checker, name: &str, pid: i32) {
+    // SAFETY: plain kill/waitpid on our own child.
+    let st = unsafe {
+        libc::kill(pid, libc::SIGUSR1);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        st
+    };
+    let path = format!("{}.{name}", std::env::var("CR_RESULT").expect("CR_RESULT"));
+    let res = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("no result: {e}"));
+    c.check(
+        res.starts_with("PASS") && libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        format!("{name} ({pid}): {} (status {st:#x})", res.trim()),
+    );
 }

@@ -1,7 +1,9 @@
 //! Prerequisites: checked before every command, installed when missing, each step printed.
 //!
 //! - Debian packages: LLVM 22 (bpf-linker links against it; rustc 1.98 ships LLVM 22),
-//!   protoc (prost-build), iproute2 and nftables (network tests).
+//!   protoc (prost-build), iproute2 and nftables (network tests), and redis-server,
+//!   redis-tools and nginx-light for the real-program tests, installed without starting their
+//!   system services (the tests run their own instances on loopback).
 //! - The pinned toolchain's rust-src component (`-Z build-std=core` for the BPF target).
 //!   The toolchain itself is installed by rustup from rust-toolchain.toml before xtask runs.
 //! - bpf-linker, built from crates.io against LLVM 22.
@@ -23,6 +25,12 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
 ];
+/// Services the tests run themselves (tests/src/services.rs): the packages' own system
+/// services must not start, nor stay enabled, on a developer's or CI's machine.
+const SERVICE_PACKAGES: &[&str] = &["redis-server", "redis-tools", "nginx-light"];
+/// Their system services, by the names Debian gives them.
+const SYSTEM_SERVICES: &[&str] = &["redis-server", "nginx"];
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const TOOLCHAIN: &str = "1.98.0";
 
 pub fn is_root() -> bool {
@@ -94,17 +102,15 @@ fn sudo(cmd: &str) -> Command {
 }
 
 fn apt(verbose: bool) -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    let all: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(SERVICE_PACKAGES)
         .copied()
-        .filter(|p| !dpkg_installed(p))
         .collect();
+    let missing: Vec<&str> = all.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         if verbose {
-            println!(
-                "xtask: setup: Debian packages present ({})",
-                APT_PACKAGES.join(" ")
-            );
+            println!("xtask: setup: Debian packages present ({})", all.join(" "));
         }
         return Ok(());
     }
@@ -114,6 +120,13 @@ fn apt(verbose: bool) -> Result<()> {
             missing.join(" ")
         );
     }
+    let services = missing.iter().any(|p| SERVICE_PACKAGES.contains(p));
+    // invoke-rc.d asks policy-rc.d before starting a package's service: 101 means "no".
+    let _policy = if services {
+        Some(NoServiceStarts::install()?)
+    } else {
+        None
+    };
     run("apt-get update", sudo("apt-get").args(["update", "-qq"]))?;
     run(
         &format!("apt-get install {}", missing.join(" ")),
@@ -121,7 +134,53 @@ fn apt(verbose: bool) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq"])
             .args(&missing),
-    )
+    )?;
+    if services && Path::new("/run/systemd/system").exists() {
+        // Under systemd the packages enable their units: disable (and stop) them.
+        run(
+            &format!("systemctl disable --now {}", SYSTEM_SERVICES.join(" ")),
+            sudo("systemctl")
+                .args(["disable", "--now"])
+                .args(SYSTEM_SERVICES),
+        )?;
+    }
+    Ok(())
+}
+
+/// A policy-rc.d that refuses every service start, in place while packages install, removed
+/// afterwards; an existing policy-rc.d (a container's, say) is left as it is.
+struct NoServiceStarts {
+    ours: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<NoServiceStarts> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(NoServiceStarts { ours: false });
+        }
+        println!("xtask: setup: {POLICY_RC_D} (exit 101) while the service packages install");
+        let script =
+            "#!/bin/sh\n# cargo xtask setup: no service starts while packages install\nexit 101\n";
+        let tmp = std::env::temp_dir().join(format!("policy-rc.d.{}", std::process::id()));
+        std::fs::write(&tmp, script).with_context(|| format!("write {}", tmp.display()))?;
+        run(
+            &format!("install {POLICY_RC_D}"),
+            sudo("install")
+                .args(["-m", "0755"])
+                .arg(&tmp)
+                .arg(POLICY_RC_D),
+        )?;
+        let _ = std::fs::remove_file(&tmp);
+        Ok(NoServiceStarts { ours: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = sudo("rm").args(["-f", POLICY_RC_D]).status();
+        }
+    }
 }
 
 fn rust_src(verbose: bool) -> Result<()> {

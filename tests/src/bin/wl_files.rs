@@ -8,8 +8,9 @@
 //!
 //! Usage: wl_files DIR MODE
 //!   DIR   an existing, empty scratch directory (its sibling DIR.stderr gets stderr)
-//!   MODE  all | eventfd | socket | tty | nofollow — eventfd, socket and tty add an fd cr
-//!         refuses at fd 50 (and 51), for the failed-dump tests; nofollow adds DIR/nofollow.txt
+//!   MODE  all | eventfd | socket | tty | io_uring | userfaultfd | perf | bpf | nofollow —
+//!         all but `all` and `nofollow` add an fd cr refuses at fd 50 (and 51), for the
+//!         failed-dump tests; nofollow adds DIR/nofollow.txt
 //!         opened O_NOFOLLOW at fd 50. READY carries "fd=50" in every mode but `all`.
 
 use std::collections::BTreeMap;
@@ -403,6 +404,38 @@ fn setup_extra(mode: &str) {
                 std::fs::write(&nf, b"no symlinks\n").unwrap();
                 open_at(&nf, libc::O_RDONLY | libc::O_NOFOLLOW, FD_EXTRA);
             }
+            "io_uring" => {
+                let mut params = [0u8; 120];
+                let fd = libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr());
+                move_fd(check_ret(fd, "io_uring_setup") as i32, FD_EXTRA, false);
+            }
+            "userfaultfd" => {
+                let fd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC);
+                move_fd(check_ret(fd, "userfaultfd") as i32, FD_EXTRA, false);
+            }
+            "perf" => {
+                // A software clock counting this task's CPU time: no PMU needed.
+                let mut attr = [0u8; 128];
+                attr[0..4].copy_from_slice(&1u32.to_ne_bytes()); // PERF_TYPE_SOFTWARE
+                attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // size
+                attr[8..16].copy_from_slice(&1u64.to_ne_bytes()); // PERF_COUNT_SW_TASK_CLOCK
+                let fd = libc::syscall(
+                    libc::SYS_perf_event_open,
+                    attr.as_ptr(),
+                    0,
+                    -1,
+                    -1,
+                    8, // PERF_FLAG_FD_CLOEXEC
+                );
+                move_fd(check_ret(fd, "perf_event_open") as i32, FD_EXTRA, false);
+            }
+            "bpf" => {
+                // BPF_MAP_CREATE of a one-entry array (type 2).
+                let mut attr = [0u32; 30];
+                attr[..4].copy_from_slice(&[2, 4, 8, 1]);
+                let fd = libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 120);
+                move_fd(check_ret(fd, "bpf(BPF_MAP_CREATE)") as i32, FD_EXTRA, false);
+            }
             "all" => {}
             m => panic!("unknown mode {m}"),
         }
@@ -417,6 +450,11 @@ fn check_extra(c: &mut Checker, mode: &str) {
             "eventfd counter",
         ),
         "socket" => c.eq(read(FD_EXTRA, 16), Ok(b"abc".to_vec()), "socket data"),
+        "io_uring" | "userfaultfd" | "perf" | "bpf" => {
+            // SAFETY: F_GETFD on our fd.
+            let r = unsafe { libc::fcntl(FD_EXTRA, libc::F_GETFD) };
+            c.check(r >= 0, format!("fd {FD_EXTRA} ({mode}) is gone"));
+        }
         "nofollow" => c.eq(
             read(FD_EXTRA, 100),
             Ok(b"no symlinks\n".to_vec()),
