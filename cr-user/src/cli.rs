@@ -64,6 +64,12 @@ pub enum Command {
     Check(CheckOpts),
     /// Print an image file, or a whole images directory, as JSON.
     Show(ShowOpts),
+    /// Remove the network lock a `dump --tcp-established` left for the image in DIR (when
+    /// the image will not be restored, or its tree runs on).
+    NetworkUnlock(NetworkUnlockOpts),
+    /// (internal) The repair guard that `dump --tcp-established` starts.
+    #[command(name = "__repair-guard", hide = true)]
+    RepairGuard(RepairGuardOpts),
     /// (internal) The tracker process that `cr pre-dump` and `--track-mem` start.
     #[command(name = "__tracker", hide = true)]
     Tracker(TrackerOpts),
@@ -191,6 +197,21 @@ pub struct CheckOpts {
     /// Also probe optional features (nftables, …).
     #[arg(long = "all")]
     pub all: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NetworkUnlockOpts {
+    /// Images directory of the dump that locked the connections.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+}
+
+/// Options of the hidden `cr __repair-guard`.
+#[derive(Args, Debug, Clone)]
+pub struct RepairGuardOpts {
+    /// The inherited socket to the dumping cr.
+    #[arg(long = "fd")]
+    pub fd: i32,
 }
 
 #[derive(Args, Debug, Clone)]

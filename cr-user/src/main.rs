@@ -54,6 +54,8 @@ fn main() -> ExitCode {
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
         Command::Tracker(o) => cr::cmd::tracker::run(o.pid, o.ready_fd, o.dirty_max_entries),
+        Command::NetworkUnlock(o) => cr::cmd::network_unlock::run(o).map(|_| 0),
+        Command::RepairGuard(o) => cr::tcp::guard::serve(o.fd),
         Command::Completions(o) => {
             cr::cli::write_completions(o.shell, &mut std::io::stdout()).map(|_| 0)
         }

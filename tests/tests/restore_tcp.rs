@@ -149,17 +149,30 @@ fn restore_needs_flag_then_works() {
     w.assert_pass();
 }
 
-/// A restore finds the lock gone (removed behind cr's back): refused, as the peers may have
-/// reset the connections meanwhile.
+/// A restore finds the lock gone (`cr network-unlock` removed it): refused, as the peers may
+/// have reset the connections meanwhile. The lock was pinned (it outlived the dump) and
+/// network-unlock removes every pin of it; a second network-unlock is fine.
 #[test]
 fn restore_refused_when_lock_gone() {
     let d = TempDir::new("tcp-unlocked");
     let mut w = Workload::start("wl_tcp", &["local"], &d);
     dump_and_reap(&mut w, &d, &["--tcp-established"]);
-    let rec = cr::bpf::netlock::read_record(&d.join("img"))
-        .unwrap()
-        .expect("a lock record");
-    cr::bpf::netlock::release(&rec, None);
+    let pins = std::fs::read_dir("/sys/fs/bpf/cr")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("netlock-{}-", w.pid))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(pins, 1, "the dump that killed its tree left no pinned lock");
+    let img = d.s("img");
+    cr_tests::cr_ok(&["network-unlock", "-D", &img]);
+    assert_no_lock_left(w.pid);
+    cr_tests::cr_ok(&["network-unlock", "-D", &img]);
     let err = restore_cmd(&d)
         .arg("--tcp-established")
         .fails("the network lock is gone");

@@ -1,19 +1,22 @@
 //! The network lock of `--tcp-established`: cr's `cr_netlock` tc classifier (cr-ebpf/src/
-//! netlock.rs) on clsact ingress and egress of the interfaces the connections use (`lo`, and the
-//! one holding the local address), dropping every packet of the connections listed in its map.
+//! netlock.rs) on the TCX ingress and egress hooks of the interfaces the connections use
+//! (`lo`, and the one holding the local address), dropping every packet of the connections
+//! listed in its map.
 //!
-//! Each dump has its own instance: map and program pinned under `/sys/fs/bpf/cr/netlock-TAG/`,
-//! and the tc filters recorded (interface, direction, priority, handle) in `netlock.json` in
-//! the image directory. The filters hold the program, the program holds the map: the lock
-//! outlives `cr dump`. Restore checks the pins are there, rebuilds, then [`release`]s: filters
-//! detached by handle (never by name: other dumps' locks stay), pins removed.
+//! While a dump runs, the lock is held by cr's own fds (the TCX links, the program, the map):
+//! if cr dies, the kernel removes it, and the connections run on. Only a dump whose image is
+//! complete and that kills the tree makes it outlive cr: [`NetLock::pin`] pins the map and the
+//! links under `/sys/fs/bpf/cr/netlock-TAG/`, and the image records them ([`Record`]). Restore
+//! checks the pins are there, rebuilds, then [`release`]s (`cr network-unlock` too): the link
+//! pins removed (the kernel detaches them), then the map's. No clsact qdisc, no tc filter.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcAttachType};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{TcAttach, TcAttachType};
 use aya::programs::SchedClassifier;
 use serde::{Deserialize, Serialize};
 
@@ -22,8 +25,6 @@ use crate::kernel::sys::sock::show_addr;
 const PROG: &str = "cr_netlock";
 const MAP: &str = "CR_NETLOCK";
 const PIN_ROOT: &str = "/sys/fs/bpf/cr";
-/// The lock's record in the image directory.
-pub const RECORD: &str = "netlock.json";
 
 /// Same layout as `FlowKey` in cr-ebpf/src/netlock.rs.
 #[repr(C)]
@@ -39,25 +40,43 @@ struct FlowKey {
 // SAFETY: repr(C), plain bytes and integers, no padding (16+16+2+2+4).
 unsafe impl aya::Pod for FlowKey {}
 
-/// One tc filter of the lock.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Filter {
+/// One TCX link of the lock: an interface and a direction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LinkRec {
     pub ifname: String,
     pub ingress: bool,
-    pub priority: u16,
-    pub handle: u32,
 }
 
-/// What restore needs to find and remove a lock.
+impl LinkRec {
+    /// The link's pin, in the lock's pin directory.
+    fn pin_name(&self) -> String {
+        format!(
+            "link-{}-{}",
+            self.ifname,
+            if self.ingress { "ingress" } else { "egress" }
+        )
+    }
+}
+
+/// What restore needs to find and remove a pinned lock (the image keeps it, framed).
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
 pub struct Record {
     pub pin_dir: String,
-    pub filters: Vec<Filter>,
-    /// When the first connection became locked (CLOCK_REALTIME, ns since the epoch; 0 in a
-    /// record without it): [`release`] logs how long the connections stayed locked, the
-    /// downtime the lock itself cost (cr-bench's tcp section reads that line).
-    #[serde(default)]
+    pub links: Vec<LinkRec>,
+    /// When the first connection became locked (CLOCK_REALTIME, ns since the epoch): [`release`]
+    /// logs how long the connections stayed locked, the downtime the lock itself cost
+    /// (cr-bench's tcp section reads that line).
     pub locked_at_ns: u64,
+}
+
+impl Record {
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Record> {
+        serde_json::from_slice(b).context("parse the network lock record")
+    }
 }
 
 /// Wall-clock time in ns since the epoch: dump and restore are different processes, possibly
@@ -69,14 +88,15 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A lock being built by a dump.
+/// A lock being built by a dump: everything held by cr's fds until [`NetLock::pin`].
 pub struct NetLock {
     rec: Record,
-    map: BpfHashMap<MapData, FlowKey, u8>,
-    prog: SchedClassifier,
-    /// Keeps the loaded object's other parts alive while the dump runs.
-    _obj: crate::bpf::BpfObject,
-    record_path: PathBuf,
+    map: Map,
+    /// The loaded object: its classifier is what the links run.
+    obj: crate::bpf::BpfObject,
+    links: Vec<FdLink>,
+    /// The links once pinned (the pins hold them from then on).
+    pinned: Vec<PinnedLink>,
     /// Local addresses whose interfaces carry the lock already.
     addrs_done: Vec<Vec<u8>>,
 }
@@ -161,41 +181,18 @@ fn interfaces(family: u32, addr: &[u8]) -> Vec<String> {
 }
 
 impl NetLock {
-    /// Loads and pins a fresh lock; `record_dir` is the image directory.
-    pub fn create(tag: &str, record_dir: &Path) -> Result<NetLock> {
+    /// Loads a fresh lock (nothing attached, nothing pinned); `tag` names its pin directory.
+    pub fn create(tag: &str) -> Result<NetLock> {
         let pin_dir = PathBuf::from(PIN_ROOT).join(format!("netlock-{tag}"));
-        // Another cr releasing the last lock may remove the parent directory between
-        // create_dir_all's two mkdirs: try again then.
-        let mut made = std::fs::create_dir_all(&pin_dir);
-        for _ in 0..3 {
-            match &made {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    made = std::fs::create_dir_all(&pin_dir)
-                }
-                _ => break,
-            }
-        }
-        made.with_context(|| {
-            format!(
-                "create {} (is bpffs mounted at /sys/fs/bpf?)",
-                pin_dir.display()
-            )
-        })?;
         // Only the classifier and its map are used: the tracker's large maps at their
         // smallest, so loading costs little.
         let mut obj = crate::bpf::BpfObject::load_sized(Some(1))?;
-        let raw = obj.ebpf_mut().take_map(MAP).ok_or_else(|| {
+        let map = obj.ebpf_mut().take_map(MAP).ok_or_else(|| {
             anyhow!("the eBPF object has no map {MAP} (stale build? run cargo xtask build)")
         })?;
-        let _ = std::fs::remove_file(pin_dir.join("map"));
-        match &raw {
-            aya::maps::Map::HashMap(d) => d
-                .pin(pin_dir.join("map"))
-                .with_context(|| format!("pin the lock map in {}", pin_dir.display()))?,
-            _ => bail!("{MAP} is not a hash map"),
+        if !matches!(map, Map::HashMap(_)) {
+            bail!("{MAP} is not a hash map");
         }
-        let map: BpfHashMap<MapData, FlowKey, u8> =
-            BpfHashMap::try_from(raw).context("open the lock map")?;
         let prog: &mut SchedClassifier = obj
             .ebpf_mut()
             .program_mut(PROG)
@@ -208,79 +205,64 @@ impl NetLock {
             .context("cr_netlock is not a classifier")?;
         prog.load()
             .context("load the network-lock classifier (verifier)")?;
-        let _ = std::fs::remove_file(pin_dir.join("prog"));
-        prog.pin(pin_dir.join("prog"))
-            .with_context(|| format!("pin the lock program in {}", pin_dir.display()))?;
-        let prog = SchedClassifier::from_pin(pin_dir.join("prog"))
-            .context("reopen the pinned lock program")?;
-        let lock = NetLock {
+        Ok(NetLock {
             rec: Record {
                 pin_dir: pin_dir.display().to_string(),
-                filters: Vec::new(),
+                links: Vec::new(),
                 locked_at_ns: 0,
             },
             map,
-            prog,
-            _obj: obj,
-            record_path: record_dir.join(RECORD),
+            obj,
+            links: Vec::new(),
+            pinned: Vec::new(),
             addrs_done: Vec::new(),
-        };
-        lock.save()?;
-        log::info!("network lock pinned in {}", pin_dir.display());
-        Ok(lock)
-    }
-
-    fn save(&self) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.rec)?;
-        std::fs::write(&self.record_path, text)
-            .with_context(|| format!("write {}", self.record_path.display()))
+        })
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
-        if self.rec.filters.iter().any(|f| f.ifname == ifname) {
+        if self.rec.links.iter().any(|l| l.ifname == ifname) {
             return Ok(());
         }
+        let prog: &mut SchedClassifier = self
+            .obj
+            .ebpf_mut()
+            .program_mut(PROG)
+            .context("internal: the network-lock program vanished")?
+            .try_into()
+            .context("cr_netlock is not a classifier")?;
         let c = std::ffi::CString::new(ifname).context("interface name")?;
-        if let Err(e) = tc::qdisc_add_clsact(c.as_c_str()) {
-            log::debug!("clsact on {ifname}: {e} (already there?)");
-        }
         for (ty, ingress) in [(TcAttachType::Ingress, true), (TcAttachType::Egress, false)] {
-            let id = self
-                .prog
+            let dir = if ingress { "ingress" } else { "egress" };
+            let id = prog
                 .attach(
                     c.as_c_str(),
-                    TcAttach::Netlink {
-                        parent: ty.into(),
-                        options: NlOptions::default(),
+                    TcAttach::Tcx {
+                        attach_type: ty,
+                        order: LinkOrder::default(),
                     },
                 )
-                .with_context(|| {
-                    format!(
-                        "attach the network lock to {ifname} {}",
-                        if ingress { "ingress" } else { "egress" }
-                    )
-                })?;
-            let link = self.prog.take_link(id).context("take the tc link")?;
-            let f = Filter {
+                .with_context(|| format!("attach the network lock to {ifname} {dir} (TCX)"))?;
+            let link = prog.take_link(id).context("take the TCX link")?;
+            let fd = FdLink::try_from(link)
+                .map_err(|e| anyhow!("the TCX link of {ifname} {dir}: {e}"))?;
+            self.links.push(fd);
+            self.rec.links.push(LinkRec {
                 ifname: ifname.to_string(),
                 ingress,
-                priority: link.priority()?,
-                handle: link.handle()?.into(),
-            };
-            // The filter stays attached after cr exits; `release` removes it by handle.
-            std::mem::forget(link);
-            self.rec.filters.push(f);
-            self.save()?;
+            });
         }
         Ok(())
     }
 
     /// Locks one connection: its packets are dropped from now on, both ways.
     pub fn add(&mut self, s: &Flow) -> Result<()> {
-        for k in keys(s)? {
-            self.map
-                .insert(&k, &1, 0)
-                .context("add a connection to the lock map")?;
+        {
+            let mut map: BpfHashMap<&mut MapData, FlowKey, u8> =
+                BpfHashMap::try_from(&mut self.map).context("open the lock map")?;
+            for k in keys(s)? {
+                map.insert(&k, &1, 0)
+                    .context("add a connection to the lock map")?;
+            }
         }
         // Interfaces are found once per local address (a getifaddrs netlink dump each time
         // would cost more than the rest of locking a connection).
@@ -290,39 +272,88 @@ impl NetLock {
             }
             self.addrs_done.push(s.src_addr.clone());
         }
-        // Map entry and filters in place: from here the first connection drops its packets.
+        // Map entry and links in place: from here the first connection drops its packets.
         if self.rec.locked_at_ns == 0 {
             self.rec.locked_at_ns = now_ns();
-            self.save()?;
         }
         Ok(())
+    }
+
+    /// Whether any connection is locked.
+    pub fn is_used(&self) -> bool {
+        self.rec.locked_at_ns != 0
     }
 
     pub fn record(&self) -> &Record {
         &self.rec
     }
 
-    /// The image directory holding the lock's record.
-    pub fn record_dir(&self) -> &Path {
-        self.record_path.parent().unwrap_or(Path::new("."))
+    /// Makes the lock outlive cr (a complete image refers to it): the map and every link
+    /// pinned in the record's directory.
+    pub fn pin(&mut self) -> Result<()> {
+        let dir = PathBuf::from(&self.rec.pin_dir);
+        // Another cr releasing the last lock may remove the parent directory between
+        // create_dir_all's two mkdirs: try again then.
+        let mut made = std::fs::create_dir_all(&dir);
+        for _ in 0..3 {
+            match &made {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    made = std::fs::create_dir_all(&dir)
+                }
+                _ => break,
+            }
+        }
+        made.with_context(|| {
+            format!(
+                "create {} (is bpffs mounted at /sys/fs/bpf?)",
+                dir.display()
+            )
+        })?;
+        match &self.map {
+            Map::HashMap(d) => d
+                .pin(dir.join("map"))
+                .with_context(|| format!("pin the lock map in {}", dir.display()))?,
+            _ => bail!("{MAP} is not a hash map"),
+        }
+        for (l, fd) in self.rec.links.iter().zip(std::mem::take(&mut self.links)) {
+            let p = fd.pin(dir.join(l.pin_name())).with_context(|| {
+                format!("pin the lock's link {} in {}", l.pin_name(), dir.display())
+            })?;
+            self.pinned.push(p);
+        }
+        log::info!("network lock pinned in {}", dir.display());
+        Ok(())
     }
 }
 
-/// Reads the lock record of an image directory, if the dump took a lock.
-pub fn read_record(images_dir: &Path) -> Result<Option<Record>> {
-    let p = images_dir.join(RECORD);
-    match std::fs::read_to_string(&p) {
-        Ok(t) => Ok(Some(
-            serde_json::from_str(&t).with_context(|| format!("parse {}", p.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
+/// Logs how long the connections of `rec` were locked, now that they are not.
+pub fn log_unlocked(rec: &Record) {
+    let unlocked_at = now_ns();
+    if rec.locked_at_ns > 0 && unlocked_at >= rec.locked_at_ns {
+        let ms = (unlocked_at - rec.locked_at_ns) as f64 / 1e6;
+        log::info!(
+            "network lock {} removed: the connections were locked for {ms:.3} ms",
+            rec.pin_dir
+        );
+    } else {
+        log::info!("network lock {} removed", rec.pin_dir);
     }
 }
 
-/// Fails unless every connection of `socks` is still in the pinned lock map.
+/// Fails unless the pinned lock is still in place: every link pin, and every connection of
+/// `socks` in the pinned map.
 pub fn check_locked(rec: &Record, socks: &[Flow]) -> Result<()> {
-    let path = Path::new(&rec.pin_dir).join("map");
+    let dir = Path::new(&rec.pin_dir);
+    for l in &rec.links {
+        let p = dir.join(l.pin_name());
+        PinnedLink::from_pin(&p).with_context(|| {
+            format!(
+                "the network lock ({}) is gone: the connections were not kept locked since the dump",
+                p.display()
+            )
+        })?;
+    }
+    let path = dir.join("map");
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
             "the network lock ({}) is gone: the connections were not kept locked since the dump",
@@ -330,7 +361,7 @@ pub fn check_locked(rec: &Record, socks: &[Flow]) -> Result<()> {
         )
     })?;
     let map: BpfHashMap<MapData, FlowKey, u8> =
-        BpfHashMap::try_from(aya::maps::Map::HashMap(data)).context("open the lock map")?;
+        BpfHashMap::try_from(Map::HashMap(data)).context("open the lock map")?;
     for s in socks {
         for k in keys(s)? {
             if map.get(&k, 0).is_err() {
@@ -341,59 +372,52 @@ pub fn check_locked(rec: &Record, socks: &[Flow]) -> Result<()> {
     Ok(())
 }
 
-/// Removes a lock: its filters (by handle), its pins and its record.
-pub fn release(rec: &Record, images_dir: Option<&Path>) {
-    for f in &rec.filters {
-        let ty = if f.ingress {
-            TcAttachType::Ingress
-        } else {
-            TcAttachType::Egress
-        };
-        let r = std::ffi::CString::new(f.ifname.as_str())
-            .map_err(anyhow::Error::from)
-            .and_then(|c| {
-                SchedClassifierLink::attached(
-                    c.as_c_str(),
-                    ty.into(),
-                    f.priority,
-                    f.handle.into(),
-                    None,
-                )
-                .map_err(anyhow::Error::from)
-            })
-            .and_then(|l| aya::programs::Link::detach(l).map_err(anyhow::Error::from));
-        if let Err(e) = r {
-            log::warn!(
-                "removing the network lock's filter on {} ({}): {e:#}",
-                f.ifname,
-                if f.ingress { "ingress" } else { "egress" }
-            );
+/// How many of cr's network-lock programs are attached to the TCX hooks of `ifname` (in the
+/// caller's network namespace), ingress and egress: what a lock leaves behind, for tests and
+/// for `cr network-unlock`'s report.
+pub fn attached_on(ifname: &str) -> Result<usize> {
+    let c = std::ffi::CString::new(ifname).context("interface name")?;
+    let mut n = 0;
+    for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, progs) = SchedClassifier::query_tcx(c.as_c_str(), ty)
+            .with_context(|| format!("query the TCX programs of {ifname}"))?;
+        n += progs
+            .iter()
+            .filter(|p| p.name_as_str().is_some_and(|s| PROG.starts_with(s)))
+            .count();
+    }
+    Ok(n)
+}
+
+/// Removes a pinned lock: its link pins (the kernel detaches the links: the connections pass
+/// packets again), then its map's pin and directory. A pin already gone is fine.
+pub fn release(rec: &Record) {
+    let dir = Path::new(&rec.pin_dir);
+    if !dir.starts_with(PIN_ROOT) {
+        log::warn!(
+            "not removing the network lock {}: it is not under {PIN_ROOT}",
+            dir.display()
+        );
+        return;
+    }
+    for l in &rec.links {
+        let p = dir.join(l.pin_name());
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("removing the network lock's link {}: {e}", p.display()),
         }
     }
-    // Every filter gone: the connections pass packets again.
-    let unlocked_at = now_ns();
-    let dir = Path::new(&rec.pin_dir);
-    for n in ["map", "prog"] {
-        let _ = std::fs::remove_file(dir.join(n));
-    }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        log::warn!("removing {}: {e}", dir.display());
+    log_unlocked(rec);
+    let _ = std::fs::remove_file(dir.join("map"));
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("removing {}: {e}", dir.display()),
     }
     // The last lock also takes cr's pin directory with it (another dump's lock keeps it:
     // remove_dir fails on a non-empty directory, which is fine).
     let _ = std::fs::remove_dir(PIN_ROOT);
-    if let Some(d) = images_dir {
-        let _ = std::fs::remove_file(d.join(RECORD));
-    }
-    if rec.locked_at_ns > 0 && unlocked_at >= rec.locked_at_ns {
-        let ms = (unlocked_at - rec.locked_at_ns) as f64 / 1e6;
-        log::info!(
-            "network lock {} removed: the connections were locked for {ms:.3} ms",
-            rec.pin_dir
-        );
-    } else {
-        log::info!("network lock {} removed", rec.pin_dir);
-    }
 }
 
 #[cfg(test)]
@@ -419,10 +443,18 @@ mod tests {
     }
 
     #[test]
-    fn record_without_lock_time_parses() {
-        let t = r#"{"pin_dir": "/sys/fs/bpf/cr/netlock-1-2", "filters": [{"ifname": "lo", "ingress": true, "priority": 1, "handle": 2}]}"#;
-        let r: Record = serde_json::from_str(t).unwrap();
-        assert_eq!(r.locked_at_ns, 0);
-        assert_eq!(r.filters[0].ifname, "lo");
+    fn record_round_trips() {
+        let r = Record {
+            pin_dir: "/sys/fs/bpf/cr/netlock-1-2".into(),
+            links: vec![LinkRec {
+                ifname: "lo".into(),
+                ingress: true,
+            }],
+            locked_at_ns: 7,
+        };
+        let back = Record::from_bytes(&r.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.links, r.links);
+        assert_eq!(back.locked_at_ns, 7);
+        assert_eq!(r.links[0].pin_name(), "link-lo-ingress");
     }
 }

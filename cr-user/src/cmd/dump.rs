@@ -89,14 +89,14 @@ pub fn run(o: &DumpOpts) -> Result<()> {
     } = open(o, false)?;
     let pid = target.pid;
 
-    let prepared = crate::tcp::PreparedLock::new(o.tcp_established, &o.images_dir, pid)?;
+    let prepared = crate::tcp::PreparedLock::new(o.tcp_established, pid)?;
     // The page copy's buffers are touched now, not while the tree is frozen (fresh memory is
     // slow to fault in, very much so on a ballooned VM).
     // As many as the root's resident memory needs, up to the 16 MiB the copy turns over.
     warm.warm((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
-    let mut net = crate::tcp::DumpNet::begin(o.tcp_established, &o.images_dir, pid, prepared);
+    let mut net = crate::tcp::DumpNet::begin(o.tcp_established, pid, prepared);
     let t_frozen = Instant::now();
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
@@ -166,6 +166,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         }
         let mut inventory = inventory(pid, flags, stats);
         inc.fill_inventory(&mut inventory);
+        net.write_record(&writer)?;
         // Commit before the tree goes away: a dump that cannot be committed must not kill it.
         writer.commit(inventory)?;
         inc.committed(&o.images_dir);
@@ -179,7 +180,13 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         );
         return Ok(());
     };
+    // The network lock outlives cr from here (the complete image names it); a cr killed
+    // between this and the kill below leaves the tree running with its connections locked
+    // and in repair mode: `cr network-unlock -D DIR` and a restore of the image are the way on.
+    let result = result.and_then(|_| net.pin_lock());
     if let Err(e) = result {
+        // Connections out of repair mode and unlocked before the tree runs on.
+        drop(net);
         drop(tree);
         return Err(e);
     }
@@ -329,21 +336,21 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
             format!("PID {pid} has no vDSO: cr needs its syscall instruction for remote calls")
         })?;
     let ip = ptrace::locate_syscall(pid, vdso.start, vdso.end)?;
-    // Signals stay queued (not stopping remote calls) until the masks are put back; every
-    // thread holds them, so a signal to the process stays process-wide pending too.
-    let mut held = Vec::with_capacity(p.threads.len());
-    for (t, c) in p.threads.iter().zip(&cores) {
-        held.push(task::SignalsHeld::hold(t, c.sigmask)?);
-    }
+    // Each remote call runs with every signal blocked and ends with the thread parked as it
+    // was (Remote::parked): a signal sent meanwhile stays queued (a process-wide one too: a
+    // stopped thread takes none) and is read below; cr's death between two calls harms nothing.
     let mut brk_state = None;
+    // The kill-safety test reads these two lines (the window of docs/architecture.md).
+    log::debug!("PID {pid}: remote calls begin");
     for (i, (t, core)) in p.threads.iter_mut().zip(cores.iter_mut()).enumerate() {
-        let mut remote = Remote::new(t, ip)?;
+        let mut remote = Remote::parked(t, ip)?;
         task::thread_state(&mut remote, core)?;
         if i == 0 {
             brk_state = Some(task::task_state(pid, &mut remote, &status)?);
         }
         remote.finish()?;
     }
+    log::debug!("PID {pid}: remote calls end");
     for (i, (t, core)) in p.threads.iter().zip(cores.iter_mut()).enumerate() {
         let mut pending = task::pending_signals(t)?;
         if i != 0 {
@@ -351,9 +358,6 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
             pending.retain(|s| !s.shared);
         }
         core.pending = pending;
-    }
-    for h in held {
-        h.release()?;
     }
     let (state, brk) = brk_state.context("internal: no main thread")?;
     cores[0].task = Some(state);

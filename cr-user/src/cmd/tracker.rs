@@ -43,7 +43,11 @@ pub fn run(pid: i32, ready_fd: Option<RawFd>, dirty_max_entries: Option<u32>) ->
         }
     };
     if let Some(mut r) = ready.take() {
-        writeln!(r, "READY {}", std::process::id()).context("write the ready message")?;
+        // The cr that started us may be gone (killed mid pre-dump): stay and serve the next
+        // dump of the target rather than exit while it may already be connecting.
+        if let Err(e) = writeln!(r, "READY {}", std::process::id()) {
+            log::warn!("the cr that started this tracker is gone ({e}); serving on");
+        }
     }
     log::info!(
         "tracker of PID {pid} ready (tracker PID {})",

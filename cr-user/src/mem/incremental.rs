@@ -430,9 +430,11 @@ impl Session {
                     Some(ip) => ip,
                     None => syscall_ip(pid, vmas)?,
                 };
-                let mut remote = Remote::new(t, ip)?;
+                log::debug!("PID {pid}: remote calls begin (arming)");
+                let mut remote = Remote::parked(t, ip)?;
                 let u = arm::take_userfaultfd(&mut remote, pid);
                 remote.finish()?;
+                log::debug!("PID {pid}: remote calls end (arming)");
                 fresh = Some(u?);
             }
             let uffd = fresh

@@ -6,11 +6,13 @@
 //!    blocked mask, rseq. A remote syscall returning to user mode lets the kernel act on state
 //!    that is pending for the task (it forgets an rseq critical section, puts back a mask saved
 //!    by sigsuspend), so all of that is read first.
-//! 2. [`SignalsHeld::hold`] blocks every signal while cr runs remote syscalls: a signal sent to
-//!    the target meanwhile stays queued with its siginfo (and is dumped as pending) instead of
-//!    stopping a remote call.
-//! 3. [`task_state`] through remote syscalls.
-//! 4. [`pending_signals`] after the remote calls, then the mask is put back.
+//! 2. [`task_state`] through remote syscalls ([`Remote::parked`]: each runs with every signal
+//!    blocked, so a signal sent to the target meanwhile stays queued with its siginfo and is
+//!    dumped as pending instead of stopping a remote call; the mask is put back after each).
+//!    Setting the mask drops a mask saved by sigsuspend & co. (PTRACE_SETSIGMASK clears
+//!    TIF_RESTORE_SIGMASK): harmless, because such a call is restarted from scratch when the
+//!    task resumes, and then saves the mask again.
+//! 3. [`pending_signals`] after the remote calls.
 
 use anyhow::{bail, Context, Result};
 
@@ -179,53 +181,6 @@ pub fn thread_core(t: &Tracee, regs: &libc::user_regs_struct) -> Result<pb::Core
         task: None,
         clear_child_tid: 0,
     })
-}
-
-/// Every signal of the task blocked while cr runs remote syscalls in it; the task's own mask is
-/// put back by [`SignalsHeld::release`] (or on drop, on error paths, while still attached).
-///
-/// Without this, a signal sent to the target during the dump stops a remote call; ptrace then
-/// can only hold it back without its siginfo (a queued real-time signal would lose its value).
-/// Blocked, it simply stays queued and is dumped with everything else that is pending.
-///
-/// Setting the mask also drops a mask saved by sigsuspend & co. (PTRACE_SETSIGMASK clears
-/// TIF_RESTORE_SIGMASK): harmless, because such a call is restarted from scratch when the task
-/// resumes, and then saves the mask again.
-pub struct SignalsHeld {
-    tid: i32,
-    mask: u64,
-    active: bool,
-}
-
-impl SignalsHeld {
-    pub fn hold(t: &Tracee, original: u64) -> Result<SignalsHeld> {
-        t.set_sigmask(!0)?;
-        Ok(SignalsHeld {
-            tid: t.tid,
-            mask: original,
-            active: true,
-        })
-    }
-
-    pub fn release(mut self) -> Result<()> {
-        self.active = false;
-        raw::setsigmask(self.tid, self.mask).with_context(|| {
-            format!(
-                "PTRACE_SETSIGMASK of task {} (putting its mask back)",
-                self.tid
-            )
-        })
-    }
-}
-
-impl Drop for SignalsHeld {
-    fn drop(&mut self) {
-        if self.active {
-            if let Err(e) = raw::setsigmask(self.tid, self.mask) {
-                log::warn!("task {}: putting its signal mask back: {e}", self.tid);
-            }
-        }
-    }
 }
 
 /// Signals queued to the task (its own queue, then the process-wide one), in queue order, with

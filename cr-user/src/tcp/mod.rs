@@ -1,23 +1,30 @@
 //! TCP: sockets saved and rebuilt with TCP_REPAIR ([`socket`]), the tree's sockets and the
-//! tracker's table of them ([`inventory`]), and the network lock of `--tcp-established`.
+//! tracker's table of them ([`inventory`]), the network lock of `--tcp-established`, and the
+//! repair guard ([`guard`]).
 //!
 //! A dump holds every established connection it saved in repair mode ([`DumpNet`]) until
 //! the dump ends: if the tree is killed, cr's copies are closed still in repair mode, so the
 //! kernel sends neither FIN nor RST; on failure or with --leave-running, repair mode is left
-//! and the connections run on.
+//! and the connections run on. If cr itself dies meanwhile, the kernel removes the lock (held
+//! by cr's fds until the image is complete) and the guard takes the connections out of repair
+//! mode.
 
+pub mod guard;
 pub mod inventory;
 pub mod socket;
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use crate::bpf::netlock as lock;
+use crate::image::dir::{ImageDir, ImageWriter};
 use crate::image::pb;
 
 use self::socket as tcp;
+
+/// The image file recording a pinned network lock (framed and checksummed like every other).
+pub const LOCK_RECORD: &str = "netlock.img";
 
 /// The network side of one dump: the connections cr holds in repair mode and the network
 /// lock. `cmd::dump` owns it (declared after the frozen tree, so that on error it is dropped
@@ -30,49 +37,35 @@ pub struct DumpNet {
     held: Vec<(OwnedFd, String)>,
     /// The network lock, once a connection needed it.
     lock: Option<lock::NetLock>,
-    images_dir: PathBuf,
+    /// The guard of the connections in repair mode (with --tcp-established).
+    guard: Option<guard::RepairGuard>,
     /// Names the lock's pin directory.
     tag: String,
     killed: bool,
 }
 
-/// A network lock loaded and pinned before the freeze, with no filter and no connection yet:
-/// nothing is dropped until the first connection is added, and loading the classifier
-/// (tens of ms) is not paid while the tree is frozen and its peers wait. Dropped unused (the
-/// seize failed, or the tree holds no established connection), it is released.
-pub struct PreparedLock(Option<lock::NetLock>);
+/// A network lock loaded before the freeze, with no link and no connection yet (nothing is
+/// dropped until the first connection is added, and loading the classifier, tens of ms, is
+/// not paid while the tree is frozen and its peers wait), and the repair guard, started. Held
+/// by cr's fds only: dropped unused, or with cr, it is gone.
+pub struct PreparedLock(Option<(lock::NetLock, guard::RepairGuard)>);
 
 impl PreparedLock {
-    /// With --tcp-established, loads and pins the lock of the dump of `pid` into
-    /// `images_dir`; otherwise nothing.
-    pub fn new(tcp_established: bool, images_dir: &Path, pid: i32) -> Result<PreparedLock> {
+    /// With --tcp-established, loads the lock of the dump of `pid` and starts the guard;
+    /// otherwise nothing.
+    pub fn new(tcp_established: bool, pid: i32) -> Result<PreparedLock> {
         if !tcp_established {
             return Ok(PreparedLock(None));
         }
         let t = std::time::Instant::now();
-        let l = lock::NetLock::create(&lock_tag(pid), images_dir)?;
+        let l = lock::NetLock::create(&lock_tag(pid))?;
+        let g = guard::RepairGuard::spawn()?;
         log::debug!(
-            "network lock prepared in {:.1} ms (before the freeze)",
+            "network lock and repair guard prepared in {:.1} ms (before the freeze)",
             t.elapsed().as_secs_f64() * 1e3
         );
-        Ok(PreparedLock(Some(l)))
+        Ok(PreparedLock(Some((l, g))))
     }
-}
-
-impl Drop for PreparedLock {
-    fn drop(&mut self) {
-        if let Some(l) = self.0.take() {
-            release_unused(l);
-        }
-    }
-}
-
-/// Releases a lock that never locked a connection.
-fn release_unused(l: lock::NetLock) {
-    let rec = l.record().clone();
-    let dir = l.record_dir().to_path_buf();
-    drop(l);
-    lock::release(&rec, Some(&dir));
 }
 
 /// Names the lock's pin directory: the dumped PID and cr's own.
@@ -82,17 +75,16 @@ fn lock_tag(pid: i32) -> String {
 
 impl DumpNet {
     /// `prepared`: the lock loaded before the freeze ([`PreparedLock`]); it is ours from here.
-    pub fn begin(
-        tcp_established: bool,
-        images_dir: &Path,
-        pid: i32,
-        mut prepared: PreparedLock,
-    ) -> DumpNet {
+    pub fn begin(tcp_established: bool, pid: i32, prepared: PreparedLock) -> DumpNet {
+        let (lock, guard) = match prepared.0 {
+            Some((l, g)) => (Some(l), Some(g)),
+            None => (None, None),
+        };
         DumpNet {
             tcp_established,
             held: Vec::new(),
-            lock: prepared.0.take(),
-            images_dir: images_dir.to_path_buf(),
+            lock,
+            guard,
             tag: lock_tag(pid),
             killed: false,
         }
@@ -110,9 +102,7 @@ impl DumpNet {
         }
         if s.established.is_empty() {
             // A lock prepared for connections the tree does not have: none to keep.
-            if let Some(l) = self.lock.take() {
-                release_unused(l);
-            }
+            self.lock = None;
             return Ok(());
         }
         if !self.tcp_established {
@@ -150,11 +140,33 @@ impl DumpNet {
     /// The network lock, made now if no connection needed it yet.
     fn lock(&mut self) -> Result<&mut lock::NetLock> {
         if self.lock.is_none() {
-            self.lock = Some(lock::NetLock::create(&self.tag, &self.images_dir)?);
+            self.lock = Some(lock::NetLock::create(&self.tag)?);
         }
         self.lock
             .as_mut()
             .context("internal: the network lock vanished")
+    }
+
+    /// Before the commit of an image whose tree is killed: the lock's record goes into the
+    /// image (the pins it names are made by [`DumpNet::pin_lock`] once the image is complete).
+    pub fn write_record(&self, w: &ImageWriter) -> Result<()> {
+        match &self.lock {
+            Some(l) if l.is_used() => w.write_blob(LOCK_RECORD, &l.record().to_bytes()?),
+            _ => Ok(()),
+        }
+    }
+
+    /// The image is complete and the tree is about to be killed: the lock is pinned (it
+    /// outlives cr until a restore or `cr network-unlock` removes it) and the guard let go (the
+    /// connections go with the tree, silently, still in repair mode).
+    pub fn pin_lock(&mut self) -> Result<()> {
+        if let Some(l) = self.lock.as_mut().filter(|l| l.is_used()) {
+            l.pin()?;
+        }
+        if let Some(g) = self.guard.take() {
+            g.done();
+        }
+        Ok(())
     }
 
     /// The tree is gone: close the connections silently (still in repair mode).
@@ -170,10 +182,16 @@ impl DumpNet {
                 log::warn!("{what}: leaving repair mode: {e:#}");
             }
         }
+        if let Some(g) = self.guard.take() {
+            g.done();
+        }
         if let Some(l) = self.lock.take() {
             let rec = l.record().clone();
+            // Its links close with it: the connections pass packets again.
             drop(l);
-            lock::release(&rec, Some(&self.images_dir));
+            if rec.locked_at_ns != 0 {
+                lock::log_unlocked(&rec);
+            }
         }
     }
 
@@ -208,6 +226,9 @@ impl DumpNet {
                 self.lock()?
                     .add(&flow(&s))
                     .map_err(|e| e.context(what.clone()))?;
+                if let Some(g) = &self.guard {
+                    g.hold(&fd).map_err(|e| e.context(what.clone()))?;
+                }
                 tcp::set_repair(&fd, true)?;
                 let r = tcp::save_established(&fd, &mut s);
                 self.held.push((fd, what.clone()));
@@ -243,15 +264,35 @@ fn flow(t: &pb::TcpSocket) -> lock::Flow {
 /// another try, as with CRIU.
 pub struct RestoreLock {
     rec: Option<lock::Record>,
-    images_dir: PathBuf,
 }
 
 impl RestoreLock {
     pub fn release(self) {
         if let Some(rec) = &self.rec {
-            lock::release(rec, Some(&self.images_dir));
+            lock::release(rec);
         }
     }
+}
+
+/// The lock record of an image, if its dump pinned a lock.
+pub fn lock_record(dir: &ImageDir) -> Result<Option<lock::Record>> {
+    if !dir.has(LOCK_RECORD) {
+        return Ok(None);
+    }
+    let b = dir.read_blob(LOCK_RECORD)?;
+    Ok(Some(
+        lock::Record::from_bytes(&b).with_context(|| format!("{LOCK_RECORD} of the image"))?,
+    ))
+}
+
+/// `cr network-unlock -D DIR`: removes the network lock the dump in DIR left (the image will
+/// not be restored, or the target runs on). Returns whether there was one to remove.
+pub fn unlock(dir: &ImageDir) -> Result<bool> {
+    let Some(rec) = lock_record(dir)? else {
+        return Ok(false);
+    };
+    lock::release(&rec);
+    Ok(true)
 }
 
 /// Refuses to restore established connections without --tcp-established, or when the lock the
@@ -259,7 +300,7 @@ impl RestoreLock {
 pub fn check_restore(
     files: &pb::Files,
     tcp_established: bool,
-    images_dir: &Path,
+    dir: &ImageDir,
 ) -> Result<RestoreLock> {
     let est: Vec<&pb::TcpSocket> = files
         .files
@@ -269,7 +310,7 @@ pub fn check_restore(
             _ => None,
         })
         .collect();
-    let rec = lock::read_record(images_dir)?;
+    let rec = lock_record(dir)?;
     if tcp_established {
         if !est.is_empty() {
             match &rec {
@@ -278,15 +319,11 @@ pub fn check_restore(
                     lock::check_locked(r, &flows)?
                 }
                 None => bail!(
-                    "the image holds established TCP connections but no network lock record ({})",
-                    lock::RECORD
+                    "the image holds established TCP connections but no network lock record ({LOCK_RECORD})"
                 ),
             }
         }
-        return Ok(RestoreLock {
-            rec,
-            images_dir: images_dir.to_path_buf(),
-        });
+        return Ok(RestoreLock { rec });
     }
     if let Some(t) = est.first() {
         crate::refuse!(
@@ -296,8 +333,5 @@ pub fn check_restore(
             tcp::show_addr(t.family, &t.dst_addr, t.dst_port)
         );
     }
-    Ok(RestoreLock {
-        rec,
-        images_dir: images_dir.to_path_buf(),
-    })
+    Ok(RestoreLock { rec })
 }

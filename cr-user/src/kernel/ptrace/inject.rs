@@ -11,6 +11,14 @@
 //!
 //! Scratch memory for syscalls that take pointers is an anonymous mapping created in the target
 //! with a remote mmap and removed again by [`Remote::finish`].
+//!
+//! A dump's calls ([`Remote::parked`]) leave the task, after each call, as cr found it: its
+//! registers and signal mask put back and the task moved from the step's SIGTRAP stop into an
+//! interrupt stop ([`Tracee::park`]), so that cr's death at any moment between two calls lets
+//! the task run on unharmed. Only while one call is in flight (the step, the syscall itself,
+//! cr's handling of its trap: microseconds, longer for an mmap or munmap of scratch memory) does
+//! the task hold the injected registers with every signal blocked; cr's death then costs the
+//! task a SIGTRAP. Restore's tasks die with cr anyway (PTRACE_O_EXITKILL): [`Remote::new`].
 
 use std::ffi::CString;
 
@@ -41,6 +49,12 @@ pub struct Remote<'t> {
     saved: libc::user_regs_struct,
     scratch: Option<Scratch>,
     restored: bool,
+    /// [`Remote::parked`]: the task's own signal mask, put back after every call.
+    park_mask: Option<u64>,
+    /// Parked calls made, and how long the task spent exposed (from its mask blocked to its
+    /// park), logged by [`Remote::finish`]: the window docs/architecture.md describes.
+    calls: u32,
+    exposed: std::time::Duration,
 }
 
 impl<'t> Remote<'t> {
@@ -53,7 +67,20 @@ impl<'t> Remote<'t> {
             saved,
             scratch: None,
             restored: false,
+            park_mask: None,
+            calls: 0,
+            exposed: std::time::Duration::ZERO,
         })
+    }
+
+    /// [`Remote::new`] for a dump: every call runs with all signals blocked (a signal sent
+    /// meanwhile stays queued with its siginfo, and is dumped as pending) and ends with the
+    /// task's registers and mask put back and the task parked in an interrupt stop.
+    pub fn parked(t: &'t mut Tracee, syscall_ip: u64) -> Result<Remote<'t>> {
+        let mask = t.sigmask()?;
+        let mut r = Remote::new(t, syscall_ip)?;
+        r.park_mask = Some(mask);
+        Ok(r)
     }
 
     pub fn saved_regs(&self) -> &libc::user_regs_struct {
@@ -71,6 +98,33 @@ impl<'t> Remote<'t> {
 
     /// Runs syscall `nr` with `args` in the target; returns its raw result (-errno on failure).
     pub fn raw_syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        let Some(mask) = self.park_mask else {
+            return self.step_syscall(nr, args);
+        };
+        let t0 = std::time::Instant::now();
+        self.t.set_sigmask(!0)?;
+        let r = self.step_syscall(nr, args);
+        if !self.t.is_attached() {
+            return r;
+        }
+        let back = self
+            .t
+            .set_regs(&self.saved)
+            .and_then(|_| self.t.set_sigmask(mask))
+            .and_then(|_| self.t.park());
+        self.calls += 1;
+        self.exposed += t0.elapsed();
+        match (r, back) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(e.context(format!(
+                "task {}: parking it after remote syscall {nr}",
+                self.t.tid
+            ))),
+        }
+    }
+
+    fn step_syscall(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
         let mut r = self.saved;
         r.rip = self.syscall_ip;
         r.rax = nr as u64;
@@ -208,6 +262,14 @@ impl<'t> Remote<'t> {
         self.release_scratch()?;
         self.t.set_regs(&self.saved)?;
         self.restored = true;
+        if self.park_mask.is_some() {
+            log::debug!(
+                "task {}: {} remote calls, the task exposed for {} us in all",
+                self.t.tid,
+                self.calls,
+                self.exposed.as_micros()
+            );
+        }
         Ok(())
     }
 

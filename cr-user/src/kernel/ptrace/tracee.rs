@@ -208,6 +208,32 @@ impl Tracee {
         }
     }
 
+    /// Leaves the signal-delivery stop of a remote call's single step for an interrupt stop
+    /// (PTRACE_INTERRUPT, then PTRACE_CONT without the SIGTRAP; the kernel clears the trap flag
+    /// and stops the task in `get_signal` before it runs an instruction). In that stop nothing
+    /// is pending: if cr dies now, the kernel resumes the task as its registers and mask are,
+    /// where the step's stop would have had it die of SIGTRAP.
+    pub fn park(&mut self) -> Result<()> {
+        raw::interrupt(self.tid)
+            .with_context(|| format!("PTRACE_INTERRUPT of task {}", self.tid))?;
+        raw::cont(self.tid, 0).with_context(|| format!("PTRACE_CONT of task {}", self.tid))?;
+        loop {
+            match raw::wait(self.tid)? {
+                Wait::Stopped(_, raw::PTRACE_EVENT_STOP) => return Ok(()),
+                Wait::Stopped(sig, 0) => {
+                    // Not expected (the interrupt is taken before any signal is dequeued):
+                    // held back like a signal that stops a remote call.
+                    self.stashed.push(sig);
+                    raw::cont(self.tid, 0)
+                        .with_context(|| format!("PTRACE_CONT of task {}", self.tid))?;
+                }
+                Wait::Stopped(_, _) => raw::cont(self.tid, 0)
+                    .with_context(|| format!("PTRACE_CONT of task {}", self.tid))?,
+                other => return self.step_result(other).map(drop),
+            }
+        }
+    }
+
     fn step_result(&mut self, w: Wait) -> Result<Option<i32>> {
         match w {
             Wait::Stopped(libc::SIGTRAP, 0) => Ok(None),

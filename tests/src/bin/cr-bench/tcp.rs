@@ -668,26 +668,14 @@ fn last_error(log: &Path) -> String {
         .unwrap_or_else(|| format!("see {}", log.display()))
 }
 
-/// A lock a failed restore left: its pins removed (its filters go with the namespace).
+/// A lock a failed restore left: removed by `cr network-unlock` (nothing to do when the
+/// dump locked nothing).
 fn remove_lock_pins(img: &Path) {
-    let Ok(text) = std::fs::read_to_string(img.join("netlock.json")) else {
-        return;
-    };
-    let Some(dir) = text
-        .split("\"pin_dir\": \"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-    else {
-        return;
-    };
-    let dir = Path::new(dir);
-    if !dir.starts_with("/sys/fs/bpf/cr") {
-        return;
-    }
-    for n in ["map", "prog"] {
-        let _ = std::fs::remove_file(dir.join(n));
-    }
-    let _ = std::fs::remove_dir(dir);
+    let _ = Command::new(cr_bin())
+        .arg("network-unlock")
+        .arg("-D")
+        .arg(img)
+        .output();
 }
 
 /// One dump and restore as measured.
