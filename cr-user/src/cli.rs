@@ -190,6 +190,10 @@ pub struct RestoreOpts {
     /// Restore file locks.
     #[arg(short = 'l', long = "file-locks")]
     pub file_locks: bool,
+    /// As root, restore an image that is not root's alone (owned by another user, or writable
+    /// by group or others): its owner is trusted with root's powers.
+    #[arg(long = "trust-image-owner")]
+    pub trust_image_owner: bool,
 }
 
 #[derive(Args, Debug, Clone)]

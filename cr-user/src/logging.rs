@@ -39,13 +39,39 @@ pub fn level_filter(criu_level: u8) -> LevelFilter {
     }
 }
 
+/// Opens (or creates, 0600) a log for appending. A symbolic link is not followed and a file of
+/// another user is not appended to: a root cr logging into a user's directory must not be
+/// made to write elsewhere.
 fn open_log(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::MetadataExt;
+    let f = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("open log file {}", path.display()))
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                anyhow::anyhow!(
+                    "log file {} is a symbolic link: not followed",
+                    path.display()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("open log file {}", path.display()))
+            }
+        })?;
+    let m = f
+        .metadata()
+        .with_context(|| format!("stat log file {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.is_file() && m.uid() != me {
+        anyhow::bail!(
+            "log file {} belongs to uid {}, not to cr's user ({me}): not appending to it",
+            path.display(),
+            m.uid()
+        );
+    }
+    Ok(f)
 }
 
 /// Installs the logger. `path` None or "-" logs to stderr.

@@ -46,6 +46,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let t0 = Instant::now();
     let chain = ImageChain::open(&o.images_dir).map_err(BadInput::wrap)?;
     chain.validate().map_err(BadInput::wrap)?;
+    crate::image::trust::check(&chain, o.trust_image_owner)?;
     log::debug!(
         "images validated in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3

@@ -14,6 +14,7 @@ pub mod file;
 pub mod names;
 pub mod pages;
 pub mod show;
+pub mod trust;
 /// `Vma.kind` / `Vma.madv` values (kept by the memory code).
 pub mod vma;
 pub mod writer;

@@ -36,8 +36,17 @@ pub fn prepare_images_dir(path: &Path, overwrite: bool) -> Result<()> {
         ),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // As CRIU: the directory itself is made, not a whole path a typo invented.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if !parent.is_dir() {
+                    crate::bad_input!(
+                        "the parent of images dir {} ({}) does not exist: create it first",
+                        path.display(),
+                        parent.display()
+                    );
+                }
+            }
             std::fs::DirBuilder::new()
-                .recursive(true)
                 .mode(0o700)
                 .create(path)
                 .with_context(|| format!("cannot create images dir {}", path.display()))?;

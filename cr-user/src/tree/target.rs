@@ -16,7 +16,7 @@ pub struct Target {
 const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Refuses, with a reason naming the PID, a root cr cannot dump: a missing process, a kernel
-/// thread, a thread id, cr itself, a zombie. The session and terminal of every process of the
+/// thread, a thread id, cr itself or an ancestor of cr, a zombie. The session and terminal of every process of the
 /// tree are checked once the tree is known ([`super::dump::check`]).
 pub fn check_root(pid: i32) -> Result<Target> {
     if pid <= 0 {
@@ -41,12 +41,30 @@ pub fn check_root(pid: i32) -> Result<Target> {
             stat.comm
         );
     }
-    if stat.pid != pid {
+    // /proc/TID/stat names the thread itself; the thread group is in status.
+    let tgid = proc::status::read_status(pid)
+        .with_context(|| format!("reading the status of PID {pid}"))?
+        .tgid;
+    if tgid != pid {
         bad_input!(
-            "PID {pid} is a thread of process {}: dump the process (-t {})",
-            stat.pid,
-            stat.pid
+            "PID {pid} is a thread of thread group {tgid} ({}), not a process: dump the process (-t {tgid})",
+            stat.comm
         );
+    }
+    // Freezing an ancestor would freeze the cr waiting on it (or the shell that runs it).
+    let mut a = std::os::unix::process::parent_id() as i32;
+    while a > 0 {
+        if a == pid {
+            bad_input!(
+                "PID {pid} ({}) is an ancestor of cr (PID {}): it cannot be dumped from inside its own tree",
+                stat.comm,
+                std::process::id()
+            );
+        }
+        if a == 1 {
+            break;
+        }
+        a = proc::status::read_status(a).map(|s| s.ppid).unwrap_or(0);
     }
     match stat.state {
         'Z' | 'X' => refuse!(
