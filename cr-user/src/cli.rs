@@ -308,7 +308,16 @@ mod tests {
         };
         assert!(d.page_server && !d.whole_image);
         assert_eq!((d.address.as_deref(), d.port), (Some("h"), Some(9)));
-        let no_port = ["dump", "-t", "1", "-D", "d", "--page-server", "--address", "h"];
+        let no_port = [
+            "dump",
+            "-t",
+            "1",
+            "-D",
+            "d",
+            "--page-server",
+            "--address",
+            "h",
+        ];
         assert!(Cli::try_parse_from(std::iter::once("cr").chain(no_port)).is_err());
         let c = parse(&["page-server", "-D", "d", "--port", "0"]);
         let Command::PageServer(p) = c.cmd else {

@@ -145,9 +145,7 @@ pub fn write_frame(
 ) -> std::io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     debug_assert!(len <= MAX_PAYLOAD);
-    let crc = parts
-        .iter()
-        .fold(0, |c, p| crc32c::crc32c_append(c, p));
+    let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
     let head = Frame {
         ty,
         len: len as u32,
@@ -377,7 +375,10 @@ impl Sender {
                 _ => break,
             }
         }
-        e.context(format!("connection to the page server at {} lost", self.peer))
+        e.context(format!(
+            "connection to the page server at {} lost",
+            self.peer
+        ))
     }
 
     /// Starts file `name` on the server; returns its id for [`Sender::write`].
@@ -686,7 +687,10 @@ mod tests {
         let (first, second) = server.join().unwrap();
         let got = first.unwrap();
         assert_eq!(got.files, ["pagemap-1.img", "pages-1.img"]);
-        assert_eq!(std::fs::read(d.path().join("pagemap-1.img")).unwrap(), b"map");
+        assert_eq!(
+            std::fs::read(d.path().join("pagemap-1.img")).unwrap(),
+            b"map"
+        );
         let pages = std::fs::read(d.path().join("pages-1.img")).unwrap();
         assert_eq!(pages.len(), 4096 + 8192);
         assert_eq!(&pages[..4], b"head");
