@@ -481,9 +481,7 @@ mod tests {
         // Nothing zapped: as reported.
         let r = refine_written(&regions, &RangeSet::new(), &[]);
         assert_eq!(r.len(), 2);
-        assert!(r
-            .iter()
-            .all(|r| fate(r.categories, true) == PageFate::Copy));
+        assert!(r.iter().all(|r| fate(r.categories, true) == PageFate::Copy));
     }
 
     #[test]

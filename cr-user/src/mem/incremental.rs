@@ -393,7 +393,14 @@ impl Session {
                 // Written pages are copied (or absent: unmapped, zero); every other page is as
                 // the parent has it.
                 let refined = harvest::refine_written(&written, &zap_here, &before);
-                classify(&scanner, &refined, &RangeSet::new(), v.read, swap, &mut plan)?;
+                classify(
+                    &scanner,
+                    &refined,
+                    &RangeSet::new(),
+                    v.read,
+                    swap,
+                    &mut plan,
+                )?;
                 let changed = RangeSet::from_sorted(written.iter().map(|r| (r.start, r.end)));
                 for &(s, e) in in_parent.subtract(&changed).ranges() {
                     plan.push(PlanItem::Parent { start: s, end: e });
