@@ -52,7 +52,7 @@ pub fn link_mappings(
         let id = *next_id;
         let kind = if let Some(name) = v.path.strip_prefix("/memfd:") {
             let f = std::fs::File::open(&link).with_context(|| format!("open {link}"))?;
-            if crate::kernel::sys::fs::fs_type(&f) == Some(libc::HUGETLBFS_MAGIC as i64) {
+            if crate::kernel::sys::fs::fs_type(&f) == Some(libc::HUGETLBFS_MAGIC) {
                 crate::refuse!(
                     None,
                     "{what} maps a hugetlb memfd (MFD_HUGETLB): not supported"

@@ -35,7 +35,7 @@ impl FileKind for Memfd {
         }
         let f = std::fs::File::open(format!("/proc/{}/fd/{}", p.pid, p.fd))
             .with_context(|| format!("open fd {} (a memfd) of PID {}", p.fd, p.pid))?;
-        if fs_type(&f) == Some(libc::HUGETLBFS_MAGIC as i64) {
+        if fs_type(&f) == Some(libc::HUGETLBFS_MAGIC) {
             return Ok(Some(Verdict::Refuse {
                 what: "a hugetlb memfd (MFD_HUGETLB)".into(),
                 hint: "",

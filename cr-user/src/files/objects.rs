@@ -42,15 +42,17 @@ impl Objects {
                 f.id
             ),
         };
-        if !self.by_inode.contains_key(&key) {
-            let file = match &f.kind {
-                Some(Kind::Memfd(m)) => super::memfd::create(m, dir)?,
-                Some(Kind::Reg(r)) => recreate_unlinked(dir, r, f.id)?,
-                _ => unreachable!(),
-            };
-            self.by_inode.insert(key, Object { file, seals });
-        }
-        let o = &self.by_inode[&key];
+        let o = match self.by_inode.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let file = match &f.kind {
+                    Some(Kind::Memfd(m)) => super::memfd::create(m, dir)?,
+                    Some(Kind::Reg(r)) => recreate_unlinked(dir, r, f.id)?,
+                    _ => unreachable!(),
+                };
+                e.insert(Object { file, seals })
+            }
+        };
         Ok(format!(
             "/proc/{}/fd/{}",
             std::process::id(),
