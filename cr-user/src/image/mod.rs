@@ -17,6 +17,7 @@ pub mod show;
 pub mod trust;
 /// `Vma.kind` / `Vma.madv` values (kept by the memory code).
 pub mod vma;
+pub mod wire;
 pub mod writer;
 
 pub use chain::{ImageChain, PageSegment};
