@@ -85,7 +85,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     }
     let entries = tree::plan_sessions(&pstree.tasks, shell)?;
     let files: pb::Files = dir.read_msg(imgdir::FILES, Kind::Files)?;
-    let net_lock = crate::tcp::check_restore(&files, o.tcp_established, &dir)?;
+    let net_lock = crate::tcp::check_restore(&files, o.tcp_established, dir)?;
     let mut procs: Vec<ProcImage> = Vec::new();
     for e in entries.iter().filter(|e| !e.zombie) {
         let pid = e.pid;
