@@ -20,7 +20,6 @@ fn users_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn users_restore() {
     let d = TempDir::new("users");
     let mut w = start(&d);
@@ -30,7 +29,6 @@ fn users_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn users_leave_running() {
     let d = TempDir::new("users-R");
     let mut w = start(&d);
@@ -39,7 +37,6 @@ fn users_leave_running() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn users_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("users-inc");
     let mut w = start(&d);
