@@ -31,7 +31,6 @@ fn memfd_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn memfd_restore() {
     let d = TempDir::new("memfd");
     let mut w = start(&d);
@@ -45,7 +44,6 @@ fn memfd_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn memfd_leave_running() {
     let d = TempDir::new("memfd-R");
     let mut w = start(&d);
@@ -59,7 +57,6 @@ fn memfd_leave_running() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn memfd_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("memfd-inc");
     let mut w = start(&d);

@@ -407,6 +407,13 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
         }
     }
     mm.vmas = vma_entries;
+    crate::files::mapped::link_mappings(
+        pid,
+        &mut mm.vmas,
+        &mut cx.next_id,
+        &cx.out.files,
+        &mut fdt,
+    )?;
     cx.out.files.append(&mut fdt.files);
     cx.out.contents.append(&mut fdt.contents);
     Ok(ProcDump {

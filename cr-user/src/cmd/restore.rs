@@ -158,6 +158,7 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
         released.push(t);
         released.extend(threads);
     }
+    tree_files.seal()?;
     drop(tree_files);
     net_lock.release();
     // Past this point the tree runs: write the pidfile before anything can observe it missing.
@@ -247,7 +248,15 @@ fn build(
     let scratch_at = memory::find_gap(&img.mm.vmas, memory::SCRATCH_LEN)?;
     let scratch = r.scratch_at(scratch_at, memory::SCRATCH_LEN)?.addr;
     let t_map = std::time::Instant::now();
-    memory::map_vmas_linked(&mut r, scratch, &img.mm.vmas, ctx.links)?;
+    // memfds and unlinked files: mapped from the file recreated for their inode.
+    let mut paths = HashMap::new();
+    for v in img.mm.vmas.iter().filter(|v| v.file_id != 0) {
+        let p = tree_files
+            .mapped_path(ctx.dir, ctx.files, v.file_id)
+            .with_context(|| format!("the file mapped at {:#x} ({})", v.start, v.path))?;
+        paths.insert(v.start, p);
+    }
+    memory::map_vmas_linked(&mut r, scratch, &img.mm.vmas, ctx.links, &paths)?;
     log::debug!(
         "{} VMAs mapped in {:.1} ms",
         img.mm.vmas.len(),

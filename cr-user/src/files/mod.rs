@@ -11,6 +11,9 @@ pub mod device;
 pub mod dump;
 pub mod ghost;
 pub mod kind;
+pub mod mapped;
+pub mod memfd;
+pub mod objects;
 pub mod opener;
 pub mod pipe;
 pub mod probe;
@@ -31,6 +34,7 @@ use crate::image::pb::file_entry::Kind;
 pub static KINDS: &[&dyn FileKind] = &[
     &regular::Regular,
     &ghost::Ghost,
+    &memfd::Memfd,
     &pipe::Pipe,
     &pipe::Fifo,
     &device::CharDevice,

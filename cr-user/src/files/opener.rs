@@ -31,6 +31,8 @@ pub struct TreeFiles {
     pub(super) files: HashMap<u32, Option<OwnedFd>>,
     /// The kinds' tree-wide state.
     pub(super) kinds: Scratch,
+    /// memfds and unlinked files, recreated once per inode for fds and mappings alike.
+    pub(super) objects: super::objects::Objects,
 }
 
 impl TreeFiles {
@@ -55,7 +57,31 @@ impl TreeFiles {
                 .map(|(id, _)| (id, None))
                 .collect(),
             kinds,
+            objects: Default::default(),
         }
+    }
+
+    /// The path a task opens to map the file of entry `file_id` (a memfd or an unlinked file,
+    /// recreated on first use: the same file its fds get).
+    pub fn mapped_path(
+        &mut self,
+        dir: &ImageDir,
+        files: &pb::Files,
+        file_id: u32,
+    ) -> Result<String> {
+        let f = files
+            .files
+            .iter()
+            .find(|f| f.id == file_id)
+            .with_context(|| {
+                format!("a mapping refers to file {file_id}, missing from files.img")
+            })?;
+        self.objects.path_of(dir, f)
+    }
+
+    /// Once every process is built: the memfds get their seals.
+    pub fn seal(&self) -> Result<()> {
+        self.objects.seal()
     }
 }
 
@@ -112,6 +138,12 @@ impl<'t> Opener<'_, '_, 't, '_> {
     /// The kinds' state shared by the whole tree ([`FileKind::plan`] made it).
     pub fn tree(&mut self) -> &mut Scratch {
         &mut self.tree.kinds
+    }
+
+    /// The path that opens the file of `f` again (a memfd or an unlinked file, recreated once
+    /// per inode for the whole tree: see [`super::objects`]).
+    pub fn object_path(&mut self, f: &pb::FileEntry) -> Result<String> {
+        self.tree.objects.path_of(self.dir, f)
     }
 
     /// Keeps `f` (cr's own file) open until the tree runs.

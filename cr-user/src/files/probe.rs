@@ -30,6 +30,8 @@ pub enum FdKind {
     Path { path: String },
     /// A file or directory whose name was removed; `path` is the name it had.
     Unlinked { path: String },
+    /// A memfd; `name` is what memfd_create was given.
+    Memfd { name: String },
     /// A plain character device (/dev/null & co.).
     CharDev { path: String },
     /// A named pipe at `path`.
@@ -132,7 +134,10 @@ pub fn classify(target: &str, ftype: FType, nlink: u64, names_self: bool) -> FdK
         Some(p) if deleted => p.to_string(),
         _ => target.to_string(),
     };
-    if path.starts_with("/memfd:") && deleted {
+    if let Some(name) = path.strip_prefix("/memfd:").filter(|_| deleted) {
+        if ftype == FType::File {
+            return FdKind::Memfd { name: name.into() };
+        }
         return FdKind::Unsupported("a memfd".into());
     }
     match ftype {
@@ -264,8 +269,10 @@ mod tests {
             matches!(classify("/tmp/d (deleted)", FType::Dir, 0, false), FdKind::Unsupported(w) if w.contains("removed directory"))
         );
         assert_eq!(
-            classify("/memfd:buf (deleted)", FType::File, 0, false),
-            FdKind::Unsupported("a memfd".into())
+            classify("/memfd:ring buf (deleted)", FType::File, 0, false),
+            FdKind::Memfd {
+                name: "ring buf".into()
+            }
         );
     }
 

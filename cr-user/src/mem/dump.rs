@@ -86,16 +86,9 @@ pub fn vma_entry(v: &Vma) -> Result<pb::Vma> {
         locked: v.vm_flags.contains(VmFlags::LOCKED),
         ..Default::default()
     };
-    if file_backed {
-        if v.deleted {
-            crate::refuse!(
-                None,
-                "mapping {:#x}-{:#x} is of the deleted file {}: mappings of unlinked files are not supported yet",
-                v.start,
-                v.end,
-                e.path
-            );
-        }
+    // A deleted file (an unlinked file, a memfd) has no name to check at restore: its content
+    // goes into the image with its fds' (files::mapped links the VMA to it).
+    if file_backed && !v.deleted {
         let meta = std::fs::metadata(&e.path)
             .with_context(|| format!("stat {} (mapped at {:#x})", e.path, v.start))?;
         use std::os::unix::fs::MetadataExt;

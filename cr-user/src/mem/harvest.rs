@@ -251,7 +251,68 @@ pub fn scan_range(
     rearm: bool,
     out: &mut Vec<PageRegion>,
 ) -> Result<Option<()>> {
-    match s.scan_into(start, end, &harvest_query(rearm), out) {
+    scan_with(s, start, end, &harvest_query(rearm), out)
+}
+
+/// Scans `[start, end)` for the pages written since the last checkpoint and re-arms them
+/// ([`ScanQuery::written`]: the kernel's fast path). Ok(None) if the range is not registered.
+/// Unpopulated pages without a marker come out as written: only a syscall that zaps pages
+/// (watched by the programs: its range is in the epoch's VMA ranges) leaves those, and
+/// [`refine_written`] sorts them out there.
+pub fn scan_written(
+    s: &mut PagemapScanner,
+    start: u64,
+    end: u64,
+    out: &mut Vec<PageRegion>,
+) -> Result<Option<()>> {
+    scan_with(s, start, end, &ScanQuery::written(true), out)
+}
+
+/// The written `regions` of a fast scan ([`scan_written`]) with unpopulated pages sorted out:
+/// outside `zapped` (where nothing can have unmapped a page) they are data as reported; inside,
+/// only what `before` (a [`harvest_query`] scan of `zapped` taken before the re-arm, which turns
+/// none ptes into markers) shows holding data is, with its categories.
+pub fn refine_written(
+    regions: &[PageRegion],
+    zapped: &RangeSet,
+    before: &[PageRegion],
+) -> Vec<PageRegion> {
+    let written = RangeSet::from_sorted(regions.iter().map(|r| (r.start, r.end)));
+    let hit = written.intersect(zapped);
+    let mut out: Vec<PageRegion> = written
+        .subtract(&hit)
+        .ranges()
+        .iter()
+        .map(|&(start, end)| PageRegion {
+            start,
+            end,
+            categories: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+        })
+        .collect();
+    if !hit.is_empty() {
+        for r in before {
+            for &(start, end) in hit.clip(r.start, r.end).ranges() {
+                out.push(PageRegion {
+                    start,
+                    end,
+                    categories: r.categories | PAGE_IS_WRITTEN,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|r| r.start);
+    out
+}
+
+fn scan_with(
+    s: &mut PagemapScanner,
+    start: u64,
+    end: u64,
+    q: &ScanQuery,
+    out: &mut Vec<PageRegion>,
+) -> Result<Option<()>> {
+    let rearm = q.wp_matching;
+    match s.scan_into(start, end, q, out) {
         Ok(()) => Ok(Some(())),
         Err(e) => {
             let eperm = e.chain().any(|c| {
@@ -378,6 +439,49 @@ mod tests {
             fate(PAGE_IS_SWAPPED | PAGE_IS_WRITTEN, false),
             PageFate::Copy
         );
+    }
+
+    #[test]
+    fn refined_written_pages() {
+        let w = |start, end| PageRegion {
+            start,
+            end,
+            categories: PAGE_IS_WRITTEN,
+        };
+        // Written 0x1000-0x5000 and 0x8000-0x9000; a zap range 0x3000-0x9000 where, before the
+        // re-arm, only 0x4000-0x5000 held a page (0x3000 was unmapped by MADV_DONTNEED, 0x8000
+        // is the zero page).
+        let regions = [w(0x1000, 0x5000), w(0x8000, 0x9000)];
+        let zapped = RangeSet::from_ranges(vec![(0x3000, 0x9000)]);
+        let before = [
+            PageRegion {
+                start: 0x4000,
+                end: 0x5000,
+                categories: PAGE_IS_PRESENT,
+            },
+            PageRegion {
+                start: 0x8000,
+                end: 0x9000,
+                categories: PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+            },
+        ];
+        let r = refine_written(&regions, &zapped, &before);
+        let fates: Vec<_> = r
+            .iter()
+            .map(|r| (r.start, r.end, fate(r.categories, false)))
+            .collect();
+        assert_eq!(
+            fates,
+            vec![
+                (0x1000, 0x3000, PageFate::Copy),
+                (0x4000, 0x5000, PageFate::Copy),
+                (0x8000, 0x9000, PageFate::Absent),
+            ]
+        );
+        // Nothing zapped: as reported.
+        let r = refine_written(&regions, &RangeSet::new(), &[]);
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|r| fate(r.categories, true) == PageFate::Copy));
     }
 
     #[test]

@@ -69,8 +69,10 @@ pub struct MemoryDump {
 enum Mode {
     /// Scan (and re-arm) only where the eBPF records point.
     Ebpf(RangeSet),
-    /// Scan (and re-arm) every tracked VMA; unchanged pages are `in_parent`.
-    Exact,
+    /// Scan (and re-arm) every tracked VMA; unchanged pages are `in_parent`. `zaps_known`: the
+    /// programs saw every syscall of the epoch that can unmap pages (the VMA events are
+    /// complete), so unpopulated pages can only be inside their ranges.
+    Exact { zaps_known: bool },
     /// No usable parent: copy everything, re-arm.
     FullRearm,
     /// A dump that must not consume the tracking state (no tracking options given): copy
@@ -334,6 +336,15 @@ impl Session {
         let mut scanned = 0u64;
         let mut regions: Vec<PageRegion> = Vec::new();
 
+        // With a parent, tracked VMAs are asked only for their written pages (the kernel's fast
+        // path), and where pages may have been unmapped, what held data before the re-arm.
+        let fast = matches!(mode, Mode::Ebpf(_) | Mode::Exact { .. });
+        let zapped = match mode {
+            Mode::Exact { zaps_known: false } => tracked_set.clone(),
+            _ => zap_ranges(&facts, &tracked_vmas),
+        };
+        let (mut written, mut before) = (Vec::new(), Vec::new());
+
         // Tracked VMAs: scan where needed; elsewhere (eBPF mode) the parent has the pages.
         let mut still_tracked = Vec::new();
         for v in tracked_vmas {
@@ -343,8 +354,23 @@ impl Session {
             };
             regions.clear();
             let mut registered = true;
+            let zap_here = zapped.intersect(&scan);
+            if fast {
+                before.clear();
+                written.clear();
+                for &(s, e) in zap_here.ranges() {
+                    scanner
+                        .scan_into(s, e, &harvest::harvest_query(false), &mut before)
+                        .with_context(|| format!("PAGEMAP_SCAN of {s:#x}-{e:#x} of PID {pid}"))?;
+                }
+            }
             for &(s, e) in scan.ranges() {
-                if harvest::scan_range(&mut scanner, s, e, rearm, &mut regions)?.is_none() {
+                let found = if fast {
+                    harvest::scan_written(&mut scanner, s, e, &mut written)?
+                } else {
+                    harvest::scan_range(&mut scanner, s, e, rearm, &mut regions)?
+                };
+                if found.is_none() {
                     registered = false;
                     break;
                 }
@@ -365,6 +391,24 @@ impl Session {
             } else {
                 RangeSet::new()
             };
+            if fast {
+                // Written pages are copied (or absent: unmapped, zero); every other page is as
+                // the parent has it.
+                let refined = harvest::refine_written(&written, &zap_here, &before);
+                classify(
+                    &scanner,
+                    &refined,
+                    &RangeSet::new(),
+                    v.read,
+                    swap,
+                    &mut plan,
+                )?;
+                let changed = RangeSet::from_sorted(written.iter().map(|r| (r.start, r.end)));
+                for &(s, e) in in_parent.subtract(&changed).ranges() {
+                    plan.push(PlanItem::Parent { start: s, end: e });
+                }
+                continue;
+            }
             classify(&scanner, &regions, &in_parent, v.read, swap, &mut plan)?;
             if let Mode::Ebpf(_) = mode {
                 for &(s, e) in in_parent.subtract(&scan).ranges() {
@@ -592,7 +636,7 @@ fn plain_memory(
 fn mode_name(m: &Mode) -> &'static str {
     match m {
         Mode::Ebpf(_) => "ebpf",
-        Mode::Exact => "pagemap-scan",
+        Mode::Exact { .. } => "pagemap-scan",
         Mode::FullRearm | Mode::FullPeek => "full",
     }
 }
@@ -623,36 +667,30 @@ fn choose_mode(
     }
     let forced = crate::tunables::get().harvest;
     if forced == Harvest::Scan {
-        return (Mode::Exact, "forced by CR_HARVEST=scan".into());
+        return (
+            Mode::Exact { zaps_known: false },
+            "forced by CR_HARVEST=scan".into(),
+        );
     }
     if !f.unsafe_why.is_empty() {
-        return (Mode::Exact, f.unsafe_why.join("; "));
+        return (Mode::Exact { zaps_known: false }, f.unsafe_why.join("; "));
     }
     if f.all_vmas {
         return (
-            Mode::Exact,
+            Mode::Exact { zaps_known: false },
             "mlockall: any page may have been populated".into(),
         );
     }
-    let mut ranges = harvest::blocks_of(&f.dirty).union(&f.vma_ranges);
-    if f.brk {
-        let heap = RangeSet::from_ranges(
-            tracked_vmas
-                .iter()
-                .filter(|v| v.name == VmaName::Heap)
-                .map(|v| (v.start, v.end))
-                .collect(),
-        );
-        ranges = ranges.union(&heap);
-    }
-    let ranges = ranges.intersect(tracked);
+    let ranges = harvest::blocks_of(&f.dirty)
+        .union(&zap_ranges(f, tracked_vmas))
+        .intersect(tracked);
     // Scanning the blocks never costs more page-table walking than scanning everything, but
     // each block is an ioctl: past many scattered blocks covering most of the memory, one
     // walk of all is cheaper.
     let (cover, total) = (ranges.len_bytes(), tracked.len_bytes().max(1));
     if forced != Harvest::Ebpf && ranges.ranges().len() > MANY_RANGES && cover * 2 > total {
         return (
-            Mode::Exact,
+            Mode::Exact { zaps_known: true },
             format!(
                 "the eBPF dirty set falls in {} blocks covering {}% of the tracked memory: one scan of all is cheaper",
                 ranges.ranges().len(),
@@ -666,6 +704,22 @@ fn choose_mode(
         "nothing escaped the eBPF records".to_string()
     };
     (Mode::Ebpf(ranges), why)
+}
+
+/// Where the epoch's syscalls may have changed the layout or unmapped pages: the ranges of its
+/// VMA events, and the heap if brk moved.
+fn zap_ranges(f: &EpochFacts, tracked_vmas: &[&Vma]) -> RangeSet {
+    let mut r = f.vma_ranges.clone();
+    if f.brk {
+        r = r.union(&RangeSet::from_ranges(
+            tracked_vmas
+                .iter()
+                .filter(|v| v.name == VmaName::Heap)
+                .map(|v| (v.start, v.end))
+                .collect(),
+        ));
+    }
+    r
 }
 
 /// Turns the regions of one scanned VMA into plan items.
@@ -919,7 +973,7 @@ mod tests {
             ..Default::default()
         };
         let (m, why) = choose_mode(true, true, "", &lost, &tracked, &[]);
-        assert_eq!(m, Mode::Exact);
+        assert_eq!(m, Mode::Exact { zaps_known: false });
         assert!(why.contains("lost"));
         // Many scattered dirty blocks over most of the memory: one exact scan. (4 GiB; two
         // blocks of every three: 683 ranges, 2/3 of it.)
@@ -931,7 +985,10 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        assert_eq!(choose_mode(true, true, "", &many, &big, &[]).0, Mode::Exact);
+        assert_eq!(
+            choose_mode(true, true, "", &many, &big, &[]).0,
+            Mode::Exact { zaps_known: true }
+        );
         // Few blocks, even covering most of a small memory: the eBPF harvest.
         assert!(matches!(
             choose_mode(true, true, "", &many, &tracked, &[]).0,

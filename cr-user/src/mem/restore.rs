@@ -32,7 +32,7 @@ const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 /// the size it had.
 pub fn validate_mapped(vmas: &[pb::Vma]) -> Result<()> {
     for v in vmas {
-        if v.flags & libc::MAP_ANONYMOUS as u32 != 0 || vma::is_special(v.kind) {
+        if v.flags & libc::MAP_ANONYMOUS as u32 != 0 || vma::is_special(v.kind) || v.file_id != 0 {
             continue;
         }
         let meta = std::fs::metadata(&v.path)
@@ -233,17 +233,20 @@ fn madvise(r: &mut Remote, v: &pb::Vma) -> Result<()> {
 
 /// Maps every VMA of the image at its address, with its final protection, name and advice.
 pub fn map_vmas(r: &mut Remote, scratch: u64, vmas: &[pb::Vma]) -> Result<()> {
-    map_vmas_linked(r, scratch, vmas, &HashMap::new())
+    map_vmas_linked(r, scratch, vmas, &HashMap::new(), &HashMap::new())
 }
 
 /// [`map_vmas`], where the VMAs in `links` (by start address) map shared anonymous memory that
 /// an earlier VMA of the tree already maps: they map that very object, opened through
-/// /proc/OWNER/map_files, so the memory stays shared (see [`super::shmem::ShmemOwners`]).
+/// /proc/OWNER/map_files, so the memory stays shared (see [`super::shmem::ShmemOwners`]);
+/// and the file VMAs in `paths` (by start address: memfds, unlinked files) map the file
+/// opened at that path (cr's recreated file) instead of their own path.
 pub fn map_vmas_linked(
     r: &mut Remote,
     scratch: u64,
     vmas: &[pb::Vma],
     links: &HashMap<u64, ShmemLink>,
+    paths: &HashMap<u64, String>,
 ) -> Result<()> {
     for v in vmas {
         if let Some(l) = links.get(&v.start) {
@@ -264,7 +267,8 @@ pub fn map_vmas_linked(
             "anonymous memory"
         };
         let got = if file_backed {
-            let path = put_str(r, scratch, 0, &v.path)?;
+            let open_path = paths.get(&v.start).unwrap_or(&v.path);
+            let path = put_str(r, scratch, 0, open_path)?;
             let shared_writable =
                 v.flags & libc::MAP_SHARED as u32 != 0 && v.prot & libc::PROT_WRITE as u32 != 0;
             let oflags = if shared_writable {

@@ -117,3 +117,48 @@ pub fn start_writeback(f: &File, off: u64, len: u64) {
         );
     }
 }
+
+/// The data ranges `[start, end)` of `f` (SEEK_DATA/SEEK_HOLE from 0 up to `size`): what a
+/// sparse file holds besides holes. Moves `f`'s offset (pass a description of cr's own).
+pub fn data_ranges(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let seek = |off: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let Some(d) = seek(off, libc::SEEK_DATA)? else {
+            break;
+        };
+        let h = seek(d, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if h <= d {
+            break;
+        }
+        out.push((d, h));
+        off = h;
+    }
+    Ok(out)
+}
+
+/// memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING): a memfd of cr's own.
+pub fn memfd_create(name: &str) -> std::io::Result<File> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid C string; the new fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh fd nothing else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
