@@ -60,6 +60,9 @@ pub enum Command {
     PreDump(DumpOpts),
     /// Restore a process tree from an images directory.
     Restore(RestoreOpts),
+    /// Receive the pages (or a whole image) of a dump sent with `--page-server` into an images
+    /// directory; exits once that transfer is complete.
+    PageServer(PageServerOpts),
     /// Check that this kernel supports everything cr needs.
     Check(CheckOpts),
     /// Print an image file, or a whole images directory, as JSON (a `cr periodic` directory:
@@ -166,6 +169,43 @@ pub struct DumpOpts {
     /// Track memory changes (eBPF + userfaultfd write-protection) for later incremental dumps.
     #[arg(long = "track-mem")]
     pub track_mem: bool,
+    /// Send the pages to a page server (`cr page-server`) at --address/--port instead of
+    /// writing pages-PID.img into -D; the rest of the image is written to -D (copy it next
+    /// to the pages to restore there).
+    #[arg(long = "page-server", requires_all = ["address", "port"])]
+    pub page_server: bool,
+    /// The page server's host (with --page-server).
+    #[arg(long = "address", value_name = "HOST", requires = "page_server")]
+    pub address: Option<String>,
+    /// The page server's TCP port (with --page-server).
+    #[arg(long = "port", value_name = "PORT", requires = "page_server")]
+    pub port: Option<u16>,
+    /// With --page-server: send the whole image, not only the pages, so that the page
+    /// server's directory is restorable as it is (-D keeps the descriptors and the log).
+    #[arg(long = "whole-image", requires = "page_server")]
+    pub whole_image: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PageServerOpts {
+    /// Images directory to receive into (created, 0700, if missing; must not hold a complete
+    /// image).
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// TCP port to listen on (0: any free port; --status-fd says which).
+    #[arg(long = "port", value_name = "PORT")]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long = "address", value_name = "ADDR", default_value = "0.0.0.0")]
+    pub address: String,
+    /// The image the received one builds on (relative to -D, as the dump's own
+    /// --prev-images-dir): it must be here already.
+    #[arg(long = "prev-images-dir", value_name = "DIR")]
+    pub prev_images_dir: Option<PathBuf>,
+    /// An inherited fd that receives the listening port (decimal, newline) once the server
+    /// accepts connections, and is closed. (CRIU writes a single NUL byte.)
+    #[arg(long = "status-fd", value_name = "FD")]
+    pub status_fd: Option<i32>,
 }
 
 /// Options of `cr periodic`.
@@ -375,6 +415,43 @@ mod tests {
             "1"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn page_server_flags() {
+        let c = parse(&[
+            "dump",
+            "-t",
+            "1",
+            "-D",
+            "d",
+            "--page-server",
+            "--address",
+            "h",
+            "--port",
+            "9",
+        ]);
+        let Command::Dump(d) = c.cmd else {
+            panic!("not dump")
+        };
+        assert!(d.page_server && !d.whole_image);
+        assert_eq!((d.address.as_deref(), d.port), (Some("h"), Some(9)));
+        let no_port = [
+            "dump",
+            "-t",
+            "1",
+            "-D",
+            "d",
+            "--page-server",
+            "--address",
+            "h",
+        ];
+        assert!(Cli::try_parse_from(std::iter::once("cr").chain(no_port)).is_err());
+        let c = parse(&["page-server", "-D", "d", "--port", "0"]);
+        let Command::PageServer(p) = c.cmd else {
+            panic!("not page-server")
+        };
+        assert_eq!((p.address.as_str(), p.port), ("0.0.0.0", 0));
     }
 
     #[test]

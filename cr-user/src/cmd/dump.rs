@@ -18,6 +18,7 @@ use crate::files::dump as files;
 use crate::image::dir::{self as imgdir, ImageWriter};
 use crate::image::file::Kind;
 use crate::image::pb;
+use crate::image::wire;
 use crate::kernel::interrupt;
 use crate::kernel::proc;
 use crate::kernel::proc::maps::VmaName;
@@ -44,7 +45,21 @@ pub(super) fn open(o: &DumpOpts, pre_dump: bool) -> Result<Opened> {
     interrupt::install();
     let target = target::check_root(o.pid)?;
     let pid = target.pid;
-    let writer = ImageWriter::create(&o.images_dir)?;
+    let mut writer = ImageWriter::create(&o.images_dir)?;
+    if o.page_server {
+        // Connected before anything touches the target: no server, no freeze.
+        let (Some(host), Some(port)) = (&o.address, o.port) else {
+            crate::bad_input!("--page-server needs --address and --port");
+        };
+        let content = if o.whole_image {
+            wire::Content::Image
+        } else {
+            wire::Content::Pages
+        };
+        writer.send_to(std::sync::Arc::new(wire::Sender::connect(
+            host, port, content,
+        )?));
+    }
     log::info!(
         "{} PID {pid} ({}) into {}",
         if pre_dump { "pre-dumping" } else { "dumping" },

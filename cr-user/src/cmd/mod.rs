@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod page_server;
 pub mod periodic;
 pub mod pre_dump;
 pub mod restore;

@@ -120,6 +120,10 @@ fn checkpoints(o: &PeriodicOpts, t: &Target) -> Result<End> {
             file_locks: o.file_locks,
             prev_images_dir: parent.as_ref().map(|p| PathBuf::from(format!("../{p}"))),
             track_mem: true,
+            page_server: false,
+            address: None,
+            port: None,
+            whole_image: false,
         };
         let r = quietly(|| super::dump::run(&opts));
         match r {

@@ -18,6 +18,7 @@ pub mod pages;
 pub mod show;
 /// `Vma.kind` / `Vma.madv` values (kept by the memory code).
 pub mod vma;
+pub mod wire;
 pub mod writer;
 
 pub use chain::{ImageChain, PageSegment};

@@ -21,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::file::{Header, Kind, FORMAT_VERSION, HEADER_LEN};
 use super::names::pages_file;
 use super::pb;
+use super::wire::Sender;
 use super::writer::{create_temp, ImageWriter, Written};
 use crate::kernel::sys::fs;
 use crate::kernel::sys::mman::FileMap;
@@ -157,6 +158,9 @@ pub struct PageWriter {
     name: String,
     tmp: PathBuf,
     file: File,
+    /// Set when the pages go to a page server instead of `file` (which is then /dev/null:
+    /// nothing is written locally).
+    wire: Option<(Arc<Sender>, u32)>,
     written: Arc<Written>,
     buf: Vec<u8>,
     /// Pages of the window handed out by the last `window()` call (0: none outstanding).
@@ -189,7 +193,21 @@ impl PageWriter {
     pub fn create(dir: &ImageWriter, pid: i32, total_pages_hint: u64) -> Result<PageWriter> {
         let name = pages_file(pid);
         dir.written.reserve(&name)?;
-        let (file, tmp) = create_temp(dir.path(), &name)?;
+        let (file, tmp, wire) = match dir.remote() {
+            None => {
+                let (file, tmp) = create_temp(dir.path(), &name)?;
+                (file, tmp, None)
+            }
+            Some(to) => {
+                let id = to.open(&name)?;
+                let null = File::options()
+                    .write(true)
+                    .open("/dev/null")
+                    .context("cannot open /dev/null")?;
+                let shown = PathBuf::from(format!("{}:{name}", to.peer()));
+                (null, shown, Some((to.clone(), id)))
+            }
+        };
         // The header page (offset 0) is written by finish(), with the data CRC; data goes at
         // explicit offsets after it.
         let first = (total_pages_hint.clamp(1, WINDOW_PAGES as u64) as usize) * PAGE_SIZE;
@@ -198,6 +216,7 @@ impl PageWriter {
             name,
             tmp,
             file,
+            wire,
             written: dir.written.clone(),
             buf: Vec::new(),
             window_pages: 0,
@@ -215,6 +234,10 @@ impl PageWriter {
             done: false,
         };
         w.buf.reserve_exact(first);
+        if w.wire.is_some() {
+            w.direct_ok = false;
+            return Ok(w);
+        }
         if w.direct_ok && !w.set_direct(true) {
             w.direct_ok = false;
         }
@@ -402,6 +425,11 @@ impl PageWriter {
     /// slices (when the filesystem takes it), the page cache otherwise.
     fn write_data(&mut self, data: &[&[u8]]) -> Result<()> {
         let mut off = HEADER_PAGE + self.data_len;
+        if let Some((to, id)) = &self.wire {
+            to.write(*id, off, data)?;
+            self.buffered_bytes += data.iter().map(|d| d.len() as u64).sum::<u64>();
+            return Ok(());
+        }
         let mut i = 0;
         while i < data.len() {
             let aligned = |d: &[u8]| (d.as_ptr() as usize).is_multiple_of(PAGE_SIZE);
@@ -549,6 +577,18 @@ impl PageWriter {
             payload_crc: self.data_crc,
         };
         page[..HEADER_LEN].copy_from_slice(&h.encode());
+        if let Some((to, id)) = &self.wire {
+            to.write(*id, 0, &[&page])?;
+            to.close(*id, HEADER_PAGE + self.data_len)?;
+            self.done = true;
+            log::debug!(
+                "{}: {} MiB of pages in {} runs sent",
+                self.tmp.display(),
+                self.data_len >> 20,
+                self.runs.len()
+            );
+            return self.register(&page);
+        }
         // The header page is a stack array: through the page cache.
         self.set_direct(false);
         self.file
@@ -578,7 +618,12 @@ impl PageWriter {
             self.direct_bytes >> 20,
             self.writeback_ns as f64 / 1e6
         );
-        let crc = combine(crc32c::crc32c(&page), self.data_crc, self.data_len);
+        self.register(&page)
+    }
+
+    /// Lists the finished file for the inventory; returns the page map.
+    fn register(&mut self, page: &[u8]) -> Result<pb::PageMap> {
+        let crc = combine(crc32c::crc32c(page), self.data_crc, self.data_len);
         self.written.add(pb::ImageFile {
             name: self.name.clone(),
             size: HEADER_PAGE + self.data_len,
@@ -596,7 +641,7 @@ impl Drop for PageWriter {
         if let Some(f) = self.flusher.take() {
             f.stop();
         }
-        if !self.done {
+        if !self.done && self.wire.is_none() {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

@@ -19,6 +19,7 @@ use prost::Message;
 use super::file::{self, Kind};
 use super::names::INVENTORY;
 use super::pb;
+use super::wire::{Content, Sender};
 
 /// Prepares `path` as an images directory for a dump: creates it (mode 0700) if missing. An
 /// existing directory is fine (it may hold the log) unless it already holds a complete image.
@@ -152,6 +153,9 @@ impl Written {
 pub struct ImageWriter {
     path: PathBuf,
     pub(crate) written: Arc<Written>,
+    /// A page server that receives the page files (and page maps, or with
+    /// [`Content::Image`] every file): see [`ImageWriter::send_to`].
+    remote: Option<Arc<Sender>>,
 }
 
 impl ImageWriter {
@@ -171,7 +175,22 @@ impl ImageWriter {
         Ok(ImageWriter {
             path: path.to_path_buf(),
             written: Arc::new(Written::default()),
+            remote: None,
         })
+    }
+
+    /// Sends this image to a page server as it is written: page files go there instead of
+    /// into the directory; page maps go there too and stay here (a later incremental dump
+    /// plans against them); with [`Content::Image`] every descriptor is also sent and the
+    /// inventory, sent last, makes the server's copy a complete image. `commit` returns only
+    /// once the server has it all on disk.
+    pub fn send_to(&mut self, to: Arc<Sender>) {
+        self.remote = Some(to);
+    }
+
+    /// The page server this image goes to, if any.
+    pub fn remote(&self) -> Option<&Arc<Sender>> {
+        self.remote.as_ref()
     }
 
     /// The images directory.
@@ -204,6 +223,11 @@ impl ImageWriter {
         self.written.reserve(name)?;
         let bytes = file::frame(kind, payload);
         write_atomically(&self.path, name, &bytes)?;
+        if let Some(to) = &self.remote {
+            if kind == Kind::PageMap || to.content() == Content::Image {
+                to.send_file(name, &bytes)?;
+            }
+        }
         self.written.add(pb::ImageFile {
             name: name.to_string(),
             size: bytes.len() as u64,
@@ -246,14 +270,20 @@ impl ImageWriter {
         if inventory.format_version == 0 {
             inventory.format_version = file::FORMAT_VERSION;
         }
+        let bytes = file::frame(Kind::Inventory, &inventory.encode_to_vec());
+        // The page server's part first: a local inventory names files that must exist there.
+        if let Some(to) = &self.remote {
+            if to.content() == Content::Image {
+                to.sync()?;
+                to.send_file(INVENTORY, &bytes)?;
+            }
+            to.sync()?;
+            to.done()?;
+        }
         // Every file was fsynced before its rename; this makes the renames durable before the
         // inventory can exist.
         fsync_dir(&self.path)?;
-        write_atomically(
-            &self.path,
-            INVENTORY,
-            &file::frame(Kind::Inventory, &inventory.encode_to_vec()),
-        )?;
+        write_atomically(&self.path, INVENTORY, &bytes)?;
         fsync_dir(&self.path)?;
         Ok(inventory)
     }
