@@ -76,7 +76,10 @@ pub fn section(size_mib: usize, intervals: usize) {
         let Ok(l) = l else { break };
         if !l.contains(": frozen ") {
             // Each distinct warning once (the line without its timestamp).
-            let text = l.split_once(") ").map_or(l.as_str(), |(_, t)| t).to_string();
+            let text = l
+                .split_once(") ")
+                .map_or(l.as_str(), |(_, t)| t)
+                .to_string();
             if (l.contains("Error") || l.contains("Warn")) && said.insert(text) {
                 println!("  cr: {l}");
             }
