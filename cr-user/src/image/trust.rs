@@ -18,7 +18,10 @@ pub fn check(chain: &ImageChain, trust_owner: bool) -> Result<()> {
         return Ok(());
     }
     for img in chain.images() {
-        let dir = img.path();
+        // The directory as resolved: `DIR/latest` of `cr periodic` is a symlink (mode 777 by
+        // nature); what must be root's and unwritable is the directory it names.
+        let dir = &std::fs::canonicalize(img.path())
+            .with_context(|| format!("resolve {}", img.path().display()))?;
         check_path(dir)?;
         for f in img.files() {
             check_path(&dir.join(&f.name))?;
