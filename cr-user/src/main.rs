@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Dump(o) | Command::PreDump(o) => Some(o.images_dir.clone()),
         Command::Restore(o) => Some(o.images_dir.clone()),
         Command::PageServer(o) => Some(o.images_dir.clone()),
+        Command::Migrate(o) => Some(o.images_dir.clone()),
         _ => None,
     };
     // CRIU: a relative -o is relative to the images directory.
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
     if let (Some(d), Some(_)) = (&images_dir, &log_path) {
         if matches!(
             cli.cmd,
-            Command::Dump(_) | Command::PreDump(_) | Command::PageServer(_)
+            Command::Dump(_) | Command::PreDump(_) | Command::PageServer(_) | Command::Migrate(_)
         ) {
             // The log may live in the images dir; create it now (0700) so the log can open.
             if let Err(e) = cr::image::dir::create_images_dir(d) {
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
         Command::PreDump(o) => cr::cmd::pre_dump::run(o).map(|_| 0),
         Command::Restore(o) => cr::cmd::restore::run(o, &cli.global),
         Command::PageServer(o) => cr::cmd::page_server::run(o).map(|_| 0),
+        Command::Migrate(o) => cr::cmd::migrate::run(o, &cli.global).map(|_| 0),
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
         Command::Tracker(o) => cr::cmd::tracker::run(o.pid, o.ready_fd, o.dirty_max_entries),

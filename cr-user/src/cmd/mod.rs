@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod migrate;
 pub mod page_server;
 pub mod pre_dump;
 pub mod restore;
