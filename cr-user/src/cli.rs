@@ -68,8 +68,12 @@ pub enum Command {
     Migrate(MigrateOpts),
     /// Check that this kernel supports everything cr needs.
     Check(CheckOpts),
-    /// Print an image file, or a whole images directory, as JSON.
+    /// Print an image file, or a whole images directory, as JSON (a `cr periodic` directory:
+    /// its checkpoints, one line each).
     Show(ShowOpts),
+    /// Checkpoint a running tree (or a command it starts) every interval into DIR/<sequence>,
+    /// incrementally, keeping DIR/latest restorable.
+    Periodic(PeriodicOpts),
     /// (internal) The tracker process that `cr pre-dump` and `--track-mem` start.
     #[command(name = "__tracker", hide = true)]
     Tracker(TrackerOpts),
@@ -239,6 +243,80 @@ pub struct PageServerOpts {
     pub status_fd: Option<i32>,
 }
 
+/// Options of `cr periodic`.
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Examples:\n  cr periodic -t 1234 -D /var/lib/ckpt --interval 1s --keep 5\n  \
+                        cr periodic -D /var/lib/ckpt --interval 500ms -- redis-server --port 7000"
+)]
+pub struct PeriodicOpts {
+    /// PID of the root of the tree to checkpoint (or give a command after `--`).
+    #[arg(
+        short = 't',
+        long = "tree",
+        value_name = "PID",
+        conflicts_with = "command"
+    )]
+    pub pid: Option<i32>,
+    /// Directory of the checkpoints: DIR/000001, DIR/000002, …, and DIR/latest naming the newest
+    /// complete one.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// Time between checkpoints, as 500ms, 1s, 2m, 1h (a plain number is seconds).
+    #[arg(long = "interval", value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// Keep at most N checkpoints: the oldest is folded into its successor (which then holds
+    /// every page it needs) and removed. Default: keep all.
+    #[arg(long = "keep", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// Give up (exit 1) after K checkpoints in a row failed (0: never).
+    #[arg(long = "max-failures", value_name = "K", default_value_t = 10)]
+    pub max_failures: u32,
+    /// Checkpoints at most N (then exit 0 leaving the target running; for scripts and tests).
+    #[arg(long = "count", value_name = "N", hide = true)]
+    pub count: Option<u64>,
+    /// Dump established TCP connections (with TCP_REPAIR).
+    #[arg(long = "tcp-established")]
+    pub tcp_established: bool,
+    /// Allow a tree whose session leader or terminal lies outside it.
+    #[arg(short = 'j', long = "shell-job")]
+    pub shell_job: bool,
+    /// Dump file locks held by the tree.
+    #[arg(short = 'l', long = "file-locks")]
+    pub file_locks: bool,
+    /// With a command: where its stdout and stderr go (appended; relative to DIR). "-" keeps
+    /// cr's own. Its stdin is /dev/null.
+    #[arg(long = "output", value_name = "FILE", default_value = "output.log")]
+    pub output: PathBuf,
+    /// The command to start (in a session of its own) and checkpoint.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// A duration as people write it: `500ms`, `1s`, `1.5s`, `2m`, `1h`; a plain number is seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (write 500ms, 1s, 2m or 1h)"))?;
+    let scale = match unit.trim() {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m or h)")),
+    };
+    let secs = n * scale;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?}: the interval must be more than zero"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RestoreOpts {
     /// Images directory.
@@ -322,6 +400,56 @@ mod tests {
         assert_eq!(parse(&["check", "-v4"]).global.level(), 4);
         assert_eq!(parse(&["check", "-v0"]).global.level(), 0);
         assert_eq!(parse(&["-vv", "check"]).global.level(), 4);
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "0s", "1x", "ms", "-1s", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn periodic_flags() {
+        let c = parse(&[
+            "periodic",
+            "-D",
+            "d",
+            "--interval",
+            "250ms",
+            "--keep",
+            "3",
+            "--",
+            "sleep",
+            "9",
+        ]);
+        let Command::Periodic(p) = c.cmd else {
+            panic!("not periodic")
+        };
+        assert_eq!(p.interval, std::time::Duration::from_millis(250));
+        assert_eq!(p.keep, Some(3));
+        assert_eq!(p.command, vec!["sleep", "9"]);
+        assert!(p.pid.is_none());
+        assert!(Cli::try_parse_from([
+            "cr",
+            "periodic",
+            "-D",
+            "d",
+            "--interval",
+            "1s",
+            "--keep",
+            "0",
+            "-t",
+            "1"
+        ])
+        .is_err());
     }
 
     #[test]

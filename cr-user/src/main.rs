@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     let images_dir = match &cli.cmd {
         Command::Dump(o) | Command::PreDump(o) => Some(o.images_dir.clone()),
         Command::Restore(o) => Some(o.images_dir.clone()),
+        Command::Periodic(o) => Some(o.images_dir.clone()),
         Command::PageServer(o) => Some(o.images_dir.clone()),
         Command::Migrate(o) => Some(o.images_dir.clone()),
         _ => None,
@@ -39,7 +40,11 @@ fn main() -> ExitCode {
     if let (Some(d), Some(_)) = (&images_dir, &log_path) {
         if matches!(
             cli.cmd,
-            Command::Dump(_) | Command::PreDump(_) | Command::PageServer(_) | Command::Migrate(_)
+            Command::Dump(_)
+                | Command::PreDump(_)
+                | Command::Periodic(_)
+                | Command::PageServer(_)
+                | Command::Migrate(_)
         ) {
             // The log may live in the images dir; create it now (0700) so the log can open.
             if let Err(e) = cr::image::dir::create_images_dir(d) {
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::Migrate(o) => cr::cmd::migrate::run(o, &cli.global).map(|_| 0),
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
+        Command::Periodic(o) => cr::cmd::periodic::run(o),
         Command::Tracker(o) => cr::cmd::tracker::run(o.pid, o.ready_fd, o.dirty_max_entries),
         Command::Completions(o) => {
             cr::cli::write_completions(o.shell, &mut std::io::stdout()).map(|_| 0)

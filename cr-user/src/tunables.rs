@@ -31,6 +31,10 @@ pub struct Tunables {
     /// `CR_TEST_DIRTY_MAX_ENTRIES=N`: a tracker started now sizes its dirty-page map to N
     /// entries (tests make it tiny to see a full map handled).
     pub dirty_max_entries: Option<u32>,
+    /// `CR_TEST_FOLD_PAUSE=STEP`: a `cr periodic --keep` fold prints `FOLD STEP` and stops
+    /// itself (SIGSTOP) at that step (written, committed, exchanged, renamed), so that a test
+    /// can kill it there.
+    pub fold_pause: Option<String>,
 }
 
 impl Tunables {
@@ -46,6 +50,7 @@ impl Tunables {
             },
             tracker_log: var("CR_TRACKER_LOG").map(PathBuf::from),
             dirty_max_entries: text("CR_TEST_DIRTY_MAX_ENTRIES").and_then(|v| v.parse().ok()),
+            fold_pause: text("CR_TEST_FOLD_PAUSE"),
         }
     }
 }

@@ -200,7 +200,18 @@ pub struct WatchedCr {
 impl WatchedCr {
     /// Starts `cr ARGS` (which must log to stderr: no `-o`).
     pub fn spawn(args: &[&str]) -> WatchedCr {
-        let mut child = CrCmd::new(args)
+        WatchedCr::spawn_cmd(&CrCmd::new(args))
+    }
+
+    /// Starts `c` (with its environment; it must log to stderr: no `-o`).
+    pub fn spawn_cmd(c: &CrCmd) -> WatchedCr {
+        let args: Vec<String> = c
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = c
             .command()
             .stderr(Stdio::piped())
             .spawn()

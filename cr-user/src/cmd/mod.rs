@@ -4,6 +4,7 @@ pub mod check;
 pub mod dump;
 pub mod migrate;
 pub mod page_server;
+pub mod periodic;
 pub mod pre_dump;
 pub mod restore;
 pub mod show;

@@ -30,9 +30,45 @@ pub fn validate(files: &pb::Files) -> Result<()> {
                 f.id
             );
         };
+        if grown_log(files, k) {
+            continue;
+        }
         kind_of(k, f.id)?.validate(k)?;
     }
     Ok(())
+}
+
+/// A regular file that grew since the dump while every description of it in the tree is
+/// write-only (a log: going back to an older checkpoint always finds it longer) is accepted,
+/// and the log says so. One the tree reads must match as before; one it maps is checked by
+/// `mem::restore::validate_mapped`, which a size change fails.
+fn grown_log(files: &pb::Files, k: &pb::file_entry::Kind) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let pb::file_entry::Kind::Reg(r) = k else {
+        return false;
+    };
+    if r.unlinked || r.mode & libc::S_IFMT != libc::S_IFREG {
+        return false;
+    }
+    let write_only = files.files.iter().all(|f| match &f.kind {
+        Some(pb::file_entry::Kind::Reg(o)) if o.path == r.path => {
+            f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32
+        }
+        _ => true,
+    });
+    let Ok(meta) = std::fs::metadata(&r.path) else {
+        return false;
+    };
+    if !(write_only && meta.is_file() && meta.size() > r.size && meta.ino() == r.inode) {
+        return false;
+    }
+    log::info!(
+        "file {} grew since the checkpoint ({} bytes then, {} now); the tree only writes to it: accepted",
+        r.path,
+        r.size,
+        meta.size()
+    );
+    true
 }
 
 /// The kind of an image entry.

@@ -110,7 +110,16 @@ impl ImageChain {
             }
             let parent = ImageDir::open(&ppath).with_context(what)?;
             let want = child.inventory().parent_inventory_crc;
-            if parent.inventory_crc() != want {
+            let want_id = child.inventory().parent_checkpoint_id;
+            if want_id != 0 {
+                if parent.inventory().checkpoint_id != want_id {
+                    bail!(
+                        "{}: it is checkpoint {:#018x}, the child was dumped on top of {want_id:#018x}: the parent was replaced or re-dumped",
+                        what(),
+                        parent.inventory().checkpoint_id
+                    );
+                }
+            } else if parent.inventory_crc() != want {
                 bail!(
                     "{}: its inventory.img has CRC {:#010x}, the child recorded {want:#010x}: the parent was replaced or re-dumped",
                     what(),

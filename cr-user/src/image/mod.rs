@@ -11,6 +11,8 @@
 pub mod chain;
 pub mod dir;
 pub mod file;
+/// Numbered checkpoint directories (`cr periodic`) and folding the oldest away.
+pub mod fold;
 pub mod names;
 pub mod pages;
 pub mod show;

@@ -14,6 +14,8 @@ pub const DUMP_F_PRE_DUMP: u64 = 1;
 pub const DUMP_F_TCP: u64 = 2;
 pub const DUMP_F_SHELL_JOB: u64 = 4;
 pub const DUMP_F_FILE_LOCKS: u64 = 8;
+/// The image's parent was folded into it (`cr periodic --keep`): it holds every page itself.
+pub const DUMP_F_FOLDED: u64 = 16;
 
 /// `core-TID.img`: one thread's registers and per-task state.
 pub fn core_file(tid: i32) -> String {

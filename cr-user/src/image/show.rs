@@ -21,7 +21,9 @@ use super::pb;
 /// The JSON text for `path`: an images directory (an object keyed by file name, the inventory
 /// first) or one image file.
 pub fn render(path: &Path) -> Result<String> {
-    if path.is_dir() {
+    if path.is_dir() && !path.join(INVENTORY).exists() && !super::fold::sequence(path)?.is_empty() {
+        render_sequence(path)
+    } else if path.is_dir() {
         render_dir(path)
     } else {
         render_file(path)
@@ -64,6 +66,79 @@ fn render_dir(path: &Path) -> Result<String> {
     }
     s.push_str("\n}");
     Ok(s)
+}
+
+/// A `cr periodic` directory: a JSON array, one line per complete checkpoint (oldest first):
+/// its name, time, frozen ms, dirty and image MiB, harvest, parent, whether `latest` names it.
+fn render_sequence(path: &Path) -> Result<String> {
+    #[derive(Serialize)]
+    struct Line {
+        checkpoint: String,
+        time: String,
+        frozen_ms: f64,
+        dirty_mib: f64,
+        image_mib: f64,
+        harvest: String,
+        parent: String,
+        folded: bool,
+        latest: bool,
+    }
+    let latest = std::fs::read_link(path.join("latest"))
+        .ok()
+        .map(|l| l.to_string_lossy().into_owned());
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    let mut s = String::from("[");
+    for (i, n) in super::fold::sequence(path)?.into_iter().enumerate() {
+        let name = super::fold::seq_name(n);
+        let img = ImageDir::open(&path.join(&name))?;
+        let inv = img.inventory();
+        let st = inv.stats.clone().unwrap_or_default();
+        let line = Line {
+            time: utc(inv.created_unix_ms),
+            frozen_ms: round(st.frozen_us as f64 / 1e3),
+            dirty_mib: round(st.pages_written as f64 / 256.0),
+            image_mib: round(img.files().map(|f| f.size).sum::<u64>() as f64 / (1u64 << 20) as f64),
+            harvest: st.harvest,
+            parent: inv.parent_path.clone(),
+            folded: inv.flags & super::names::DUMP_F_FOLDED != 0,
+            latest: latest.as_deref() == Some(name.as_str()),
+            checkpoint: name,
+        };
+        s.push_str(if i == 0 { "\n  " } else { ",\n  " });
+        s.push_str(&serde_json::to_string(&line)?);
+    }
+    s.push_str("\n]");
+    Ok(s)
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn utc(ms: u64) -> String {
+    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
+#[cfg(test)]
+#[test]
+fn utc_dates() {
+    assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+    assert_eq!(utc(1_796_657_025_433), "2026-12-07T15:23:45.433Z");
 }
 
 fn pages_summary(pf: &PageFile) -> Result<String> {

@@ -235,6 +235,23 @@ impl ImageWriter {
         })
     }
 
+    /// Makes `src/NAME` (a file of another image, as its inventory lists it) part of this
+    /// image too, by a hard link: its bytes are not copied (a fold keeps the files it does not
+    /// change).
+    pub fn link_from(&self, src: &Path, f: &pb::ImageFile) -> Result<()> {
+        check_name(&f.name)?;
+        self.written.reserve(&f.name)?;
+        let to = self.path.join(&f.name);
+        std::fs::hard_link(src.join(&f.name), &to).with_context(|| {
+            format!(
+                "cannot link {} to {}",
+                src.join(&f.name).display(),
+                to.display()
+            )
+        })?;
+        self.written.add(f.clone())
+    }
+
     /// Completes the image: fsyncs the directory, then writes `inventory.img` listing every
     /// file written (its `files` and, if 0, `format_version` are filled in here). Returns the
     /// inventory as written.
@@ -247,6 +264,9 @@ impl ImageWriter {
             .clone();
         files.sort_by(|a, b| a.name.cmp(&b.name));
         inventory.files = files;
+        if inventory.checkpoint_id == 0 {
+            inventory.checkpoint_id = new_checkpoint_id()?;
+        }
         if inventory.format_version == 0 {
             inventory.format_version = file::FORMAT_VERSION;
         }
@@ -270,6 +290,16 @@ impl ImageWriter {
         fsync_dir(&self.path)?;
         Ok(inventory)
     }
+}
+
+/// 64 random bits (never 0): a checkpoint's id.
+fn new_checkpoint_id() -> Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("cannot read /dev/urandom for the checkpoint id")?;
+    Ok(u64::from_le_bytes(b).max(1))
 }
 
 /// temp (0600, O_EXCL) + write + fsync + rename.

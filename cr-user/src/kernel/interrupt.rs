@@ -24,6 +24,14 @@ pub fn install() {
     }
 }
 
+/// The termination signal that arrived since [`install`], if any.
+pub fn received() -> Option<i32> {
+    match RECEIVED.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
 /// Fails if a termination signal arrived since [`install`].
 pub fn check() -> Result<()> {
     let sig = RECEIVED.load(Ordering::SeqCst);

@@ -51,6 +51,8 @@ struct Parent {
     /// As given (relative to the images dir, as CRIU has it).
     rel: String,
     crc: u32,
+    /// Its checkpoint id (0: an image from before ids).
+    id: u64,
     /// Every page the parent chain holds for the target.
     pages: RangeSet,
 }
@@ -562,6 +564,7 @@ impl Session {
         if let Some(p) = &self.parent {
             inv.parent_path = p.rel.clone();
             inv.parent_inventory_crc = p.crc;
+            inv.parent_checkpoint_id = p.id;
         }
         if self.pre_dump {
             inv.flags |= imgdir::DUMP_F_PRE_DUMP;
@@ -852,6 +855,7 @@ fn check_parent(images_dir: &Path, rel: &Path, pid: i32, state: &TrackerState) -
     Ok(Parent {
         rel: rel.to_string_lossy().into_owned(),
         crc: img.inventory_crc(),
+        id: img.inventory().checkpoint_id,
         pages,
     })
 }

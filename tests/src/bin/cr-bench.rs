@@ -23,6 +23,8 @@ use std::time::Instant;
 
 use cr_tests::{become_subreaper, cr_bin, wait_exit, TempDir, Workload};
 
+#[path = "cr-bench/periodic.rs"]
+mod periodic;
 #[path = "cr-bench/tcp.rs"]
 mod tcp;
 
@@ -32,6 +34,8 @@ struct Args {
     rounds: usize,
     only: Option<String>,
     dirty: Vec<usize>,
+    /// Checkpoints of the periodic section.
+    intervals: usize,
     tcp: tcp::TcpArgs,
 }
 
@@ -42,6 +46,7 @@ fn parse_args() -> Args {
         rounds: 3,
         only: None,
         dirty: vec![1, 10],
+        intervals: 60,
         tcp: tcp::TcpArgs::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -56,6 +61,12 @@ fn parse_args() -> Args {
             }
             "--rounds" => a.rounds = it.next().and_then(|s| s.parse().ok()).expect("--rounds N"),
             "--only" => a.only = it.next(),
+            "--intervals" => {
+                a.intervals = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--intervals N")
+            }
             "--dirty" => {
                 a.dirty = it
                     .next()
@@ -84,7 +95,7 @@ fn parse_args() -> Args {
             }
             "--tcp-loopback" => a.tcp.loopback = true,
             "-h" | "--help" => {
-                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental|tcp] [--dirty 1,10]");
+                println!("cr-bench [--criu PATH] [--size-mib N (1024)] [--rounds N (3)] [--only full|incremental|tcp|periodic] [--dirty 1,10] [--intervals N (60)]");
                 println!("         [--tcp-conns N (100)] [--tcp-interval-us N (1000)] [--tcp-window N (1)] [--tcp-loopback]");
                 std::process::exit(0);
             }
@@ -276,6 +287,9 @@ fn main() {
     }
     if run("tcp") {
         tcp::section(&a);
+    }
+    if run("periodic") {
+        periodic::section(a.size_mib, a.intervals);
     }
 }
 

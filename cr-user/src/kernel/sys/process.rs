@@ -117,3 +117,23 @@ pub fn new_session_with_fd(cmd: &mut std::process::Command, fd: RawFd, at: RawFd
         });
     }
 }
+
+/// Makes the child `cmd` spawns start a session of its own (setsid): no terminal, no group of
+/// the spawner's, so a checkpoint of it needs no `--shell-job`; and inherit no fd beyond its
+/// stdio (whatever cr's own caller left open is not the command's).
+pub fn new_session(cmd: &mut std::process::Command) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // close_range(3, ~0, CLOSE_RANGE_CLOEXEC): std's own exec-error pipe is
+            // close-on-exec already and must stay open until the exec.
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1 << 2) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
