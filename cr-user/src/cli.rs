@@ -63,6 +63,9 @@ pub enum Command {
     /// Receive the pages (or a whole image) of a dump sent with `--page-server` into an images
     /// directory; exits once that transfer is complete.
     PageServer(PageServerOpts),
+    /// Move a running tree to another host: `--listen PORT` there, `-t PID --to HOST:PORT`
+    /// here (pre-copy rounds while it runs, a short final freeze, restore there, killed here).
+    Migrate(MigrateOpts),
     /// Check that this kernel supports everything cr needs.
     Check(CheckOpts),
     /// Print an image file, or a whole images directory, as JSON (a `cr periodic` directory:
@@ -190,6 +193,38 @@ pub struct DumpOpts {
     /// server's directory is restorable as it is (-D keeps the descriptors and the log).
     #[arg(long = "whole-image", requires = "page_server")]
     pub whole_image: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateOpts {
+    /// (source) The root of the tree to move.
+    #[arg(short = 't', long = "tree", value_name = "PID", requires = "to")]
+    pub pid: Option<i32>,
+    /// (source) Where `cr migrate --listen` waits: HOST:PORT.
+    #[arg(long = "to", value_name = "HOST:PORT", conflicts_with = "listen")]
+    pub to: Option<String>,
+    /// (destination) Listen on PORT (0: any free port; --status-fd says which).
+    #[arg(long = "listen", value_name = "PORT")]
+    pub listen: Option<u16>,
+    /// (destination) Address to listen on.
+    #[arg(long = "address", value_name = "ADDR", default_value = "0.0.0.0")]
+    pub address: String,
+    /// Images directory: the source keeps each round's descriptors there, the destination
+    /// receives the images (pre-1, pre-2, …, final) into it.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// (source) Dump file locks held by the tree (restored with them there).
+    #[arg(short = 'l', long = "file-locks")]
+    pub file_locks: bool,
+    /// (source) At most this many pre-copy rounds before the final freeze.
+    #[arg(long = "max-rounds", value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rounds: u32,
+    /// (destination) An inherited fd that receives the listening port (decimal, newline).
+    #[arg(long = "status-fd", value_name = "FD")]
+    pub status_fd: Option<i32>,
+    /// (destination) Write the PID of the restored root task to FILE.
+    #[arg(long = "pidfile", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Restore(o) => Some(o.images_dir.clone()),
         Command::Periodic(o) => Some(o.images_dir.clone()),
         Command::PageServer(o) => Some(o.images_dir.clone()),
+        Command::Migrate(o) => Some(o.images_dir.clone()),
         _ => None,
     };
     // CRIU: a relative -o is relative to the images directory.
@@ -39,7 +40,11 @@ fn main() -> ExitCode {
     if let (Some(d), Some(_)) = (&images_dir, &log_path) {
         if matches!(
             cli.cmd,
-            Command::Dump(_) | Command::PreDump(_) | Command::Periodic(_) | Command::PageServer(_)
+            Command::Dump(_)
+                | Command::PreDump(_)
+                | Command::Periodic(_)
+                | Command::PageServer(_)
+                | Command::Migrate(_)
         ) {
             // The log may live in the images dir; create it now (0700) so the log can open.
             if let Err(e) = cr::image::dir::create_images_dir(d) {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Command::PreDump(o) => cr::cmd::pre_dump::run(o).map(|_| 0),
         Command::Restore(o) => cr::cmd::restore::run(o, &cli.global),
         Command::PageServer(o) => cr::cmd::page_server::run(o).map(|_| 0),
+        Command::Migrate(o) => cr::cmd::migrate::run(o, &cli.global).map(|_| 0),
         Command::Check(o) => cr::cmd::check::run(o).map(|ok| if ok { 0 } else { 1 }),
         Command::Show(o) => cr::cmd::show::run(o).map(|_| 0),
         Command::Periodic(o) => cr::cmd::periodic::run(o),

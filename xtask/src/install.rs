@@ -227,6 +227,8 @@ mod tests {
             [
                 "cr-check.1",
                 "cr-dump.1",
+                "cr-migrate.1",
+                "cr-network-unlock.1",
                 "cr-page-server.1",
                 "cr-periodic.1",
                 "cr-pre-dump.1",

@@ -8,6 +8,7 @@
 //! the task detached by `Tracee`'s drop), so a failed dump leaves the target running as before,
 //! and the image directory has no inventory (never mistaken for a complete image).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -41,12 +42,20 @@ pub(super) struct Opened {
     pub warm: pages::WarmBuffers,
 }
 
-pub(super) fn open(o: &DumpOpts, pre_dump: bool) -> Result<Opened> {
+/// `remote`: the connection of a `cr migrate` the image goes through (otherwise
+/// `--page-server` says whether to make one).
+pub(super) fn open(
+    o: &DumpOpts,
+    pre_dump: bool,
+    remote: Option<Arc<wire::Sender>>,
+) -> Result<Opened> {
     interrupt::install();
     let target = target::check_root(o.pid)?;
     let pid = target.pid;
     let mut writer = ImageWriter::create(&o.images_dir)?;
-    if o.page_server {
+    if let Some(r) = remote {
+        writer.send_to(r);
+    } else if o.page_server {
         // Connected before anything touches the target: no server, no freeze.
         let (Some(host), Some(port)) = (&o.address, o.port) else {
             crate::bad_input!("--page-server needs --address and --port");
@@ -56,9 +65,7 @@ pub(super) fn open(o: &DumpOpts, pre_dump: bool) -> Result<Opened> {
         } else {
             wire::Content::Pages
         };
-        writer.send_to(std::sync::Arc::new(wire::Sender::connect(
-            host, port, content,
-        )?));
+        writer.send_to(Arc::new(wire::Sender::connect(host, port, content)?));
     }
     log::info!(
         "{} PID {pid} ({}) into {}",
@@ -95,13 +102,73 @@ pub(super) fn inventory(pid: i32, flags: u64, stats: pb::DumpStats) -> pb::Inven
 }
 
 pub fn run(o: &DumpOpts) -> Result<()> {
+    dump(o, None, false).map(|_| ())
+}
+
+/// A committed dump whose tree is still frozen (its connections locked): `cr migrate` kills it
+/// once the destination runs it, or lets it go.
+pub(super) struct Held {
+    pid: i32,
+    /// Before the tree: dropped first, so connections leave repair mode before it runs on.
+    net: crate::tcp::DumpNet,
+    tree: tree::Tree,
+    inc: incremental::Session,
+    t_frozen: Instant,
+}
+
+impl Held {
+    /// Kills the tree (as a dump does after its commit); returns how long it was frozen.
+    pub fn kill(self) -> Result<std::time::Duration> {
+        let Held {
+            pid,
+            net,
+            tree,
+            inc,
+            t_frozen,
+        } = self;
+        let frozen = t_frozen.elapsed();
+        tree.kill()?;
+        net.target_killed();
+        inc.target_gone();
+        log::info!(
+            "PID {pid} killed after its move (frozen {:.1} ms)",
+            frozen.as_secs_f64() * 1e3
+        );
+        Ok(frozen)
+    }
+
+    /// Lets the tree run on as before: connections out of repair mode and unlocked first,
+    /// then every task detached; the tracker stops (its write-protection goes with it).
+    pub fn release(self) {
+        let Held {
+            pid,
+            net,
+            tree,
+            inc,
+            ..
+        } = self;
+        drop(net);
+        if let Err(e) = tree.detach() {
+            log::warn!("letting PID {pid} go: {e:#}");
+        }
+        inc.target_gone();
+        log::info!("PID {pid} runs on");
+    }
+}
+
+/// `cr dump` through the connection of a migration, the tree left frozen after the commit.
+pub(super) fn run_held(o: &DumpOpts, remote: Arc<wire::Sender>) -> Result<Held> {
+    dump(o, Some(remote), true)?.context("internal: the dump did not hold the tree")
+}
+
+fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<Option<Held>> {
     let t_start = Instant::now();
     let Opened {
         target,
         writer,
         mut inc,
         mut warm,
-    } = open(o, false)?;
+    } = open(o, false, remote)?;
     let pid = target.pid;
 
     let prepared = crate::tcp::PreparedLock::new(o.tcp_established, pid)?;
@@ -193,7 +260,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
             "dump of PID {pid} complete in {:.1} ms",
             t_start.elapsed().as_secs_f64() * 1e3
         );
-        return Ok(());
+        return Ok(None);
     };
     // The network lock outlives cr from here (the complete image names it); a cr killed
     // between this and the kill below leaves the tree running with its connections locked
@@ -205,6 +272,15 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         drop(tree);
         return Err(e);
     }
+    if hold {
+        return Ok(Some(Held {
+            pid,
+            net,
+            tree,
+            inc,
+            t_frozen,
+        }));
+    }
     let frozen = t_frozen.elapsed();
     tree.kill()?;
     net.target_killed();
@@ -213,7 +289,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         "dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)",
         frozen.as_secs_f64() * 1e3
     );
-    Ok(())
+    Ok(None)
 }
 
 /// What the command line asks of memory tracking.

@@ -37,7 +37,9 @@ pub fn run(o: &MigrateOpts, g: &Global) -> Result<()> {
     match (o.listen, &o.to) {
         (Some(port), None) => listen(o, port, g),
         (None, Some(to)) => send(o, to),
-        _ => crate::bad_input!("cr migrate needs either --to HOST:PORT (source) or --listen PORT (destination)"),
+        _ => crate::bad_input!(
+            "cr migrate needs either --to HOST:PORT (source) or --listen PORT (destination)"
+        ),
     }
 }
 
@@ -49,7 +51,10 @@ fn host_port(to: &str) -> Result<(String, u16)> {
     let Ok(port) = p.parse::<u16>() else {
         crate::bad_input!("--to {to}: {p:?} is not a port number");
     };
-    Ok((h.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+    Ok((
+        h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port,
+    ))
 }
 
 fn dump_opts(o: &MigrateOpts, pid: i32, name: &str, parent: Option<&str>) -> DumpOpts {
@@ -57,7 +62,7 @@ fn dump_opts(o: &MigrateOpts, pid: i32, name: &str, parent: Option<&str>) -> Dum
         pid,
         images_dir: o.images_dir.join(name),
         leave_running: false,
-        tcp_established: o.tcp_established,
+        tcp_established: false,
         shell_job: false,
         file_locks: o.file_locks,
         prev_images_dir: parent.map(|p| PathBuf::from("..").join(p)),
@@ -89,10 +94,14 @@ fn precopy_and_move(o: &MigrateOpts, pid: i32, conn: &Arc<Sender>, t0: Instant) 
     let mut parent: Option<String> = None;
     let mut last_pages: Option<u64> = None;
     let mut sent: u64 = 0;
+    let mut last_start: Option<Instant> = None;
     for round in 1..=o.max_rounds {
         let name = format!("pre-{round}");
         conn.begin_image(&name)?;
         let t = Instant::now();
+        // This round copies what was written since the last round froze the tree.
+        let since_last = last_start.map(|l| t.duration_since(l).as_secs_f64());
+        last_start = Some(t);
         let stats = super::pre_dump::run_to(
             &dump_opts(o, pid, &name, parent.as_deref()),
             Some(conn.clone()),
@@ -101,10 +110,11 @@ fn precopy_and_move(o: &MigrateOpts, pid: i32, conn: &Arc<Sender>, t0: Instant) 
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let bytes = stats.pages_written * PAGE;
         sent += bytes;
-        // Pages written between the starts of two rounds: what the tracker saw changed.
-        let dirty_rate = if round > 1 { bytes as f64 / secs } else { 0.0 };
+        let dirty_rate = since_last.map_or(0.0, |s| bytes as f64 / s.max(1e-6));
         let bandwidth = bytes as f64 / secs;
-        let est_freeze_ms = if bandwidth > 0.0 {
+        // What the next round would find dirty (written while this one ran), at this
+        // round's speed, plus this round's own freeze.
+        let est_freeze_ms = if bandwidth > 0.0 && round > 1 {
             dirty_rate * secs / bandwidth * 1e3
         } else {
             0.0
@@ -119,8 +129,7 @@ fn precopy_and_move(o: &MigrateOpts, pid: i32, conn: &Arc<Sender>, t0: Instant) 
         );
         parent = Some(name);
         let small = round > 1 && bytes <= SMALL_ENOUGH;
-        let stalled =
-            last_pages.is_some_and(|l| (stats.pages_written as f64) > l as f64 * SHRINK);
+        let stalled = last_pages.is_some_and(|l| (stats.pages_written as f64) > l as f64 * SHRINK);
         if small || stalled {
             log::info!(
                 "migrate: pre-copy ends after round {round}: {}",
@@ -135,11 +144,8 @@ fn precopy_and_move(o: &MigrateOpts, pid: i32, conn: &Arc<Sender>, t0: Instant) 
         last_pages = Some(stats.pages_written);
     }
     conn.begin_image(FINAL)?;
-    let held = super::dump::run_held(
-        &dump_opts(o, pid, FINAL, parent.as_deref()),
-        conn.clone(),
-    )
-    .context("the final dump")?;
+    let held = super::dump::run_held(&dump_opts(o, pid, FINAL, parent.as_deref()), conn.clone())
+        .context("the final dump")?;
     let t_restore = Instant::now();
     match conn.restore(FINAL) {
         Ok(remote_pid) => {
@@ -181,7 +187,10 @@ fn listen(o: &MigrateOpts, port: u16, g: &Global) -> Result<()> {
     create_images_dir(&o.images_dir)?;
     let listener = TcpListener::bind((o.address.as_str(), port))
         .with_context(|| format!("cannot listen on {}:{port}", o.address))?;
-    let port = listener.local_addr().context("the listening address")?.port();
+    let port = listener
+        .local_addr()
+        .context("the listening address")?
+        .port();
     log::info!(
         "migrate: listening on {}:{port}, images into {}",
         o.address,

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod migrate;
 pub mod network_unlock;
 pub mod page_server;
 pub mod periodic;

@@ -15,6 +15,14 @@ use crate::tree::dump as tree;
 /// write the page files and a pre-dump inventory. The image holds pages and the VMA list only:
 /// it is a parent for later dumps, not restorable on its own.
 pub fn run(o: &DumpOpts) -> Result<()> {
+    run_to(o, None).map(|_| ())
+}
+
+/// `cr pre-dump`, through the connection of a migration when given; returns the statistics.
+pub(super) fn run_to(
+    o: &DumpOpts,
+    remote: Option<std::sync::Arc<crate::image::wire::Sender>>,
+) -> Result<pb::DumpStats> {
     let t_start = Instant::now();
     // Sessions and terminals do not matter for memory; threads and children do (they must
     // not run while the memory is read), so the whole tree is frozen, and the root's memory
@@ -24,7 +32,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         writer,
         inc: mut session,
         mut warm,
-    } = super::dump::open(o, true)?;
+    } = super::dump::open(o, true, remote)?;
     let pid = target.pid;
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
@@ -58,7 +66,7 @@ pub fn run(o: &DumpOpts) -> Result<()> {
     let mut stats = mem.stats;
     stats.frozen_us = frozen_us;
     stats.total_us = t_start.elapsed().as_micros() as u64;
-    let mut inventory = super::dump::inventory(pid, 0, stats);
+    let mut inventory = super::dump::inventory(pid, 0, stats.clone());
     session.fill_inventory(&mut inventory);
     writer.commit(inventory)?;
     session.committed(&o.images_dir);
@@ -66,5 +74,5 @@ pub fn run(o: &DumpOpts) -> Result<()> {
         "pre-dump of PID {pid} complete in {:.1} ms",
         t_start.elapsed().as_secs_f64() * 1e3
     );
-    Ok(())
+    Ok(stats)
 }

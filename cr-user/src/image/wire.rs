@@ -61,14 +61,23 @@ pub enum Type {
     Synced = 6,
     Error = 7,
     Done = 8,
+    /// Migration: the files that follow belong to the image NAME (the payload), a directory
+    /// of the server's.
+    Image = 9,
+    /// Migration: restore the image NAME (the payload); answered with `Running` (id: the
+    /// restored root's PID) or `Error`.
+    Restore = 10,
+    Running = 11,
 }
 
 impl Type {
     fn from_code(c: u16) -> Option<Type> {
         use Type::*;
-        [Hello, Open, Write, Close, Sync, Synced, Error, Done]
-            .into_iter()
-            .find(|t| *t as u16 == c)
+        [
+            Hello, Open, Write, Close, Sync, Synced, Error, Done, Image, Restore, Running,
+        ]
+        .into_iter()
+        .find(|t| *t as u16 == c)
     }
 }
 
@@ -80,6 +89,9 @@ pub enum Content {
     Pages,
     /// A whole image, `inventory.img` last: the server's directory is restorable as it is.
     Image,
+    /// Whole images one after another, each in a directory of its own (`Image`), then
+    /// `Restore` of the last (`cr migrate`).
+    Migration,
 }
 
 /// A decoded frame header.
@@ -220,6 +232,7 @@ fn hello_payload(content: Content) -> [u8; 12] {
     let c: u32 = match content {
         Content::Pages => 0,
         Content::Image => 1,
+        Content::Migration => 2,
     };
     p[8..12].copy_from_slice(&c.to_le_bytes());
     p
@@ -234,6 +247,7 @@ fn parse_hello(p: &[u8]) -> Result<(u32, u32, Content)> {
     let content = match le32(8) {
         0 => Content::Pages,
         1 => Content::Image,
+        2 => Content::Migration,
         c => bail!("the client announces content {c}, unknown to this cr"),
     };
     Ok((le32(0), le32(4), content))
@@ -459,6 +473,36 @@ impl Sender {
         })
     }
 
+    /// Migration: the files sent from now on make up image `name` on the server.
+    pub fn begin_image(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            write_frame(&mut c.stream, Type::Image, 0, 0, &[name.as_bytes()])
+                .with_context(|| format!("starting image {name}"))?;
+            Ok(())
+        })
+    }
+
+    /// Migration: asks the server to restore image `name`; returns the restored root's PID
+    /// once it runs there.
+    pub fn restore(&self, name: &str) -> Result<i32> {
+        self.with(|c| {
+            write_frame(&mut c.stream, Type::Restore, 0, 0, &[name.as_bytes()])
+                .context("sending Restore")?;
+            let mut buf = Vec::new();
+            let mut r: &TcpStream = &c.stream;
+            match read_frame(&mut r, &mut buf)? {
+                Some(f) if f.ty == Type::Running => Ok(f.id as i32),
+                Some(f) if f.ty == Type::Error => Err(anyhow!(
+                    "{} failed: {}",
+                    self.peer,
+                    String::from_utf8_lossy(&buf)
+                )),
+                Some(f) => bail!("{} answered {:?} to Restore", self.peer, f.ty),
+                None => bail!("{} closed the connection", self.peer),
+            }
+        })
+    }
+
     /// Ends the session: everything announced was sent (and synced).
     pub fn done(&self) -> Result<()> {
         self.with(|c| {
@@ -473,10 +517,12 @@ impl Sender {
 #[derive(Debug, Default)]
 pub struct Received {
     /// Files renamed into place, in the order they were closed.
-    pub files: Vec<String>,
+    pub files: Vec<PathBuf>,
     pub bytes: u64,
-    /// The client sent a whole image (`inventory.img` included).
+    /// The client sent a whole image (`inventory.img` included): the last one, in a migration.
     pub complete_image: bool,
+    /// Images begun (migration).
+    pub images: usize,
 }
 
 /// A file being received.
@@ -484,6 +530,8 @@ struct Incoming {
     name: String,
     file: File,
     tmp: PathBuf,
+    /// The image directory it goes to.
+    dir: PathBuf,
 }
 
 /// Receives one session from `stream` into `dir` (an images directory made with
@@ -492,19 +540,42 @@ struct Incoming {
 /// (an `Error` frame), and every file of the session is removed again, so a failed transfer
 /// leaves nothing that looks received.
 pub fn receive(stream: &TcpStream, dir: &Path) -> Result<Received> {
+    session(stream, dir, None)
+}
+
+/// Restores a received image (the migration destination's side); returns the restored root's
+/// PID.
+pub type RestoreFn<'a> = dyn FnMut(&Path) -> Result<i32> + 'a;
+
+/// Receives a migration from `stream`: images into directories of `root` (each prepared as
+/// `prepare_images_dir` does, made as [`receive`] makes one), and `restore` called for the
+/// image the client names in its `Restore`. Returns after `Done`. On failure before the
+/// restore, every file of the session is removed again.
+pub fn receive_migration(
+    stream: &TcpStream,
+    root: &Path,
+    restore: &mut RestoreFn,
+) -> Result<Received> {
+    session(stream, root, Some(restore))
+}
+
+fn session(stream: &TcpStream, dir: &Path, restore: Option<&mut RestoreFn>) -> Result<Received> {
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let mut open: HashMap<u32, Incoming> = HashMap::new();
     let mut got = Received::default();
-    let r = receive_frames(stream, dir, &mut open, &mut got);
+    let mut restored = false;
+    let r = receive_frames(stream, dir, &mut open, &mut got, restore, &mut restored);
     if let Err(e) = &r {
         let mut s = stream;
         let _ = write_frame(&mut s, Type::Error, 0, 0, &[format!("{e:#}").as_bytes()]);
         for (_, f) in open.drain() {
             let _ = std::fs::remove_file(&f.tmp);
         }
-        for name in &got.files {
-            let _ = std::fs::remove_file(dir.join(name));
+        if !restored {
+            for p in &got.files {
+                let _ = std::fs::remove_file(p);
+            }
         }
         let _ = fsync_dir(dir);
     }
@@ -513,10 +584,15 @@ pub fn receive(stream: &TcpStream, dir: &Path) -> Result<Received> {
 
 fn receive_frames(
     stream: &TcpStream,
-    dir: &Path,
+    root: &Path,
     open: &mut HashMap<u32, Incoming>,
     got: &mut Received,
+    mut restore: Option<&mut RestoreFn>,
+    restored: &mut bool,
 ) -> Result<()> {
+    // The image being received (a migration names each one first).
+    let mut dir: Option<PathBuf> = restore.is_none().then(|| root.to_path_buf());
+    let mut names: Vec<String> = Vec::new();
     let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
     let mut w = stream;
     let mut buf = Vec::new();
@@ -525,6 +601,21 @@ fn receive_frames(
         bail!("the client began with {:?}, not Hello", f.ty);
     }
     let (oldest, newest, content) = parse_hello(&buf)?;
+    if (content == Content::Migration) != restore.is_some() {
+        bail!(
+            "the client sends {}, this server receives {}",
+            if content == Content::Migration {
+                "a migration (cr migrate)"
+            } else {
+                "a dump (cr dump --page-server)"
+            },
+            if restore.is_some() {
+                "a migration (cr migrate --to)"
+            } else {
+                "a dump (cr dump --page-server)"
+            }
+        );
+    }
     let Some(version) = negotiate((oldest, newest)) else {
         bail!(
             "the client speaks protocol versions {oldest}..={newest}, this cr {}..={}",
@@ -538,35 +629,84 @@ fn receive_frames(
         match content {
             Content::Pages => "pages",
             Content::Image => "an image",
+            Content::Migration => "a migration",
         },
-        dir.display()
+        root.display()
     );
     loop {
         let Some(f) = read_frame(&mut r, &mut buf)? else {
             bail!("the client closed the connection before the transfer was complete (its dump failed or was killed?)");
         };
         match f.ty {
+            Type::Image => {
+                let name = String::from_utf8(buf.clone())
+                    .map_err(|_| anyhow!("an image name that is not UTF-8"))?;
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    bail!("bad image name {name:?}: must be a plain directory name");
+                }
+                if content != Content::Migration {
+                    bail!("an Image frame outside a migration");
+                }
+                if let Some(o) = open.values().next() {
+                    bail!("image {name} begun while {} is still open", o.name);
+                }
+                if dir.is_some() && !got.complete_image {
+                    bail!("image {name} begun before the last one was complete");
+                }
+                let d = root.join(&name);
+                super::writer::prepare_images_dir(&d, false)?;
+                log::info!("receiving image {name}");
+                dir = Some(d);
+                names.clear();
+                got.complete_image = false;
+                got.images += 1;
+            }
+            Type::Restore => {
+                let name = String::from_utf8_lossy(&buf).into_owned();
+                let Some(restore) = restore.as_mut() else {
+                    bail!("a Restore frame outside a migration");
+                };
+                let d = root.join(&name);
+                if dir.as_deref() != Some(d.as_path()) || !got.complete_image {
+                    bail!("Restore of {name}, which is not the complete image last received");
+                }
+                *restored = true;
+                let pid = restore(&d).with_context(|| format!("restoring {}", d.display()))?;
+                write_frame(&mut w, Type::Running, pid as u32, 0, &[])
+                    .context("answering Restore")?;
+            }
             Type::Open => {
                 let name = String::from_utf8(buf.clone())
                     .map_err(|_| anyhow!("a file name that is not UTF-8"))?;
                 check_name(&name)?;
+                let Some(dir) = dir.as_deref() else {
+                    bail!("{name} sent before any Image frame");
+                };
                 if got.complete_image {
                     bail!("{name} sent after {INVENTORY}");
                 }
-                if got.files.contains(&name) || open.values().any(|o| o.name == name) {
+                if names.contains(&name) || open.values().any(|o| o.name == name) {
                     bail!("{name} sent twice");
                 }
                 if name == INVENTORY && !open.is_empty() {
                     bail!("{INVENTORY} opened while other files are still open");
                 }
-                if name == INVENTORY && content != Content::Image {
+                if name == INVENTORY && content == Content::Pages {
                     bail!("{INVENTORY} sent in a pages-only session");
                 }
                 if open.contains_key(&f.id) {
                     bail!("file id {} opened twice", f.id);
                 }
                 let (file, tmp) = create_temp(dir, &name)?;
-                open.insert(f.id, Incoming { name, file, tmp });
+                open.insert(
+                    f.id,
+                    Incoming {
+                        name,
+                        file,
+                        tmp,
+                        dir: dir.to_path_buf(),
+                    },
+                );
             }
             Type::Write => {
                 let inc = open
@@ -589,9 +729,9 @@ fn receive_frames(
                     .and_then(|_| {
                         if inc.name == INVENTORY {
                             // Everything else durable before the inventory can exist.
-                            fsync_dir(dir)?;
+                            fsync_dir(&inc.dir)?;
                         }
-                        std::fs::rename(&inc.tmp, dir.join(&inc.name)).with_context(|| {
+                        std::fs::rename(&inc.tmp, inc.dir.join(&inc.name)).with_context(|| {
                             format!("cannot rename {} to {}", inc.tmp.display(), inc.name)
                         })
                     });
@@ -601,13 +741,16 @@ fn receive_frames(
                 }
                 log::debug!("received {} ({} bytes)", inc.name, f.arg);
                 if inc.name == INVENTORY {
-                    fsync_dir(dir)?;
+                    fsync_dir(&inc.dir)?;
                     got.complete_image = true;
                 }
-                got.files.push(inc.name);
+                got.files.push(inc.dir.join(&inc.name));
+                names.push(inc.name);
             }
             Type::Sync => {
-                fsync_dir(dir)?;
+                if let Some(d) = &dir {
+                    fsync_dir(d)?;
+                }
                 write_frame(&mut w, Type::Synced, 0, 0, &[]).context("answering Sync")?;
             }
             Type::Done => {
@@ -617,7 +760,12 @@ fn receive_frames(
                 if content == Content::Image && !got.complete_image {
                     bail!("Done before {INVENTORY} was sent");
                 }
-                fsync_dir(dir)?;
+                if content == Content::Migration && !*restored {
+                    bail!("Done before any Restore");
+                }
+                if let Some(d) = &dir {
+                    fsync_dir(d)?;
+                }
                 return Ok(());
             }
             t => bail!("unexpected {t:?} frame from the client"),
@@ -686,7 +834,11 @@ mod tests {
         drop(s2);
         let (first, second) = server.join().unwrap();
         let got = first.unwrap();
-        assert_eq!(got.files, ["pagemap-1.img", "pages-1.img"]);
+        let dirp = d.path();
+        assert_eq!(
+            got.files,
+            [dirp.join("pagemap-1.img"), dirp.join("pages-1.img")]
+        );
         assert_eq!(
             std::fs::read(d.path().join("pagemap-1.img")).unwrap(),
             b"map"

@@ -233,7 +233,7 @@ impl ImageWriter {
         let bytes = file::frame(kind, payload);
         write_atomically(&self.path, name, &bytes)?;
         if let Some(to) = &self.remote {
-            if kind == Kind::PageMap || to.content() == Content::Image {
+            if kind == Kind::PageMap || to.content() != Content::Pages {
                 to.send_file(name, &bytes)?;
             }
         }
@@ -282,12 +282,15 @@ impl ImageWriter {
         let bytes = file::frame(Kind::Inventory, &inventory.encode_to_vec());
         // The page server's part first: a local inventory names files that must exist there.
         if let Some(to) = &self.remote {
-            if to.content() == Content::Image {
+            if to.content() != Content::Pages {
                 to.sync()?;
                 to.send_file(INVENTORY, &bytes)?;
             }
             to.sync()?;
-            to.done()?;
+            // A migration goes on (more images, then the restore).
+            if to.content() != Content::Migration {
+                to.done()?;
+            }
         }
         // Every file was fsynced before its rename; this makes the renames durable before the
         // inventory can exist.
