@@ -224,6 +224,8 @@ fn restore_here(o: &MigrateOpts, dir: &Path, g: &Global) -> Result<i32> {
         tcp_established: inv.flags & imgdir::DUMP_F_TCP != 0,
         shell_job: false,
         file_locks: inv.flags & imgdir::DUMP_F_FILE_LOCKS != 0,
+        // The received directory is cr's own (created 0700 by root here): checked as any other.
+        trust_image_owner: false,
     };
     let root = inv.root_pid;
     drop(img);
