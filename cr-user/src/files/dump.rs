@@ -137,7 +137,15 @@ fn survey<'a>(pid: i32, pidfd: &'a OwnedFd, cx: &DumpCx) -> Result<Vec<Recognise
 }
 
 /// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
-pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool, net: &mut DumpNet) -> Result<FdTable> {
+/// `tree`: every live process of the tree; `leave_running`: `-R`.
+pub fn collect(
+    pid: i32,
+    next_id: &mut u32,
+    shell_job: bool,
+    net: &mut DumpNet,
+    tree: &[i32],
+    leave_running: bool,
+) -> Result<FdTable> {
     let pidfd = pidfd_open(pid)?;
     let mut table = FdTable::default();
     let mut cx = DumpCx {
@@ -146,6 +154,9 @@ pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool, net: &mut DumpNet) 
         net,
         contents: &mut table.contents,
         scratch: Scratch::default(),
+        tree,
+        leave_running,
+        unix: Default::default(),
     };
     let surveyed = survey(pid, &pidfd, &cx)?;
     // Descriptions seen so far, (fd, file id) by (dev, ino), to compare new fds with kcmp.

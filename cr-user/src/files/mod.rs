@@ -22,6 +22,7 @@ pub mod restore;
 pub mod scratch;
 pub mod tcp;
 pub mod tty;
+pub mod unix;
 
 pub use kind::{FileKind, Verdict};
 pub use opener::Opener;
@@ -40,6 +41,7 @@ pub static KINDS: &[&dyn FileKind] = &[
     &device::CharDevice,
     &tty::Terminal,
     &tcp::TcpSocket,
+    &unix::UnixSocket,
 ];
 
 /// The kind of an image entry.

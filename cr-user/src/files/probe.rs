@@ -219,6 +219,12 @@ pub struct DumpCx<'a> {
     pub contents: &'a mut Vec<(String, Vec<u8>)>,
     /// The kinds' own state for this process.
     pub scratch: Scratch,
+    /// Every live process of the tree (peers of sockets must be among them).
+    pub tree: &'a [i32],
+    /// `-R`: the tree runs on after the dump (nothing of it may be consumed).
+    pub leave_running: bool,
+    /// The tree's UNIX sockets as sock_diag shows them, read at the first one.
+    pub unix: std::cell::OnceCell<super::unix::View>,
 }
 
 #[cfg(test)]
