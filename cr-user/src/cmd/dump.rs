@@ -208,6 +208,7 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
                 next_id: 1,
                 dedup: FileDedup::default(),
                 live: live.clone(),
+                unix: Default::default(),
                 shmem: ShmemOwners::default(),
                 out: Collected::new(tree.pstree()),
             };
@@ -352,6 +353,9 @@ struct DumpCtx<'a> {
     dedup: FileDedup,
     /// The tree's live processes.
     live: Vec<i32>,
+    /// The tree's UNIX sockets (sock_diag, queues read, waiting connections accepted), made
+    /// at the first and held until the dump ends.
+    unix: std::cell::OnceCell<crate::files::unix::View>,
     /// Shared anonymous memory: the VMA of the tree that owns each object.
     shmem: ShmemOwners,
     out: Collected,
@@ -464,6 +468,7 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
         cx.net,
         &cx.live,
         cx.o.leave_running,
+        &cx.unix,
     )?;
     cx.dedup.merge(pid, &mut fdt)?;
     let mut mm = memory::mm_fields(pid, &stat, brk)?;

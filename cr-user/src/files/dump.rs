@@ -137,7 +137,8 @@ fn survey<'a>(pid: i32, pidfd: &'a OwnedFd, cx: &DumpCx) -> Result<Vec<Recognise
 }
 
 /// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
-/// `tree`: every live process of the tree; `leave_running`: `-R`.
+/// `tree`: every live process of the tree; `leave_running`: `-R`; `unix`: the dump's view of
+/// its UNIX sockets (made at the first).
 pub fn collect(
     pid: i32,
     next_id: &mut u32,
@@ -145,6 +146,7 @@ pub fn collect(
     net: &mut DumpNet,
     tree: &[i32],
     leave_running: bool,
+    unix: &std::cell::OnceCell<super::unix::View>,
 ) -> Result<FdTable> {
     let pidfd = pidfd_open(pid)?;
     let mut table = FdTable::default();
@@ -156,7 +158,7 @@ pub fn collect(
         scratch: Scratch::default(),
         tree,
         leave_running,
-        unix: Default::default(),
+        unix,
     };
     let surveyed = survey(pid, &pidfd, &cx)?;
     // Descriptions seen so far, (fd, file id) by (dev, ino), to compare new fds with kcmp.

@@ -223,8 +223,8 @@ pub struct DumpCx<'a> {
     pub tree: &'a [i32],
     /// `-R`: the tree runs on after the dump (nothing of it may be consumed).
     pub leave_running: bool,
-    /// The tree's UNIX sockets as sock_diag shows them, read at the first one.
-    pub unix: std::cell::OnceCell<super::unix::View>,
+    /// The tree's UNIX sockets as sock_diag shows them, read at the first one of the dump.
+    pub unix: &'a std::cell::OnceCell<super::unix::View>,
 }
 
 #[cfg(test)]

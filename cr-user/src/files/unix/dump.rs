@@ -2,6 +2,7 @@
 //! ([`View`]), whether it can be dumped ([`recognise`]), and its entry with its queue
 //! ([`dump`]).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -27,9 +28,14 @@ pub struct View {
     held: HashMap<u64, (i32, i32)>,
     /// Sockets whose connection waits in the accept queue of a listener the tree holds.
     waiting: HashSet<u64>,
-    /// Queues read by [`recognise`], taken by [`dump`]: each is peeked once (a second peek
-    /// at offset 0 would skip an empty datagram the first one marked as peeked).
-    peeked: std::cell::RefCell<HashMap<u64, Vec<Peeked>>>,
+    /// Queues read by [`recognise`], used by [`dump`] (also of another process holding the
+    /// socket): each is peeked once (a second peek at offset 0 would skip an empty datagram
+    /// the first one marked as peeked).
+    peeked: RefCell<HashMap<u64, Vec<pb::UnixMessage>>>,
+    /// Listeners' waiting connections, read once: those accepted to read their data are
+    /// held here until the dump ends (their clients see no reset meanwhile).
+    waiting_read: RefCell<HashMap<u64, Vec<pb::UnixWaiting>>>,
+    accepted: RefCell<Vec<OwnedFd>>,
 }
 
 impl View {
@@ -59,15 +65,16 @@ impl View {
             held,
             waiting,
             peeked: Default::default(),
+            waiting_read: Default::default(),
+            accepted: Default::default(),
         })
     }
 
-    /// Bytes waiting in the not yet accepted socket of the connection from `client`.
+    /// What the connection from `client` has sent into its not yet accepted socket (which
+    /// sock_diag does not list): the client's unread output (sk_wmem_alloc, so with the
+    /// kernel's overhead; 0 when nothing waits).
     fn embryo_len(&self, client: u64) -> u32 {
-        self.diag
-            .get(&client)
-            .and_then(|c| self.diag.get(&c.peer))
-            .map_or(0, |e| e.rqueue)
+        self.diag.get(&client).map_or(0, |c| c.wqueue)
     }
 }
 
@@ -188,19 +195,18 @@ pub fn recognise(p: &Probe, cx: &DumpCx) -> Result<Verdict> {
             .collect();
         if cx.leave_running && !busy.is_empty() {
             return refuse(format!(
-                "a UNIX {ty} listener ({}) with {} waiting connection(s) that sent data not yet read ({} bytes): \
+                "a UNIX {ty} listener ({}) with {} waiting connection(s) that sent data not yet read: \
                  reading it means accepting them, which only a dump that ends the tree may do; dump without -R",
                 show_name(&d.name),
                 busy.len(),
-                busy.iter().sum::<u32>()
             ));
         }
         return Ok(Verdict::Dump);
     }
-    let q = match v.peeked.borrow_mut().remove(&ino) {
-        Some(q) => q,
-        None => queue(mine, d)?,
-    };
+    if v.peeked.borrow().contains_key(&ino) {
+        return Ok(Verdict::Dump);
+    }
+    let q = queue(mine, d)?;
     let fds = in_flight(&q);
     if !fds.is_empty() {
         return refuse(format!(
@@ -209,6 +215,8 @@ pub fn recognise(p: &Probe, cx: &DumpCx) -> Result<Verdict> {
             fds.join(", ")
         ));
     }
+    let dgram = d.ty == libc::SOCK_DGRAM as u32;
+    let q = q.into_iter().map(|m| message(m, dgram)).collect();
     v.peeked.borrow_mut().insert(ino, q);
     Ok(Verdict::Dump)
 }
@@ -274,56 +282,24 @@ pub fn dump(p: &Probe, cx: &mut DumpCx) -> Result<pb::UnixSocket> {
         });
         u.name_unlinked = !same;
     }
-    let dgram = d.ty == libc::SOCK_DGRAM as u32;
     if d.state == TCP_LISTEN {
         u.backlog = d.wqueue;
-        let accept_all = d.icons.iter().any(|&c| v.embryo_len(c) > 0);
-        if accept_all {
-            log::warn!(
-                "fd {} of PID {}: accepting {} waiting connection(s) of the listener to read the data they sent; \
-                 if this dump fails they are lost",
-                p.fd,
-                p.pid,
-                d.icons.len()
-            );
-        }
-        for &c in &d.icons {
-            let q = if accept_all {
-                let e: OwnedFd = accept(mine).context("accept a waiting connection")?;
-                let ed = UnixDiag {
-                    ty: d.ty,
-                    ..Default::default()
-                };
-                queue(&e, &ed)?
-                    .into_iter()
-                    .map(|m| message(m, false))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            if !v.held.contains_key(&c) {
-                log::warn!(
-                    "fd {} of PID {}: a connection waiting in the listener ({}) from outside the tree is lost",
-                    p.fd,
-                    p.pid,
-                    show_name(&d.name)
-                );
-                continue;
+        let known = v.waiting_read.borrow().get(&ino).cloned();
+        u.waiting = match known {
+            Some(w) => w,
+            None => {
+                let w = read_waiting(p, v, d, mine)?;
+                v.waiting_read.borrow_mut().insert(ino, w.clone());
+                w
             }
-            u.waiting.push(pb::UnixWaiting {
-                client: c,
-                queue: q,
-            });
-        }
-    } else {
-        let q = match v.peeked.borrow_mut().remove(&ino) {
-            Some(q) => q,
-            None => queue(mine, d)?,
         };
-        if !in_flight(&q).is_empty() {
-            anyhow::bail!("files in flight appeared in the queue");
-        }
-        u.queue = q.into_iter().map(|m| message(m, dgram)).collect();
+    } else {
+        u.queue = v
+            .peeked
+            .borrow()
+            .get(&ino)
+            .cloned()
+            .context("internal: the queue was not read")?;
     }
     log::debug!(
         "fd {} of PID {}: UNIX {} socket:[{ino}] state {} {} peer {} queue {} waiting {}",
@@ -337,4 +313,48 @@ pub fn dump(p: &Probe, cx: &mut DumpCx) -> Result<pb::UnixSocket> {
         u.waiting.len()
     );
     Ok(u)
+}
+
+/// The connections waiting in listener `d` (cr's copy `mine`): when any sent data, every one
+/// is accepted (in queue order) and read, and kept open until the dump ends.
+fn read_waiting(p: &Probe, v: &View, d: &UnixDiag, mine: &OwnedFd) -> Result<Vec<pb::UnixWaiting>> {
+    let accept_all = d.icons.iter().any(|&c| v.embryo_len(c) > 0);
+    if accept_all {
+        log::warn!(
+            "fd {} of PID {}: accepting {} waiting connection(s) of the listener to read the data they sent; \
+             if this dump fails they are lost",
+            p.fd,
+            p.pid,
+            d.icons.len()
+        );
+    }
+    let mut out = Vec::new();
+    for &c in &d.icons {
+        let q = if accept_all {
+            let e: OwnedFd = accept(mine).context("accept a waiting connection")?;
+            let ed = UnixDiag {
+                ty: d.ty,
+                ..Default::default()
+            };
+            let q = queue(&e, &ed)?
+                .into_iter()
+                .map(|m| message(m, false))
+                .collect();
+            v.accepted.borrow_mut().push(e);
+            q
+        } else {
+            Vec::new()
+        };
+        if !v.held.contains_key(&c) {
+            log::warn!(
+                "fd {} of PID {}: a connection waiting in the listener ({}) from outside the tree is lost",
+                p.fd,
+                p.pid,
+                show_name(&d.name)
+            );
+            continue;
+        }
+        out.push(pb::UnixWaiting { client: c, queue: q });
+    }
+    Ok(out)
 }
