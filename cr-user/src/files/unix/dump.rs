@@ -354,7 +354,10 @@ fn read_waiting(p: &Probe, v: &View, d: &UnixDiag, mine: &OwnedFd) -> Result<Vec
             );
             continue;
         }
-        out.push(pb::UnixWaiting { client: c, queue: q });
+        out.push(pb::UnixWaiting {
+            client: c,
+            queue: q,
+        });
     }
     Ok(out)
 }

@@ -193,7 +193,10 @@ fn peek_one(fd: RawFd, buf: &mut [u8]) -> Result<Option<(usize, Peeked, bool)>> 
     if n < 0 {
         let e = std::io::Error::last_os_error();
         // ECONNRESET: the peer closed with data of ours unread; the queue ends here.
-        if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ECONNRESET)) {
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN) | Some(libc::ECONNRESET)
+        ) {
             return Ok(None);
         }
         return Err(e).context("recvmsg(MSG_PEEK)");
