@@ -255,8 +255,10 @@ fn parse_unix(m: &[u8]) -> Option<UnixDiag> {
             2 if a.len() >= 4 => d.peer = u32_at(a, 0)? as u64,
             3 => {
                 d.icons = a
-                    .chunks_exact(4)
-                    .map(|c| u32_at(c, 0).unwrap_or(0) as u64)
+                    .as_chunks::<4>()
+                    .0
+                    .iter()
+                    .map(|c| u32::from_ne_bytes(*c) as u64)
                     .collect()
             }
             4 if a.len() >= 8 => (d.rqueue, d.wqueue) = (u32_at(a, 0)?, u32_at(a, 4)?),
