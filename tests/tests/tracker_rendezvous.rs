@@ -10,6 +10,13 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use cr_tests::{pre_dump_then_dump_and_restore, procfs, CrCmd, TempDir, Workload};
 
+/// The tests share /run/cr, and one of them changes its mode: one at a time.
+static RUN_CR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    RUN_CR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A process of uid/gid 65534 that binds the old abstract name `@cr-track-PID` and tries to
 /// create /run/cr/PID.sock; it reports on a pipe ("bound-abstract <errno of the path bind>")
 /// and then waits to be killed. Returns its pid and the report.
@@ -76,6 +83,7 @@ fn kill_and_reap(pid: i32) {
 
 #[test]
 fn another_user_cannot_take_the_trackers_place() {
+    let _serial = one_at_a_time();
     let d = TempDir::new("rdv-squat");
     let mut w = Workload::start("wl_steady", &["1", "4"], &d);
     let _ = std::fs::create_dir("/run/cr");
@@ -93,6 +101,7 @@ fn another_user_cannot_take_the_trackers_place() {
 
 #[test]
 fn a_planted_directory_is_refused_naming_it() {
+    let _serial = one_at_a_time();
     // Runs as root, so plant a mode the check refuses on root's own directory instead of
     // another owner: a group-writable /run/cr is refused, and nothing is dumped.
     let d = TempDir::new("rdv-planted");
@@ -132,6 +141,7 @@ fn trackers(pid: i32) -> Vec<i32> {
 
 #[test]
 fn a_killed_tracker_leaves_no_obstacle() {
+    let _serial = one_at_a_time();
     let d = TempDir::new("rdv-killed");
     let mut w = Workload::start("wl_steady", &["1", "4"], &d);
     CrCmd::pre_dump(w.pid, d.join("p1")).ok();

@@ -43,12 +43,19 @@ pub fn dir() -> Result<PathBuf> {
             dir.display()
         );
     }
-    if m.uid() != uid || m.mode() & 0o077 != 0 {
+    if m.uid() != uid {
         bail!(
-            "{} belongs to uid {} with mode {:o}; cr's trackers need it owned by uid {uid} and \
-             closed to others (remove it, or fix its owner and mode)",
+            "{} belongs to uid {}, not to cr's uid {uid}: cr's trackers will not listen there \
+             (remove it)",
             dir.display(),
-            m.uid(),
+            m.uid()
+        );
+    }
+    if m.mode() & 0o077 != 0 {
+        bail!(
+            "{} is open to other users (mode {:o}): cr's trackers will not listen there \
+             (chmod 700 it)",
+            dir.display(),
             m.mode() & 0o7777
         );
     }
