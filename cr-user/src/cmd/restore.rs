@@ -146,6 +146,14 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     log::debug!("tree created in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     let mut keep = Vec::new();
     let mut released: Vec<Tracee> = Vec::new();
+    let progress = crate::progress::Progress::start(
+        format!("restoring pages of PID {root}"),
+        procs
+            .iter()
+            .flat_map(|p| &p.segments)
+            .map(|s| s.len())
+            .sum(),
+    );
     for p in &procs {
         let pid = p.entry.pid;
         let _scope = TaskScope::enter(pid);
@@ -161,12 +169,13 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             zombie_children: created.zombie_parents.contains(&pid),
             locks: file_locks.get(&pid).map(Vec::as_slice).unwrap_or(&[]),
         };
-        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files, &mut stats)
+        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files, &mut stats, &progress)
             .with_context(|| format!("restoring PID {pid}"))?;
         keep.push(k);
         released.push(t);
         released.extend(threads);
     }
+    drop(progress);
     tree_files.seal()?;
     drop(tree_files);
     net_lock.release();
@@ -283,6 +292,7 @@ fn build(
     ctx: &BuildCtx,
     tree_files: &mut files::TreeFiles,
     stats: &mut RestoreStats,
+    progress: &crate::progress::Progress,
 ) -> Result<(files::Keepalive, Vec<Tracee>)> {
     stats.threads += img.cores.len();
     let pid = t.tgid;
@@ -332,7 +342,7 @@ fn build(
         .map(|v| (v.start, v.end))
         .collect();
     let segments = memory::without_ranges(&img.segments, &linked);
-    memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments)?;
+    memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments, progress)?;
     stats.memory_us += t_map.elapsed().as_micros() as u64;
     for s in &segments {
         stats.pages_restored += s.nr_pages;
