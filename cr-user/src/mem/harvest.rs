@@ -174,7 +174,11 @@ pub fn read_epoch(
             _ => f.all_vmas = true,
         }
     }
-    f.dirty = drained.dirty.get(&(pid as u32)).cloned().unwrap_or_default();
+    f.dirty = drained
+        .dirty
+        .get(&(pid as u32))
+        .cloned()
+        .unwrap_or_default();
     f.dirty.sort_unstable();
     f.dirty.dedup();
     // Writes from now on are the next epoch's (for looks at CR_DIRTY: `peek`, hotness).

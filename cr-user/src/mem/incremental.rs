@@ -256,12 +256,9 @@ impl Session {
             if parent.is_some() {
                 // Have page buffers ready for what the epoch's write faults say will be copied
                 // (a fresh buffer's first touch zeroes its pages: better now than frozen).
-                let faults = c.write_faults.saturating_sub(
-                    t.state
-                        .procs
-                        .first()
-                        .map_or(0, |p| p.baseline.write_faults),
-                );
+                let faults = c
+                    .write_faults
+                    .saturating_sub(t.state.procs.first().map_or(0, |p| p.baseline.write_faults));
                 warm.warm(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
             }
             pre_smaps.insert(
