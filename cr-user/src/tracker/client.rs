@@ -299,12 +299,11 @@ impl TrackerConn {
     /// tracker keeps these and closes the ones it held). Posted: the reply is checked by
     /// [`TrackerConn::settle`] (or the next call).
     pub fn put(&self, state: &TrackerState, uffds: &[RawFd]) -> Result<()> {
-        let fds = uffds;
         self.post(
             &Request::Put {
                 state: state.clone(),
             },
-            &fds,
+            uffds,
         )
     }
 
