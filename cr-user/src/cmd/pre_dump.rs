@@ -35,8 +35,10 @@ pub(super) fn run_to(
         mut warm,
     } = super::dump::open(o, true, remote)?;
     let pid = target.pid;
+    let t_seize = Instant::now();
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
+    let freezing_us = (t_frozen - t_seize).as_micros() as u64;
     let live: Vec<i32> = tree
         .procs
         .iter()
@@ -72,6 +74,7 @@ pub(super) fn run_to(
     for (_, mem) in mems.iter_mut() {
         mem.pages.start_writing();
     }
+    let t_write = Instant::now();
     let mut total: Option<pb::DumpStats> = None;
     for (ppid, mem) in mems {
         let pagemap = mem.pages.finish()?;
@@ -86,17 +89,21 @@ pub(super) fn run_to(
             Some(t) => crate::mem::incremental::add_stats(t, &mem.stats, ppid),
         }
     }
+    let memwrite_us = t_write.elapsed().as_micros() as u64;
     let mem_stats = total.with_context(|| format!("PID {pid}: nothing to pre-dump"))?;
     let mut stats = mem_stats;
     stats.frozen_us = frozen_us;
+    stats.freezing_us = freezing_us;
+    stats.memwrite_us = memwrite_us;
     stats.total_us = t_start.elapsed().as_micros() as u64;
     let mut inventory = super::dump::inventory(pid, 0, stats.clone());
     session.fill_inventory(&mut inventory);
-    writer.commit(inventory)?;
+    let inventory = writer.commit(inventory)?;
     session.committed(&o.images_dir);
     log::info!(
         "pre-dump of PID {pid} complete in {:.1} ms",
         t_start.elapsed().as_secs_f64() * 1e3
     );
+    super::dump::display_stats(o, &inventory);
     Ok(stats)
 }
