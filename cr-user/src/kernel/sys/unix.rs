@@ -6,8 +6,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-/// Most fds in one message.
-pub const MAX_FDS: usize = 16;
+/// Most fds in one message: the kernel's SCM_MAX_FD (a tracker hands out one userfaultfd per
+/// process of its tree besides its maps).
+pub const MAX_FDS: usize = 253;
 
 /// Sends one message with optional fds.
 pub fn send_msg(sock: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
