@@ -57,7 +57,6 @@ fn nginx_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn nginx_restore() {
     let d = TempDir::new("nginx");
     let (mut n, mut h) = start(&d);
@@ -66,7 +65,6 @@ fn nginx_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn nginx_leave_running() {
     let d = TempDir::new("nginx-R");
     let (mut n, mut h) = start(&d);
@@ -75,7 +73,6 @@ fn nginx_leave_running() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn nginx_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("nginx-inc");
     let (mut n, mut h) = start(&d);
