@@ -207,6 +207,7 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
                 warm: &mut warm,
                 next_id: 1,
                 dedup: FileDedup::default(),
+                live: live.clone(),
                 shmem: ShmemOwners::default(),
                 out: Collected::new(tree.pstree()),
             };
@@ -349,6 +350,8 @@ struct DumpCtx<'a> {
     /// File ids are tree-wide: the next one, and the descriptions seen in earlier processes.
     next_id: u32,
     dedup: FileDedup,
+    /// The tree's processes that are not zombies.
+    live: Vec<i32>,
     /// Shared anonymous memory: the VMA of the tree that owns each object.
     shmem: ShmemOwners,
     out: Collected,
@@ -454,7 +457,7 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
     cores[0].task = Some(state);
     interrupt::check()?;
 
-    let mut fdt = files::collect(pid, &mut cx.next_id, cx.o.shell_job, cx.net)?;
+    let mut fdt = files::collect(pid, &cx.live, &mut cx.next_id, cx.o.shell_job, cx.net)?;
     cx.dedup.merge(pid, &mut fdt)?;
     let mut mm = memory::mm_fields(pid, &stat, brk)?;
     let (vma_entries, pending_pages) = if is_root {

@@ -136,12 +136,20 @@ fn survey<'a>(pid: i32, pidfd: &'a OwnedFd, cx: &DumpCx) -> Result<Vec<Recognise
     Ok(out)
 }
 
-/// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
-pub fn collect(pid: i32, next_id: &mut u32, shell_job: bool, net: &mut DumpNet) -> Result<FdTable> {
+/// Collects the fd table of `pid`, one of the live processes `tree`. `next_id` numbers
+/// descriptions across the whole tree.
+pub fn collect(
+    pid: i32,
+    tree: &[i32],
+    next_id: &mut u32,
+    shell_job: bool,
+    net: &mut DumpNet,
+) -> Result<FdTable> {
     let pidfd = pidfd_open(pid)?;
     let mut table = FdTable::default();
     let mut cx = DumpCx {
         pid,
+        tree,
         shell_job,
         net,
         contents: &mut table.contents,

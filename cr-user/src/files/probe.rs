@@ -211,6 +211,8 @@ impl Probe<'_> {
 /// What the kinds share while one process's fds are dumped.
 pub struct DumpCx<'a> {
     pub pid: i32,
+    /// Every live process of the dumped tree (an epoll entry's target may be in another).
+    pub tree: &'a [i32],
     /// --shell-job: terminals outside the tree are dumped (as external).
     pub shell_job: bool,
     /// The dump's network side (TCP sockets, the network lock).
