@@ -26,6 +26,16 @@ pub struct Timerfd;
 /// The settime flags cr knows how to put back.
 const SETTIME_FLAGS: u32 = (libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET) as u32;
 
+/// The clock an *_ALARM clock runs on: what reads it (clock_gettime of an alarm clock fails
+/// without an RTC device, though timers on it work).
+fn base_clock(clock: i32) -> i32 {
+    match clock {
+        libc::CLOCK_REALTIME_ALARM => libc::CLOCK_REALTIME,
+        libc::CLOCK_BOOTTIME_ALARM => libc::CLOCK_BOOTTIME,
+        c => c,
+    }
+}
+
 fn field<'a>(info: &'a proc::fdinfo::FdInfo, key: &str, what: &str) -> Result<&'a str> {
     info.get(key)
         .with_context(|| format!("{what}: no {key:?} in fdinfo"))
@@ -61,7 +71,7 @@ impl FileKind for Timerfd {
         }
         let deadline_ns =
             if settime_flags & libc::TFD_TIMER_ABSTIME as u32 != 0 && remaining_ns != 0 {
-                time::now(clockid) + remaining_ns
+                time::now(base_clock(clockid)) + remaining_ns
             } else {
                 0
             };

@@ -29,13 +29,26 @@ const HOUR: i64 = 3600;
 /// How far a deadline may move for reasons of measurement alone.
 const SLACK: Duration = Duration::from_millis(100);
 
+/// `clock` now. An *_ALARM clock is read as the clock it runs on (REALTIME, BOOTTIME): without
+/// an RTC device, clock_gettime(CLOCK_*_ALARM) fails (EINVAL) though timerfds on it work.
 fn now(clock: libc::clockid_t) -> Duration {
+    let clock = match clock {
+        libc::CLOCK_REALTIME_ALARM => libc::CLOCK_REALTIME,
+        libc::CLOCK_BOOTTIME_ALARM => libc::CLOCK_BOOTTIME,
+        c => c,
+    };
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(
+        r,
+        0,
+        "clock_gettime({clock}): {}",
+        std::io::Error::last_os_error()
+    );
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
