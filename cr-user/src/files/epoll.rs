@@ -53,7 +53,7 @@ struct FdInodes(HashMap<i32, Vec<(i32, u64)>>);
 
 impl FdInodes {
     fn of(&mut self, pid: i32) -> Result<&[(i32, u64)]> {
-        if !self.0.contains_key(&pid) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.0.entry(pid) {
             let mut v = Vec::new();
             for (fd, _) in proc::fdinfo::list_fds(pid)
                 .with_context(|| format!("listing the fds of PID {pid}"))?
@@ -62,7 +62,7 @@ impl FdInodes {
                     v.push((fd, m.ino()));
                 }
             }
-            self.0.insert(pid, v);
+            slot.insert(v);
         }
         Ok(&self.0[&pid])
     }
@@ -172,9 +172,9 @@ impl FileKind for Epoll {
             };
             for e in &ep.entries {
                 if e.target_pid == pid || e.target_pid == 0 {
-                    here.push((*id, e.clone()));
+                    here.push((*id, *e));
                 } else {
-                    elsewhere.push((e.target_pid, *id, e.clone()));
+                    elsewhere.push((e.target_pid, *id, *e));
                 }
             }
         }

@@ -42,7 +42,7 @@ fn encode_dev(dev: u64) -> u64 {
 
 /// Bytes of a hex string.
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("odd-length hex {s:?}");
     }
     (0..s.len())
