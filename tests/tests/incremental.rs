@@ -187,10 +187,14 @@ fn assert_tracker_gone(pid: i32, tracker_pid: i32) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
-    let name = format!("@cr-track-{pid}");
+    let name = format!("/run/cr/{pid}.sock");
     assert!(
         !unix.lines().any(|l| l.ends_with(&name)),
         "socket {name} is still bound"
+    );
+    assert!(
+        !std::path::Path::new(&name).exists(),
+        "the tracker left {name} behind"
     );
     // No pinned objects: the tracker pins nothing, so bpffs holds nothing of cr.
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     bind, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
@@ -19,8 +19,9 @@ use nix::sys::socket::{
 use crate::bpf::maps::TrackMaps;
 use crate::kernel::sys::{fd, pidfd_open, unix};
 use crate::locks::table::LockTable;
-use crate::tracker::client::{recv, send, socket_name, Reply, Request, TrackerState};
+use crate::tracker::client::{recv, send, Reply, Request, TrackerState};
 use crate::tracker::locks::TableView;
+use crate::tracker::rendezvous::Claim;
 
 /// How often the lock events are drained when nothing wakes the tracker (ms).
 const LOCK_DRAIN_MS: u16 = 250;
@@ -60,6 +61,8 @@ struct Tracker {
     pid: i32,
     pidfd: OwnedFd,
     listener: OwnedFd,
+    /// Held for the tracker's life; dropping it removes the socket file.
+    _claim: Claim,
     maps: TrackMaps,
     uffd: Option<OwnedFd>,
     state: TrackerState,
@@ -78,17 +81,13 @@ impl Tracker {
             None,
         )
         .context("create the tracker socket")?;
-        let name = socket_name(pid);
-        let addr = UnixAddr::new_abstract(name.as_bytes()).context("socket name")?;
-        match bind(listener.as_raw_fd(), &addr) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::EADDRINUSE) => {
-                bail!("PID {pid} already has a tracker (@{name} is taken)")
-            }
-            Err(e) => return Err(e).with_context(|| format!("bind @{name}")),
-        }
+        // One tracker per target (the claim's lock), on a path only cr's user can make.
+        let claim = Claim::take(pid)?;
+        let name = claim.socket.display().to_string();
+        let addr = UnixAddr::new(&claim.socket).context("socket name")?;
+        bind(listener.as_raw_fd(), &addr).with_context(|| format!("bind {name}"))?;
         listen(&listener, Backlog::new(4).context("backlog")?)
-            .with_context(|| format!("listen on @{name}"))?;
+            .with_context(|| format!("listen on {name}"))?;
         let mut maps = TrackMaps::load(dirty_max_entries)?;
         maps.add_target(pid as u32)?;
         let locks = LockTable::start(&mut maps.locks, pid);
@@ -102,6 +101,7 @@ impl Tracker {
             pid,
             pidfd,
             listener,
+            _claim: claim,
             maps,
             uffd: None,
             state,

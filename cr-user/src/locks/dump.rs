@@ -118,7 +118,7 @@ pub fn survey_tree(
     let t_answer = Instant::now();
     if state.pid != root || state.start_time != root_start {
         let why = format!(
-            "the tracker on @{} follows another process",
+            "the tracker on {} follows another process",
             client::socket_name(root)
         );
         return slow(pids, None, &[], &why, t0);

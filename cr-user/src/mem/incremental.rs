@@ -137,7 +137,7 @@ impl Session {
             let s = c.get()?;
             if s.state.pid != pid || s.state.start_time != start_time {
                 log::warn!(
-                    "the tracker on @{} is for another process (PID reused): stopping it",
+                    "the tracker on {} is for another process (PID reused): stopping it",
                     client::socket_name(pid)
                 );
                 let _ = c.stop();

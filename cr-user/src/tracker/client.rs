@@ -1,8 +1,8 @@
 //! Talking to the tracker process of a target ([`crate::cmd::tracker`]): finding it, starting it,
 //! and the protocol.
 //!
-//! The tracker listens on the abstract unix socket `cr-track-PID` (SOCK_SEQPACKET: one message
-//! per request or reply; nothing on disk to clean up). Requests and replies are JSON; fds travel
+//! The tracker listens on the unix socket `PID.sock` in cr's own runtime directory
+//! ([`super::rendezvous`]; SOCK_SEQPACKET: one message per request or reply). Requests and replies are JSON; fds travel
 //! with SCM_RIGHTS. A dump asks for the state and the fds (`Get`: the map fds, then the
 //! userfaultfd if armed), does all the work itself on those fds, and hands the result back
 //! (`Put`, with the userfaultfd when it armed one). The tracker only keeps things alive.
@@ -32,9 +32,12 @@ pub const MAX_FDS: usize = unix::MAX_FDS;
 // `Get` sends every map fd and the userfaultfd.
 const _: () = assert!(crate::bpf::maps::MAP_FDS < MAX_FDS);
 
-/// The abstract socket name of the tracker of `pid`.
+/// The socket of the tracker of `pid`, for messages.
 pub fn socket_name(pid: i32) -> String {
-    format!("cr-track-{pid}")
+    match super::rendezvous::socket_path(pid) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => format!("the tracker socket of PID {pid}"),
+    }
 }
 
 /// What the tracker remembers between dumps.
@@ -143,19 +146,20 @@ impl TrackerConn {
             None,
         )
         .context("create a unix socket")?;
-        let addr = UnixAddr::new_abstract(socket_name(pid).as_bytes()).context("socket name")?;
+        let path = super::rendezvous::socket_path(pid)?;
+        let addr = UnixAddr::new(&path).context("socket name")?;
         match connect(sock.as_raw_fd(), &addr) {
             Ok(()) => {
-                // Abstract names are open to anyone: only a tracker of our own uid is trusted
-                // with the target's fds and with saying what changed.
+                // The directory is ours alone, yet the fds and the word on what changed go only
+                // to a tracker of our own uid (belt and braces).
                 let cred =
                     nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
                         .context("credentials of the tracker socket's owner")?;
                 let me = nix::unistd::geteuid().as_raw();
                 if cred.uid() != me {
                     bail!(
-                        "@{} belongs to PID {} of uid {}, not to a cr tracker (uid {me}): refusing it",
-                        socket_name(pid),
+                        "{} belongs to PID {} of uid {}, not to a cr tracker (uid {me}): refusing it",
+                        path.display(),
                         cred.pid(),
                         cred.uid()
                     );

@@ -2,3 +2,4 @@
 
 pub mod client;
 pub mod locks;
+pub mod rendezvous;
