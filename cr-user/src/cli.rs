@@ -69,7 +69,7 @@ pub enum Command {
     /// Check that this kernel supports everything cr needs.
     Check(CheckOpts),
     /// Print an image file, or a whole images directory, as JSON (a `cr periodic` directory:
-    /// its checkpoints, one line each).
+    /// its checkpoints, one line each); `cr show DIR ps|fds|mems|stats`: a table instead.
     Show(ShowOpts),
     /// Remove the network lock a `dump --tcp-established` left for the image in DIR (when
     /// the image will not be restored, or its tree runs on).
@@ -193,6 +193,10 @@ pub struct DumpOpts {
     /// server's directory is restorable as it is (-D keeps the descriptors and the log).
     #[arg(long = "whole-image", requires = "page_server")]
     pub whole_image: bool,
+    /// Print the dump's timings and page counts at the end, on stdout (CRIU's option; the
+    /// same table as `cr show DIR stats`).
+    #[arg(long = "display-stats")]
+    pub display_stats: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -347,6 +351,10 @@ pub struct RestoreOpts {
     /// by group or others): its owner is trusted with root's powers.
     #[arg(long = "trust-image-owner")]
     pub trust_image_owner: bool,
+    /// Print the restore's timings and page counts on stdout once the tree runs (CRIU's
+    /// option).
+    #[arg(long = "display-stats")]
+    pub display_stats: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -382,6 +390,24 @@ pub struct ShowOpts {
     /// Same as the positional argument, for a directory.
     #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
+    /// A table instead of the JSON (like `crit x DIR ps|fds|mems`): the process tree, each
+    /// process's fds, each process's memory areas with the pages stored for them, or the
+    /// timings and page counts of every image of the chain.
+    #[arg(value_name = "VIEW", value_enum)]
+    pub view: Option<ShowView>,
+}
+
+/// The human views of `cr show DIR VIEW`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShowView {
+    /// The process tree: pid, ppid, pgid, sid, threads, comm.
+    Ps,
+    /// Per process: fd -> what it is (kind, path, flags).
+    Fds,
+    /// Per process: the memory areas, their sizes, protection, backing and pages stored.
+    Mems,
+    /// Timings and page counts of every image of the chain, with the eBPF tracker's view.
+    Stats,
 }
 
 #[cfg(test)]

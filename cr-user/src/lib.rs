@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod locks;
 pub mod logging;
 pub mod mem;
+pub mod progress;
 pub mod ranges;
 pub mod refusal;
 pub mod task;

@@ -168,11 +168,11 @@ impl Log for Logger {
                 // Errors also reach the terminal: a user running `cr ... -o log` should see why
                 // it failed without opening the log.
                 if r.level() == Level::Error {
-                    let _ = std::io::stderr().write_all(line.as_bytes());
+                    crate::progress::write_stderr(line.as_bytes());
                 }
             }
             None => {
-                let _ = std::io::stderr().write_all(line.as_bytes());
+                crate::progress::write_stderr(line.as_bytes());
             }
         }
     }

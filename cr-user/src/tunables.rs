@@ -35,6 +35,9 @@ pub struct Tunables {
     /// itself (SIGSTOP) at that step (written, committed, exchanged, renamed), so that a test
     /// can kill it there.
     pub fold_pause: Option<String>,
+    /// `CR_TEST_PROGRESS_AFTER_MS=N`: the progress line on a terminal shows after N ms of
+    /// work instead of a second (tests of the line use quick dumps).
+    pub progress_after_ms: Option<u64>,
 }
 
 impl Tunables {
@@ -51,6 +54,7 @@ impl Tunables {
             tracker_log: var("CR_TRACKER_LOG").map(PathBuf::from),
             dirty_max_entries: text("CR_TEST_DIRTY_MAX_ENTRIES").and_then(|v| v.parse().ok()),
             fold_pause: text("CR_TEST_FOLD_PAUSE"),
+            progress_after_ms: text("CR_TEST_PROGRESS_AFTER_MS").and_then(|v| v.parse().ok()),
         }
     }
 }

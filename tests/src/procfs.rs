@@ -37,3 +37,19 @@ pub fn tracer_of(pid: i32) -> i32 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no TracerPid in /proc/{pid}/status"))
 }
+
+/// Live trackers of `pid` (processes running `cr __tracker --pid PID`).
+pub fn trackers(pid: i32) -> Vec<i32> {
+    let want = format!("__tracker\0--pid\0{pid}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&want))
+                .unwrap_or(false)
+                && running(*p)
+        })
+        .collect()
+}

@@ -141,22 +141,6 @@ fn lock_pins(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Live trackers of `pid` (`cr __tracker --pid PID`).
-fn trackers(pid: i32) -> Vec<i32> {
-    let want = format!("__tracker\0--pid\0{pid}\0");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&want))
-                .unwrap_or(false)
-                && procfs::running(*p)
-        })
-        .collect()
-}
-
 fn start(mode: Mode, d: &TempDir, peer: Option<&str>) -> Workload {
     let threads = if mode == Mode::LeaveRunning { "4" } else { "2" };
     match peer {
@@ -216,7 +200,7 @@ fn trial(mode: Mode, delay: Duration, peer: Option<&str>, ns: Option<&Netns>) ->
                 err.lines().last().unwrap_or("").trim()
             ));
         }
-        let t = trackers(w.pid);
+        let t = procfs::trackers(w.pid);
         if t.len() > 1 {
             harm.push(format!("{} trackers of the target", t.len()));
         }

@@ -123,43 +123,36 @@ fn a_planted_directory_is_refused_naming_it() {
     w.assert_pass();
 }
 
-/// Live trackers of `pid` (`cr __tracker --pid PID`).
-fn trackers(pid: i32) -> Vec<i32> {
-    let want = format!("__tracker\0--pid\0{pid}\0");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&want))
-                .unwrap_or(false)
-                && procfs::running(*p)
-        })
-        .collect()
-}
-
 #[test]
 fn a_killed_tracker_leaves_no_obstacle() {
     let _serial = one_at_a_time();
     let d = TempDir::new("rdv-killed");
     let mut w = Workload::start("wl_steady", &["1", "4"], &d);
     CrCmd::pre_dump(w.pid, d.join("p1")).ok();
-    let t = trackers(w.pid);
+    let t = procfs::trackers(w.pid);
     assert_eq!(t.len(), 1, "one tracker after the pre-dump: {t:?}");
     // SAFETY: signalling the tracker process.
     unsafe { libc::kill(t[0], libc::SIGKILL) };
-    while procfs::running(t[0]) {
+    let sock = format!("/run/cr/{}.sock", w.pid);
+    // The leader turns zombie before its other threads are gone, and the listening socket
+    // lives until the last of them is: wait until the kernel lists the socket no more (a
+    // connection before that reaches the dying tracker and is reset).
+    let listed = || {
+        std::fs::read_to_string("/proc/net/unix")
+            .unwrap()
+            .lines()
+            .any(|l| l.ends_with(&sock))
+    };
+    while procfs::running(t[0]) || listed() {
         std::thread::yield_now();
     }
-    let sock = format!("/run/cr/{}.sock", w.pid);
     assert!(
         std::path::Path::new(&sock).exists(),
         "a SIGKILLed tracker cannot remove its socket; this test needs it left"
     );
     // The next pre-dump starts a new tracker over the stale socket.
     CrCmd::pre_dump(w.pid, d.join("p2")).ok();
-    let t2 = trackers(w.pid);
+    let t2 = procfs::trackers(w.pid);
     assert_eq!(t2.len(), 1, "one tracker after the second pre-dump: {t2:?}");
     assert_ne!(t2[0], t[0]);
     // And a tracked dump that leaves the target running, then stops tracking.

@@ -40,6 +40,7 @@ pub const MODULES: &[(&str, Layer)] = &[
     ("tunables", Layer::Support),
     ("refusal", Layer::Support),
     ("ranges", Layer::Support),
+    ("progress", Layer::Support),
     // refusal.rs's macros, exported at the crate root.
     ("refuse", Layer::Support),
     ("bad_input", Layer::Support),

@@ -176,10 +176,12 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
     // slow to fault in, very much so on a ballooned VM).
     // As many as the root's resident memory needs, up to the 16 MiB the copy turns over.
     warm.warm((target.stat.rss.max(0) as u64 * 4096).clamp(4 << 20, 16 << 20));
+    let t_seize = Instant::now();
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     // Declared after the tree: on error, connections leave repair mode before it runs on.
     let mut net = crate::tcp::DumpNet::begin(o.tcp_established, pid, prepared);
     let t_frozen = Instant::now();
+    let freezing_us = (t_frozen - t_seize).as_micros() as u64;
     log::info!("PID {pid} frozen");
     // On error, dropping the tree detaches every task; each Remote (already dropped) restored
     // its registers.
@@ -236,6 +238,7 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
         } else {
             t_frozen.elapsed().as_micros() as u64
         };
+        stats.freezing_us = freezing_us;
         stats.total_us = t_start.elapsed().as_micros() as u64;
         let mut flags = 0;
         if o.tcp_established {
@@ -251,28 +254,31 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
         inc.fill_inventory(&mut inventory);
         net.write_record(&writer)?;
         // Commit before the tree goes away: a dump that cannot be committed must not kill it.
-        writer.commit(inventory)?;
+        let inventory = writer.commit(inventory)?;
         inc.committed(&o.images_dir);
-        Ok(())
+        Ok(inventory)
     });
     let Some(tree) = tree else {
-        result?;
+        let inventory = result?;
         log::info!(
             "dump of PID {pid} complete in {:.1} ms",
             t_start.elapsed().as_secs_f64() * 1e3
         );
+        display_stats(o, &inventory);
         return Ok(None);
     };
     // The network lock outlives cr from here (the complete image names it); a cr killed
     // between this and the kill below leaves the tree running with its connections locked
     // and in repair mode: `cr network-unlock -D DIR` and a restore of the image are the way on.
-    let result = result.and_then(|_| net.pin_lock());
-    if let Err(e) = result {
-        // Connections out of repair mode and unlocked before the tree runs on.
-        drop(net);
-        drop(tree);
-        return Err(e);
-    }
+    let inventory = match result.and_then(|inv| net.pin_lock().map(|_| inv)) {
+        Ok(inv) => inv,
+        Err(e) => {
+            // Connections out of repair mode and unlocked before the tree runs on.
+            drop(net);
+            drop(tree);
+            return Err(e);
+        }
+    };
     if hold {
         return Ok(Some(Held {
             pid,
@@ -290,7 +296,16 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
         "dump of PID {pid} complete; the tree was killed (frozen {:.1} ms)",
         frozen.as_secs_f64() * 1e3
     );
+    display_stats(o, &inventory);
     Ok(None)
+}
+
+/// `--display-stats`: the image's timings and page counts on stdout, as CRIU prints them at
+/// the end of a dump (the same table as `cr show DIR stats`).
+pub(super) fn display_stats(o: &DumpOpts, inventory: &pb::Inventory) {
+    if o.display_stats {
+        print!("{}", crate::image::show::stats::display(inventory));
+    }
 }
 
 /// What the command line asks of memory tracking.
@@ -525,9 +540,12 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
 
 /// Writes every descriptor once the pages are on disk. Returns the statistics.
 fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
+    let mut stats = c.stats;
     for p in c.procs {
         let pid = p.pid;
+        let t_write = Instant::now();
         let pagemap = p.pages.finish()?;
+        stats.memwrite_us += t_write.elapsed().as_micros() as u64;
         for core in &p.cores {
             w.write_msg(&imgdir::core_file(core.tid), Kind::Core, core)?;
         }
@@ -543,5 +561,5 @@ fn write_images(w: &ImageWriter, c: Collected) -> Result<pb::DumpStats> {
     if let Some(l) = &c.locks {
         w.write_msg(imgdir::LOCKS, Kind::Locks, l)?;
     }
-    Ok(c.stats)
+    Ok(stats)
 }

@@ -71,6 +71,7 @@ fn dump_opts(o: &MigrateOpts, pid: i32, name: &str, parent: Option<&str>) -> Dum
         address: None,
         port: None,
         whole_image: false,
+        display_stats: false,
     }
 }
 
@@ -226,6 +227,7 @@ fn restore_here(o: &MigrateOpts, dir: &Path, g: &Global) -> Result<i32> {
         file_locks: inv.flags & imgdir::DUMP_F_FILE_LOCKS != 0,
         // The received directory is cr's own (created 0700 by root here): checked as any other.
         trust_image_owner: false,
+        display_stats: false,
     };
     let root = inv.root_pid;
     drop(img);

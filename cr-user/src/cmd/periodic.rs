@@ -124,6 +124,7 @@ fn checkpoints(o: &PeriodicOpts, t: &Target) -> Result<End> {
             address: None,
             port: None,
             whole_image: false,
+            display_stats: false,
         };
         let r = quietly(|| super::dump::run(&opts));
         match r {

@@ -34,8 +34,10 @@ pub(super) fn run_to(
         mut warm,
     } = super::dump::open(o, true, remote)?;
     let pid = target.pid;
+    let t_seize = Instant::now();
     let mut tree = tree::seize(pid).with_context(|| format!("freezing the tree of PID {pid}"))?;
     let t_frozen = Instant::now();
+    let freezing_us = (t_frozen - t_seize).as_micros() as u64;
     let mem = session.frozen().and_then(|_| {
         let vmas = session.vmas()?;
         let main = tree
@@ -56,7 +58,9 @@ pub(super) fn run_to(
         "PID {pid} runs on (frozen {:.2} ms); writing the pre-dump",
         frozen_us as f64 / 1e3
     );
+    let t_write = Instant::now();
     let pagemap = mem.pages.finish()?;
+    let memwrite_us = t_write.elapsed().as_micros() as u64;
     let mm = pb::Mm {
         vmas: mem.vmas,
         ..Default::default()
@@ -65,14 +69,17 @@ pub(super) fn run_to(
     writer.write_msg(&imgdir::pagemap_file(pid), Kind::PageMap, &pagemap)?;
     let mut stats = mem.stats;
     stats.frozen_us = frozen_us;
+    stats.freezing_us = freezing_us;
+    stats.memwrite_us = memwrite_us;
     stats.total_us = t_start.elapsed().as_micros() as u64;
     let mut inventory = super::dump::inventory(pid, 0, stats.clone());
     session.fill_inventory(&mut inventory);
-    writer.commit(inventory)?;
+    let inventory = writer.commit(inventory)?;
     session.committed(&o.images_dir);
     log::info!(
         "pre-dump of PID {pid} complete in {:.1} ms",
         t_start.elapsed().as_secs_f64() * 1e3
     );
+    super::dump::display_stats(o, &inventory);
     Ok(stats)
 }

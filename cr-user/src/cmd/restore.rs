@@ -47,6 +47,11 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let chain = ImageChain::open(&o.images_dir).map_err(BadInput::wrap)?;
     chain.validate().map_err(BadInput::wrap)?;
     crate::image::trust::check(&chain, o.trust_image_owner)?;
+    let mut stats = RestoreStats {
+        validate_us: t0.elapsed().as_micros() as u64,
+        images: chain.images().len(),
+        ..Default::default()
+    };
     log::debug!(
         "images validated in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
@@ -134,10 +139,21 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
         chain.images().len()
     );
 
+    let t_fork = Instant::now();
     let mut created = tree::create(&entries, PID_WAIT)?;
+    stats.forking_us = t_fork.elapsed().as_micros() as u64;
+    stats.processes = entries.len();
     log::debug!("tree created in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     let mut keep = Vec::new();
     let mut released: Vec<Tracee> = Vec::new();
+    let progress = crate::progress::Progress::start(
+        format!("restoring pages of PID {root}"),
+        procs
+            .iter()
+            .flat_map(|p| &p.segments)
+            .map(|s| s.len())
+            .sum(),
+    );
     for p in &procs {
         let pid = p.entry.pid;
         let _scope = TaskScope::enter(pid);
@@ -153,12 +169,13 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             zombie_children: created.zombie_parents.contains(&pid),
             locks: file_locks.get(&pid).map(Vec::as_slice).unwrap_or(&[]),
         };
-        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files)
+        let (k, threads) = build(&mut t, p, &ctx, &mut tree_files, &mut stats, &progress)
             .with_context(|| format!("restoring PID {pid}"))?;
         keep.push(k);
         released.push(t);
         released.extend(threads);
     }
+    drop(progress);
     tree_files.seal()?;
     drop(tree_files);
     net_lock.release();
@@ -177,10 +194,16 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
             .with_context(|| format!("releasing task {tid}"))?;
     }
     drop(keep);
+    stats.restore_us = t0.elapsed().as_micros() as u64;
     log::info!(
         "PID {root} restored in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
     );
+    if o.display_stats {
+        print!("{}", stats.display());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
     if o.detached {
         return Ok(0);
     }
@@ -204,6 +227,50 @@ fn warn_background_job(sid: i32, pgid: i32) {
     }
 }
 
+/// What `--display-stats` prints at the end of a restore (CRIU's "Displaying restore stats").
+#[derive(Default)]
+struct RestoreStats {
+    /// Reading and checking every file and page run of the chain.
+    validate_us: u64,
+    /// Creating the tree (every process at its PID).
+    forking_us: u64,
+    /// Mapping every VMA and writing the pages in, all processes.
+    memory_us: u64,
+    pages_restored: u64,
+    /// Of those, pages read from the chain's parents.
+    pages_from_parents: u64,
+    /// From the start until the tree runs.
+    restore_us: u64,
+    processes: usize,
+    threads: usize,
+    images: usize,
+}
+
+impl RestoreStats {
+    fn display(&self) -> String {
+        use crate::image::show::table::{ms, size, Table};
+        let pages = |n: u64| format!("{n} ({})", size(n * 4096));
+        let mut t = Table::headless(&[false, true]);
+        t.row(["Images in the chain".to_string(), self.images.to_string()]);
+        t.row(["Processes".to_string(), self.processes.to_string()]);
+        t.row(["Threads".to_string(), self.threads.to_string()]);
+        t.row(["Validation time".to_string(), ms(self.validate_us)]);
+        t.row(["Forking time".to_string(), ms(self.forking_us)]);
+        t.row(["Memory restore time".to_string(), ms(self.memory_us)]);
+        t.row(["Pages restored".to_string(), pages(self.pages_restored)]);
+        t.row([
+            "Pages from parents".to_string(),
+            pages(self.pages_from_parents),
+        ]);
+        t.row(["Restore time".to_string(), ms(self.restore_us)]);
+        format!(
+            "Displaying restore stats:
+{}",
+            t.render(2)
+        )
+    }
+}
+
 /// What [`build`] needs besides the process's own image.
 struct BuildCtx<'a> {
     files: &'a pb::Files,
@@ -224,7 +291,10 @@ fn build(
     img: &ProcImage,
     ctx: &BuildCtx,
     tree_files: &mut files::TreeFiles,
+    stats: &mut RestoreStats,
+    progress: &crate::progress::Progress,
 ) -> Result<(files::Keepalive, Vec<Tracee>)> {
+    stats.threads += img.cores.len();
     let pid = t.tgid;
     // The task is a copy of cr: its vDSO is cr's, at the same address.
     let cur = crate::kernel::proc::maps::read_maps(pid)?;
@@ -272,7 +342,14 @@ fn build(
         .map(|v| (v.start, v.end))
         .collect();
     let segments = memory::without_ranges(&img.segments, &linked);
-    memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments)?;
+    memory::fill_pages(&mut r, pid, &img.mm.vmas, &segments, progress)?;
+    stats.memory_us += t_map.elapsed().as_micros() as u64;
+    for s in &segments {
+        stats.pages_restored += s.nr_pages;
+        if s.image != 0 {
+            stats.pages_from_parents += s.nr_pages;
+        }
+    }
     log::debug!(
         "pages written in {:.1} ms",
         t_fill.elapsed().as_secs_f64() * 1e3

@@ -185,6 +185,8 @@ pub struct PageWriter {
     /// Time spent starting writeback (for the log).
     writeback_ns: u64,
     done: bool,
+    /// The terminal's progress line while the pages go out (see `crate::progress`).
+    progress: crate::progress::Progress,
 }
 
 impl PageWriter {
@@ -211,6 +213,13 @@ impl PageWriter {
         // The header page (offset 0) is written by finish(), with the data CRC; data goes at
         // explicit offsets after it.
         let first = (total_pages_hint.clamp(1, WINDOW_PAGES as u64) as usize) * PAGE_SIZE;
+        let progress = crate::progress::Progress::start(
+            match &wire {
+                Some((to, _)) => format!("sending pages of PID {pid} to {}", to.peer()),
+                None => format!("writing pages of PID {pid}"),
+            },
+            total_pages_hint * PAGE_SIZE as u64,
+        );
         let mut w = PageWriter {
             dir: dir.path().to_path_buf(),
             name,
@@ -232,6 +241,7 @@ impl PageWriter {
             flusher: None,
             writeback_ns: 0,
             done: false,
+            progress,
         };
         w.buf.reserve_exact(first);
         if w.wire.is_some() {
@@ -427,7 +437,9 @@ impl PageWriter {
         let mut off = HEADER_PAGE + self.data_len;
         if let Some((to, id)) = &self.wire {
             to.write(*id, off, data)?;
-            self.buffered_bytes += data.iter().map(|d| d.len() as u64).sum::<u64>();
+            let len = data.iter().map(|d| d.len() as u64).sum::<u64>();
+            self.buffered_bytes += len;
+            self.progress.add(len);
             return Ok(());
         }
         let mut i = 0;
@@ -466,6 +478,7 @@ impl PageWriter {
                         .with_context(|| format!("cannot write pages to {}", self.tmp.display()))
                 }
             }
+            self.progress.add(len);
             if direct {
                 self.direct_bytes += len;
                 self.writeback_from = off + len;

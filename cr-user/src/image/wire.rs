@@ -596,6 +596,8 @@ fn receive_frames(
     let mut r = std::io::BufReader::with_capacity(1 << 20, stream);
     let mut w = stream;
     let mut buf = Vec::new();
+    let progress =
+        crate::progress::Progress::start(format!("receiving into {}", root.display()), 0);
     let f = read_frame(&mut r, &mut buf)?.context("the client closed before saying Hello")?;
     if f.ty != Type::Hello {
         bail!("the client began with {:?}, not Hello", f.ty);
@@ -716,6 +718,7 @@ fn receive_frames(
                     .write_all_at(&buf, f.arg)
                     .with_context(|| format!("cannot write {}", inc.tmp.display()))?;
                 got.bytes += buf.len() as u64;
+                progress.add(buf.len() as u64);
             }
             Type::Close => {
                 let inc = open

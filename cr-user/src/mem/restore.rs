@@ -413,6 +413,7 @@ pub fn fill_pages(
     pid: i32,
     vmas: &[pb::Vma],
     segments: &[PageSegment],
+    progress: &crate::progress::Progress,
 ) -> Result<()> {
     let mut sorted: Vec<&pb::Vma> = vmas.iter().collect();
     sorted.sort_by_key(|v| v.start);
@@ -444,6 +445,7 @@ pub fn fill_pages(
             } else {
                 crate::kernel::ptrace::inject::write_mem(pid, addr, data)
                     .with_context(|| format!("fill read-only memory at {addr:#x}"))?;
+                progress.add(data.len() as u64);
             }
             addr = piece_end;
         }
@@ -458,15 +460,30 @@ pub fn fill_pages(
         for v in &targets {
             uffd.register_missing(v.start, v.end - v.start)?;
         }
-        let filled = copies
-            .iter()
-            .try_for_each(|(addr, data)| uffd.copy(*addr, data));
+        let filled = copies.iter().try_for_each(|(addr, data)| {
+            uffd.copy(*addr, data)?;
+            progress.add(data.len() as u64);
+            Ok::<_, anyhow::Error>(())
+        });
         for v in &targets {
             uffd.unregister(v.start, v.end - v.start)?;
         }
         filled?;
     }
-    crate::kernel::sys::vm::process_vm_writev_slices(pid, &batch)
+    // In pieces of PROGRESS_STEP bytes, so that the progress line moves.
+    const PROGRESS_STEP: usize = 64 << 20;
+    let mut from = 0;
+    while from < batch.len() {
+        let (mut to, mut bytes) = (from, 0);
+        while to < batch.len() && (to == from || bytes < PROGRESS_STEP) {
+            bytes += batch[to].1.len();
+            to += 1;
+        }
+        crate::kernel::sys::vm::process_vm_writev_slices(pid, &batch[from..to])?;
+        progress.add(bytes as u64);
+        from = to;
+    }
+    Ok(())
 }
 
 /// The page segments without the parts inside `ranges` (memory shared with an earlier VMA,

@@ -13,15 +13,18 @@ use prost::Message;
 use serde::Serialize;
 use serde_json::ser::{Formatter, PrettyFormatter};
 
-use super::dir::{ImageDir, INVENTORY};
-use super::file::{self, Header, Kind, HEADER_LEN};
-use super::pages::PageFile;
-use super::pb;
+use crate::image::dir::{ImageDir, INVENTORY};
+use crate::image::file::{self, Header, Kind, HEADER_LEN};
+use crate::image::pages::PageFile;
+use crate::image::pb;
 
 /// The JSON text for `path`: an images directory (an object keyed by file name, the inventory
 /// first) or one image file.
 pub fn render(path: &Path) -> Result<String> {
-    if path.is_dir() && !path.join(INVENTORY).exists() && !super::fold::sequence(path)?.is_empty() {
+    if path.is_dir()
+        && !path.join(INVENTORY).exists()
+        && !crate::image::fold::sequence(path)?.is_empty()
+    {
         render_sequence(path)
     } else if path.is_dir() {
         render_dir(path)
@@ -88,8 +91,8 @@ fn render_sequence(path: &Path) -> Result<String> {
         .map(|l| l.to_string_lossy().into_owned());
     let round = |x: f64| (x * 10.0).round() / 10.0;
     let mut s = String::from("[");
-    for (i, n) in super::fold::sequence(path)?.into_iter().enumerate() {
-        let name = super::fold::seq_name(n);
+    for (i, n) in crate::image::fold::sequence(path)?.into_iter().enumerate() {
+        let name = crate::image::fold::seq_name(n);
         let img = ImageDir::open(&path.join(&name))?;
         let inv = img.inventory();
         let st = inv.stats.clone().unwrap_or_default();
@@ -100,7 +103,7 @@ fn render_sequence(path: &Path) -> Result<String> {
             image_mib: round(img.files().map(|f| f.size).sum::<u64>() as f64 / (1u64 << 20) as f64),
             harvest: st.harvest,
             parent: inv.parent_path.clone(),
-            folded: inv.flags & super::names::DUMP_F_FOLDED != 0,
+            folded: inv.flags & crate::image::names::DUMP_F_FOLDED != 0,
             latest: latest.as_deref() == Some(name.as_str()),
             checkpoint: name,
         };
@@ -112,7 +115,7 @@ fn render_sequence(path: &Path) -> Result<String> {
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-fn utc(ms: u64) -> String {
+pub(super) fn utc(ms: u64) -> String {
     let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;
