@@ -205,11 +205,6 @@ fn an_eventfd_among_files_is_restored() {
 }
 
 #[test]
-fn dump_refuses_a_socket() {
-    dump_must_refuse("socket", "socket");
-}
-
-#[test]
 fn dump_refuses_a_terminal_without_shell_job() {
     let err = dump_must_refuse("tty", "terminal");
     assert!(
@@ -219,7 +214,7 @@ fn dump_refuses_a_terminal_without_shell_job() {
 }
 
 // What stays unsupported after issue 11 is refused naming the kind, with nothing harmed.
-// (The socket refusal above goes once UNIX sockets are dumped.)
+// (UNIX sockets are dumped now: tests/tests/restore_unix.rs.)
 
 #[test]
 fn dump_refuses_an_io_uring() {

@@ -42,7 +42,6 @@ fn unix_running_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn unix_restore() {
     let d = TempDir::new("unix");
     let mut w = start(&d, "all");
@@ -55,7 +54,6 @@ fn unix_restore() {
 
 /// `dump -R` (connections waiting in accept queues without data: see wl_unix `running`).
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn unix_leave_running() {
     let d = TempDir::new("unix-R");
     let mut w = start(&d, "running");
@@ -66,7 +64,6 @@ fn unix_leave_running() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn unix_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("unix-inc");
     let mut w = start(&d, "all");
@@ -84,7 +81,7 @@ fn scm_rights_control() {
 /// File descriptors in flight are carried (the issue allows a refusal naming them; this test
 /// expects them carried): received after the restore with their data and offsets.
 #[test]
-#[ignore = "needs issue 11 implementation"]
+#[ignore = "SCM_RIGHTS in flight is refused naming the files (not carried yet)"]
 fn scm_rights_carried() {
     let d = TempDir::new("unix-scm");
     let mut w = start(&d, "scm");
@@ -119,7 +116,6 @@ fn outside_peer_control() {
 /// A connection to a process outside the tree is refused naming the socket (its fd, that it
 /// is a UNIX socket, and that its peer is outside); the connection still works afterwards.
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn outside_peer_refused_naming_it() {
     let d = TempDir::new("unix-outside");
     let (path, h) = outside_peer(&d);

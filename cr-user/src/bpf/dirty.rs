@@ -123,6 +123,11 @@ impl Tracker {
             })
     }
 
+    /// The processes recorded now (keys of CR_TARGETS).
+    pub fn targets(&self) -> Vec<u32> {
+        self.targets.keys().filter_map(|k| k.ok()).collect()
+    }
+
     /// Stops recording `tgid`. Its dirty pages stay until [`Tracker::clear`].
     pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
         match self.targets.remove(&tgid) {

@@ -213,6 +213,22 @@ impl TrackMaps {
         Ok(())
     }
 
+    /// Stops tracking process `tgid` (it left the tree): write faults first, then its
+    /// counters (an event in between counts as one of an unregistered target, which only
+    /// makes the next harvest exact).
+    pub fn remove_target(&mut self, tgid: u32) -> Result<()> {
+        self.tracker.remove_target(tgid)?;
+        match self.track.remove(&tgid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("remove process {tgid} from CR_TRACK")),
+        }
+    }
+
     /// The counters of `tgid` now.
     pub fn counters(&self, tgid: u32) -> Result<Counters> {
         let t = self

@@ -192,7 +192,7 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
         .map(|p| p.pid)
         .collect();
     let collected = tree::check(&tree, o.shell_job)
-        .and_then(|_| inc.frozen())
+        .and_then(|_| inc.frozen(&live))
         .and_then(|_| {
             net.survey(
                 &live,
@@ -210,6 +210,7 @@ fn dump(o: &DumpOpts, remote: Option<Arc<wire::Sender>>, hold: bool) -> Result<O
                 next_id: 1,
                 dedup: FileDedup::default(),
                 live: live.clone(),
+                unix: Default::default(),
                 shmem: ShmemOwners::default(),
                 out: Collected::new(tree.pstree()),
             };
@@ -365,8 +366,11 @@ struct DumpCtx<'a> {
     /// File ids are tree-wide: the next one, and the descriptions seen in earlier processes.
     next_id: u32,
     dedup: FileDedup,
-    /// The tree's processes that are not zombies.
+    /// The tree's live processes.
     live: Vec<i32>,
+    /// The tree's UNIX sockets (sock_diag, queues read, waiting connections accepted), made
+    /// at the first and held until the dump ends.
+    unix: std::cell::OnceCell<crate::files::unix::View>,
     /// Shared anonymous memory: the VMA of the tree that owns each object.
     shmem: ShmemOwners,
     out: Collected,
@@ -398,6 +402,8 @@ fn dump_frozen(cx: &mut DumpCtx, tree: &mut tree::Tree, live: &[i32]) -> Result<
             dump_process(cx, p, p.pid == root).with_context(|| format!("dumping PID {}", p.pid))?;
         cx.out.procs.push(d);
     }
+    // Still frozen: the tracker gets the tree's new state (every process armed above).
+    cx.inc.end_freeze()?;
     if o.file_locks {
         let fds = cx
             .out
@@ -410,19 +416,14 @@ fn dump_frozen(cx: &mut DumpCtx, tree: &mut tree::Tree, live: &[i32]) -> Result<
     Ok(())
 }
 
-/// One process of the frozen tree: its threads' cores, its mm, fds and memory. The root's
-/// memory goes through the incremental session (tracking, parent images); other processes get
-/// a full copy.
+/// One process of the frozen tree: its threads' cores, its mm, fds and memory. Every process's
+/// memory goes through the incremental session (tracking, parent images).
 fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<ProcDump> {
     let pid = p.pid;
     let _scope = TaskScope::enter(pid);
     let stat = proc::stat::read_stat(pid)?;
     let status = proc::status::read_status(pid)?;
-    let vmas = if is_root {
-        cx.inc.vmas()?
-    } else {
-        proc::maps::read_smaps(pid)?
-    };
+    let vmas = cx.inc.vmas(pid)?;
     // Every thread's registers and thread state before any remote syscall (see task::dump).
     let mut cores = Vec::with_capacity(p.threads.len());
     for t in &p.threads {
@@ -472,21 +473,26 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
     cores[0].task = Some(state);
     interrupt::check()?;
 
-    let mut fdt = files::collect(pid, &cx.live, &mut cx.next_id, cx.o.shell_job, cx.net)?;
+    let mut fdt = files::collect(
+        pid,
+        &mut cx.next_id,
+        cx.o.shell_job,
+        cx.net,
+        &cx.live,
+        cx.o.leave_running,
+        &cx.unix,
+    )?;
     cx.dedup.merge(pid, &mut fdt)?;
     let mut mm = memory::mm_fields(pid, &stat, brk)?;
-    let (vma_entries, pending_pages) = if is_root {
-        let mem = cx
-            .inc
-            .memory(&mut p.threads[0], Some(ip), &vmas, cx.w, cx.warm)?;
-        cx.out.stats = mem.stats;
-        (mem.vmas, mem.pages)
-    } else {
-        let (entries, runs, scanned) = memory::plan(pid, &vmas)?;
-        // Shared anonymous memory already dumped with an earlier VMA of the tree.
-        let mut skip: Vec<(u64, u64)> = Vec::new();
-        for e in &entries {
-            if let Some(link) = cx.shmem.link(pid, e) {
+    // Shared anonymous memory already dumped with an earlier VMA of the tree (the root's are
+    // registered after its dump, below).
+    let mut skip: Vec<(u64, u64)> = Vec::new();
+    if !is_root {
+        for v in &vmas {
+            let Ok(e) = memory::vma_entry(v) else {
+                continue; // refused by the memory dump, naming it
+            };
+            if let Some(link) = cx.shmem.link(pid, &e) {
                 log::debug!(
                     "PID {pid}: {:#x}-{:#x} is shared with {} ({}): its pages are saved there",
                     e.start,
@@ -497,23 +503,23 @@ fn dump_process(cx: &mut DumpCtx, p: &mut tree::Proc, is_root: bool) -> Result<P
                 skip.push((e.start, e.end));
             }
         }
-        let runs = memory::without(runs, &skip);
-        interrupt::check()?;
-        let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / 4096).sum();
-        let writer = crate::image::pages::PageWriter::create(cx.w, pid, total_pages)?;
-        let pending = pages::copy(
-            pid,
-            &runs,
-            writer,
-            pages::budget(total_pages * 4096),
-            cx.warm,
-        )?;
+    }
+    let mem = cx.inc.memory(
+        pid,
+        &mut p.threads[0],
+        Some(ip),
+        &vmas,
+        cx.w,
+        cx.warm,
+        &skip,
+    )?;
+    if is_root {
         // Root first: its statistics are in place, the others' add to them.
-        cx.out.stats.pages_scanned += scanned;
-        cx.out.stats.pages_written += total_pages;
-        cx.out.stats.vmas += entries.len() as u64;
-        (entries, pending)
-    };
+        cx.out.stats = mem.stats;
+    } else {
+        incremental::add_stats(&mut cx.out.stats, &mem.stats, pid);
+    }
+    let (vma_entries, pending_pages) = (mem.vmas, mem.pages);
     if is_root {
         for e in &vma_entries {
             cx.shmem.link(pid, e);

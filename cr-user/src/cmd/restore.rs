@@ -143,6 +143,11 @@ pub fn run(o: &RestoreOpts, _g: &Global) -> Result<i32> {
     let mut created = tree::create(&entries, PID_WAIT)?;
     stats.forking_us = t_fork.elapsed().as_micros() as u64;
     stats.processes = entries.len();
+    // UNIX sockets are made at once for the whole tree, inside the processes that hold them.
+    let fd_tables: Vec<(i32, &pb::Fds)> = procs.iter().map(|p| (p.entry.pid, &p.fds)).collect();
+    tree_files
+        .build_unix(&mut created.tasks, &fd_tables, &files)
+        .context("rebuilding the UNIX sockets")?;
     log::debug!("tree created in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     let mut keep = Vec::new();
     let mut released: Vec<Tracee> = Vec::new();

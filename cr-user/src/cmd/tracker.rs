@@ -64,7 +64,8 @@ struct Tracker {
     /// Held for the tracker's life; dropping it removes the socket file.
     _claim: Claim,
     maps: TrackMaps,
-    uffd: Option<OwnedFd>,
+    /// One userfaultfd per process of `state.procs`, in that order.
+    uffds: Vec<OwnedFd>,
     state: TrackerState,
     /// The tree's file locks (see [`crate::locks::table`]).
     locks: LockTable,
@@ -103,7 +104,7 @@ impl Tracker {
             listener,
             _claim: claim,
             maps,
-            uffd: None,
+            uffds: Vec::new(),
             state,
             locks,
         })
@@ -228,8 +229,10 @@ impl Tracker {
             Request::Get => {
                 self.maps.sockets.seed_once(&crate::tcp::inventory::seeds);
                 let mut out = self.maps.fds()?;
-                if let Some(u) = &self.uffd {
-                    out.push(u.try_clone().context("dup the userfaultfd")?);
+                if self.state.armed {
+                    for u in &self.uffds {
+                        out.push(u.try_clone().context("dup a userfaultfd")?);
+                    }
                 }
                 let raw: Vec<RawFd> = out.iter().map(|f| f.as_raw_fd()).collect();
                 self.reply(conn, Ok(()), &raw)?;
@@ -253,13 +256,16 @@ impl Tracker {
                 self.reply(conn, Ok(()), &[])?;
             }
             Request::Put { state } => {
-                let mut fds = fds;
-                if let Some(u) = fds.pop() {
-                    self.uffd = Some(u);
-                }
-                let r = if state.armed && self.uffd.is_none() {
-                    Err("armed without a userfaultfd".to_string())
+                let r = if state.armed && fds.len() != state.procs.len() {
+                    Err(format!(
+                        "armed with {} userfaultfds for {} processes",
+                        fds.len(),
+                        state.procs.len()
+                    ))
                 } else {
+                    // The old ones close here: each process's protection lives on in the new
+                    // set (a dup of the same userfaultfd) or ends with the process.
+                    self.uffds = fds;
                     let keep = (self.state.pid, self.state.start_time, self.state.daemon_pid);
                     let dumpers = std::mem::take(&mut self.state.dumpers);
                     self.state = TrackerState { dumpers, ..state };

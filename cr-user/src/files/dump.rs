@@ -136,14 +136,17 @@ fn survey<'a>(pid: i32, pidfd: &'a OwnedFd, cx: &DumpCx) -> Result<Vec<Recognise
     Ok(out)
 }
 
-/// Collects the fd table of `pid`, one of the live processes `tree`. `next_id` numbers
-/// descriptions across the whole tree.
+/// Collects the fd table of `pid`. `next_id` numbers descriptions across the whole tree.
+/// `tree`: every live process of the tree; `leave_running`: `-R`; `unix`: the dump's view of
+/// its UNIX sockets (made at the first).
 pub fn collect(
     pid: i32,
-    tree: &[i32],
     next_id: &mut u32,
     shell_job: bool,
     net: &mut DumpNet,
+    tree: &[i32],
+    leave_running: bool,
+    unix: &std::cell::OnceCell<super::unix::View>,
 ) -> Result<FdTable> {
     let pidfd = pidfd_open(pid)?;
     let mut table = FdTable::default();
@@ -154,6 +157,8 @@ pub fn collect(
         net,
         contents: &mut table.contents,
         scratch: Scratch::default(),
+        leave_running,
+        unix,
     };
     let surveyed = survey(pid, &pidfd, &cx)?;
     // Descriptions seen so far, (fd, file id) by (dev, ino), to compare new fds with kcmp.

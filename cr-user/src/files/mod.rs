@@ -27,6 +27,7 @@ pub mod signalfd;
 pub mod tcp;
 pub mod timerfd;
 pub mod tty;
+pub mod unix;
 
 pub use kind::{FileKind, Verdict};
 pub use opener::Opener;
@@ -51,6 +52,7 @@ pub static KINDS: &[&dyn FileKind] = &[
     &epoll::Epoll,
     &inotify::Inotify,
     &inotify::Fanotify,
+    &unix::UnixSocket,
 ];
 
 /// The kind of an image entry.

@@ -19,7 +19,7 @@ use crate::kernel::sys::pagemap::{
     PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
 };
 use crate::ranges::RangeSet;
-use crate::tracker::client::TrackerState;
+use crate::tracker::client::{ProcTrack, TrackerState};
 
 /// Size of the block one dirty page widens to (a PMD: a THP).
 pub const BLOCK: u64 = 2 << 20;
@@ -64,19 +64,78 @@ pub struct EpochFacts {
     pub vma_events: u64,
 }
 
-/// Reads and consumes the epoch's records: the dirty set (taken out of CR_DIRTY), the VMA
-/// events, the counters against the tracker's baseline, the mem-file writers, and the target's
-/// lasting sources of fault-less writes.
+/// The tree's records, taken once per dump at its first harvest (the ring and the mem-writer
+/// map hold every target's): the VMA events, the dirty pages by process, and the mem-file
+/// writers that were not cr.
+#[derive(Debug, Default)]
+pub struct Drained {
+    vma_events: Vec<cr_common::VmaEvent>,
+    dirty: std::collections::HashMap<u32, Vec<u64>>,
+    /// (target: 0 for any mem file, why, the opener still holds it).
+    writers: Vec<(u32, String, bool)>,
+}
+
+impl Drained {
+    /// Consumes the records of every target; `live`: the tree's processes (mem-writer records
+    /// of other targets are left alone).
+    pub fn take(maps: &mut TrackMaps, state: &TrackerState, live: &[i32]) -> Result<Drained> {
+        let t0 = std::time::Instant::now();
+        let mut d = Drained::default();
+        // Mem-file writers: cr's own (its remote calls write through /proc/PID/mem) are
+        // dropped; a stranger's makes this epoch unsafe, and the next one too while it lives.
+        let me = std::process::id();
+        for (k, count) in maps.mem_writers()? {
+            if k.target != 0 && !live.contains(&(k.target as i32)) {
+                continue;
+            }
+            let own = k.opener == me || state.dumpers.contains(&(k.opener as i32));
+            if !own {
+                let why = format!(
+                    "PID {} opened {} for writing ({count} times)",
+                    k.opener,
+                    if k.target == 0 {
+                        "a mem file".to_string()
+                    } else {
+                        format!("/proc/{}/mem", k.target)
+                    }
+                );
+                // While it still holds such a file open, it can write at any time.
+                let holds = holds_mem_file(k.opener as i32, k.target);
+                d.writers.push((k.target, why, holds));
+                if holds {
+                    continue;
+                }
+            }
+            maps.remove_mem_writer(&k)?;
+        }
+        d.vma_events = maps.drain_vma_events();
+        for (t, p) in maps.drain_dirty() {
+            d.dirty.entry(t).or_default().push(p);
+        }
+        log::debug!(
+            "the tree's eBPF records taken in {:?}: {} VMA events, dirty pages of {} processes",
+            t0.elapsed(),
+            d.vma_events.len(),
+            d.dirty.len()
+        );
+        Ok(d)
+    }
+}
+
+/// The epoch of process `pid` (tracked at the last checkpoint as `proc`): its dirty set and
+/// VMA events out of `drained`, its counters against its baseline, the mem-file writers, and
+/// its lasting sources of fault-less writes. Its epoch in the programs is bumped.
 pub fn read_epoch(
     maps: &mut TrackMaps,
     pid: i32,
-    state: &TrackerState,
+    proc: &ProcTrack,
+    drained: &Drained,
     epoch: &Epoch,
 ) -> Result<EpochFacts> {
     let t0 = std::time::Instant::now();
     let mut f = EpochFacts::default();
     let now = &epoch.at_seize;
-    let base = &state.baseline;
+    let base = &proc.baseline;
     f.exec = now.exec_events != base.exec_events;
     let mut moved = now.moved(base);
     moved.retain(|m| !m.ends_with(" execs"));
@@ -85,47 +144,23 @@ pub fn read_epoch(
     }
     f.unsafe_why.extend(moved);
     f.sticky_next = now.sticky_events != base.sticky_events;
-    if state.sticky {
+    if proc.sticky {
         f.unsafe_why
             .push("the last checkpoint saw a lasting source of fault-less writes".into());
     }
     f.vma_events = now.vma_events.wrapping_sub(base.vma_events);
-
-    // Mem-file writers: cr's own (its remote calls write through /proc/PID/mem) are dropped;
-    // a stranger's makes this epoch unsafe, and the next one too while it lives.
-    let me = std::process::id();
-    for (k, count) in maps.mem_writers()? {
-        if k.target != pid as u32 && k.target != 0 {
-            continue;
+    for (target, why, holds) in &drained.writers {
+        if *target == pid as u32 || *target == 0 {
+            f.unsafe_why.push(why.clone());
+            f.sticky_next |= holds;
         }
-        let own = k.opener == me || state.dumpers.contains(&(k.opener as i32));
-        if !own {
-            f.unsafe_why.push(format!(
-                "PID {} opened {} for writing ({count} times)",
-                k.opener,
-                if k.target == 0 {
-                    "a mem file".to_string()
-                } else {
-                    format!("/proc/{}/mem", k.target)
-                }
-            ));
-            // While it still holds such a file open, it can write at any time.
-            if holds_mem_file(k.opener as i32, k.target) {
-                f.sticky_next = true;
-                continue;
-            }
-        }
-        maps.remove_mem_writer(&k)?;
     }
-
-    let t_writers = t0.elapsed();
     for why in lasting_sources(pid) {
         f.unsafe_why.push(why);
         f.sticky_next = true;
     }
     let t_fds = t0.elapsed();
-
-    for ev in maps.drain_vma_events() {
+    for ev in &drained.vma_events {
         if ev.tgid != pid as u32 || ev.ts_ns >= epoch.seize_ns {
             continue; // another target, or cr's own remote calls during the freeze
         }
@@ -139,25 +174,19 @@ pub fn read_epoch(
             _ => f.all_vmas = true,
         }
     }
-
-    let t_ring = t0.elapsed();
-    f.dirty = maps
-        .drain_dirty()
-        .into_iter()
-        .filter(|(t, _)| *t == pid as u32)
-        .map(|(_, p)| p)
-        .collect();
+    f.dirty = drained
+        .dirty
+        .get(&(pid as u32))
+        .cloned()
+        .unwrap_or_default();
     f.dirty.sort_unstable();
     f.dirty.dedup();
     // Writes from now on are the next epoch's (for looks at CR_DIRTY: `peek`, hotness).
     maps.tracker.bump_epoch(pid as u32)?;
     log::debug!(
-        "PID {pid}: epoch read in {:?} (counters and mem writers {:?}, fds {:?}, VMA events {:?}, dirty set {:?})",
+        "PID {pid}: epoch read in {:?} (counters, writers and fds {:?})",
         t0.elapsed(),
-        t_writers,
-        t_fds - t_writers,
-        t_ring - t_fds,
-        t0.elapsed() - t_ring
+        t_fds
     );
     Ok(f)
 }
@@ -535,8 +564,10 @@ pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
     let mut written = written_pages(&regions);
     written.sort_unstable();
     let now = maps.counters(pid as u32)?;
-    let mut unsafe_why = now.moved(&state.baseline);
-    if state.sticky {
+    let root = state.procs.iter().find(|p| p.pid == pid);
+    let baseline = root.map(|p| p.baseline).unwrap_or_default();
+    let mut unsafe_why = now.moved(&baseline);
+    if root.is_some_and(|p| p.sticky) {
         unsafe_why.push("sticky".into());
     }
     for (k, n) in maps.mem_writers()? {
@@ -553,7 +584,7 @@ pub fn peek(pid: i32, ranges: &[(u64, u64)]) -> Result<Peek> {
         ebpf,
         written,
         unsafe_why,
-        vma_events: now.vma_events.wrapping_sub(state.baseline.vma_events),
+        vma_events: now.vma_events.wrapping_sub(baseline.vma_events),
         state,
     })
 }

@@ -1,15 +1,23 @@
 //! Incremental dumps: `cr pre-dump`, `--track-mem`, `--prev-images-dir` (DESIGN §2, §5).
 //!
-//! A [`Session`] is the memory part of a dump when tracking is involved: before the freeze
-//! ([`Session::prepare`]) it finds or starts the target's tracker and checks the parent image;
-//! frozen, it harvests, plans every page as copied, `in_parent` or absent, copies and re-arms
-//! ([`Session::memory`]); after the commit it tells the tracker its new base image.
+//! A [`Session`] is the memory part of a dump when tracking is involved, for every process of
+//! the tree: before the freeze ([`Session::prepare`]) it finds or starts the root's tracker and
+//! checks the parent image; frozen, it harvests each process, plans every page as copied,
+//! `in_parent` or absent, copies and re-arms ([`Session::memory`], once per process), and
+//! hands the tracker the new state of the whole tree ([`Session::end_freeze`]); after the
+//! commit it tells the tracker its new base image.
+//!
+//! Each process has its own userfaultfd (one per mm), armed by the first dump that sees it and
+//! held by the tracker with the others; a process first seen (forked since the last checkpoint,
+//! or a recycled PID) is copied whole once and tracked from then on, one that exited is dropped.
 //!
 //! `in_parent` is right because the tracker's state names the image of the last checkpoint
 //! (path and inventory CRC) and write-protection was re-armed at that checkpoint's freeze: a page
 //! present now and not written since was present then. Without a tracker the session is "plain"
 //! and the dump is a full one.
 
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,9 +35,9 @@ use crate::kernel::ptrace::{self, Remote, Tracee};
 use crate::kernel::sys::pagemap::{PageRegion, PagemapScanner, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
 use crate::kernel::sys::uffd::Userfaultfd;
 use crate::mem::arm;
-use crate::mem::harvest::{self, Epoch, EpochFacts, PageFate};
+use crate::mem::harvest::{self, Drained, Epoch, EpochFacts, PageFate};
 use crate::ranges::RangeSet;
-use crate::tracker::client::{self, TrackerConn, TrackerState};
+use crate::tracker::client::{self, ProcTrack, TrackerConn, TrackerState};
 use crate::tunables::Harvest;
 
 const PAGE: u64 = 4096;
@@ -42,7 +50,8 @@ const MANY_RANGES: usize = 256;
 struct Tracked {
     conn: TrackerConn,
     maps: TrackMaps,
-    uffd: Option<Userfaultfd>,
+    /// The userfaultfds the tracker holds, by PID (one per process of its state).
+    uffds: HashMap<i32, Userfaultfd>,
     state: TrackerState,
 }
 
@@ -53,11 +62,32 @@ struct Parent {
     crc: u32,
     /// Its checkpoint id (0: an image from before ids).
     id: u64,
-    /// Every page the parent chain holds for the target.
-    pages: RangeSet,
+    img: ImageDir,
+    /// Every page the parent chain holds, per process (read when first asked; None: the
+    /// parent has no page map of that process).
+    pages: HashMap<i32, Option<RangeSet>>,
 }
 
-/// What [`Session::memory`] produced.
+impl Parent {
+    /// The pages the parent chain holds for process `pid`, if the parent has its page map.
+    fn pages_of(&mut self, pid: i32) -> Option<&RangeSet> {
+        let img = &self.img;
+        self.pages
+            .entry(pid)
+            .or_insert_with(|| {
+                let pm = img.page_map(pid).ok()?;
+                Some(RangeSet::from_ranges(
+                    pm.runs
+                        .iter()
+                        .map(|r| (r.vaddr, r.vaddr + u64::from(r.nr_pages) * PAGE))
+                        .collect(),
+                ))
+            })
+            .as_ref()
+    }
+}
+
+/// What [`Session::memory`] produced for one process.
 pub struct MemoryDump {
     pub vmas: Vec<pb::Vma>,
     pub pages: PendingPages,
@@ -92,7 +122,15 @@ pub struct Tracking<'a> {
     pub prev_images_dir: Option<&'a Path>,
 }
 
+/// One process armed (or re-armed) by this dump: its new tracking, and its userfaultfd when
+/// this dump created it (otherwise the tracker's stays).
+struct Armed {
+    track: ProcTrack,
+    fresh: Option<Userfaultfd>,
+}
+
 pub struct Session {
+    /// The root of the tree.
     pid: i32,
     pre_dump: bool,
     /// Consume the dirty set (this dump is a checkpoint of the tracking chain).
@@ -105,9 +143,19 @@ pub struct Session {
     full_reason: String,
     /// Canonical path of this image.
     image: String,
-    /// smaps read before the freeze, with the VMA and exec counters read just before it.
-    pre_smaps: Option<(u64, u64, Vec<Vma>)>,
-    epoch: Option<Epoch>,
+    /// smaps read before the freeze, with the VMA and exec counters read just before it, per
+    /// tracked process.
+    pre_smaps: HashMap<i32, (u64, u64, Vec<Vma>)>,
+    /// The counters at the seize, per process the programs follow.
+    epochs: HashMap<i32, Epoch>,
+    /// The live processes of the frozen tree.
+    live: Vec<i32>,
+    /// The tracker was told its base image is gone (once per dump, before the first harvest).
+    invalidated: bool,
+    /// The tree's eBPF records, taken at the first harvest of this dump.
+    drained: Option<Drained>,
+    /// The processes armed by this dump, in tree order (handed over by `end_freeze`).
+    next: Vec<Armed>,
     /// The tracker state handed over at the end of the freeze.
     put: bool,
 }
@@ -155,12 +203,25 @@ impl Session {
             c.register()?;
         }
         let tracked = match (conn, snap) {
-            (Some(conn), Some(s)) => Some(Tracked {
-                maps: TrackMaps::from_fds(s.map_fds)?,
-                uffd: s.uffd.map(Userfaultfd::from_fd),
-                state: s.state,
-                conn,
-            }),
+            (Some(conn), Some(s)) => {
+                let client::Snapshot {
+                    state,
+                    map_fds,
+                    uffds,
+                } = s;
+                let uffds = state
+                    .procs
+                    .iter()
+                    .map(|p| p.pid)
+                    .zip(uffds.into_iter().map(Userfaultfd::from_fd))
+                    .collect();
+                Some(Tracked {
+                    maps: TrackMaps::from_fds(map_fds)?,
+                    uffds,
+                    state,
+                    conn,
+                })
+            }
             _ => None,
         };
         let harvest = tracked.is_some() && (want || o.prev_images_dir.is_some());
@@ -189,20 +250,39 @@ impl Session {
         if o.prev_images_dir.is_some() && parent.is_none() {
             log::warn!("PID {pid}: full dump: {full_reason}");
         }
-        let mut pre_smaps = None;
+        let mut pre_smaps = HashMap::new();
         if let Some(t) = &tracked {
             let c = t.maps.counters(pid as u32)?;
             if parent.is_some() {
                 // Have page buffers ready for what the epoch's write faults say will be copied
                 // (a fresh buffer's first touch zeroes its pages: better now than frozen).
-                let faults = c.write_faults.saturating_sub(t.state.baseline.write_faults);
+                let faults = c
+                    .write_faults
+                    .saturating_sub(t.state.procs.first().map_or(0, |p| p.baseline.write_faults));
                 warm.warm(pages::budget(faults.saturating_mul(PAGE) + (8 << 20)));
             }
-            pre_smaps = Some((
-                c.vma_events,
-                c.exec_events,
-                crate::kernel::proc::maps::read_smaps(pid)?,
-            ));
+            pre_smaps.insert(
+                pid,
+                (
+                    c.vma_events,
+                    c.exec_events,
+                    crate::kernel::proc::maps::read_smaps(pid)?,
+                ),
+            );
+            // The other tracked processes' too (a process that went meanwhile is read frozen).
+            for p in t.state.procs.iter().filter(|p| p.pid != pid) {
+                let same = crate::kernel::proc::stat::read_stat(p.pid)
+                    .is_ok_and(|s| s.starttime == p.start_time);
+                if !same {
+                    continue;
+                }
+                if let (Ok(c), Ok(smaps)) = (
+                    t.maps.counters(p.pid as u32),
+                    crate::kernel::proc::maps::read_smaps(p.pid),
+                ) {
+                    pre_smaps.insert(p.pid, (c.vma_events, c.exec_events, smaps));
+                }
+            }
         }
         Ok(Session {
             pid,
@@ -214,54 +294,97 @@ impl Session {
             full_reason,
             image,
             pre_smaps,
-            epoch: None,
+            epochs: HashMap::new(),
+            live: Vec::new(),
+            invalidated: false,
+            drained: None,
+            next: Vec::new(),
             put: false,
         })
     }
 
-    /// Right after the seize.
-    pub fn frozen(&mut self) -> Result<()> {
+    /// Right after the seize; `live`: the tree's processes that are not zombies.
+    pub fn frozen(&mut self, live: &[i32]) -> Result<()> {
+        self.live = live.to_vec();
         if let Some(t) = &self.tracked {
-            self.epoch = Some(Epoch::at_seize(&t.maps, self.pid)?);
+            self.epochs
+                .insert(self.pid, Epoch::at_seize(&t.maps, self.pid)?);
+            // Processes the programs do not follow yet (first seen) have no counters.
+            for &p in live.iter().filter(|&&p| p != self.pid) {
+                if let Ok(e) = Epoch::at_seize(&t.maps, p) {
+                    self.epochs.insert(p, e);
+                }
+            }
         }
         Ok(())
     }
 
-    /// The VMA list (smaps), frozen. With a tracker, the smaps read before the freeze is
-    /// reused when no VMA-changing syscall happened since and /proc/PID/maps still shows the
-    /// same layout: reading smaps walks every page table (docs/benchmarks.md).
-    pub fn vmas(&self) -> Result<Vec<Vma>> {
-        if let (Some((vma_events, execs, pre)), Some(ep)) = (&self.pre_smaps, &self.epoch) {
+    /// The VMA list (smaps) of process `pid`, frozen. With a tracker, the smaps read before the
+    /// freeze is reused when no VMA-changing syscall happened since and /proc/PID/maps still
+    /// shows the same layout: reading smaps walks every page table (docs/benchmarks.md).
+    pub fn vmas(&self, pid: i32) -> Result<Vec<Vma>> {
+        if let (Some((vma_events, execs, pre)), Some(ep)) =
+            (self.pre_smaps.get(&pid), self.epochs.get(&pid))
+        {
             if ep.at_seize.vma_events == *vma_events && ep.at_seize.exec_events == *execs {
-                let now = crate::kernel::proc::maps::read_maps(self.pid)?;
+                let now = crate::kernel::proc::maps::read_maps(pid)?;
                 if same_layout(&now, pre) {
                     log::debug!(
-                        "PID {}: VMA list unchanged since the smaps read before the freeze",
-                        self.pid
+                        "PID {pid}: VMA list unchanged since the smaps read before the freeze"
                     );
                     return Ok(pre.clone());
                 }
             }
         }
-        crate::kernel::proc::maps::read_smaps(self.pid)
+        crate::kernel::proc::maps::read_smaps(pid)
     }
 
-    /// Everything about memory that needs the target frozen: the VMA entries, the page plan
-    /// and its copy, and (when tracking goes on) the re-arming. `ip` is a `syscall`
-    /// instruction in the target (found from the vDSO when None and needed).
+    /// Everything about the memory of process `pid` of the tree that needs it frozen: the VMA
+    /// entries, the page plan and its copy, and (when tracking goes on) the arming. `t` is one
+    /// of its threads, `ip` a `syscall` instruction in it (found from the vDSO when None and
+    /// needed), `skip` VMAs whose pages another process of the tree saves (shared memory).
+    #[allow(clippy::too_many_arguments)]
     pub fn memory(
         &mut self,
+        pid: i32,
         t: &mut Tracee,
         ip: Option<u64>,
         vmas: &[Vma],
         w: &ImageWriter,
         warm: &mut WarmBuffers,
+        skip: &[(u64, u64)],
     ) -> Result<MemoryDump> {
         let t_mem = Instant::now();
-        let pid = self.pid;
-        if self.tracked.is_none() {
-            return plain_memory(pid, vmas, w, t_mem, warm);
+        let root = pid == self.pid;
+        let Some(tr) = self.tracked.as_mut() else {
+            return plain_memory(pid, vmas, w, t_mem, warm, skip, "memory is not tracked");
+        };
+        if self.keep_tracking && self.next.len() >= client::MAX_TRACKED_PROCS {
+            log::info!(
+                "PID {pid}: harvest full (a tracker holds at most {} processes): copied whole, not tracked",
+                client::MAX_TRACKED_PROCS
+            );
+            return plain_memory(
+                pid,
+                vmas,
+                w,
+                t_mem,
+                warm,
+                skip,
+                "a tracker holds at most so many processes",
+            );
         }
+        let start_time = crate::kernel::proc::stat::read_stat(pid)?.starttime;
+        let epoch = self.epochs.get(&pid).copied();
+        if root && epoch.is_none() {
+            bail!("internal: the session was not told the target is frozen");
+        }
+        // The last checkpoint's tracking of this very process (not a recycled PID).
+        let known = tr
+            .state
+            .proc(pid, start_time)
+            .filter(|_| epoch.is_some())
+            .cloned();
         let mut entries = Vec::with_capacity(vmas.len());
         let mut wanted: Vec<&Vma> = Vec::new();
         for v in vmas {
@@ -275,44 +398,64 @@ impl Session {
                     e.name
                 );
             }
-            if memory::wants_pages(v, e.kind) {
+            if memory::wants_pages(v, e.kind) && !skip.contains(&(v.start, v.end)) {
                 wanted.push(v);
             }
             entries.push(e);
         }
         let t_h = Instant::now();
-        let tr = self.tracked.as_mut().expect("checked above");
         let mut facts = EpochFacts::default();
         if self.harvest {
-            // From here until the new state is put, the tracker has no base image: a dump that
-            // dies now cannot leave a state a later dump would trust.
-            let t_inv = Instant::now();
-            tr.conn.invalidate()?;
-            log::debug!(
-                "PID {pid}: tracker state invalidated in {:?}",
-                t_inv.elapsed()
-            );
-            let ep = self
-                .epoch
-                .context("internal: the session was not told the target is frozen")?;
-            facts = harvest::read_epoch(&mut tr.maps, pid, &tr.state, &ep)?;
+            if !self.invalidated {
+                // From here until the new state is put, the tracker has no base image: a dump
+                // that dies now cannot leave a state a later dump would trust.
+                let t_inv = Instant::now();
+                tr.conn.invalidate()?;
+                self.invalidated = true;
+                log::debug!(
+                    "PID {pid}: tracker state invalidated in {:?}",
+                    t_inv.elapsed()
+                );
+            }
+            if self.drained.is_none() {
+                self.drained = Some(Drained::take(&mut tr.maps, &tr.state, &self.live)?);
+            }
+            let drained = self.drained.as_ref().expect("taken above");
+            if let (Some(k), Some(ep)) = (&known, &epoch) {
+                facts = harvest::read_epoch(&mut tr.maps, pid, k, drained, ep)?;
+            }
         }
-        let armed = tr.state.armed && tr.uffd.is_some() && !facts.exec;
+        let armed = tr.state.armed && known.is_some() && tr.uffds.contains_key(&pid) && !facts.exec;
+        let tracked_before = known.as_ref().map(|k| &k.tracked);
         let (mut tracked_vmas, mut new_vmas, mut other_vmas) = (Vec::new(), Vec::new(), Vec::new());
         for v in wanted {
             if !arm::trackable(v) {
                 other_vmas.push(v);
-            } else if armed && tr.state.tracked.covers(v.start, v.end) {
+            } else if armed && tracked_before.is_some_and(|r| r.covers(v.start, v.end)) {
                 tracked_vmas.push(v);
             } else {
                 new_vmas.push(v);
             }
         }
         let tracked_set = RangeSet::from_sorted(tracked_vmas.iter().map(|v| (v.start, v.end)));
+        let empty = RangeSet::new();
+        let (parent_pages, why_full) = match (&mut self.parent, &known) {
+            (None, _) => (None, self.full_reason.clone()),
+            (Some(_), None) => (
+                None,
+                format!(
+                    "PID {pid} first seen (not tracked at the parent checkpoint): copied whole once, tracked from now on"
+                ),
+            ),
+            (Some(p), Some(_)) => match p.pages_of(pid) {
+                Some(pp) => (Some(pp), String::new()),
+                None => (None, format!("the parent image has no page map of PID {pid}")),
+            },
+        };
         let (mode, reason) = choose_mode(
             self.harvest,
-            self.parent.is_some(),
-            &self.full_reason,
+            parent_pages.is_some(),
+            &why_full,
             &facts,
             &tracked_set,
             &tracked_vmas,
@@ -326,8 +469,8 @@ impl Session {
             new_vmas.len(),
             other_vmas.len()
         );
-        let empty = RangeSet::new();
-        let parent_pages = self.parent.as_ref().map_or(&empty, |p| &p.pages);
+        let has_parent = parent_pages.is_some();
+        let parent_pages = parent_pages.unwrap_or(&empty);
         let rearm = mode != Mode::FullPeek;
         let swap = harvest::swap_active();
         let mut scanner =
@@ -386,7 +529,7 @@ impl Session {
                 continue;
             }
             still_tracked.push((v.start, v.end));
-            let in_parent = if self.parent.is_some() {
+            let in_parent = if has_parent {
                 parent_pages.clip(v.start, v.end)
             } else {
                 RangeSet::new()
@@ -466,7 +609,8 @@ impl Session {
             t_copy.elapsed() - t_writer
         );
 
-        // Arm or re-arm for the next checkpoint.
+        // Arm or re-arm for the next checkpoint (the tracker gets the tree's state at the end
+        // of the freeze, `end_freeze`).
         let tr = self.tracked.as_mut().expect("checked above");
         if self.keep_tracking {
             let t_arm = Instant::now();
@@ -482,55 +626,33 @@ impl Session {
                 remote.finish()?;
                 log::debug!("PID {pid}: remote calls end (arming)");
                 fresh = Some(u?);
+                if !root {
+                    // From now on the programs record its write faults and syscalls (the
+                    // root was added by the tracker); its counters start again here.
+                    tr.maps
+                        .add_target(pid as u32)
+                        .with_context(|| format!("track PID {pid}"))?;
+                }
             }
             let uffd = fresh
                 .as_ref()
-                .or(tr.uffd.as_ref())
+                .or(tr.uffds.get(&pid))
                 .context("internal: armed without a userfaultfd")?;
             let fresh_ranges: Vec<(u64, u64)> = new_vmas.iter().map(|v| (v.start, v.end)).collect();
             let registered = arm::register(uffd, pid, &fresh_ranges);
             arm::protect(uffd, &registered)?;
             let tracked_now = RangeSet::from_ranges(still_tracked).union(&registered);
-            // What cr did while the target was frozen is not the target's doing: start the
-            // next epoch here, except for remote writes by others, which only the next
-            // checkpoint can account for.
-            // (The dirty set was taken at the harvest; nothing the target did since, it is
-            // frozen, and cr's own reads fault in cr's context. A first arming drops what was
-            // recorded before it.)
-            let _ = tr.maps.drain_vma_events();
-            if !armed {
-                let _ = tr.maps.drain_dirty();
-            }
-            let mut baseline = tr.maps.counters(pid as u32)?;
-            if let Some(ep) = &self.epoch {
-                baseline.gup_events = ep.at_seize.gup_events;
-                baseline.last_unsafe_nr = ep.at_seize.last_unsafe_nr;
-            }
-            let state = TrackerState {
-                armed: true,
-                last_image: Some(self.image.clone()),
-                last_image_crc: None,
-                tracked: tracked_now,
-                baseline,
-                sticky: facts.sticky_next,
-                harvests: tr.state.harvests + 1,
-                ..tr.state.clone()
-            };
-            let fd = fresh.as_ref().map(|u| {
-                use std::os::fd::AsFd;
-                u.as_fd().try_clone_to_owned()
+            self.next.push(Armed {
+                track: ProcTrack {
+                    pid,
+                    start_time,
+                    tracked: tracked_now,
+                    baseline: Default::default(),
+                    sticky: facts.sticky_next,
+                },
+                fresh,
             });
-            let fd = fd.transpose().context("dup the userfaultfd")?;
-            tr.conn.put(&state, fd.as_ref())?;
-            log::debug!(
-                "PID {pid}: re-armed and handed the tracker its state in {:?}",
-                t_arm.elapsed()
-            );
-            if let Some(u) = fresh {
-                tr.uffd = Some(u);
-            }
-            tr.state = state;
-            self.put = true;
+            log::debug!("PID {pid}: re-armed in {:?}", t_arm.elapsed());
         }
         let stats = pb::DumpStats {
             memdump_us,
@@ -559,6 +681,74 @@ impl Session {
             pages: pending,
             stats,
         })
+    }
+
+    /// At the end of the freeze, after [`Session::memory`] ran for every process: the tracker
+    /// gets the state of the whole tree and one userfaultfd per armed process; processes that
+    /// exited (or were not armed) are dropped from the programs' targets.
+    pub fn end_freeze(&mut self) -> Result<()> {
+        if !self.keep_tracking || self.next.is_empty() {
+            return Ok(());
+        }
+        let t_put = Instant::now();
+        let tr = self.tracked.as_mut().expect("armed with a tracker");
+        // What cr did while the tree was frozen is not the tree's doing: start the next epoch
+        // here, except for remote writes by others, which only the next checkpoint can account
+        // for. (The dirty set was taken at the first harvest; nothing the tree did since, it is
+        // frozen, and cr's own reads fault in cr's context. A first arming drops what was
+        // recorded before it.)
+        let _ = tr.maps.drain_vma_events();
+        if !tr.state.armed {
+            let _ = tr.maps.drain_dirty();
+        }
+        let mut procs = Vec::with_capacity(self.next.len());
+        let mut uffds: Vec<(i32, Userfaultfd)> = Vec::with_capacity(self.next.len());
+        for a in self.next.drain(..) {
+            let mut p = a.track;
+            let mut baseline = tr.maps.counters(p.pid as u32)?;
+            if let Some(ep) = self.epochs.get(&p.pid) {
+                baseline.gup_events = ep.at_seize.gup_events;
+                baseline.last_unsafe_nr = ep.at_seize.last_unsafe_nr;
+            }
+            p.baseline = baseline;
+            let u = match a.fresh {
+                Some(u) => u,
+                None => tr
+                    .uffds
+                    .remove(&p.pid)
+                    .with_context(|| format!("internal: no userfaultfd for PID {}", p.pid))?,
+            };
+            uffds.push((p.pid, u));
+            procs.push(p);
+        }
+        // Targets of the programs that are no longer tracked (exited, or not armed): their
+        // PIDs may come back as other processes.
+        let keep: Vec<u32> = procs.iter().map(|p| p.pid as u32).collect();
+        for t in tr.maps.tracker.targets() {
+            if t != self.pid as u32 && !keep.contains(&t) {
+                log::info!("PID {t}: no longer in the tree: not tracked any more");
+                tr.maps.remove_target(t)?;
+            }
+        }
+        let state = TrackerState {
+            armed: true,
+            last_image: Some(self.image.clone()),
+            last_image_crc: None,
+            procs,
+            harvests: tr.state.harvests + 1,
+            ..tr.state.clone()
+        };
+        let raw: Vec<RawFd> = uffds.iter().map(|(_, u)| u.as_fd().as_raw_fd()).collect();
+        tr.conn.put(&state, &raw)?;
+        log::debug!(
+            "handed the tracker the state of {} processes in {:?}",
+            state.procs.len(),
+            t_put.elapsed()
+        );
+        tr.uffds = uffds.into_iter().collect();
+        tr.state = state;
+        self.put = true;
+        Ok(())
     }
 
     /// Sets the parent link and the pre-dump flag.
@@ -600,15 +790,19 @@ impl Session {
     }
 }
 
-/// The dump without tracking: [`memory::plan`] and [`pages::copy`], as always.
+/// The dump without tracking: [`memory::plan`] and [`pages::copy`], as always (`skip`: VMAs
+/// whose pages another process of the tree saves). `why`: the statistics' reason.
 fn plain_memory(
     pid: i32,
     vmas: &[Vma],
     w: &ImageWriter,
     t_mem: Instant,
     warm: &mut WarmBuffers,
+    skip: &[(u64, u64)],
+    why: &str,
 ) -> Result<MemoryDump> {
     let (entries, runs, scanned) = memory::plan(pid, vmas)?;
+    let runs = memory::without(runs, skip);
     interrupt::check()?;
     let total_pages: u64 = runs.iter().map(|r| (r.end - r.start) / PAGE).sum();
     let writer = PageWriter::create(w, pid, total_pages)?;
@@ -624,7 +818,7 @@ fn plain_memory(
         pages_scanned: scanned,
         pages_written: total_pages,
         harvest: "full".into(),
-        harvest_reason: "memory is not tracked".into(),
+        harvest_reason: why.into(),
         vmas: entries.len() as u64,
         ..Default::default()
     };
@@ -633,6 +827,26 @@ fn plain_memory(
         pages: pending,
         stats,
     })
+}
+
+/// Adds the memory statistics of process `pid` (not the root) to the dump's (the root's, in
+/// place first). A harvest other than the root's is named in the reason.
+pub fn add_stats(total: &mut pb::DumpStats, p: &pb::DumpStats, pid: i32) {
+    total.memdump_us += p.memdump_us;
+    total.harvest_us += p.harvest_us;
+    total.pages_scanned += p.pages_scanned;
+    total.pages_written += p.pages_written;
+    total.pages_in_parent += p.pages_in_parent;
+    total.ebpf_dirty_pages += p.ebpf_dirty_pages;
+    total.vma_events += p.vma_events;
+    total.new_vmas += p.new_vmas;
+    total.vmas += p.vmas;
+    if p.harvest != total.harvest {
+        total.harvest_reason = format!(
+            "{}; PID {pid}: {} ({})",
+            total.harvest_reason, p.harvest, p.harvest_reason
+        );
+    }
 }
 
 fn mode_name(m: &Mode) -> &'static str {
@@ -845,20 +1059,14 @@ fn check_parent(images_dir: &Path, rel: &Path, pid: i32, state: &TrackerState) -
             img.inventory().root_pid
         );
     }
-    let pm = img
-        .page_map(pid)
+    img.page_map(pid)
         .with_context(|| format!("the page map of PID {pid} in {canon}"))?;
-    let pages = RangeSet::from_ranges(
-        pm.runs
-            .iter()
-            .map(|r| (r.vaddr, r.vaddr + u64::from(r.nr_pages) * PAGE))
-            .collect(),
-    );
     Ok(Parent {
         rel: rel.to_string_lossy().into_owned(),
         crc: img.inventory_crc(),
         id: img.inventory().checkpoint_id,
-        pages,
+        img,
+        pages: HashMap::new(),
     })
 }
 

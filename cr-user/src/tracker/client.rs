@@ -40,16 +40,33 @@ pub fn socket_name(pid: i32) -> String {
     }
 }
 
+/// What the tracker remembers of one process of the tree between dumps.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProcTrack {
+    /// The process and its start time (/proc/PID/stat field 22): a recycled PID is another
+    /// process, first seen.
+    pub pid: i32,
+    pub start_time: u64,
+    /// VMA ranges registered for write-protection at the end of the last checkpoint.
+    pub tracked: RangeSet,
+    /// eBPF counters of this process at the end of the last checkpoint's freeze.
+    pub baseline: Counters,
+    /// The last harvest saw a lasting way for this process's memory to change without faults
+    /// (an O_DIRECT or io_uring fd, a writer of its mem file): the next one is exact too.
+    pub sticky: bool,
+}
+
 /// What the tracker remembers between dumps.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrackerState {
-    /// The tracked process and its start time (/proc/PID/stat field 22): a recycled PID is
-    /// another process.
+    /// The tracked root process and its start time (/proc/PID/stat field 22): a recycled PID
+    /// is another process.
     pub pid: i32,
     pub start_time: u64,
     /// The tracker process itself.
     pub daemon_pid: i32,
-    /// The tracker holds a userfaultfd with the target's memory write-protected.
+    /// The tracker holds one userfaultfd per entry of `procs`, each write-protecting that
+    /// process's memory.
     pub armed: bool,
     /// Canonical path of the image whose checkpoint the last harvest (or arming) was for:
     /// the dirty set is relative to it. None: no usable base (never armed, or a dump died
@@ -57,19 +74,28 @@ pub struct TrackerState {
     pub last_image: Option<String>,
     /// CRC32C of that image's inventory.img, once committed.
     pub last_image_crc: Option<u32>,
-    /// VMA ranges registered for write-protection at the end of the last checkpoint.
-    pub tracked: RangeSet,
-    /// eBPF counters at the end of the last checkpoint's freeze.
-    pub baseline: Counters,
-    /// The last harvest saw a lasting way for the target's memory to change without faults
-    /// (an O_DIRECT or io_uring fd, a writer of its mem file): the next one is exact too.
-    pub sticky: bool,
+    /// Every process of the tree the last checkpoint armed (the root first), in the order of
+    /// the userfaultfds the tracker holds.
+    pub procs: Vec<ProcTrack>,
     /// Checkpoints taken with this tracker.
     pub harvests: u64,
     /// PIDs of the cr dumps that worked on the target (their own /proc/PID/mem opens are not
     /// a stranger's writes). Kept by the tracker from the credentials of `Register`.
     pub dumpers: Vec<i32>,
 }
+
+impl TrackerState {
+    /// The tracking of process `pid` (with its start time), if the last checkpoint armed it.
+    pub fn proc(&self, pid: i32, start_time: u64) -> Option<&ProcTrack> {
+        self.procs
+            .iter()
+            .find(|p| p.pid == pid && p.start_time == start_time)
+    }
+}
+
+/// How many processes of a tree one tracker can hold a userfaultfd for (they travel with the
+/// map fds in one message); the rest are copied whole at every dump.
+pub const MAX_TRACKED_PROCS: usize = MAX_FDS - crate::bpf::maps::MAP_FDS;
 
 /// A request to the tracker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,7 +108,7 @@ pub enum Request {
     Register,
     /// Forget the base image (a harvest is about to consume the dirty set).
     Invalidate,
-    /// Replace the state (a userfaultfd may come along).
+    /// Replace the state; the userfaultfds of its `procs` come along (all of them, in order).
     Put { state: TrackerState },
     /// The image `image` was committed with inventory CRC `crc`.
     Commit { image: String, crc: u32 },
@@ -102,7 +128,8 @@ pub struct Reply {
     pub ok: bool,
     pub error: Option<String>,
     pub state: Option<TrackerState>,
-    /// Fds sent along: the map fds (`maps::MAP_FDS`), then the userfaultfd if `armed`.
+    /// Fds sent along: the map fds (`maps::MAP_FDS`), then, if `armed`, the userfaultfd of
+    /// each of the state's `procs`.
     pub fds: usize,
     /// The lock table (`Locks`).
     #[serde(default)]
@@ -132,8 +159,8 @@ pub struct Snapshot {
     pub state: TrackerState,
     /// The map fds (see [`crate::bpf::maps::TrackMaps::from_fds`]).
     pub map_fds: Vec<OwnedFd>,
-    /// The userfaultfd, if armed.
-    pub uffd: Option<OwnedFd>,
+    /// The userfaultfd of each of `state.procs` (empty unless armed).
+    pub uffds: Vec<OwnedFd>,
 }
 
 impl TrackerConn {
@@ -236,18 +263,25 @@ impl TrackerConn {
                 fds.len()
             );
         }
-        let uffd = if state.armed {
-            if fds.len() <= crate::bpf::maps::MAP_FDS {
-                bail!("the tracker is armed but sent no userfaultfd");
-            }
-            fds.pop()
-        } else {
-            None
-        };
+        if fds.len() < crate::bpf::maps::MAP_FDS {
+            bail!(
+                "the tracker sent {} fds, fewer than its {} maps",
+                fds.len(),
+                crate::bpf::maps::MAP_FDS
+            );
+        }
+        let uffds = fds.split_off(crate::bpf::maps::MAP_FDS);
+        let want = if state.armed { state.procs.len() } else { 0 };
+        if uffds.len() != want {
+            bail!(
+                "the tracker sent {} userfaultfds for {want} tracked processes",
+                uffds.len()
+            );
+        }
         Ok(Snapshot {
             state,
             map_fds: fds,
-            uffd,
+            uffds,
         })
     }
 
@@ -261,15 +295,15 @@ impl TrackerConn {
         self.post(&Request::Invalidate, &[])
     }
 
-    /// Replaces the state; `uffd` hands over a (new) userfaultfd. Posted: the reply is checked
-    /// by [`TrackerConn::settle`] (or the next call).
-    pub fn put(&self, state: &TrackerState, uffd: Option<&OwnedFd>) -> Result<()> {
-        let fds: Vec<RawFd> = uffd.iter().map(|f| f.as_raw_fd()).collect();
+    /// Replaces the state; `uffds` are the userfaultfds of `state.procs`, in order (the
+    /// tracker keeps these and closes the ones it held). Posted: the reply is checked by
+    /// [`TrackerConn::settle`] (or the next call).
+    pub fn put(&self, state: &TrackerState, uffds: &[RawFd]) -> Result<()> {
         self.post(
             &Request::Put {
                 state: state.clone(),
             },
-            &fds,
+            uffds,
         )
     }
 

@@ -81,6 +81,11 @@ fn parse_msg(m: &[u8]) -> Option<DiagSock> {
 
 /// Walks the messages of one netlink reply buffer, and says whether the dump is over.
 fn parse(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool> {
+    parse_with(buf, out, parse_msg)
+}
+
+/// [`parse`] with the message parser of a family.
+fn parse_with<T>(buf: &[u8], out: &mut Vec<T>, msg: fn(&[u8]) -> Option<T>) -> Result<bool> {
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
         let len = u32_at(buf, off).unwrap_or(0) as usize;
@@ -98,7 +103,7 @@ fn parse(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool> {
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
-                if let Some(s) = parse_msg(&buf[off + NLMSG_HDRLEN..off + len]) {
+                if let Some(s) = msg(&buf[off + NLMSG_HDRLEN..off + len]) {
                     out.push(s);
                 }
             }
@@ -193,6 +198,105 @@ pub fn backlog(family: u32, inode: u64) -> Result<u32> {
         })
 }
 
+/// One UNIX socket as sock_diag reports it (unix_diag_msg and its attributes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnixDiag {
+    pub ty: u32,
+    pub state: u32,
+    pub inode: u64,
+    /// sun_path as bound (empty: unnamed; a leading NUL: abstract).
+    pub name: Vec<u8>,
+    /// The bound file: (device, inode) (UNIX_DIAG_VFS).
+    pub vfs: Option<(u32, u64)>,
+    /// The peer's inode (0: none).
+    pub peer: u64,
+    /// A listener: the inodes of the sockets whose connections wait in its queue, in order.
+    pub icons: Vec<u64>,
+    /// A listener: the connections waiting and its backlog; otherwise bytes queued to read
+    /// (a datagram socket: the first datagram's) and to be read by the peer.
+    pub rqueue: u32,
+    pub wqueue: u32,
+    /// sk_shutdown.
+    pub shutdown: u32,
+}
+
+const UDIAG_SHOW_NAME: u32 = 1;
+const UDIAG_SHOW_VFS: u32 = 2;
+const UDIAG_SHOW_PEER: u32 = 4;
+const UDIAG_SHOW_ICONS: u32 = 8;
+const UDIAG_SHOW_RQLEN: u32 = 0x10;
+
+/// One unix_diag_msg (16 bytes) and its attributes.
+fn parse_unix(m: &[u8]) -> Option<UnixDiag> {
+    if m.len() < 16 {
+        return None;
+    }
+    let mut d = UnixDiag {
+        ty: m[1] as u32,
+        state: m[2] as u32,
+        inode: u32_at(m, 4)? as u64,
+        ..Default::default()
+    };
+    let mut off = 16;
+    while off + 4 <= m.len() {
+        let len = u16::from_ne_bytes([m[off], m[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([m[off + 2], m[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > m.len() {
+            break;
+        }
+        let a = &m[off + 4..off + len];
+        match ty {
+            // A path comes with its NUL: keep the name only.
+            0 if a.first().is_some_and(|&c| c != 0) => {
+                d.name = a.split(|&c| c == 0).next().unwrap_or(&[]).to_vec()
+            }
+            0 => d.name = a.to_vec(),
+            1 if a.len() >= 8 => d.vfs = Some((u32_at(a, 4)?, u32_at(a, 0)? as u64)),
+            2 if a.len() >= 4 => d.peer = u32_at(a, 0)? as u64,
+            3 => {
+                d.icons = a
+                    .as_chunks::<4>()
+                    .0
+                    .iter()
+                    .map(|c| u32::from_ne_bytes(*c) as u64)
+                    .collect()
+            }
+            4 if a.len() >= 8 => (d.rqueue, d.wqueue) = (u32_at(a, 0)?, u32_at(a, 4)?),
+            6 if !a.is_empty() => d.shutdown = a[0] as u32,
+            _ => {}
+        }
+        off += (len + 3) & !3;
+    }
+    Some(d)
+}
+
+/// Every UNIX socket of the network namespace of `pid`.
+pub fn unix_sockets(pid: i32) -> Result<Vec<UnixDiag>> {
+    let fd = netlink_socket_of(pid)?;
+    let mut m = Vec::with_capacity(NLMSG_HDRLEN + 24);
+    m.extend_from_slice(&((NLMSG_HDRLEN + 24) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    let show =
+        UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN;
+    m.extend_from_slice(&show.to_ne_bytes());
+    m.extend_from_slice(&[0xffu8; 8]);
+    sock::send(&fd, &m, 0).context("send the UNIX sock_diag request")?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = sock::recv(&fd, &mut buf, 0).context("read the UNIX sock_diag reply")?;
+        if n == 0 || parse_with(&buf[..n], &mut out, parse_unix)? {
+            return Ok(out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +309,33 @@ mod tests {
         );
         // std listens with a backlog of 128.
         assert_eq!(backlog(libc::AF_INET as u32, ino).unwrap(), 128);
+    }
+
+    #[test]
+    fn sees_a_unix_pair_and_a_listener() {
+        let dir = std::env::temp_dir().join(format!("cr-diag-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let l = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+        let c = std::os::unix::net::UnixStream::connect(&dir).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::io::Write;
+        (&a).write_all(b"hello").unwrap();
+        let ino = |fd: i32| {
+            std::os::unix::fs::MetadataExt::ino(
+                &std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap(),
+            )
+        };
+        let all = unix_sockets(std::process::id() as i32).unwrap();
+        let find = |i: u64| all.iter().find(|s| s.inode == i).unwrap();
+        let (ia, ib) = (ino(a.as_raw_fd()), ino(b.as_raw_fd()));
+        assert_eq!((find(ia).peer, find(ib).peer), (ib, ia));
+        assert_eq!(find(ib).rqueue, 5);
+        let ld = find(ino(l.as_raw_fd()));
+        assert_eq!(ld.state, TCP_LISTEN);
+        assert_eq!(ld.name, dir.as_os_str().as_encoded_bytes());
+        assert_eq!(ld.icons, vec![ino(c.as_raw_fd())]);
+        assert!(ld.vfs.is_some());
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]
