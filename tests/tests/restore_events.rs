@@ -28,13 +28,11 @@ fn eventfd_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn eventfd_restore() {
     restore("wl_eventfd", &[], &TempDir::new("eventfd"));
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn eventfd_leave_running() {
     leave_running("wl_eventfd", &[], &TempDir::new("eventfd-R"));
 }
@@ -53,13 +51,11 @@ fn timerfd_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn timerfd_restore() {
     restore("wl_timerfd", &[], &TempDir::new("timerfd"));
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn timerfd_leave_running() {
     leave_running("wl_timerfd", &[], &TempDir::new("timerfd-R"));
 }
@@ -71,13 +67,11 @@ fn signalfd_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn signalfd_restore() {
     restore("wl_signalfd", &[], &TempDir::new("signalfd"));
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn signalfd_leave_running() {
     leave_running("wl_signalfd", &[], &TempDir::new("signalfd-R"));
 }
@@ -91,7 +85,6 @@ fn epoll_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn epoll_restore() {
     let d = TempDir::new("epoll");
     let mut w = Workload::start("wl_epoll", &[], &d);
@@ -101,14 +94,12 @@ fn epoll_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn epoll_leave_running() {
     leave_running("wl_epoll", &[], &TempDir::new("epoll-R"));
 }
 
 /// The incremental path: pre-dump (tracker started), then `dump --track-mem`.
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn epoll_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("epoll-inc");
     let mut w = Workload::start("wl_epoll", &[], &d);
@@ -150,7 +141,6 @@ fn inotify_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn inotify_restore() {
     let d = TempDir::new("inotify");
     let mut w = Workload::start("wl_inotify", &[&d.s(""), "inotify"], &d);
@@ -159,7 +149,6 @@ fn inotify_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn inotify_leave_running() {
     let d = TempDir::new("inotify-R");
     let mut w = Workload::start("wl_inotify", &[&d.s(""), "inotify"], &d);

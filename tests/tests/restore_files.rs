@@ -193,9 +193,15 @@ fn dump_must_refuse(mode: &str, kind: &str) -> String {
     err
 }
 
+/// An eventfd was refused before issue 11; it is dumped now (tests/tests/restore_events.rs has
+/// the thorough cases): among the other files, its counter comes back.
 #[test]
-fn dump_refuses_an_eventfd() {
-    dump_must_refuse("eventfd", "eventfd");
+fn an_eventfd_among_files_is_restored() {
+    let d = TempDir::new("files-eventfd");
+    let mut w = start(&d, "eventfd");
+    assert_eq!(w.info, "fd=50");
+    dump_and_restore(&mut w, &d, &[], &[]);
+    w.assert_pass();
 }
 
 #[test]
@@ -208,8 +214,7 @@ fn dump_refuses_a_terminal_without_shell_job() {
 }
 
 // What stays unsupported after issue 11 is refused naming the kind, with nothing harmed.
-// (The eventfd refusal above goes once that kind is dumped; UNIX sockets are dumped now:
-// tests/tests/restore_unix.rs.)
+// (UNIX sockets are dumped now: tests/tests/restore_unix.rs.)
 
 #[test]
 fn dump_refuses_an_io_uring() {

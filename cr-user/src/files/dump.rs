@@ -152,11 +152,11 @@ pub fn collect(
     let mut table = FdTable::default();
     let mut cx = DumpCx {
         pid,
+        tree,
         shell_job,
         net,
         contents: &mut table.contents,
         scratch: Scratch::default(),
-        tree,
         leave_running,
         unix,
     };

@@ -9,7 +9,10 @@
 pub mod dedup;
 pub mod device;
 pub mod dump;
+pub mod epoll;
+pub mod eventfd;
 pub mod ghost;
+pub mod inotify;
 pub mod kind;
 pub mod mapped;
 pub mod memfd;
@@ -20,7 +23,9 @@ pub mod probe;
 pub mod regular;
 pub mod restore;
 pub mod scratch;
+pub mod signalfd;
 pub mod tcp;
+pub mod timerfd;
 pub mod tty;
 pub mod unix;
 
@@ -41,6 +46,12 @@ pub static KINDS: &[&dyn FileKind] = &[
     &device::CharDevice,
     &tty::Terminal,
     &tcp::TcpSocket,
+    &eventfd::Eventfd,
+    &timerfd::Timerfd,
+    &signalfd::Signalfd,
+    &epoll::Epoll,
+    &inotify::Inotify,
+    &inotify::Fanotify,
     &unix::UnixSocket,
 ];
 

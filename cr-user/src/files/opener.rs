@@ -92,6 +92,8 @@ pub struct Opener<'a, 'r, 't, 'm> {
     pub(super) pid: i32,
     pub(super) dir: &'a ImageDir,
     pub(super) files: &'a pb::Files,
+    /// The fd table being rebuilt.
+    pub(super) fds: &'a pb::Fds,
     /// First temporary fd number: above every fd of the image.
     pub(super) base: u64,
     pub(super) keep: Keepalive,
@@ -128,6 +130,16 @@ impl<'t> Opener<'_, '_, 't, '_> {
     /// Every description of the image (files.img).
     pub fn files(&self) -> &pb::Files {
         self.files
+    }
+
+    /// The fd table being rebuilt (the image's).
+    pub fn fds(&self) -> &pb::Fds {
+        self.fds
+    }
+
+    /// The first temporary fd number (above every fd of the image).
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// The kinds' state for this process.

@@ -211,6 +211,9 @@ impl Probe<'_> {
 /// What the kinds share while one process's fds are dumped.
 pub struct DumpCx<'a> {
     pub pid: i32,
+    /// Every live process of the dumped tree (an epoll entry's target may be in another; a
+    /// socket's peer must be among them).
+    pub tree: &'a [i32],
     /// --shell-job: terminals outside the tree are dumped (as external).
     pub shell_job: bool,
     /// The dump's network side (TCP sockets, the network lock).
@@ -219,8 +222,6 @@ pub struct DumpCx<'a> {
     pub contents: &'a mut Vec<(String, Vec<u8>)>,
     /// The kinds' own state for this process.
     pub scratch: Scratch,
-    /// Every live process of the tree (peers of sockets must be among them).
-    pub tree: &'a [i32],
     /// `-R`: the tree runs on after the dump (nothing of it may be consumed).
     pub leave_running: bool,
     /// The tree's UNIX sockets as sock_diag shows them, read at the first one of the dump.

@@ -135,6 +135,7 @@ pub fn restore_fds_in_tree(
         pid,
         dir,
         files,
+        fds,
         base: max_fd as u64 + 1,
         keep: Keepalive::default(),
         temps: Vec::new(),

@@ -10,6 +10,7 @@ pub mod auxv;
 pub mod fdinfo;
 pub mod locks;
 pub mod maps;
+pub mod mountinfo;
 pub mod stat;
 pub mod status;
 pub mod task;

@@ -40,6 +40,37 @@ pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
     })
 }
 
+/// struct kcmp_epoll_slot.
+#[repr(C)]
+struct EpollSlot {
+    efd: u32,
+    tfd: u32,
+    toff: u32,
+}
+
+/// Whether fd `fd` of `pid` is the target file of an entry of the epoll at fd `efd` of
+/// `ep_pid`: the `toff`-th entry (in the epoll's own order, as fdinfo lists them) added under
+/// fd number `tfd` (KCMP_EPOLL_TFD). False also when there is no such fd or entry.
+pub fn epoll_target_is(pid: i32, fd: i32, ep_pid: i32, efd: i32, tfd: i32, toff: u32) -> bool {
+    let slot = EpollSlot {
+        efd: efd as u32,
+        tfd: tfd as u32,
+        toff,
+    };
+    // SAFETY: the kernel reads one kcmp_epoll_slot from the valid pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            ep_pid,
+            7, /* KCMP_EPOLL_TFD */
+            fd as u64,
+            &slot as *const EpollSlot as u64,
+        )
+    };
+    r == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

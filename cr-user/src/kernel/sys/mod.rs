@@ -3,6 +3,7 @@
 //! `kernel/` and `bpf/`, the only place `unsafe` may appear (`cargo xtask lint`).
 
 pub mod abi;
+pub mod events;
 pub mod fd;
 pub mod fs;
 pub mod kcmp;

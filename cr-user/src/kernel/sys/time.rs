@@ -1,6 +1,7 @@
 //! Clocks.
 
-fn now(clock: libc::clockid_t) -> u64 {
+/// `clock` now, in ns (0 for a clock that cannot be read).
+pub fn now(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
