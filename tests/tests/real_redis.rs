@@ -170,7 +170,6 @@ fn redis_control() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn redis_restore() {
     let d = TempDir::new("redis");
     let (mut r, mut cl) = start_loaded(&d);
@@ -179,7 +178,6 @@ fn redis_restore() {
 }
 
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn redis_leave_running() {
     let d = TempDir::new("redis-R");
     let (mut r, mut cl) = start_loaded(&d);
@@ -190,7 +188,6 @@ fn redis_leave_running() {
 /// pre-dump, then more keys written, then `dump --track-mem`: the restored server has them
 /// all.
 #[test]
-#[ignore = "needs issue 11 implementation"]
 fn redis_pre_dump_then_track_mem_dump() {
     let d = TempDir::new("redis-inc");
     let (mut r, mut cl) = start_loaded(&d);
