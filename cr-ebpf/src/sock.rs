@@ -70,18 +70,23 @@ fn is_target(tgid: u32) -> bool {
     tgid != 0 && unsafe { CR_TARGETS.get(&tgid) }.is_some()
 }
 
-/// The current process's target (itself, or the target whose tree it belongs to), or 0.
+/// The current process's target (the target whose tree it belongs to, or itself), or 0.
+/// A child of a tracked tree may itself be a target of the dirty-page programs (every
+/// process of a tree is tracked): its sockets still belong to its tree's table, so the tree
+/// it was recorded in (CR_SOCK_PROCS) comes first.
 #[inline(always)]
 fn current_target() -> (u32, u32) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: read-only look at a plain-data map value.
+    if let Some(&t) = unsafe { CR_SOCK_PROCS.get(&tgid) } {
+        if is_target(t) {
+            return (t, tgid);
+        }
+    }
     if is_target(tgid) {
         return (tgid, tgid);
     }
-    // SAFETY: read-only look at a plain-data map value.
-    match unsafe { CR_SOCK_PROCS.get(&tgid) } {
-        Some(&t) if is_target(t) => (t, tgid),
-        _ => (0, tgid),
-    }
+    (0, tgid)
 }
 
 /// One state change of a TCP socket.
